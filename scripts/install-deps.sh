@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build and the tests need, if any is missing.
+#   libclang-dev   the rocksdb crate generates its bindings with libclang
+#   qemu-utils     qemu-img / qemu-io / qemu-nbd: outside oracles for VHDX and NBD
+#   libnbd-bin, python3-libnbd, nbdkit: real NBD clients and a reference server
+#   e2fsprogs      mkfs.ext4 builds the demo and benchmark disks
+#   libvhdi-utils  a second, independent VHDX reader (vhdimount) for the oracle tests
+set -euo pipefail
+packages=(libclang-dev qemu-utils libnbd-bin python3-libnbd nbdkit e2fsprogs libvhdi-utils)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
