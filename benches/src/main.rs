@@ -1,0 +1,56 @@
+//! Benchmark harness: builds the reference disk of `shared/design/BENCHMARKS.md` (size
+//! configurable), then measures blockvault and the reference tools (restic, borg) on it in one run
+//! and prints a table of ratios against targets. Machines here are noisy, so only ratios measured
+//! side by side mean anything.
+
+mod disk;
+mod measure;
+mod report;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "blockvault benchmarks against restic and borg")]
+pub struct Args {
+    /// The blockvault binary to measure (a release build).
+    #[arg(long)]
+    pub blockvault: PathBuf,
+    /// Virtual size of the reference disk (e.g. 8GiB, or 2GiB for a quick run).
+    #[arg(long, default_value = "8GiB")]
+    pub size: String,
+    /// Working directory (needs about 3x the disk's data free).
+    #[arg(long, default_value = "/var/tmp/blockvault-bench")]
+    pub workdir: PathBuf,
+    /// Keep the reference disk between runs.
+    #[arg(long)]
+    pub keep_disk: bool,
+    /// Also measure peak memory on a sparse disk this many times larger (0 to skip).
+    #[arg(long, default_value_t = 8)]
+    pub sparse_factor: u64,
+    /// Skip the reference tools (blockvault figures only; no ratios).
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let size = disk::parse_size(&args.size)?;
+    std::fs::create_dir_all(&args.workdir)
+        .with_context(|| format!("creating {}", args.workdir.display()))?;
+    let reference = disk::reference_disk(&args.workdir, size, args.keep_disk)?;
+    if !args.no_reference {
+        measure::ensure_tools()?;
+    }
+    let results = measure::run_all(&args, &reference)?;
+    report::print(&results, &reference);
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&report::to_json(&results, &reference))?)?;
+    }
+    Ok(())
+}

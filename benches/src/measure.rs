@@ -1,0 +1,221 @@
+//! Runs each tool under GNU time and collects wall time, peak memory and repository size.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::disk::{run, Reference};
+use crate::Args;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sample {
+    pub work: String,
+    pub tool: String,
+    pub wall_s: f64,
+    pub peak_rss_mib: f64,
+    pub repo_bytes: Option<u64>,
+}
+
+pub const PASSWORD: &str = "benchmark password";
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs restic, borg and GNU time from Debian's packages when missing.
+pub fn ensure_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    for (cmd, pkg) in [("restic", "restic"), ("borg", "borgbackup"), ("/usr/bin/time", "time")] {
+        if !have(cmd) {
+            missing.push(pkg);
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing))?;
+    }
+    Ok(())
+}
+
+/// Runs `cmd` under `/usr/bin/time`, stdin from `input`, stdout to `output` (or discarded).
+fn timed(work: &str, tool: &str, cmd: Command, input: Option<&Path>, output: Option<&Path>) -> Result<Sample> {
+    if !Path::new("/usr/bin/time").exists() {
+        ensure_tools()?;
+    }
+    let tf = tempfile::NamedTempFile::new()?;
+    let mut t = Command::new("/usr/bin/time");
+    t.arg("-f").arg("%e %M").arg("-o").arg(tf.path());
+    t.arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => t.env(k, v),
+            None => t.env_remove(k),
+        };
+    }
+    t.stdin(match input {
+        Some(p) => Stdio::from(File::open(p)?),
+        None => Stdio::null(),
+    });
+    t.stdout(match output {
+        Some(p) => Stdio::from(File::create(p)?),
+        None => Stdio::null(),
+    });
+    eprintln!("running {work}: {tool}");
+    let st = t.status().with_context(|| format!("running {tool}"))?;
+    if !st.success() {
+        bail!("{work} with {tool} failed: {st}");
+    }
+    let text = std::fs::read_to_string(tf.path())?;
+    let last = text.lines().last().unwrap_or_default();
+    let mut it = last.split_whitespace();
+    let wall_s: f64 = it.next().unwrap_or("0").parse().unwrap_or(0.0);
+    let rss_kib: f64 = it.next().unwrap_or("0").parse().unwrap_or(0.0);
+    Ok(Sample {
+        work: work.into(),
+        tool: tool.into(),
+        wall_s,
+        peak_rss_mib: rss_kib / 1024.0,
+        repo_bytes: None,
+    })
+}
+
+pub fn dir_bytes(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => total += dir_bytes(&e.path()),
+                Ok(_) => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn fresh(p: &Path) -> Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(p);
+    Ok(p.to_path_buf())
+}
+
+fn bv(args: &Args, repo: &Path, cache: &Path) -> Command {
+    let mut c = Command::new(&args.blockvault);
+    c.env("BLOCKVAULT_REPO", repo)
+        .env("BLOCKVAULT_CACHE_DIR", cache)
+        .env("BLOCKVAULT_PASSWORD", PASSWORD)
+        .arg("--quiet");
+    c
+}
+
+pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
+    let w = &args.workdir;
+    let mut out = Vec::new();
+    let restore = w.join("restore.raw");
+
+    // blockvault
+    let repo = fresh(&w.join("bv-repo"))?;
+    let cache = fresh(&w.join("bv-cache"))?;
+    run(bv(args, &repo, &cache).args(["repo", "init"]))?;
+    let mut c = bv(args, &repo, &cache);
+    c.args(["backup", "--vm", "bench", "--disk"]).arg(format!("d={}", r.raw.display()));
+    let mut s = timed("full backup", "blockvault", c, None, None)?;
+    s.repo_bytes = Some(dir_bytes(&repo));
+    out.push(s);
+    let point = latest_point(args, &repo, &cache)?;
+    let mut c = bv(args, &repo, &cache);
+    c.args(["restore", "export", &point, "--disk", "d", "--out"]).arg(&restore);
+    out.push(timed("restore to a file", "blockvault", c, None, None)?);
+    let mut c = bv(args, &repo, &cache);
+    c.args(["restore", "export", &point, "--disk", "d", "--out", "-"]);
+    out.push(timed("restore to a stream", "blockvault", c, None, Some(&restore))?);
+    check_same(&r.raw, &restore)?;
+
+    if args.sparse_factor > 1 {
+        let big = w.join("sparse.raw");
+        let _ = std::fs::remove_file(&big);
+        run(Command::new("truncate").arg("-s").arg((r.size * args.sparse_factor).to_string()).arg(&big))?;
+        run(Command::new("dd")
+            .arg(format!("if={}", r.raw.display()))
+            .arg(format!("of={}", big.display()))
+            .args(["bs=4M", "conv=sparse,notrunc", "status=none"]))?;
+        let repo2 = fresh(&w.join("bv-repo-sparse"))?;
+        let cache2 = fresh(&w.join("bv-cache-sparse"))?;
+        run(bv(args, &repo2, &cache2).args(["repo", "init"]))?;
+        let mut c = bv(args, &repo2, &cache2);
+        c.args(["backup", "--vm", "bench", "--disk"]).arg(format!("d={}", big.display()));
+        let mut s = timed(&format!("full backup, {}x sparse disk", args.sparse_factor), "blockvault", c, None, None)?;
+        s.repo_bytes = Some(dir_bytes(&repo2));
+        out.push(s);
+        std::fs::remove_file(&big)?;
+        std::fs::remove_dir_all(&repo2)?;
+    }
+
+    if !args.no_reference {
+        // restic
+        let rrepo = fresh(&w.join("restic-repo"))?;
+        let restic = |a: &[&str]| {
+            let mut c = Command::new("restic");
+            c.env("RESTIC_REPOSITORY", &rrepo).env("RESTIC_PASSWORD", PASSWORD).args(a).arg("--quiet");
+            c
+        };
+        run(&mut restic(&["init"]))?;
+        let mut s = timed("full backup", "restic", restic(&["backup", "--stdin", "--stdin-filename", "disk.raw"]), Some(&r.raw), None)?;
+        s.repo_bytes = Some(dir_bytes(&rrepo));
+        out.push(s);
+        out.push(timed("restore to a stream", "restic", restic(&["dump", "latest", "disk.raw"]), None, Some(&restore))?);
+        check_same(&r.raw, &restore)?;
+        std::fs::remove_dir_all(&rrepo)?;
+
+        // borg
+        let brepo = fresh(&w.join("borg-repo"))?;
+        let borg = |a: &[&str]| {
+            let mut c = Command::new("borg");
+            c.env("BORG_PASSPHRASE", PASSWORD)
+                .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
+                .env("BORG_BASE_DIR", w.join("borg-base"))
+                .args(a);
+            c
+        };
+        run(borg(&["init", "--encryption", "repokey-blake2"]).arg(&brepo))?;
+        let archive = format!("{}::full", brepo.display());
+        let mut s = timed(
+            "full backup",
+            "borg",
+            borg(&["create", "--chunker-params", "fixed,4194304", "--compression", "zstd,1", &archive, "-"]),
+            Some(&r.raw),
+            None,
+        )?;
+        s.repo_bytes = Some(dir_bytes(&brepo));
+        out.push(s);
+        out.push(timed("restore to a stream", "borg", borg(&["extract", "--stdout", &archive]), None, Some(&restore))?);
+        check_same(&r.raw, &restore)?;
+        std::fs::remove_dir_all(&brepo)?;
+    }
+    let _ = std::fs::remove_file(&restore);
+    Ok(out)
+}
+
+fn latest_point(args: &Args, repo: &Path, cache: &Path) -> Result<String> {
+    let o = bv(args, repo, cache).args(["points", "list", "--json"]).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).context("points list --json")?;
+    v.as_array()
+        .and_then(|a| a.last())
+        .and_then(|p| p["id"].as_str())
+        .map(str::to_string)
+        .context("no restore point after the backup")
+}
+
+fn check_same(a: &Path, b: &Path) -> Result<()> {
+    let st = Command::new("cmp").arg("-s").arg(a).arg(b).status()?;
+    if !st.success() {
+        bail!("{} differs from {}: a restore is wrong", b.display(), a.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! One function per command: parse what the user gave, call the engine, print the result.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use blockvault_engine::{
+    backup, export_raw, verify, BackupOptions, DiskJob, DiskReader, DiskSource, ExportTarget,
+    Progress, RawFile, ReadPlan, ReaderOptions, VerifyOptions,
+};
+use blockvault_repo::{KdfParams, OpenOptions, PointManifest, Repository, Storage};
+use serde_json::json;
+
+use crate::exit::{InputError, VerifyFailed};
+use crate::progress::Bar;
+use crate::size::{human, parse_size};
+use crate::{password, BackupArgs, Cli, Command, ExportArgs, Global, IndexCmd, InitArgs, PointsCmd, RepoCmd, RestoreCmd, VerifyArgs};
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Repo(RepoCmd::Init(a)) => init(g, a).await,
+        Command::Repo(RepoCmd::Info) => info(g).await,
+        Command::Repo(RepoCmd::Index(IndexCmd::Rebuild)) => rebuild(g).await,
+        Command::Repo(RepoCmd::Passwd(a)) => passwd(g, a.new_password_file.as_deref()).await,
+        Command::Backup(a) => run_backup(g, a).await,
+        Command::Points(PointsCmd::List { vm }) => list_points(g, vm.as_deref()).await,
+        Command::Points(PointsCmd::Show { point }) => show_point(g, &point).await,
+        Command::Restore(RestoreCmd::Export(a)) => export(g, a).await,
+        Command::Verify(a) => run_verify(g, a).await,
+    }
+}
+
+fn location(g: &Global) -> Result<String> {
+    g.repo
+        .clone()
+        .ok_or_else(|| anyhow!(InputError("no repository given: pass --repo PATH or set BLOCKVAULT_REPO".into())))
+}
+
+fn cache_dir(g: &Global) -> PathBuf {
+    if let Some(d) = &g.cache_dir {
+        return d.clone();
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("blockvault");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(h).join(".cache").join("blockvault");
+    }
+    PathBuf::from("/var/tmp/blockvault")
+}
+
+async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
+    let storage = Storage::open(&location(g)?, false)?;
+    // Fail on a missing or foreign repository before asking for a password.
+    Repository::read_config(&storage).await?;
+    let pw = password::obtain(g.password_file.as_deref(), false)?;
+    let opts = OpenOptions {
+        cache_dir: cache_dir(g),
+        zstd_level: 1,
+    };
+    Ok(Repository::open(storage, &pw, &opts).await?)
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON serialises"));
+}
+
+async fn init(g: &Global, a: InitArgs) -> Result<()> {
+    let chunk = parse_size(&a.chunk_size).map_err(|e| anyhow!(InputError(e)))?;
+    blockvault_chunker::check_chunk_size(chunk).map_err(|e| anyhow!(InputError(e.to_string())))?;
+    let storage = Storage::open(&location(g)?, true)?;
+    let pw = password::obtain(g.password_file.as_deref(), true)?;
+    let kdf = match a.kdf_memory_kib {
+        Some(m) => KdfParams::with_memory(m.max(8 * 1024)),
+        None => KdfParams::recommended(),
+    };
+    let cfg = Repository::init(&storage, &pw, chunk as u32, kdf).await?;
+    if g.json {
+        print_json(&json!({"id": cfg.id, "location": storage.location(), "chunk_size": cfg.chunk_size}));
+    } else {
+        println!("created repository {} at {}", cfg.id, storage.location());
+        println!("chunk size {}", human(cfg.chunk_size as u64));
+    }
+    Ok(())
+}
+
+async fn info(g: &Global) -> Result<()> {
+    let repo = open_repo(g).await?;
+    let cfg = repo.config();
+    let (points, bad) = repo.list_points().await?;
+    let packs = repo.list_packs().await?;
+    let stored: u64 = packs.iter().map(|(_, s)| s).sum();
+    let stats = repo.index_stats().await?;
+    if g.json {
+        print_json(&json!({
+            "id": cfg.id, "location": repo.storage().location(), "version": cfg.version,
+            "chunk_size": cfg.chunk_size, "created": cfg.created,
+            "kdf": {"algorithm": cfg.kdf.algorithm, "memory_kib": cfg.kdf.memory_kib,
+                    "iterations": cfg.kdf.iterations, "parallelism": cfg.kdf.parallelism},
+            "points": points.len(), "unreadable_points": bad.len(),
+            "packs": packs.len(), "bytes_stored": stored,
+            "index": {"path": repo.index_path(), "chunks": stats.chunks, "packs": stats.packs, "segments": stats.segments},
+        }));
+    } else {
+        println!("repository {} (format v{})", cfg.id, cfg.version);
+        println!("location      {}", repo.storage().location());
+        println!("created       {}", cfg.created);
+        println!("chunk size    {}", human(cfg.chunk_size as u64));
+        println!("key           argon2id m={} KiB t={} p={}", cfg.kdf.memory_kib, cfg.kdf.iterations, cfg.kdf.parallelism);
+        println!("points        {}{}", points.len(), if bad.is_empty() { String::new() } else { format!(" ({} unreadable)", bad.len()) });
+        println!("packs         {} ({})", packs.len(), human(stored));
+        println!("local index   {} ({} chunks, {} packs, {} segments)", repo.index_path().display(), stats.chunks, stats.packs, stats.segments);
+    }
+    Ok(())
+}
+
+async fn rebuild(g: &Global) -> Result<()> {
+    let repo = open_repo(g).await?;
+    let report = repo.rebuild_index().await?;
+    let stats = repo.index_stats().await?;
+    if g.json {
+        print_json(&json!({"report": report, "index": stats}));
+    } else {
+        println!(
+            "index rebuilt: {} segments, {} packs read directly; {} chunks in {} packs",
+            report.segments_loaded, report.packs_read, stats.chunks, stats.packs
+        );
+        for p in &report.unreadable_packs {
+            println!("unreadable: {p}");
+        }
+    }
+    if !report.unreadable_packs.is_empty() {
+        bail!(blockvault_repo::Error::Tampered {
+            object: "repository".into(),
+            detail: format!("{} pack(s) could not be indexed; run 'blockvault verify --read-data'", report.unreadable_packs.len()),
+        });
+    }
+    Ok(())
+}
+
+async fn passwd(g: &Global, new_file: Option<&Path>) -> Result<()> {
+    let repo = open_repo(g).await?;
+    let old = password::obtain(g.password_file.as_deref(), false)?;
+    let new = match (new_file, std::env::var_os("BLOCKVAULT_NEW_PASSWORD")) {
+        (Some(f), _) => password::from_file(f)?,
+        (None, Some(v)) if !v.is_empty() => password::Password::new(v.into_encoded_bytes()),
+        _ => {
+            let p = rpassword::prompt_password("new password: ").context("reading password")?;
+            let q = rpassword::prompt_password("repeat new password: ").context("reading password")?;
+            if p != q || p.is_empty() {
+                bail!("the new passwords are empty or do not match");
+            }
+            password::Password::new(p.into_bytes())
+        }
+    };
+    let kdf = KdfParams::with_memory(repo.config().kdf.memory_kib);
+    repo.change_password(&old, &new, kdf).await?;
+    if !g.json {
+        println!("password changed for repository {}", repo.id());
+    }
+    Ok(())
+}
+
+/// Parses `NAME=PATH`.
+fn parse_disk_arg(s: &str) -> Result<(String, PathBuf)> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!(InputError(format!("--disk '{s}': expected NAME=PATH"))))?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        bail!(InputError(format!("--disk '{s}': a disk name uses letters, digits, '.', '_' and '-'")));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
+    let mut jobs = Vec::new();
+    for d in &a.disks {
+        let (name, path) = parse_disk_arg(d)?;
+        let src = RawFile::open(&path)
+            .map_err(|e| anyhow!(InputError(format!("disk '{name}': cannot open {}: {e}", path.display()))))?;
+        if src.size() == 0 {
+            bail!(InputError(format!("disk '{name}': {} is empty", path.display())));
+        }
+        jobs.push(DiskJob {
+            name,
+            source: Arc::new(src) as Arc<dyn DiskSource>,
+            plan: ReadPlan::Full { reason: None },
+            rct_id: None,
+            consistency: None,
+        });
+    }
+    let repo = open_repo(g).await?;
+    let mut opts = BackupOptions::new(&a.vm);
+    opts.tags = a.tags.clone();
+    opts.host = hostname();
+    opts.pack_size = parse_size(&a.pack_size).map_err(|e| anyhow!(InputError(e)))? as usize;
+    opts.packs_per_segment = a.packs_per_segment;
+    if let Some(w) = a.workers {
+        opts.workers = w.max(1);
+    }
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
+    let outcome = backup(repo, jobs, opts, progress).await;
+    bar.finish();
+    let m = outcome?.manifest;
+    let t = m.total_stats();
+    if g.json {
+        print_json(&json!({
+            "point": m.id, "vm": m.vm, "created": m.created,
+            "bytes_read": t.bytes_read, "bytes_new": t.bytes_new, "bytes_stored": t.bytes_stored,
+            "duration_ms": m.duration_ms,
+            "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "kind": d.kind, "full_reason": d.full_reason, "stats": d.stats})).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!(
+            "restore point {} of VM {}: read {}, new {}, stored {} in {:.1}s",
+            m.id,
+            m.vm,
+            human(t.bytes_read),
+            human(t.bytes_new),
+            human(t.bytes_stored),
+            m.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
+fn point_summary(m: &PointManifest) -> serde_json::Value {
+    json!({
+        "id": m.id, "vm": m.vm, "host": m.host, "created": m.created, "tags": m.tags,
+        "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "kind": d.kind})).collect::<Vec<_>>(),
+    })
+}
+
+async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
+    let repo = open_repo(g).await?;
+    let (points, bad) = repo.list_points().await?;
+    let points: Vec<&PointManifest> = points.iter().filter(|p| vm.is_none_or(|v| p.vm == v)).collect();
+    if g.json {
+        print_json(&serde_json::Value::Array(points.iter().map(|p| point_summary(p)).collect()));
+    } else {
+        println!("{:<16}  {:<20}  {:<20}  {:>10}  disks / tags", "point", "vm", "created", "size");
+        for p in &points {
+            let size: u64 = p.disks.iter().map(|d| d.size).sum();
+            let disks: Vec<&str> = p.disks.iter().map(|d| d.name.as_str()).collect();
+            println!(
+                "{:<16}  {:<20}  {:<20}  {:>10}  {}{}",
+                p.id,
+                p.vm,
+                p.created.get(..19).unwrap_or(&p.created),
+                human(size),
+                disks.join(","),
+                if p.tags.is_empty() { String::new() } else { format!(" [{}]", p.tags.join(",")) }
+            );
+        }
+    }
+    for (id, e) in &bad {
+        eprintln!("blockvault: restore point {id} is unreadable: {e}");
+    }
+    Ok(())
+}
+
+async fn show_point(g: &Global, text: &str) -> Result<()> {
+    let repo = open_repo(g).await?;
+    let id = repo.resolve_point(text).await?;
+    let m = repo.load_point(&id).await?;
+    if g.json {
+        print_json(&serde_json::to_value(&m)?);
+        return Ok(());
+    }
+    println!("point     {}", m.id);
+    println!("vm        {}", m.vm);
+    println!("host      {}", m.host);
+    println!("created   {}", m.created);
+    if !m.tags.is_empty() {
+        println!("tags      {}", m.tags.join(", "));
+    }
+    println!("duration  {:.1}s", m.duration_ms as f64 / 1000.0);
+    for d in &m.disks {
+        println!("disk {} ({}, {})", d.name, human(d.size), serde_json::to_value(&d.kind)?.as_str().unwrap_or_default());
+        println!("  source        {} {}", d.source.format, d.source.path);
+        if let Some(r) = &d.full_reason {
+            println!("  full because  {r}");
+        }
+        if let Some(p) = &d.parent {
+            println!("  parent        {p}");
+        }
+        if let Some(r) = &d.rct_id {
+            println!("  rct id        {r}");
+        }
+        let s = &d.stats;
+        println!(
+            "  read {}, zero chunks {}, deduplicated {}, new {} ({} -> {} stored)",
+            human(s.bytes_read),
+            s.zero_chunks,
+            s.dedup_chunks,
+            s.new_chunks,
+            human(s.bytes_new),
+            human(s.bytes_stored)
+        );
+    }
+    for c in &m.configs {
+        println!("config file {} ({})", c.name, human(c.size));
+    }
+    Ok(())
+}
+
+async fn export(g: &Global, a: ExportArgs) -> Result<()> {
+    let repo = open_repo(g).await?;
+    let id = repo.resolve_point(&a.point).await?;
+    let m = repo.load_point(&id).await?;
+    let reader = Arc::new(DiskReader::open(
+        repo,
+        &m,
+        &a.disk,
+        ReaderOptions {
+            parallel: a.parallel.max(1),
+        },
+    )?);
+    let to_stdout = a.out == "-";
+    let target = if to_stdout {
+        ExportTarget::Stream(Box::new(tokio::io::stdout()))
+    } else {
+        ExportTarget::Path(PathBuf::from(&a.out))
+    };
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "export", !g.quiet && !g.json && !to_stdout);
+    let r = export_raw(reader.clone(), target, progress).await;
+    bar.finish();
+    r?;
+    if g.json && !to_stdout {
+        print_json(&json!({"point": m.id, "disk": a.disk, "size": reader.size(), "out": a.out}));
+    } else if !to_stdout {
+        println!("exported disk {} of point {} ({}) to {}", a.disk, m.id, human(reader.size()), a.out);
+    }
+    Ok(())
+}
+
+async fn run_verify(g: &Global, a: VerifyArgs) -> Result<()> {
+    let repo = open_repo(g).await?;
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "verify", a.read_data && !g.quiet && !g.json);
+    let report = verify(
+        repo,
+        VerifyOptions {
+            read_data: a.read_data,
+            parallel: a.parallel,
+        },
+        progress,
+    )
+    .await;
+    bar.finish();
+    let report = report?;
+    if g.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        println!(
+            "checked {} restore points, {} referenced chunks, {} packs{}",
+            report.points,
+            report.chunks_referenced,
+            report.packs,
+            if a.read_data {
+                format!(" ({} read, {})", report.packs_read, human(report.bytes_read))
+            } else {
+                String::new()
+            }
+        );
+        for p in &report.problems {
+            println!("DAMAGED {}: {}", p.object, p.detail);
+            if !p.affected_points.is_empty() {
+                println!("  affects restore points: {}", p.affected_points.join(", "));
+            }
+        }
+        if report.is_ok() {
+            println!("no problems found");
+        }
+    }
+    if !report.is_ok() {
+        bail!(VerifyFailed(report.problems.len()));
+    }
+    Ok(())
+}

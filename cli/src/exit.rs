@@ -1,0 +1,71 @@
+//! Exit codes: scripts and the agent's scheduler tell failures apart by these, so they are part of
+//! the command's interface (documented in docs/OPERATIONS.md).
+
+use blockvault_engine::Error as EngineError;
+use blockvault_repo::Error as RepoError;
+
+pub const OK: u8 = 0;
+pub const FAILURE: u8 = 1;
+pub const WRONG_PASSWORD: u8 = 3;
+pub const NO_REPOSITORY: u8 = 4;
+pub const BAD_INPUT: u8 = 5;
+pub const TAMPERED: u8 = 6;
+pub const VERIFY_FAILED: u8 = 7;
+pub const NOT_FOUND: u8 = 8;
+
+/// A verify run that found damage: the report is printed, and this sets the exit code.
+#[derive(Debug)]
+pub struct VerifyFailed(pub usize);
+
+impl std::fmt::Display for VerifyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "verify found {} problem(s)", self.0)
+    }
+}
+
+impl std::error::Error for VerifyFailed {}
+
+pub fn classify(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.downcast_ref::<VerifyFailed>().is_some() {
+            return VERIFY_FAILED;
+        }
+        if let Some(e) = cause.downcast_ref::<EngineError>() {
+            match e {
+                EngineError::Source { .. } => return BAD_INPUT,
+                EngineError::NoSuchDisk { .. } => return NOT_FOUND,
+                _ => {}
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<RepoError>() {
+            return match e {
+                RepoError::WrongPassword { .. } => WRONG_PASSWORD,
+                RepoError::NotFound { .. }
+                | RepoError::Foreign { .. }
+                | RepoError::AlreadyExists { .. }
+                | RepoError::UnsupportedVersion { .. } => NO_REPOSITORY,
+                RepoError::Tampered { .. } | RepoError::Malformed { .. } | RepoError::ChunkMissing { .. } => {
+                    TAMPERED
+                }
+                RepoError::PointNotFound(_) | RepoError::AmbiguousPoint(_) => NOT_FOUND,
+                _ => FAILURE,
+            };
+        }
+        if cause.downcast_ref::<InputError>().is_some() {
+            return BAD_INPUT;
+        }
+    }
+    FAILURE
+}
+
+/// Bad input from the user's side (an unreadable image, a malformed argument value).
+#[derive(Debug)]
+pub struct InputError(pub String);
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InputError {}

@@ -1,0 +1,207 @@
+//! `blockvault`: back up VM disks into an encrypted, deduplicating repository and restore them.
+
+mod commands;
+mod exit;
+mod password;
+mod progress;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "blockvault", version, about = "Block-level backup of virtual machine disks")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Repository location: a directory path (the embedded default).
+    #[arg(long, env = "BLOCKVAULT_REPO", global = true)]
+    pub repo: Option<String>,
+    /// Read the repository password from this file (else BLOCKVAULT_PASSWORD, else a prompt).
+    #[arg(long, global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Where local indexes are kept (a cache; safe to delete).
+    #[arg(long, env = "BLOCKVAULT_CACHE_DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// No progress bars.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create and maintain repositories.
+    #[command(subcommand)]
+    Repo(RepoCmd),
+    /// Take a restore point of a VM.
+    Backup(BackupArgs),
+    /// List and inspect restore points.
+    #[command(subcommand)]
+    Points(PointsCmd),
+    /// Get data back out of a restore point.
+    #[command(subcommand)]
+    Restore(RestoreCmd),
+    /// Check that every restore point is complete and (with --read-data) intact.
+    Verify(VerifyArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCmd {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Show the repository's parameters and index state.
+    Info,
+    /// The local index (a cache of where chunks live).
+    #[command(subcommand)]
+    Index(IndexCmd),
+    /// Change the repository password.
+    Passwd(PasswdArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Chunk size, a power of two from 64KiB to 8MiB; fixed for the repository's life.
+    #[arg(long, default_value = "256KiB")]
+    pub chunk_size: String,
+    /// Argon2id memory cost in KiB (default 65536). Lower only for tests.
+    #[arg(long, hide = true)]
+    pub kdf_memory_kib: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct PasswdArgs {
+    /// File holding the new password (else BLOCKVAULT_NEW_PASSWORD, else a prompt).
+    #[arg(long)]
+    pub new_password_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IndexCmd {
+    /// Throw the local index away and rebuild it from the repository.
+    Rebuild,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Name of the VM the point belongs to.
+    #[arg(long)]
+    pub vm: String,
+    /// A disk as NAME=PATH (raw image); repeat for each disk of the VM.
+    #[arg(long = "disk", required = true, value_name = "NAME=PATH")]
+    pub disks: Vec<String>,
+    /// A label to attach to the point; repeatable.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Target pack size.
+    #[arg(long, default_value = "16MiB", hide = true)]
+    pub pack_size: String,
+    /// Packs per index segment.
+    #[arg(long, default_value_t = 64, hide = true)]
+    pub packs_per_segment: usize,
+    /// Hashing/compression threads (default: number of cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PointsCmd {
+    /// List restore points, oldest first.
+    List {
+        /// Only points of this VM.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Show one restore point.
+    Show {
+        /// Point id or a unique prefix (at least 4 hex digits).
+        point: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RestoreCmd {
+    /// Write a disk of a restore point out as a raw image.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Point id or unique prefix.
+    pub point: String,
+    /// Which disk of the point.
+    #[arg(long)]
+    pub disk: String,
+    /// Output file, or - for standard output.
+    #[arg(long)]
+    pub out: String,
+    /// Chunks fetched at once.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Download every pack and check every chunk's content.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Packs checked at once with --read-data.
+    #[arg(long, default_value_t = 2)]
+    pub parallel: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("blockvault: cannot start the runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let json = cli.global.json;
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            let code = exit::classify(&e);
+            // A failed verify has already printed its report; everything else reports here.
+            if json && code != exit::VERIFY_FAILED {
+                let v = serde_json::json!({"error": format!("{e:#}"), "exit_code": code});
+                println!("{v}");
+            }
+            if code != exit::VERIFY_FAILED || !json {
+                eprintln!("blockvault: error: {e:#}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKVAULT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

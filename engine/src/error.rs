@@ -1,0 +1,50 @@
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Repo(#[from] blockvault_repo::Error),
+    #[error("disk '{disk}': reading the source at offset {offset}: {source}")]
+    Source {
+        disk: String,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Output {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("restore point {point} has no disk named '{disk}' (it has: {available})")]
+    NoSuchDisk {
+        point: String,
+        disk: String,
+        available: String,
+    },
+    #[error("disk '{disk}' of restore point {point}: chunk {slot} (offset {offset})")]
+    Chunk {
+        disk: String,
+        point: String,
+        slot: u64,
+        offset: u64,
+        #[source]
+        source: blockvault_repo::Error,
+    },
+    #[error("disk '{disk}': {detail}")]
+    Disk { disk: String, detail: String },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    pub(crate) fn task(e: tokio::task::JoinError) -> Self {
+        Error::Invalid(format!("background task failed: {e}"))
+    }
+}

@@ -1,0 +1,97 @@
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong with a repository. Each variant names the object involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("wrong password for repository {repo} (or its key in 'config' was altered)")]
+    WrongPassword { repo: String },
+    #[error("no blockvault repository at {location}: {detail}")]
+    NotFound { location: String, detail: String },
+    #[error("{location} is not a blockvault repository: {detail}")]
+    Foreign { location: String, detail: String },
+    #[error("a repository already exists at {location}")]
+    AlreadyExists { location: String },
+    #[error("repository format version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("tampering or corruption detected in {object}: {detail}")]
+    Tampered { object: String, detail: String },
+    #[error("{object} is malformed: {detail}")]
+    Malformed { object: String, detail: String },
+    #[error("chunk {chunk} is referenced but not stored in any pack")]
+    ChunkMissing { chunk: String },
+    #[error("restore point {0} not found")]
+    PointNotFound(String),
+    #[error("restore point prefix {0} is ambiguous")]
+    AmbiguousPoint(String),
+    #[error("object store error on {object}: {source}")]
+    Store {
+        object: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("local index at {path}: {detail}")]
+    Index { path: PathBuf, detail: String },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub(crate) fn store(object: impl Into<String>, source: object_store::Error) -> Self {
+        Error::Store {
+            object: object.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn tampered(object: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Tampered {
+            object: object.into(),
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn malformed(object: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Malformed {
+            object: object.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// True when repeating the operation may succeed (a network or server hiccup), false when the
+    /// data or the request itself is wrong.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store { source, .. } => !matches!(
+                source,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+            ),
+            _ => false,
+        }
+    }
+
+    /// True when the store said the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }
+        )
+    }
+}

@@ -1,0 +1,403 @@
+//! The local index: a RocksDB cache of where every chunk lives, which packs and index segments it
+//! has absorbed, and which repository it belongs to. It is never the truth: deleting it loses nothing
+//! (`Repository::rebuild_index` reads it all back from the repository).
+//!
+//! RocksDB admits one writing process per database. A second process that finds it locked (two
+//! backups at once on one host) opens it as a secondary instance — reads follow the primary — and
+//! keeps what it learns in memory; its packs reach other processes through the index segment it
+//! writes to the repository.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rocksdb::{BlockBasedOptions, Direction, IteratorMode, Options, WriteBatch, DB};
+
+use crate::{BlobKind, ChunkId, Error, PackEntry, PackId, Result, SegmentId};
+
+const SCHEMA_VERSION: &[u8] = b"1";
+const K_REPO: &[u8] = b"meta/repo";
+const K_SCHEMA: &[u8] = b"meta/schema";
+const P_CHUNK: u8 = b'c';
+const P_PACK: u8 = b'p';
+const P_SEGMENT: u8 = b's';
+
+/// Where a blob is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub pack: PackId,
+    pub offset: u32,
+    pub len: u32,
+    pub raw_len: u32,
+    pub kind: BlobKind,
+}
+
+impl Location {
+    fn encode(&self) -> [u8; 29] {
+        let mut v = [0u8; 29];
+        v[..16].copy_from_slice(&self.pack.0);
+        v[16..20].copy_from_slice(&self.offset.to_le_bytes());
+        v[20..24].copy_from_slice(&self.len.to_le_bytes());
+        v[24..28].copy_from_slice(&self.raw_len.to_le_bytes());
+        v[28] = self.kind.code();
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        if v.len() != 29 {
+            return None;
+        }
+        let u = |o: usize| u32::from_le_bytes(v[o..o + 4].try_into().expect("4 bytes"));
+        Some(Self {
+            pack: PackId(v[..16].try_into().ok()?),
+            offset: u(16),
+            len: u(20),
+            raw_len: u(24),
+            kind: BlobKind::from_code(v[28])?,
+        })
+    }
+
+    pub(crate) fn of(pack: PackId, e: &PackEntry) -> Self {
+        Self {
+            pack,
+            offset: e.offset,
+            len: e.len,
+            raw_len: e.raw_len,
+            kind: e.kind,
+        }
+    }
+}
+
+fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(prefix);
+    k.extend_from_slice(id);
+    k
+}
+
+/// Counts for `repo index` reports.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct IndexStats {
+    pub chunks: u64,
+    pub packs: u64,
+    pub segments: u64,
+}
+
+#[derive(Default)]
+struct Overlay {
+    chunks: HashMap<ChunkId, Location>,
+    packs: HashSet<PackId>,
+    segments: HashSet<SegmentId>,
+}
+
+pub(crate) struct LocalIndex {
+    path: PathBuf,
+    db: DB,
+    secondary_dir: Option<PathBuf>,
+    overlay: Mutex<Overlay>,
+    /// When a secondary last followed the primary; guards catch-up against running concurrently.
+    last_catch_up: Mutex<Instant>,
+}
+
+/// A secondary that misses a chunk follows the primary's newest writes at most this often, so a
+/// backup running beside another on the same host deduplicates against what that one just stored.
+const CATCH_UP_ON_MISS: Duration = Duration::from_millis(20);
+
+fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    let mut block = BlockBasedOptions::default();
+    // Most lookups during a first backup miss: a bloom filter answers those without disk reads.
+    block.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&block);
+    opts.set_max_open_files(256);
+    opts.set_keep_log_file_num(2);
+    opts
+}
+
+impl LocalIndex {
+    /// Opens (or creates) the index at `path` for repository `repo_id`. Returns the index and
+    /// whether it is empty and must be filled from the repository (new, or it belonged to another
+    /// repository, or its schema is old).
+    pub(crate) fn open(path: &Path, repo_id: &str) -> Result<(Self, bool)> {
+        let err = |detail: String| Error::Index {
+            path: path.to_path_buf(),
+            detail,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| err(format!("creating directory: {e}")))?;
+        }
+        let opts = db_options();
+        let (db, secondary_dir) = match DB::open(&opts, path) {
+            Ok(db) => (db, None),
+            Err(e) if is_lock_error(&e) => {
+                let sec = path.with_extension(format!("secondary-{}", std::process::id()));
+                let mut sopts = db_options();
+                sopts.set_max_open_files(-1);
+                let db = DB::open_as_secondary(&sopts, path, &sec)
+                    .map_err(|e| err(format!("opening as secondary: {e}")))?;
+                tracing::info!(index = %path.display(), "index is in use by another process; following it read-only");
+                (db, Some(sec))
+            }
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let idx = Self {
+            path: path.to_path_buf(),
+            db,
+            secondary_dir,
+            overlay: Mutex::new(Overlay::default()),
+            last_catch_up: Mutex::new(Instant::now()),
+        };
+        let stored_repo = idx.db.get(K_REPO).map_err(|e| err(e.to_string()))?;
+        let schema = idx.db.get(K_SCHEMA).map_err(|e| err(e.to_string()))?;
+        let matches = stored_repo.as_deref() == Some(repo_id.as_bytes())
+            && schema.as_deref() == Some(SCHEMA_VERSION);
+        if matches {
+            return Ok((idx, false));
+        }
+        if stored_repo.is_some() {
+            tracing::warn!(index = %path.display(), "local index belongs to another repository or an old schema; rebuilding it");
+        }
+        idx.clear(repo_id)?;
+        Ok((idx, true))
+    }
+
+    pub(crate) fn is_secondary(&self) -> bool {
+        self.secondary_dir.is_some()
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Index {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    /// Empties the index and stamps it with `repo_id`.
+    pub(crate) fn clear(&self, repo_id: &str) -> Result<()> {
+        *self.overlay.lock().expect("index overlay lock") = Overlay::default();
+        if self.is_secondary() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_range(&[0u8][..], &[0xffu8; 9][..]);
+        batch.put(K_REPO, repo_id.as_bytes());
+        batch.put(K_SCHEMA, SCHEMA_VERSION);
+        self.db.write(batch).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Follows the primary's writes when this process opened the index as a secondary.
+    pub(crate) fn catch_up(&self) {
+        if self.is_secondary() {
+            let mut last = self.last_catch_up.lock().expect("catch-up lock");
+            if let Err(e) = self.db.try_catch_up_with_primary() {
+                tracing::debug!(error = %e, "secondary index catch-up failed");
+            }
+            *last = Instant::now();
+        }
+    }
+
+    pub(crate) fn get(&self, id: &ChunkId) -> Result<Option<Location>> {
+        if let Some(l) = self.overlay.lock().expect("index overlay lock").chunks.get(id) {
+            return Ok(Some(*l));
+        }
+        let found = self.get_stored(id)?;
+        if found.is_some() || !self.is_secondary() {
+            return Ok(found);
+        }
+        {
+            let mut last = self.last_catch_up.lock().expect("catch-up lock");
+            if last.elapsed() < CATCH_UP_ON_MISS {
+                return Ok(None);
+            }
+            if let Err(e) = self.db.try_catch_up_with_primary() {
+                tracing::debug!(error = %e, "secondary index catch-up failed");
+            }
+            *last = Instant::now();
+        }
+        self.get_stored(id)
+    }
+
+    fn get_stored(&self, id: &ChunkId) -> Result<Option<Location>> {
+        match self.db.get_pinned(key(P_CHUNK, id.as_bytes())).map_err(|e| self.err(e))? {
+            Some(v) => Location::decode(&v)
+                .map(Some)
+                .ok_or_else(|| self.err(format!("entry for chunk {} is corrupt", id.short()))),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn has_segment(&self, id: &SegmentId) -> Result<bool> {
+        if self.overlay.lock().expect("index overlay lock").segments.contains(id) {
+            return Ok(true);
+        }
+        Ok(self
+            .db
+            .get_pinned(key(P_SEGMENT, &id.0))
+            .map_err(|e| self.err(e))?
+            .is_some())
+    }
+
+    /// Records a stored pack and all its entries.
+    pub(crate) fn insert_pack(&self, pack: PackId, size: u64, entries: &[PackEntry]) -> Result<()> {
+        if self.is_secondary() {
+            let mut o = self.overlay.lock().expect("index overlay lock");
+            for e in entries {
+                o.chunks.insert(e.id, Location::of(pack, e));
+            }
+            o.packs.insert(pack);
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for e in entries {
+            batch.put(key(P_CHUNK, e.id.as_bytes()), Location::of(pack, e).encode());
+        }
+        batch.put(key(P_PACK, &pack.0), size.to_le_bytes());
+        self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn insert_segment(&self, id: SegmentId) -> Result<()> {
+        if self.is_secondary() {
+            self.overlay
+                .lock()
+                .expect("index overlay lock")
+                .segments
+                .insert(id);
+            return Ok(());
+        }
+        self.db
+            .put(key(P_SEGMENT, &id.0), [])
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets packs that no longer exist in the repository, and their chunks.
+    pub(crate) fn remove_packs(&self, gone: &HashSet<PackId>) -> Result<()> {
+        if gone.is_empty() || self.is_secondary() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&[P_CHUNK], Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if k.first() != Some(&P_CHUNK) {
+                break;
+            }
+            if Location::decode(&v).is_some_and(|l| gone.contains(&l.pack)) {
+                batch.delete(&k);
+            }
+        }
+        for p in gone {
+            batch.delete(key(P_PACK, &p.0));
+        }
+        self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    /// Packs this index knows, from RocksDB and the in-memory overlay.
+    pub(crate) fn packs(&self) -> Result<HashSet<PackId>> {
+        let mut out: HashSet<PackId> = self
+            .overlay
+            .lock()
+            .expect("index overlay lock")
+            .packs
+            .clone();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&[P_PACK], Direction::Forward))
+        {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if k.first() != Some(&P_PACK) {
+                break;
+            }
+            if let Ok(id) = k[1..].try_into() {
+                out.insert(PackId(id));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn stats(&self) -> Result<IndexStats> {
+        let mut s = IndexStats::default();
+        for item in self.db.iterator(IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            match k.first() {
+                Some(&P_CHUNK) => s.chunks += 1,
+                Some(&P_PACK) => s.packs += 1,
+                Some(&P_SEGMENT) => s.segments += 1,
+                _ => {}
+            }
+        }
+        let o = self.overlay.lock().expect("index overlay lock");
+        s.chunks += o.chunks.len() as u64;
+        s.packs += o.packs.len() as u64;
+        s.segments += o.segments.len() as u64;
+        Ok(s)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for LocalIndex {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.secondary_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn is_lock_error(e: &rocksdb::Error) -> bool {
+    let s = e.to_string();
+    s.contains("lock") || s.contains("Resource temporarily unavailable")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u8) -> PackEntry {
+        PackEntry {
+            id: ChunkId([i; 32]),
+            kind: BlobKind::Data,
+            offset: 24 + i as u32,
+            len: 10,
+            raw_len: 20,
+        }
+    }
+
+    #[test]
+    fn insert_get_and_foreign_repo_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("idx");
+        let pack = PackId::random();
+        {
+            let (idx, fresh) = LocalIndex::open(&p, "repo-a").unwrap();
+            assert!(fresh);
+            idx.insert_pack(pack, 100, &[entry(1), entry(2)]).unwrap();
+            assert_eq!(idx.get(&ChunkId([1; 32])).unwrap().unwrap().pack, pack);
+            assert!(idx.packs().unwrap().contains(&pack));
+            assert!(idx.get(&ChunkId([3; 32])).unwrap().is_none());
+        }
+        {
+            let (idx, fresh) = LocalIndex::open(&p, "repo-a").unwrap();
+            assert!(!fresh);
+            assert_eq!(idx.stats().unwrap().chunks, 2);
+            // A second process-like open while the first is held falls back to a secondary.
+            let (idx2, _) = LocalIndex::open(&p, "repo-a").unwrap();
+            assert!(idx2.is_secondary());
+            assert!(idx2.get(&ChunkId([2; 32])).unwrap().is_some());
+            idx2.insert_pack(PackId::random(), 5, &[entry(9)]).unwrap();
+            assert!(idx2.get(&ChunkId([9; 32])).unwrap().is_some());
+            assert!(idx.get(&ChunkId([9; 32])).unwrap().is_none());
+            idx.remove_packs(&[pack].into_iter().collect()).unwrap();
+            assert!(idx.get(&ChunkId([1; 32])).unwrap().is_none());
+        }
+        let (idx, fresh) = LocalIndex::open(&p, "repo-b").unwrap();
+        assert!(fresh, "an index of another repository is reset");
+        assert_eq!(idx.stats().unwrap().chunks, 0);
+    }
+}

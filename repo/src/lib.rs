@@ -1,0 +1,33 @@
+//! The blockvault repository: its format on an object store, its keys, and the local index that
+//! caches where every chunk lives.
+//!
+//! Byte-level layouts are specified in `docs/FORMAT.md`; the constants live in [`format`]. The
+//! repository in the object store is the only truth: the RocksDB index can be deleted at any time
+//! and is rebuilt from pack tables of contents and index segments.
+
+mod blob;
+mod config;
+mod crypto;
+mod error;
+pub mod format;
+mod ids;
+mod index;
+mod manifest;
+mod pack;
+mod page;
+mod repository;
+mod segment;
+mod storage;
+
+pub use blob::{BlobKind, EncodedBlob};
+pub use blockvault_chunker::{ChunkHasher, ChunkId};
+pub use config::{KdfParams, RepoConfig};
+pub use error::{Error, Result};
+pub use ids::{PackId, PointId, SegmentId};
+pub use index::{IndexStats, Location};
+pub use manifest::{BackupKind, ChunkIdHex, ConfigFile, DiskManifest, DiskStats, PointManifest, SourceInfo};
+pub use pack::{PackBuilder, PackEntry, SealedPack};
+pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
+pub use repository::{OpenOptions, PackDamage, Repository, SyncReport, VerifiedPack};
+pub use segment::PackRecord;
+pub use storage::Storage;

@@ -1,0 +1,567 @@
+//! An open repository: storage, keys, configuration and local index, with the operations the
+//! engine builds on (encode and store blobs in packs, read blobs back, manage restore points, keep
+//! the local index in step with the repository).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::blob::{self, MAX_BLOB_RAW_LEN};
+use crate::config::RepoConfig;
+use crate::crypto::{random_master_key, Keys};
+use crate::format::{CONFIG_PATH, INDEX_DIR, PACKS_DIR, PACK_TRAILER_LEN, POINTS_DIR};
+use crate::index::LocalIndex;
+use crate::segment::{self, PackRecord};
+use crate::{
+    BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, IndexStats, KdfParams, Location,
+    PackBuilder, PackEntry, PackId, PointId, PointManifest, Result, SealedPack, SegmentId, Storage,
+};
+
+/// How much of a pack's tail to fetch at once when reading its table of contents: one request
+/// covers the whole table for packs of up to ~1,400 blobs.
+const TOC_PROBE: u64 = 64 * 1024;
+/// Objects fetched at once while syncing the index or listing points.
+const SYNC_PARALLELISM: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Directory holding local indexes, one per repository id.
+    pub cache_dir: PathBuf,
+    /// zstd level for new blobs.
+    pub zstd_level: i32,
+}
+
+/// What an index sync found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncReport {
+    pub segments_loaded: u64,
+    pub packs_read: u64,
+    pub packs_forgotten: u64,
+    pub unreadable_packs: Vec<String>,
+}
+
+/// A pack as checked by `verify --read-data`.
+#[derive(Clone, Debug)]
+pub struct VerifiedPack {
+    pub id: PackId,
+    pub entries: Vec<PackEntry>,
+    pub damaged: Vec<(ChunkId, String)>,
+}
+
+/// A pack that could not be read at all.
+#[derive(Clone, Debug)]
+pub struct PackDamage {
+    pub id: PackId,
+    pub error: String,
+}
+
+pub struct Repository {
+    storage: Storage,
+    config: RepoConfig,
+    keys: Keys,
+    index: Arc<LocalIndex>,
+    zstd_level: i32,
+    sync_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repository({} at {})", self.config.id, self.storage.location())
+    }
+}
+
+pub fn pack_path(id: &PackId) -> String {
+    let h = id.to_hex();
+    format!("{PACKS_DIR}/{}/{h}", &h[..2])
+}
+
+fn point_path(id: &PointId) -> String {
+    format!("{POINTS_DIR}/{id}")
+}
+
+fn segment_path(id: &SegmentId) -> String {
+    format!("{INDEX_DIR}/{id}")
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("background task failed: {e}")))
+}
+
+impl Repository {
+    /// Creates a repository. Fails if one (or anything else) is already there.
+    pub async fn init(
+        storage: &Storage,
+        password: &[u8],
+        chunk_size: u32,
+        kdf: KdfParams,
+    ) -> Result<RepoConfig> {
+        if storage.head(CONFIG_PATH).await?.is_some() {
+            return Err(Error::AlreadyExists {
+                location: storage.location().into(),
+            });
+        }
+        if let Some((name, _)) = storage.list("").await?.into_iter().next() {
+            return Err(Error::Foreign {
+                location: storage.location().into(),
+                detail: format!("not empty (holds '{name}'); a repository needs an empty place"),
+            });
+        }
+        let password = password.to_vec();
+        let cfg = blocking(move || {
+            let master = random_master_key();
+            RepoConfig::create(&password, chunk_size, kdf, &master)
+        })
+        .await??;
+        let json = serde_json::to_vec_pretty(&cfg).expect("config serialises");
+        match storage.put(CONFIG_PATH, Bytes::from(json), true).await {
+            Err(e) if matches!(&e, Error::Store { source: object_store::Error::AlreadyExists { .. }, .. }) => {
+                Err(Error::AlreadyExists {
+                    location: storage.location().into(),
+                })
+            }
+            r => r.map(|_| cfg),
+        }
+    }
+
+    /// Reads the configuration without unlocking it.
+    pub async fn read_config(storage: &Storage) -> Result<RepoConfig> {
+        let bytes = match storage.get(CONFIG_PATH).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(Error::NotFound {
+                    location: storage.location().into(),
+                    detail: "no 'config' object (run 'blockvault repo init' first)".into(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        RepoConfig::parse(storage.location(), &bytes)
+    }
+
+    /// Opens and unlocks a repository and brings its local index up to date.
+    pub async fn open(storage: Storage, password: &[u8], opts: &OpenOptions) -> Result<Arc<Self>> {
+        let config = Self::read_config(&storage).await?;
+        let (cfg2, pw) = (config.clone(), password.to_vec());
+        let (_master, keys) = blocking(move || cfg2.unlock(&pw)).await??;
+        let index_path = opts.cache_dir.join(&config.id).join("index");
+        let repo_id = config.id.clone();
+        let (index, fresh) = blocking(move || LocalIndex::open(&index_path, &repo_id)).await??;
+        let repo = Arc::new(Self {
+            storage,
+            config,
+            keys,
+            index: Arc::new(index),
+            zstd_level: opts.zstd_level,
+            sync_lock: tokio::sync::Mutex::new(()),
+        });
+        repo.sync_index(fresh).await?;
+        Ok(repo)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.config.chunk_size
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn index_path(&self) -> PathBuf {
+        self.index.path().to_path_buf()
+    }
+
+    /// The keyed id of a plaintext.
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        self.keys.hasher.id(data)
+    }
+
+    /// Compresses and encrypts a blob. CPU-bound: call from a blocking thread.
+    pub fn encode_blob(&self, kind: BlobKind, id: ChunkId, data: &[u8]) -> EncodedBlob {
+        blob::encode(&self.keys, kind, id, data, self.zstd_level)
+    }
+
+    /// Where a blob is stored, per the local index. A quick RocksDB read: call from a blocking thread.
+    pub fn lookup(&self, id: &ChunkId) -> Result<Option<Location>> {
+        self.index.get(id)
+    }
+
+    /// Closes a pack (appends its encrypted table of contents). CPU-bound but small.
+    pub fn seal_pack(&self, builder: PackBuilder) -> SealedPack {
+        builder.seal(&self.keys)
+    }
+
+    /// Uploads a sealed pack (create-only) and records its entries in the local index, in that
+    /// order: the index never points at a pack that is not stored.
+    pub async fn store_pack(&self, pack: &SealedPack) -> Result<()> {
+        self.storage
+            .put(&pack_path(&pack.id), pack.bytes.clone(), true)
+            .await?;
+        let (index, id, size, entries) = (
+            self.index.clone(),
+            pack.id,
+            pack.bytes.len() as u64,
+            pack.entries.clone(),
+        );
+        blocking(move || index.insert_pack(id, size, &entries)).await?
+    }
+
+    /// Writes an index segment listing `packs` (already stored).
+    pub async fn write_segment(&self, packs: &[PackRecord]) -> Result<SegmentId> {
+        let id = SegmentId::random();
+        let sealed = segment::seal(&self.keys, &id, packs);
+        self.storage
+            .put(&segment_path(&id), Bytes::from(sealed), true)
+            .await?;
+        let index = self.index.clone();
+        blocking(move || index.insert_segment(id)).await??;
+        Ok(id)
+    }
+
+    /// Reads a blob and returns its plaintext. A chunk missing from the local index triggers one
+    /// full index sync (another host may have written it) before it is reported missing.
+    pub async fn read_blob(&self, id: &ChunkId, kind: Option<BlobKind>) -> Result<Vec<u8>> {
+        let loc = match self.locate(id).await? {
+            Some(l) => l,
+            None => {
+                self.sync_index(true).await?;
+                self.locate(id).await?.ok_or_else(|| Error::ChunkMissing {
+                    chunk: id.to_hex(),
+                })?
+            }
+        };
+        self.read_blob_at(id, kind, &loc).await
+    }
+
+    async fn locate(&self, id: &ChunkId) -> Result<Option<Location>> {
+        let (index, id) = (self.index.clone(), *id);
+        blocking(move || index.get(&id)).await?
+    }
+
+    /// Reads a blob from a known location.
+    pub async fn read_blob_at(
+        &self,
+        id: &ChunkId,
+        kind: Option<BlobKind>,
+        loc: &Location,
+    ) -> Result<Vec<u8>> {
+        let raw = self.fetch_blob_bytes(loc).await?;
+        self.decode_blob(id, kind, loc, raw).await
+    }
+
+    /// Fetches a blob's stored bytes (one range read of its pack).
+    pub async fn fetch_blob_bytes(&self, loc: &Location) -> Result<Bytes> {
+        let path = pack_path(&loc.pack);
+        match self
+            .storage
+            .get_range(&path, loc.offset as u64..loc.offset as u64 + loc.len as u64)
+            .await
+        {
+            Err(e) if e.is_not_found() => Err(Error::malformed(
+                format!("pack {}", loc.pack),
+                "missing from the repository (deleted or never uploaded)",
+            )),
+            r => r,
+        }
+    }
+
+    /// Decrypts and decompresses fetched blob bytes on a blocking thread.
+    pub async fn decode_blob(
+        &self,
+        id: &ChunkId,
+        kind: Option<BlobKind>,
+        loc: &Location,
+        raw: Bytes,
+    ) -> Result<Vec<u8>> {
+        let (keys, id, loc) = (self.keys.clone(), *id, *loc);
+        blocking(move || {
+            blob::decode(&keys, &id, kind, loc.raw_len, &raw, &|| {
+                format!("chunk {} in pack {} at offset {}", id.short(), loc.pack, loc.offset)
+            })
+        })
+        .await?
+    }
+
+    /// Decrypts a blob synchronously (for callers already on a blocking thread).
+    pub fn decode_blob_sync(
+        &self,
+        id: &ChunkId,
+        kind: Option<BlobKind>,
+        loc: &Location,
+        raw: &[u8],
+    ) -> Result<Vec<u8>> {
+        blob::decode(&self.keys, id, kind, loc.raw_len, raw, &|| {
+            format!("chunk {} in pack {} at offset {}", id.short(), loc.pack, loc.offset)
+        })
+    }
+
+    /// Loads a chunk-map page.
+    pub async fn load_page(&self, id: &ChunkId, slots: usize) -> Result<ChunkMapPage> {
+        let bytes = self.read_blob(id, Some(BlobKind::Page)).await?;
+        ChunkMapPage::decode(&bytes, slots, &|| format!("chunk-map page {}", id.short()))
+    }
+
+    /// Stores a restore point's manifest; the point exists from this moment on.
+    pub async fn save_point(&self, manifest: &PointManifest) -> Result<()> {
+        let sealed = manifest.seal(&self.keys);
+        self.storage
+            .put(&point_path(&manifest.id), Bytes::from(sealed), true)
+            .await
+    }
+
+    pub async fn load_point(&self, id: &PointId) -> Result<PointManifest> {
+        let bytes = match self.storage.get(&point_path(id)).await {
+            Err(e) if e.is_not_found() => return Err(Error::PointNotFound(id.to_hex())),
+            r => r?,
+        };
+        let keys = self.keys.clone();
+        let id = *id;
+        blocking(move || PointManifest::open(&keys, &id, &bytes)).await?
+    }
+
+    pub async fn delete_point(&self, id: &PointId) -> Result<()> {
+        self.storage.delete(&point_path(id)).await
+    }
+
+    pub async fn list_point_ids(&self) -> Result<Vec<PointId>> {
+        let mut ids = Vec::new();
+        for (name, _) in self.storage.list(POINTS_DIR).await? {
+            let leaf = name.rsplit('/').next().unwrap_or_default();
+            match leaf.parse::<PointId>() {
+                Ok(id) => ids.push(id),
+                Err(_) => tracing::warn!(object = %name, "ignoring a stray object among restore points"),
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Every restore point's manifest, oldest first. Unreadable manifests are returned as errors
+    /// beside the readable ones so one damaged point does not hide the others.
+    pub async fn list_points(&self) -> Result<(Vec<PointManifest>, Vec<(PointId, Error)>)> {
+        let ids = self.list_point_ids().await?;
+        let results: Vec<(PointId, Result<PointManifest>)> = futures::stream::iter(ids)
+            .map(|id| async move { (id, self.load_point(&id).await) })
+            .buffer_unordered(SYNC_PARALLELISM)
+            .collect()
+            .await;
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for (id, r) in results {
+            match r {
+                Ok(m) => ok.push(m),
+                Err(e) => bad.push((id, e)),
+            }
+        }
+        ok.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok((ok, bad))
+    }
+
+    /// Resolves a full id or a unique prefix of at least four hex digits.
+    pub async fn resolve_point(&self, text: &str) -> Result<PointId> {
+        if let Ok(id) = text.parse::<PointId>() {
+            return Ok(id);
+        }
+        if text.len() < 4 || !text.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::PointNotFound(text.into()));
+        }
+        let lower = text.to_ascii_lowercase();
+        let matches: Vec<PointId> = self
+            .list_point_ids()
+            .await?
+            .into_iter()
+            .filter(|id| id.to_hex().starts_with(&lower))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(Error::PointNotFound(text.into())),
+            _ => Err(Error::AmbiguousPoint(text.into())),
+        }
+    }
+
+    /// Brings the local index up to date: loads index segments it has not seen; with `full`, also
+    /// lists every pack, reads the tables of contents of packs no segment covered (a backup killed
+    /// before writing its segment) and forgets packs that are gone.
+    pub async fn sync_index(&self, full: bool) -> Result<SyncReport> {
+        let _guard = self.sync_lock.lock().await;
+        let index = self.index.clone();
+        blocking(move || index.catch_up()).await?;
+        let mut report = SyncReport::default();
+
+        let segments = self.storage.list(INDEX_DIR).await?;
+        let mut unseen = Vec::new();
+        for (name, _) in segments {
+            let Ok(id) = name.rsplit('/').next().unwrap_or_default().parse::<SegmentId>() else {
+                continue;
+            };
+            if !self.index.has_segment(&id)? {
+                unseen.push(id);
+            }
+        }
+        let loaded: Vec<(SegmentId, Vec<PackRecord>)> = futures::stream::iter(unseen)
+            .map(|id| async move {
+                let bytes = self.storage.get(&segment_path(&id)).await?;
+                let keys = self.keys.clone();
+                let packs = blocking(move || segment::open(&keys, &id, &bytes)).await??;
+                Ok::<_, Error>((id, packs))
+            })
+            .buffer_unordered(SYNC_PARALLELISM)
+            .try_collect()
+            .await?;
+        for (id, packs) in loaded {
+            let index = self.index.clone();
+            blocking(move || -> Result<()> {
+                for p in &packs {
+                    index.insert_pack(p.id, p.size, &p.entries)?;
+                }
+                index.insert_segment(id)
+            })
+            .await??;
+            report.segments_loaded += 1;
+        }
+
+        if full {
+            let listed = self.list_packs().await?;
+            let index = self.index.clone();
+            let known = blocking(move || index.packs()).await??;
+            let listed_ids: HashSet<PackId> = listed.iter().map(|(id, _)| *id).collect();
+            let missing: Vec<(PackId, u64)> = listed
+                .into_iter()
+                .filter(|(id, _)| !known.contains(id))
+                .collect();
+            let results: Vec<(PackId, Result<Vec<PackEntry>>, u64)> = futures::stream::iter(missing)
+                .map(|(id, size)| async move { (id, self.read_toc(&id).await, size) })
+                .buffer_unordered(SYNC_PARALLELISM)
+                .collect()
+                .await;
+            for (id, r, size) in results {
+                match r {
+                    Ok(entries) => {
+                        let index = self.index.clone();
+                        blocking(move || index.insert_pack(id, size, &entries)).await??;
+                        report.packs_read += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pack = %id, error = %e, "pack table of contents unreadable");
+                        report.unreadable_packs.push(format!("pack {id}: {e}"));
+                    }
+                }
+            }
+            let gone: HashSet<PackId> = known.difference(&listed_ids).copied().collect();
+            report.packs_forgotten = gone.len() as u64;
+            let index = self.index.clone();
+            blocking(move || index.remove_packs(&gone)).await??;
+        }
+        Ok(report)
+    }
+
+    /// Throws the local index away and reads it back from the repository.
+    pub async fn rebuild_index(&self) -> Result<SyncReport> {
+        {
+            let _guard = self.sync_lock.lock().await;
+            let index = self.index.clone();
+            let id = self.config.id.clone();
+            blocking(move || index.clear(&id))
+            .await??;
+        }
+        self.sync_index(true).await
+    }
+
+    pub async fn index_stats(&self) -> Result<IndexStats> {
+        let index = self.index.clone();
+        blocking(move || index.stats()).await?
+    }
+
+    /// Every pack in the repository with its size.
+    pub async fn list_packs(&self) -> Result<Vec<(PackId, u64)>> {
+        let mut out = Vec::new();
+        for (name, size) in self.storage.list(PACKS_DIR).await? {
+            match name.rsplit('/').next().unwrap_or_default().parse::<PackId>() {
+                Ok(id) => out.push((id, size)),
+                Err(_) => tracing::warn!(object = %name, "ignoring a stray object among packs"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a pack's table of contents from its tail.
+    pub async fn read_toc(&self, id: &PackId) -> Result<Vec<PackEntry>> {
+        let path = pack_path(id);
+        let (tail, size) = self.storage.get_suffix(&path, TOC_PROBE).await?;
+        if (tail.len() as u64) < (PACK_TRAILER_LEN as u64).min(size) || tail.len() < PACK_TRAILER_LEN {
+            return Err(Error::malformed(format!("pack {id}"), format!("{size} bytes is too short")));
+        }
+        let toc_len =
+            crate::pack::parse_trailer(id, size, &tail[tail.len() - PACK_TRAILER_LEN..])? as u64;
+        let need = toc_len + PACK_TRAILER_LEN as u64;
+        let sealed = if need <= tail.len() as u64 {
+            tail.slice(tail.len() - need as usize..tail.len() - PACK_TRAILER_LEN)
+        } else {
+            let end = size - PACK_TRAILER_LEN as u64;
+            self.storage.get_range(&path, end - toc_len..end).await?
+        };
+        let keys = self.keys.clone();
+        let id = *id;
+        blocking(move || crate::pack::open_toc(&keys, &id, size, &sealed)).await?
+    }
+
+    /// Downloads a whole pack and checks every blob: decrypts, decompresses and re-hashes it.
+    pub async fn verify_pack(&self, id: &PackId) -> std::result::Result<VerifiedPack, PackDamage> {
+        let damage = |e: Error| PackDamage {
+            id: *id,
+            error: e.to_string(),
+        };
+        let bytes = self.storage.get(&pack_path(id)).await.map_err(damage)?;
+        let keys = self.keys.clone();
+        let id = *id;
+        blocking(move || {
+            let entries = crate::pack::open_whole(&keys, &id, &bytes)?;
+            let mut damaged = Vec::new();
+            for e in &entries {
+                let raw = &bytes[e.offset as usize..(e.offset + e.len) as usize];
+                let what = || format!("chunk {} in pack {id} at offset {}", e.id.short(), e.offset);
+                match blob::decode(&keys, &e.id, Some(e.kind), e.raw_len, raw, &what) {
+                    Ok(plain) if keys.hasher.id(&plain) == e.id => {}
+                    Ok(_) => damaged.push((e.id, format!("{}: content does not match its id", what()))),
+                    Err(err) => damaged.push((e.id, err.to_string())),
+                }
+            }
+            Ok(VerifiedPack {
+                id,
+                entries,
+                damaged,
+            })
+        })
+        .await
+        .map_err(damage)?
+        .map_err(damage)
+    }
+
+    /// Re-wraps the master key under a new password.
+    pub async fn change_password(&self, old: &[u8], new: &[u8], kdf: KdfParams) -> Result<()> {
+        let (cfg, old, new) = (self.config.clone(), old.to_vec(), new.to_vec());
+        let updated = blocking(move || {
+            let (master, _) = cfg.unlock(&old)?;
+            cfg.rewrap(&master, &new, kdf)
+        })
+        .await??;
+        let json = serde_json::to_vec_pretty(&updated).expect("config serialises");
+        self.storage.put(CONFIG_PATH, Bytes::from(json), false).await
+    }
+
+    /// Largest plaintext a blob may have.
+    pub fn max_blob_len() -> u32 {
+        MAX_BLOB_RAW_LEN
+    }
+}

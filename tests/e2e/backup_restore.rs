@@ -1,0 +1,147 @@
+use crate::common::*;
+
+#[test]
+fn backup_then_export_is_bit_exact_sparse_and_streams() {
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    make_image(&img, 48 << 20, 1, 12);
+    let sum = w.backup("vm1", &[("disk0", &img)]);
+    let point = sum["point"].as_str().unwrap().to_string();
+    assert!(sum["bytes_read"].as_u64().unwrap() > 0);
+
+    let out = w.path("out.raw");
+    w.export(&point, "disk0", &out);
+    assert!(same_content(&img, &out), "exported image differs");
+    // Zero chunks are written as holes: the export occupies about what the source does.
+    assert!(
+        allocated_bytes(&out) <= allocated_bytes(&img) + (1 << 20),
+        "export is not sparse: {} vs {}",
+        allocated_bytes(&out),
+        allocated_bytes(&img)
+    );
+
+    // --out - streams the whole image, zeros included.
+    let streamed = w
+        .cmd(&["restore", "export", &point[..8], "--disk", "disk0", "--out", "-"])
+        .output()
+        .unwrap();
+    assert!(streamed.status.success(), "{}", stderr(&streamed));
+    assert_eq!(streamed.stdout, std::fs::read(&img).unwrap());
+}
+
+#[test]
+fn second_backup_deduplicates_and_changes_cost_what_changed() {
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    make_image(&img, 32 << 20, 2, 10);
+    let first = w.backup("vm", &[("d", &img)]);
+    let again = w.backup("vm", &[("d", &img)]);
+    assert_eq!(again["bytes_new"].as_u64().unwrap(), 0, "unchanged disk stored new data: {again}");
+
+    // Change 3 ranges of at most 100 KB: at most ~3 * (100K/64K + 2) chunks are new.
+    mutate_image(&img, 3, 3, 100_000);
+    let third = w.backup("vm", &[("d", &img)]);
+    let new = third["bytes_new"].as_u64().unwrap();
+    assert!(new > 0 && new <= 3 * 4 * 65536, "new bytes {new}");
+    assert!(first["bytes_new"].as_u64().unwrap() > new);
+
+    let out = w.path("third.raw");
+    w.export(third["point"].as_str().unwrap(), "d", &out);
+    assert!(same_content(&img, &out));
+}
+
+#[test]
+fn multi_disk_points_are_listed_and_shown() {
+    let w = World::with_repo("64KiB");
+    let (a, b) = (w.path("a.raw"), w.path("b.raw"));
+    make_image(&a, 8 << 20, 4, 4);
+    make_image(&b, 3 << 20 | 12345, 5, 4); // not a multiple of the chunk size
+    let sum = w.json(&[
+        "backup", "--vm", "web", "--disk", &format!("sys={}", a.display()),
+        "--disk", &format!("data={}", b.display()), "--tag", "nightly",
+    ]);
+    let point = sum["point"].as_str().unwrap();
+    let other = w.path("c.raw");
+    make_image(&other, 1 << 20, 6, 2);
+    w.backup("db", &[("x", &other)]);
+
+    let all = w.json(&["points", "list"]);
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    let web = w.json(&["points", "list", "--vm", "web"]);
+    assert_eq!(web.as_array().unwrap().len(), 1);
+    assert_eq!(web[0]["tags"][0], "nightly");
+    let show = w.json(&["points", "show", point]);
+    assert_eq!(show["disks"].as_array().unwrap().len(), 2);
+    assert_eq!(show["disks"][1]["size"].as_u64().unwrap(), 3 << 20 | 12345);
+    for (name, src) in [("sys", &a), ("data", &b)] {
+        let out = w.path(&format!("{name}.out"));
+        w.export(point, name, &out);
+        assert!(same_content(src, &out), "disk {name}");
+    }
+    let human = w.ok(&["points", "list"]);
+    assert!(human.contains("web") && human.contains("db"), "{human}");
+}
+
+#[test]
+fn deleting_the_local_index_loses_nothing() {
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    make_image(&img, 16 << 20, 7, 6);
+    let p = w.backup("vm", &[("d", &img)])["point"].as_str().unwrap().to_string();
+    std::fs::remove_dir_all(&w.cache).unwrap();
+    let out = w.path("o.raw");
+    w.export(&p, "d", &out);
+    assert!(same_content(&img, &out));
+    // The rebuilt index still deduplicates.
+    let again = w.backup("vm", &[("d", &img)]);
+    assert_eq!(again["bytes_new"].as_u64().unwrap(), 0);
+    let rebuilt = w.json(&["repo", "index", "rebuild"]);
+    assert!(rebuilt["index"]["chunks"].as_u64().unwrap() > 0, "{rebuilt}");
+    w.ok(&["verify", "--read-data"]);
+}
+
+#[test]
+fn an_index_of_another_repository_is_replaced() {
+    let a = World::with_repo("64KiB");
+    let img = a.path("disk.raw");
+    make_image(&img, 8 << 20, 8, 4);
+    a.backup("vm", &[("d", &img)]);
+    // Put repository A's index where repository B will look for its own.
+    let b = World::with_repo("64KiB");
+    let b_id = b.json(&["repo", "info"])["id"].as_str().unwrap().to_string();
+    let a_id = a.json(&["repo", "info"])["id"].as_str().unwrap().to_string();
+    std::fs::remove_dir_all(b.cache.join(&b_id)).unwrap();
+    copy_dir(&a.cache.join(&a_id), &b.cache.join(&b_id));
+    let img_b = b.path("disk.raw");
+    make_image(&img_b, 8 << 20, 9, 4);
+    let p = b.backup("vm", &[("d", &img_b)]);
+    assert!(p["bytes_new"].as_u64().unwrap() > 0);
+    let out = b.path("o.raw");
+    b.export(p["point"].as_str().unwrap(), "d", &out);
+    assert!(same_content(&img_b, &out));
+    b.ok(&["verify"]);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn password_can_be_changed() {
+    let w = World::with_repo("64KiB");
+    let newpw = w.path("newpw");
+    std::fs::write(&newpw, "second password").unwrap();
+    w.ok(&["repo", "passwd", "--new-password-file", newpw.to_str().unwrap()]);
+    let out = w.run(&["repo", "info"]);
+    assert_eq!(code(&out), 3, "old password must stop working: {}", stderr(&out));
+    std::fs::copy(&newpw, &w.password_file).unwrap();
+    w.ok(&["repo", "info"]);
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: drive the real `blockvault` binary against real files, the way a user does.
+
+mod common;
+
+mod backup_restore;
+mod crash_and_concurrency;
+mod damage;
