@@ -86,7 +86,10 @@ fn write_and_check(size: u64, block_size: u32, lss: u32, seed: u64, shuffled: bo
 
     {
         // A second, independent reader agrees on the geometry.
-        assert!(have("vhdiinfo"), "vhdiinfo is not installed: run scripts/install-deps.sh");
+        assert!(
+            have("vhdiinfo"),
+            "vhdiinfo is not installed: run scripts/install-deps.sh"
+        );
         let info = run(std::process::Command::new("vhdiinfo").arg(&out));
         assert!(info.contains(&format!("{size} bytes")), "vhdiinfo: {info}");
     }

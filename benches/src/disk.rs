@@ -21,7 +21,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
     } else {
         (t.as_str(), 1)
     };
-    Ok((n.trim().parse::<f64>().with_context(|| format!("size '{s}'"))? * m as f64) as u64)
+    Ok((n
+        .trim()
+        .parse::<f64>()
+        .with_context(|| format!("size '{s}'"))?
+        * m as f64) as u64)
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -35,10 +39,16 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Hard-links real files into `stage` until `budget` bytes are staged (same file system as /usr).
 fn stage_files(stage: &Path, budget: u64) -> Result<u64> {
     let mut total = 0u64;
-    let mut stack: Vec<PathBuf> = vec!["/usr/share".into(), "/usr/lib/x86_64-linux-gnu".into(), "/usr/lib".into()];
+    let mut stack: Vec<PathBuf> = vec![
+        "/usr/share".into(),
+        "/usr/lib/x86_64-linux-gnu".into(),
+        "/usr/lib".into(),
+    ];
     let mut seen = std::collections::HashSet::new();
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.flatten() {
             let Ok(ft) = e.file_type() else { continue };
             let p = e.path();
@@ -80,10 +90,19 @@ pub fn reference_disk(work: &Path, size: u64, keep: bool) -> Result<Reference> {
     std::fs::create_dir_all(&stage)?;
     // ~45 % of the disk: the reference disk holds 3.7 GiB of files on 8 GiB.
     let data = stage_files(&stage, size * 45 / 100)?;
-    eprintln!("staged {} MiB of real files; building the ext4 image", data >> 20);
+    eprintln!(
+        "staged {} MiB of real files; building the ext4 image",
+        data >> 20
+    );
     let _ = std::fs::remove_file(&raw);
-    run(Command::new("truncate").arg("-s").arg(size.to_string()).arg(&raw))?;
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&stage).arg(&raw))?;
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(size.to_string())
+        .arg(&raw))?;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&stage)
+        .arg(&raw))?;
     std::fs::remove_dir_all(&stage)?;
     std::fs::write(&data_file, data.to_string())?;
     Ok(Reference { raw, size, data })

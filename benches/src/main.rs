@@ -50,7 +50,10 @@ fn main() -> Result<()> {
     let results = measure::run_all(&args, &reference)?;
     report::print(&results, &reference);
     if let Some(p) = &args.json {
-        std::fs::write(p, serde_json::to_vec_pretty(&report::to_json(&results, &reference))?)?;
+        std::fs::write(
+            p,
+            serde_json::to_vec_pretty(&report::to_json(&results, &reference))?,
+        )?;
     }
     Ok(())
 }

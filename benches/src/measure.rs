@@ -32,20 +32,32 @@ fn have(cmd: &str) -> bool {
 /// Installs restic, borg and GNU time from Debian's packages when missing.
 pub fn ensure_tools() -> Result<()> {
     let mut missing = Vec::new();
-    for (cmd, pkg) in [("restic", "restic"), ("borg", "borgbackup"), ("/usr/bin/time", "time")] {
+    for (cmd, pkg) in [
+        ("restic", "restic"),
+        ("borg", "borgbackup"),
+        ("/usr/bin/time", "time"),
+    ] {
         if !have(cmd) {
             missing.push(pkg);
         }
     }
     if !missing.is_empty() {
         eprintln!("installing {}", missing.join(" "));
-        run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing))?;
     }
     Ok(())
 }
 
 /// Runs `cmd` under `/usr/bin/time`, stdin from `input`, stdout to `output` (or discarded).
-fn timed(work: &str, tool: &str, cmd: Command, input: Option<&Path>, output: Option<&Path>) -> Result<Sample> {
+fn timed(
+    work: &str,
+    tool: &str,
+    cmd: Command,
+    input: Option<&Path>,
+    output: Option<&Path>,
+) -> Result<Sample> {
     if !Path::new("/usr/bin/time").exists() {
         ensure_tools()?;
     }
@@ -124,23 +136,34 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
     let cache = fresh(&w.join("bv-cache"))?;
     run(bv(args, &repo, &cache).args(["repo", "init"]))?;
     let mut c = bv(args, &repo, &cache);
-    c.args(["backup", "--vm", "bench", "--disk"]).arg(format!("d={}", r.raw.display()));
+    c.args(["backup", "--vm", "bench", "--disk"])
+        .arg(format!("d={}", r.raw.display()));
     let mut s = timed("full backup", "blockvault", c, None, None)?;
     s.repo_bytes = Some(dir_bytes(&repo));
     out.push(s);
     let point = latest_point(args, &repo, &cache)?;
     let mut c = bv(args, &repo, &cache);
-    c.args(["restore", "export", &point, "--disk", "d", "--out"]).arg(&restore);
+    c.args(["restore", "export", &point, "--disk", "d", "--out"])
+        .arg(&restore);
     out.push(timed("restore to a file", "blockvault", c, None, None)?);
     let mut c = bv(args, &repo, &cache);
     c.args(["restore", "export", &point, "--disk", "d", "--out", "-"]);
-    out.push(timed("restore to a stream", "blockvault", c, None, Some(&restore))?);
+    out.push(timed(
+        "restore to a stream",
+        "blockvault",
+        c,
+        None,
+        Some(&restore),
+    )?);
     check_same(&r.raw, &restore)?;
 
     if args.sparse_factor > 1 {
         let big = w.join("sparse.raw");
         let _ = std::fs::remove_file(&big);
-        run(Command::new("truncate").arg("-s").arg((r.size * args.sparse_factor).to_string()).arg(&big))?;
+        run(Command::new("truncate")
+            .arg("-s")
+            .arg((r.size * args.sparse_factor).to_string())
+            .arg(&big))?;
         run(Command::new("dd")
             .arg(format!("if={}", r.raw.display()))
             .arg(format!("of={}", big.display()))
@@ -149,8 +172,15 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
         let cache2 = fresh(&w.join("bv-cache-sparse"))?;
         run(bv(args, &repo2, &cache2).args(["repo", "init"]))?;
         let mut c = bv(args, &repo2, &cache2);
-        c.args(["backup", "--vm", "bench", "--disk"]).arg(format!("d={}", big.display()));
-        let mut s = timed(&format!("full backup, {}x sparse disk", args.sparse_factor), "blockvault", c, None, None)?;
+        c.args(["backup", "--vm", "bench", "--disk"])
+            .arg(format!("d={}", big.display()));
+        let mut s = timed(
+            &format!("full backup, {}x sparse disk", args.sparse_factor),
+            "blockvault",
+            c,
+            None,
+            None,
+        )?;
         s.repo_bytes = Some(dir_bytes(&repo2));
         out.push(s);
         std::fs::remove_file(&big)?;
@@ -162,14 +192,29 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
         let rrepo = fresh(&w.join("restic-repo"))?;
         let restic = |a: &[&str]| {
             let mut c = Command::new("restic");
-            c.env("RESTIC_REPOSITORY", &rrepo).env("RESTIC_PASSWORD", PASSWORD).args(a).arg("--quiet");
+            c.env("RESTIC_REPOSITORY", &rrepo)
+                .env("RESTIC_PASSWORD", PASSWORD)
+                .args(a)
+                .arg("--quiet");
             c
         };
         run(&mut restic(&["init"]))?;
-        let mut s = timed("full backup", "restic", restic(&["backup", "--stdin", "--stdin-filename", "disk.raw"]), Some(&r.raw), None)?;
+        let mut s = timed(
+            "full backup",
+            "restic",
+            restic(&["backup", "--stdin", "--stdin-filename", "disk.raw"]),
+            Some(&r.raw),
+            None,
+        )?;
         s.repo_bytes = Some(dir_bytes(&rrepo));
         out.push(s);
-        out.push(timed("restore to a stream", "restic", restic(&["dump", "latest", "disk.raw"]), None, Some(&restore))?);
+        out.push(timed(
+            "restore to a stream",
+            "restic",
+            restic(&["dump", "latest", "disk.raw"]),
+            None,
+            Some(&restore),
+        )?);
         check_same(&r.raw, &restore)?;
         std::fs::remove_dir_all(&rrepo)?;
 
@@ -188,13 +233,27 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
         let mut s = timed(
             "full backup",
             "borg",
-            borg(&["create", "--chunker-params", "fixed,4194304", "--compression", "zstd,1", &archive, "-"]),
+            borg(&[
+                "create",
+                "--chunker-params",
+                "fixed,4194304",
+                "--compression",
+                "zstd,1",
+                &archive,
+                "-",
+            ]),
             Some(&r.raw),
             None,
         )?;
         s.repo_bytes = Some(dir_bytes(&brepo));
         out.push(s);
-        out.push(timed("restore to a stream", "borg", borg(&["extract", "--stdout", &archive]), None, Some(&restore))?);
+        out.push(timed(
+            "restore to a stream",
+            "borg",
+            borg(&["extract", "--stdout", &archive]),
+            None,
+            Some(&restore),
+        )?);
         check_same(&r.raw, &restore)?;
         std::fs::remove_dir_all(&brepo)?;
     }
@@ -203,7 +262,9 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
 }
 
 fn latest_point(args: &Args, repo: &Path, cache: &Path) -> Result<String> {
-    let o = bv(args, repo, cache).args(["points", "list", "--json"]).output()?;
+    let o = bv(args, repo, cache)
+        .args(["points", "list", "--json"])
+        .output()?;
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).context("points list --json")?;
     v.as_array()
         .and_then(|a| a.last())
@@ -215,7 +276,11 @@ fn latest_point(args: &Args, repo: &Path, cache: &Path) -> Result<String> {
 fn check_same(a: &Path, b: &Path) -> Result<()> {
     let st = Command::new("cmp").arg("-s").arg(a).arg(b).status()?;
     if !st.success() {
-        bail!("{} differs from {}: a restore is wrong", b.display(), a.display());
+        bail!(
+            "{} differs from {}: a restore is wrong",
+            b.display(),
+            a.display()
+        );
     }
     Ok(())
 }

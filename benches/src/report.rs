@@ -11,10 +11,26 @@ struct Target {
 }
 
 const TARGETS: &[Target] = &[
-    Target { work: "full backup", against: "restic", max_ratio: 0.35 },
-    Target { work: "full backup", against: "borg", max_ratio: 0.6 },
-    Target { work: "restore to a stream", against: "restic", max_ratio: 0.5 },
-    Target { work: "restore to a file", against: "restic", max_ratio: 0.5 },
+    Target {
+        work: "full backup",
+        against: "restic",
+        max_ratio: 0.35,
+    },
+    Target {
+        work: "full backup",
+        against: "borg",
+        max_ratio: 0.6,
+    },
+    Target {
+        work: "restore to a stream",
+        against: "restic",
+        max_ratio: 0.5,
+    },
+    Target {
+        work: "restore to a file",
+        against: "restic",
+        max_ratio: 0.5,
+    },
 ];
 
 fn find<'a>(s: &'a [Sample], work: &str, tool: &str) -> Option<&'a Sample> {
@@ -27,7 +43,10 @@ pub fn print(s: &[Sample], r: &Reference) {
         r.size >> 20,
         r.data >> 20
     );
-    println!("{:<34} {:<11} {:>8} {:>10} {:>12}", "work", "tool", "wall s", "peak MiB", "repo MiB");
+    println!(
+        "{:<34} {:<11} {:>8} {:>10} {:>12}",
+        "work", "tool", "wall s", "peak MiB", "repo MiB"
+    );
     for x in s {
         println!(
             "{:<34} {:<11} {:>8.2} {:>10.0} {:>12}",
@@ -35,23 +54,37 @@ pub fn print(s: &[Sample], r: &Reference) {
             x.tool,
             x.wall_s,
             x.peak_rss_mib,
-            x.repo_bytes.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1048576.0))
+            x.repo_bytes
+                .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1048576.0))
         );
     }
-    println!("\n{:<44} {:>7} {:>8}  verdict", "ratio (blockvault / reference)", "ratio", "target");
+    println!(
+        "\n{:<44} {:>7} {:>8}  verdict",
+        "ratio (blockvault / reference)", "ratio", "target"
+    );
     for t in TARGETS {
-        if let (Some(b), Some(o)) = (find(s, t.work, "blockvault"), find(s, t.work, t.against).or_else(|| find(s, "restore to a stream", t.against))) {
+        if let (Some(b), Some(o)) = (
+            find(s, t.work, "blockvault"),
+            find(s, t.work, t.against).or_else(|| find(s, "restore to a stream", t.against)),
+        ) {
             let ratio = b.wall_s / o.wall_s.max(1e-9);
             println!(
                 "{:<44} {:>7.3} {:>8}  {}",
                 format!("{} vs {} (wall)", t.work, t.against),
                 ratio,
                 format!("<= {}", t.max_ratio),
-                if ratio <= t.max_ratio { "met" } else { "MISSED" }
+                if ratio <= t.max_ratio {
+                    "met"
+                } else {
+                    "MISSED"
+                }
             );
         }
     }
-    if let (Some(b), Some(o)) = (find(s, "full backup", "blockvault"), find(s, "full backup", "restic")) {
+    if let (Some(b), Some(o)) = (
+        find(s, "full backup", "blockvault"),
+        find(s, "full backup", "restic"),
+    ) {
         if let (Some(bs), Some(os)) = (b.repo_bytes, o.repo_bytes) {
             let ratio = bs as f64 / os as f64;
             println!(
@@ -63,13 +96,20 @@ pub fn print(s: &[Sample], r: &Reference) {
             );
         }
     }
-    for x in s.iter().filter(|x| x.tool == "blockvault" && x.work.starts_with("full backup")) {
+    for x in s
+        .iter()
+        .filter(|x| x.tool == "blockvault" && x.work.starts_with("full backup"))
+    {
         println!(
             "{:<44} {:>7.0} {:>8}  {}",
             format!("peak memory MiB, {}", x.work),
             x.peak_rss_mib,
             "<= 256",
-            if x.peak_rss_mib <= 256.0 { "met" } else { "MISSED" }
+            if x.peak_rss_mib <= 256.0 {
+                "met"
+            } else {
+                "MISSED"
+            }
         );
     }
 }

@@ -14,7 +14,10 @@ use serde_json::json;
 use crate::exit::{InputError, VerifyFailed};
 use crate::progress::Bar;
 use crate::size::{human, parse_size};
-use crate::{password, BackupArgs, Cli, Command, ExportArgs, Global, IndexCmd, InitArgs, PointsCmd, RepoCmd, RestoreCmd, VerifyArgs};
+use crate::{
+    password, BackupArgs, Cli, Command, ExportArgs, Global, IndexCmd, InitArgs, PointsCmd, RepoCmd,
+    RestoreCmd, VerifyArgs,
+};
 
 pub async fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
@@ -32,9 +35,11 @@ pub async fn run(cli: Cli) -> Result<()> {
 }
 
 fn location(g: &Global) -> Result<String> {
-    g.repo
-        .clone()
-        .ok_or_else(|| anyhow!(InputError("no repository given: pass --repo PATH or set BLOCKVAULT_REPO".into())))
+    g.repo.clone().ok_or_else(|| {
+        anyhow!(InputError(
+            "no repository given: pass --repo PATH or set BLOCKVAULT_REPO".into()
+        ))
+    })
 }
 
 fn cache_dir(g: &Global) -> PathBuf {
@@ -63,7 +68,10 @@ async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON serialises"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON serialises")
+    );
 }
 
 async fn init(g: &Global, a: InitArgs) -> Result<()> {
@@ -77,7 +85,9 @@ async fn init(g: &Global, a: InitArgs) -> Result<()> {
     };
     let cfg = Repository::init(&storage, &pw, chunk as u32, kdf).await?;
     if g.json {
-        print_json(&json!({"id": cfg.id, "location": storage.location(), "chunk_size": cfg.chunk_size}));
+        print_json(
+            &json!({"id": cfg.id, "location": storage.location(), "chunk_size": cfg.chunk_size}),
+        );
     } else {
         println!("created repository {} at {}", cfg.id, storage.location());
         println!("chunk size {}", human(cfg.chunk_size as u64));
@@ -107,10 +117,27 @@ async fn info(g: &Global) -> Result<()> {
         println!("location      {}", repo.storage().location());
         println!("created       {}", cfg.created);
         println!("chunk size    {}", human(cfg.chunk_size as u64));
-        println!("key           argon2id m={} KiB t={} p={}", cfg.kdf.memory_kib, cfg.kdf.iterations, cfg.kdf.parallelism);
-        println!("points        {}{}", points.len(), if bad.is_empty() { String::new() } else { format!(" ({} unreadable)", bad.len()) });
+        println!(
+            "key           argon2id m={} KiB t={} p={}",
+            cfg.kdf.memory_kib, cfg.kdf.iterations, cfg.kdf.parallelism
+        );
+        println!(
+            "points        {}{}",
+            points.len(),
+            if bad.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} unreadable)", bad.len())
+            }
+        );
         println!("packs         {} ({})", packs.len(), human(stored));
-        println!("local index   {} ({} chunks, {} packs, {} segments)", repo.index_path().display(), stats.chunks, stats.packs, stats.segments);
+        println!(
+            "local index   {} ({} chunks, {} packs, {} segments)",
+            repo.index_path().display(),
+            stats.chunks,
+            stats.packs,
+            stats.segments
+        );
     }
     Ok(())
 }
@@ -133,7 +160,10 @@ async fn rebuild(g: &Global) -> Result<()> {
     if !report.unreadable_packs.is_empty() {
         bail!(blockvault_repo::Error::Tampered {
             object: "repository".into(),
-            detail: format!("{} pack(s) could not be indexed; run 'blockvault verify --read-data'", report.unreadable_packs.len()),
+            detail: format!(
+                "{} pack(s) could not be indexed; run 'blockvault verify --read-data'",
+                report.unreadable_packs.len()
+            ),
         });
     }
     Ok(())
@@ -147,7 +177,8 @@ async fn passwd(g: &Global, new_file: Option<&Path>) -> Result<()> {
         (None, Some(v)) if !v.is_empty() => password::Password::new(v.into_encoded_bytes()),
         _ => {
             let p = rpassword::prompt_password("new password: ").context("reading password")?;
-            let q = rpassword::prompt_password("repeat new password: ").context("reading password")?;
+            let q =
+                rpassword::prompt_password("repeat new password: ").context("reading password")?;
             if p != q || p.is_empty() {
                 bail!("the new passwords are empty or do not match");
             }
@@ -167,8 +198,14 @@ fn parse_disk_arg(s: &str) -> Result<(String, PathBuf)> {
     let (name, path) = s
         .split_once('=')
         .ok_or_else(|| anyhow!(InputError(format!("--disk '{s}': expected NAME=PATH"))))?;
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-        bail!(InputError(format!("--disk '{s}': a disk name uses letters, digits, '.', '_' and '-'")));
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        bail!(InputError(format!(
+            "--disk '{s}': a disk name uses letters, digits, '.', '_' and '-'"
+        )));
     }
     Ok((name.to_string(), PathBuf::from(path)))
 }
@@ -183,10 +220,17 @@ async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
     let mut jobs = Vec::new();
     for d in &a.disks {
         let (name, path) = parse_disk_arg(d)?;
-        let src = RawFile::open(&path)
-            .map_err(|e| anyhow!(InputError(format!("disk '{name}': cannot open {}: {e}", path.display()))))?;
+        let src = RawFile::open(&path).map_err(|e| {
+            anyhow!(InputError(format!(
+                "disk '{name}': cannot open {}: {e}",
+                path.display()
+            )))
+        })?;
         if src.size() == 0 {
-            bail!(InputError(format!("disk '{name}': {} is empty", path.display())));
+            bail!(InputError(format!(
+                "disk '{name}': {} is empty",
+                path.display()
+            )));
         }
         jobs.push(DiskJob {
             name,
@@ -242,11 +286,19 @@ fn point_summary(m: &PointManifest) -> serde_json::Value {
 async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
     let repo = open_repo(g).await?;
     let (points, bad) = repo.list_points().await?;
-    let points: Vec<&PointManifest> = points.iter().filter(|p| vm.is_none_or(|v| p.vm == v)).collect();
+    let points: Vec<&PointManifest> = points
+        .iter()
+        .filter(|p| vm.is_none_or(|v| p.vm == v))
+        .collect();
     if g.json {
-        print_json(&serde_json::Value::Array(points.iter().map(|p| point_summary(p)).collect()));
+        print_json(&serde_json::Value::Array(
+            points.iter().map(|p| point_summary(p)).collect(),
+        ));
     } else {
-        println!("{:<16}  {:<20}  {:<20}  {:>10}  disks / tags", "point", "vm", "created", "size");
+        println!(
+            "{:<16}  {:<20}  {:<20}  {:>10}  disks / tags",
+            "point", "vm", "created", "size"
+        );
         for p in &points {
             let size: u64 = p.disks.iter().map(|d| d.size).sum();
             let disks: Vec<&str> = p.disks.iter().map(|d| d.name.as_str()).collect();
@@ -257,7 +309,11 @@ async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
                 p.created.get(..19).unwrap_or(&p.created),
                 human(size),
                 disks.join(","),
-                if p.tags.is_empty() { String::new() } else { format!(" [{}]", p.tags.join(",")) }
+                if p.tags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", p.tags.join(","))
+                }
             );
         }
     }
@@ -284,7 +340,12 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
     }
     println!("duration  {:.1}s", m.duration_ms as f64 / 1000.0);
     for d in &m.disks {
-        println!("disk {} ({}, {})", d.name, human(d.size), serde_json::to_value(&d.kind)?.as_str().unwrap_or_default());
+        println!(
+            "disk {} ({}, {})",
+            d.name,
+            human(d.size),
+            serde_json::to_value(&d.kind)?.as_str().unwrap_or_default()
+        );
         println!("  source        {} {}", d.source.format, d.source.path);
         if let Some(r) = &d.full_reason {
             println!("  full because  {r}");
@@ -331,14 +392,24 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
         ExportTarget::Path(PathBuf::from(&a.out))
     };
     let progress = Arc::new(Progress::default());
-    let bar = Bar::start(progress.clone(), "export", !g.quiet && !g.json && !to_stdout);
+    let bar = Bar::start(
+        progress.clone(),
+        "export",
+        !g.quiet && !g.json && !to_stdout,
+    );
     let r = export_raw(reader.clone(), target, progress).await;
     bar.finish();
     r?;
     if g.json && !to_stdout {
         print_json(&json!({"point": m.id, "disk": a.disk, "size": reader.size(), "out": a.out}));
     } else if !to_stdout {
-        println!("exported disk {} of point {} ({}) to {}", a.disk, m.id, human(reader.size()), a.out);
+        println!(
+            "exported disk {} of point {} ({}) to {}",
+            a.disk,
+            m.id,
+            human(reader.size()),
+            a.out
+        );
     }
     Ok(())
 }
@@ -346,7 +417,11 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
 async fn run_verify(g: &Global, a: VerifyArgs) -> Result<()> {
     let repo = open_repo(g).await?;
     let progress = Arc::new(Progress::default());
-    let bar = Bar::start(progress.clone(), "verify", a.read_data && !g.quiet && !g.json);
+    let bar = Bar::start(
+        progress.clone(),
+        "verify",
+        a.read_data && !g.quiet && !g.json,
+    );
     let report = verify(
         repo,
         VerifyOptions {
@@ -367,7 +442,11 @@ async fn run_verify(g: &Global, a: VerifyArgs) -> Result<()> {
             report.chunks_referenced,
             report.packs,
             if a.read_data {
-                format!(" ({} read, {})", report.packs_read, human(report.bytes_read))
+                format!(
+                    " ({} read, {})",
+                    report.packs_read,
+                    human(report.bytes_read)
+                )
             } else {
                 String::new()
             }

@@ -44,9 +44,9 @@ pub fn classify(err: &anyhow::Error) -> u8 {
                 | RepoError::Foreign { .. }
                 | RepoError::AlreadyExists { .. }
                 | RepoError::UnsupportedVersion { .. } => NO_REPOSITORY,
-                RepoError::Tampered { .. } | RepoError::Malformed { .. } | RepoError::ChunkMissing { .. } => {
-                    TAMPERED
-                }
+                RepoError::Tampered { .. }
+                | RepoError::Malformed { .. }
+                | RepoError::ChunkMissing { .. } => TAMPERED,
                 RepoError::PointNotFound(_) | RepoError::AmbiguousPoint(_) => NOT_FOUND,
                 _ => FAILURE,
             };

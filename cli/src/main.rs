@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "blockvault", version, about = "Block-level backup of virtual machine disks")]
+#[command(
+    name = "blockvault",
+    version,
+    about = "Block-level backup of virtual machine disks"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -166,7 +170,10 @@ pub struct VerifyArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.global.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("blockvault: cannot start the runtime: {e}");

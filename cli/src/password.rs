@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 pub type Password = zeroize::Zeroizing<Vec<u8>>;
 
 pub fn from_file(path: &Path) -> Result<Password> {
-    let mut s = std::fs::read(path)
-        .with_context(|| format!("reading password file {}", path.display()))?;
+    let mut s =
+        std::fs::read(path).with_context(|| format!("reading password file {}", path.display()))?;
     while matches!(s.last(), Some(b'\n' | b'\r')) {
         s.pop();
     }
@@ -33,7 +33,9 @@ pub fn obtain(file: Option<&Path>, confirm: bool) -> Result<Password> {
         return Ok(Password::new(v));
     }
     if !std::io::stdin().is_terminal() {
-        bail!("no password: set BLOCKVAULT_PASSWORD, pass --password-file FILE, or run on a terminal");
+        bail!(
+            "no password: set BLOCKVAULT_PASSWORD, pass --password-file FILE, or run on a terminal"
+        );
     }
     let first = rpassword::prompt_password("repository password: ").context("reading password")?;
     if first.is_empty() {

@@ -16,7 +16,10 @@ impl Bar {
     /// Starts a bar unless output is quiet, JSON, or not a terminal.
     pub fn start(progress: Arc<Progress>, what: &str, enabled: bool) -> Self {
         if !enabled || !std::io::stderr().is_terminal() {
-            return Self { bar: None, task: None };
+            return Self {
+                bar: None,
+                task: None,
+            };
         }
         let bar = ProgressBar::new(0);
         bar.set_style(

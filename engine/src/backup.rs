@@ -19,8 +19,8 @@ use std::time::Instant;
 
 use blockvault_chunker::{is_zero, ChunkLayout, RangeSet};
 use blockvault_repo::{
-    BackupKind, BlobKind, ChunkId, ChunkIdHex, ChunkMapPage, DiskManifest, DiskStats,
-    EncodedBlob, PackBuilder, PackRecord, PointId, PointManifest, Repository, SLOTS_PER_PAGE,
+    BackupKind, BlobKind, ChunkId, ChunkIdHex, ChunkMapPage, DiskManifest, DiskStats, EncodedBlob,
+    PackBuilder, PackRecord, PointId, PointManifest, Repository, SLOTS_PER_PAGE,
 };
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tokio::runtime::Handle;
@@ -224,7 +224,13 @@ type Plan = (
     RangeSet,
 );
 
-fn full_plan(job: &DiskJob, size: u64, chunk: u64, pages: usize, reason: Option<String>) -> Result<Plan> {
+fn full_plan(
+    job: &DiskJob,
+    size: u64,
+    chunk: u64,
+    pages: usize,
+    reason: Option<String>,
+) -> Result<Plan> {
     let allocated = job.source.allocated().map_err(|source| Error::Source {
         disk: job.name.clone(),
         offset: 0,
@@ -252,7 +258,10 @@ pub async fn backup(
     let mut names = HashSet::new();
     for j in &jobs {
         if !names.insert(j.name.clone()) {
-            return Err(Error::Invalid(format!("disk name '{}' given twice", j.name)));
+            return Err(Error::Invalid(format!(
+                "disk name '{}' given twice",
+                j.name
+            )));
         }
     }
     let started = Instant::now();
@@ -339,7 +348,8 @@ impl Packer {
             Ok(p) => p,
             Err(_) => return,
         };
-        let (repo, inflight, abort) = (self.repo.clone(), self.inflight.clone(), self.abort.clone());
+        let (repo, inflight, abort) =
+            (self.repo.clone(), self.inflight.clone(), self.abort.clone());
         let segment_tx = self.segment_tx.clone();
         self.uploads.push(self.handle.spawn(async move {
             let _permit = permit;
@@ -419,17 +429,23 @@ fn run_pipeline(
         Ok::<_, blockvault_repo::Error>(())
     });
 
-    let sources: Vec<(String, Arc<dyn DiskSource>)> =
-        jobs.iter().map(|j| (j.name.clone(), j.source.clone())).collect();
-    let reads: Vec<(ChunkLayout, RangeSet)> =
-        disks.iter().map(|d| (d.layout, d.to_read.clone())).collect();
+    let sources: Vec<(String, Arc<dyn DiskSource>)> = jobs
+        .iter()
+        .map(|j| (j.name.clone(), j.source.clone()))
+        .collect();
+    let reads: Vec<(ChunkLayout, RangeSet)> = disks
+        .iter()
+        .map(|d| (d.layout, d.to_read.clone()))
+        .collect();
 
     std::thread::scope(|scope| -> Result<_> {
         // Reader.
         {
             let (abort, progress, pool_rx) = (abort.clone(), progress.clone(), pool_rx.clone());
             scope.spawn(move || {
-                read_all(&sources, &reads, chunk_size, &work_tx, &pool_rx, &abort, &progress);
+                read_all(
+                    &sources, &reads, chunk_size, &work_tx, &pool_rx, &abort, &progress,
+                );
             });
         }
         // Workers.
@@ -438,7 +454,9 @@ fn run_pipeline(
             let (work_rx, done_tx, pool_tx) = (work_rx.clone(), done_tx.clone(), pool_tx.clone());
             let progress = progress.clone();
             scope.spawn(move || {
-                process_chunks(&repo, &inflight, &abort, &progress, &work_rx, &done_tx, &pool_tx)
+                process_chunks(
+                    &repo, &inflight, &abort, &progress, &work_rx, &done_tx, &pool_tx,
+                )
             });
         }
         drop(done_tx);

@@ -21,7 +21,11 @@ pub enum ExportTarget {
 
 /// Exports the whole disk. Chunks are fetched `reader.options().parallel` at a time and written in
 /// order.
-pub async fn export_raw(reader: Arc<DiskReader>, target: ExportTarget, progress: Arc<Progress>) -> Result<()> {
+pub async fn export_raw(
+    reader: Arc<DiskReader>,
+    target: ExportTarget,
+    progress: Arc<Progress>,
+) -> Result<()> {
     let layout = *reader.layout();
     progress
         .bytes_total

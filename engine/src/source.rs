@@ -82,7 +82,11 @@ impl DiskSource for RawFile {
         if offset + buf.len() as u64 > self.size {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("read past the end of {} ({} bytes)", self.path.display(), self.size),
+                format!(
+                    "read past the end of {} ({} bytes)",
+                    self.path.display(),
+                    self.size
+                ),
             ));
         }
         self.file.read_exact_at(buf, offset)

@@ -65,11 +65,17 @@ impl References {
                 set.extend(v.iter().copied());
             }
         }
-        set.into_iter().map(|i| self.points[i as usize].clone()).collect()
+        set.into_iter()
+            .map(|i| self.points[i as usize].clone())
+            .collect()
     }
 }
 
-pub async fn verify(repo: Arc<Repository>, opts: VerifyOptions, progress: Arc<Progress>) -> Result<VerifyReport> {
+pub async fn verify(
+    repo: Arc<Repository>,
+    opts: VerifyOptions,
+    progress: Arc<Progress>,
+) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let sync = repo.sync_index(true).await?;
     for p in sync.unreadable_packs {

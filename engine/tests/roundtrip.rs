@@ -73,7 +73,11 @@ fn write(data: &mut [u8], off: usize, len: usize, fill: &Fill) {
 }
 
 fn arb_fill() -> impl Strategy<Value = Fill> {
-    prop_oneof![Just(Fill::Zero), any::<u8>().prop_map(Fill::Byte), any::<u64>().prop_map(Fill::Noise)]
+    prop_oneof![
+        Just(Fill::Zero),
+        any::<u8>().prop_map(Fill::Byte),
+        any::<u64>().prop_map(Fill::Noise)
+    ]
 }
 
 type Step = (bool, Vec<(usize, usize, Fill)>);
@@ -88,20 +92,37 @@ fn arb_steps() -> impl Strategy<Value = Vec<Step>> {
     )
 }
 
-async fn read_back(repo: &Arc<Repository>, point: &PointManifest, dir: &std::path::Path) -> Vec<u8> {
-    let reader = Arc::new(DiskReader::open(repo.clone(), point, "d", ReaderOptions { parallel: 4 }).unwrap());
+async fn read_back(
+    repo: &Arc<Repository>,
+    point: &PointManifest,
+    dir: &std::path::Path,
+) -> Vec<u8> {
+    let reader = Arc::new(
+        DiskReader::open(repo.clone(), point, "d", ReaderOptions { parallel: 4 }).unwrap(),
+    );
     let out = dir.join(format!("{}.raw", point.id));
-    export_raw(reader, ExportTarget::Path(out.clone()), Arc::default()).await.unwrap();
+    export_raw(reader, ExportTarget::Path(out.clone()), Arc::default())
+        .await
+        .unwrap();
     std::fs::read(out).unwrap()
 }
 
 fn run_case(size: usize, steps: Vec<Step>) -> Vec<PointManifest> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open("memory://", true).unwrap();
-        Repository::init(&storage, b"pw", 64 * 1024, KdfParams::with_memory(8 * 1024)).await.unwrap();
-        let opts = OpenOptions { cache_dir: dir.path().join("cache"), zstd_level: 1 };
+        Repository::init(&storage, b"pw", 64 * 1024, KdfParams::with_memory(8 * 1024))
+            .await
+            .unwrap();
+        let opts = OpenOptions {
+            cache_dir: dir.path().join("cache"),
+            zstd_level: 1,
+        };
         let repo = Repository::open(storage, b"pw", &opts).await.unwrap();
 
         let disk = Arc::new(MemDisk(Mutex::new(vec![0u8; size])));
@@ -119,15 +140,28 @@ fn run_case(size: usize, steps: Vec<Step>) -> Vec<PointManifest> {
             let plan = match history.last() {
                 Some((parent, _)) if incremental => ReadPlan::Incremental {
                     parent: parent.id,
-                    parent_pages: parent.disks[0].pages.iter().map(|p| p.map(|h| h.0)).collect(),
+                    parent_pages: parent.disks[0]
+                        .pages
+                        .iter()
+                        .map(|p| p.map(|h| h.0))
+                        .collect(),
                     changed: RangeSet::from_ranges(changed),
                 },
                 _ => ReadPlan::Full { reason: None },
             };
             let mut bo = BackupOptions::new("vm");
             bo.pack_size = 256 * 1024;
-            let job = DiskJob { name: "d".into(), source: disk.clone(), plan, rct_id: None, consistency: None };
-            let m = backup(repo.clone(), vec![job], bo, Arc::new(Progress::default())).await.unwrap().manifest;
+            let job = DiskJob {
+                name: "d".into(),
+                source: disk.clone(),
+                plan,
+                rct_id: None,
+                consistency: None,
+            };
+            let m = backup(repo.clone(), vec![job], bo, Arc::new(Progress::default()))
+                .await
+                .unwrap()
+                .manifest;
             history.push((m, disk.0.lock().unwrap().clone()));
         }
         // Every point is complete on its own, whatever came after it.
@@ -152,15 +186,27 @@ fn incremental_reads_and_writes_only_what_changed() {
     // Two chunk-map pages (64 KiB chunks, 4096 slots a page), data in both.
     let size = 300 << 20;
     let steps = vec![
-        (false, vec![(0usize, 100_000usize, Fill::Noise(1)), (290 << 20, 100_000, Fill::Noise(2))]),
+        (
+            false,
+            vec![
+                (0usize, 100_000usize, Fill::Noise(1)),
+                (290 << 20, 100_000, Fill::Noise(2)),
+            ],
+        ),
         (true, vec![(5 << 20, 10, Fill::Byte(7))]),
     ];
     let points = run_case(size, steps);
     let (full, inc) = (&points[0].disks[0], &points[1].disks[0]);
     assert_eq!(full.pages.len(), 2);
-    assert_eq!(inc.stats.bytes_read, 65536, "only the changed chunk is read");
+    assert_eq!(
+        inc.stats.bytes_read, 65536,
+        "only the changed chunk is read"
+    );
     assert_eq!(inc.stats.new_chunks, 1);
     assert_ne!(inc.pages[0], full.pages[0], "the touched page is rewritten");
-    assert_eq!(inc.pages[1], full.pages[1], "the untouched page is shared with the parent");
+    assert_eq!(
+        inc.pages[1], full.pages[1],
+        "the untouched page is shared with the parent"
+    );
     assert_eq!(inc.parent, Some(points[0].id));
 }

@@ -5,9 +5,7 @@
 use std::cell::RefCell;
 
 use crate::crypto::{aad, Keys};
-use crate::format::{
-    AAD_BLOB, BLOB_HEADER_LEN, BLOB_VERSION, COMPRESSION_NONE, COMPRESSION_ZSTD,
-};
+use crate::format::{AAD_BLOB, BLOB_HEADER_LEN, BLOB_VERSION, COMPRESSION_NONE, COMPRESSION_ZSTD};
 use crate::{ChunkId, Error, Result};
 
 /// Largest plaintext a blob may decode to: bounds allocations driven by stored lengths.
@@ -94,8 +92,11 @@ pub(crate) fn encode(
     let header = [BLOB_VERSION, kind.code(), compression, 0];
     let mut bytes = Vec::with_capacity(crate::format::BLOB_OVERHEAD + payload.len());
     bytes.extend_from_slice(&header);
-    keys.data
-        .seal_into(&aad(AAD_BLOB, &[id.as_bytes(), &header]), payload, &mut bytes);
+    keys.data.seal_into(
+        &aad(AAD_BLOB, &[id.as_bytes(), &header]),
+        payload,
+        &mut bytes,
+    );
     EncodedBlob {
         id,
         kind,
@@ -118,19 +119,31 @@ pub(crate) fn decode(
     }
     let header: [u8; 4] = bytes[..BLOB_HEADER_LEN].try_into().expect("4 bytes");
     if header[0] != BLOB_VERSION {
-        return Err(Error::malformed(what(), format!("blob version {}", header[0])));
+        return Err(Error::malformed(
+            what(),
+            format!("blob version {}", header[0]),
+        ));
     }
     let kind = BlobKind::from_code(header[1])
         .ok_or_else(|| Error::malformed(what(), format!("blob kind {}", header[1])))?;
     if expected_kind.is_some_and(|k| k != kind) {
-        return Err(Error::tampered(what(), format!("blob is a {kind:?}, expected {expected_kind:?}")));
+        return Err(Error::tampered(
+            what(),
+            format!("blob is a {kind:?}, expected {expected_kind:?}"),
+        ));
     }
     if raw_len > MAX_BLOB_RAW_LEN {
-        return Err(Error::malformed(what(), format!("raw length {raw_len} too large")));
+        return Err(Error::malformed(
+            what(),
+            format!("raw length {raw_len} too large"),
+        ));
     }
     let payload = keys
         .data
-        .open(&aad(AAD_BLOB, &[id.as_bytes(), &header]), &bytes[BLOB_HEADER_LEN..])
+        .open(
+            &aad(AAD_BLOB, &[id.as_bytes(), &header]),
+            &bytes[BLOB_HEADER_LEN..],
+        )
         .ok_or_else(|| Error::tampered(what(), "authentication failed"))?;
     let plain = match header[2] {
         COMPRESSION_NONE => payload,
@@ -160,7 +173,15 @@ mod tests {
         for data in [vec![7u8; 100_000], random, vec![]] {
             let id = keys.hasher.id(&data);
             let b = encode(&keys, BlobKind::Data, id, &data, 1);
-            let out = decode(&keys, &id, Some(BlobKind::Data), b.raw_len, &b.bytes, &|| "t".into()).unwrap();
+            let out = decode(
+                &keys,
+                &id,
+                Some(BlobKind::Data),
+                b.raw_len,
+                &b.bytes,
+                &|| "t".into(),
+            )
+            .unwrap();
             assert_eq!(out, data);
             let other = keys.hasher.id(b"other");
             assert!(matches!(
@@ -168,7 +189,14 @@ mod tests {
                 Err(Error::Tampered { .. })
             ));
             assert!(matches!(
-                decode(&keys, &id, Some(BlobKind::Page), b.raw_len, &b.bytes, &|| "t".into()),
+                decode(
+                    &keys,
+                    &id,
+                    Some(BlobKind::Page),
+                    b.raw_len,
+                    &b.bytes,
+                    &|| "t".into()
+                ),
                 Err(Error::Tampered { .. })
             ));
         }

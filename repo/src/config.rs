@@ -94,7 +94,11 @@ impl RepoConfig {
         let value: serde_json::Value = match serde_json::from_slice(bytes) {
             Ok(v) => v,
             // Our own format name inside unparsable bytes: a damaged config, not a foreign one.
-            Err(e) if bytes.windows(CONFIG_FORMAT.len()).any(|w| w == CONFIG_FORMAT.as_bytes()) => {
+            Err(e)
+                if bytes
+                    .windows(CONFIG_FORMAT.len())
+                    .any(|w| w == CONFIG_FORMAT.as_bytes()) =>
+            {
                 return Err(Error::malformed(
                     CONFIG_PATH,
                     format!("damaged, perhaps truncated ({e}); restore it from a copy"),
@@ -169,7 +173,12 @@ impl RepoConfig {
     }
 
     /// Re-wraps the master key under a new password (a fresh salt too).
-    pub(crate) fn rewrap(&self, master: &MasterKey, new_password: &[u8], kdf: KdfParams) -> Result<Self> {
+    pub(crate) fn rewrap(
+        &self,
+        master: &MasterKey,
+        new_password: &[u8],
+        kdf: KdfParams,
+    ) -> Result<Self> {
         let kek = derive_kek(new_password, &kdf)?;
         let wrapped = SealKey::new(&kek).seal(&aad(AAD_KEY_WRAP, &[]), master.as_ref());
         let mut cfg = Self {
@@ -199,7 +208,10 @@ mod tests {
         let bytes = serde_json::to_vec(&cfg).unwrap();
         let parsed = RepoConfig::parse("x", &bytes).unwrap();
         assert_eq!(*parsed.unlock(b"pw").unwrap().0, *m);
-        assert!(matches!(parsed.unlock(b"nope"), Err(Error::WrongPassword { .. })));
+        assert!(matches!(
+            parsed.unlock(b"nope"),
+            Err(Error::WrongPassword { .. })
+        ));
     }
 
     #[test]
@@ -222,7 +234,10 @@ mod tests {
 
     #[test]
     fn foreign_and_future_configs_are_refused() {
-        assert!(matches!(RepoConfig::parse("x", b"not json"), Err(Error::Foreign { .. })));
+        assert!(matches!(
+            RepoConfig::parse("x", b"not json"),
+            Err(Error::Foreign { .. })
+        ));
         assert!(matches!(
             RepoConfig::parse("x", br#"{"format":"restic"}"#),
             Err(Error::Foreign { .. })

@@ -120,7 +120,10 @@ mod tests {
         let k = SealKey::new(&[9; 32]);
         let s = k.seal(b"a", b"secret");
         assert_eq!(k.open(b"a", &s).unwrap(), b"secret");
-        assert!(k.open(b"b", &s).is_none(), "other associated data must fail");
+        assert!(
+            k.open(b"b", &s).is_none(),
+            "other associated data must fail"
+        );
         let mut t = s.clone();
         t[14] ^= 1;
         assert!(k.open(b"a", &t).is_none(), "flipped bit must fail");

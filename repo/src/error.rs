@@ -14,7 +14,9 @@ pub enum Error {
     Foreign { location: String, detail: String },
     #[error("a repository already exists at {location}")]
     AlreadyExists { location: String },
-    #[error("repository format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "repository format version {found} is not supported (this build reads version {supported})"
+    )]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("tampering or corruption detected in {object}: {detail}")]
     Tampered { object: String, detail: String },

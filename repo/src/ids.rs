@@ -39,8 +39,9 @@ macro_rules! random_id {
             type Err = Error;
             fn from_str(s: &str) -> Result<Self, Error> {
                 let mut b = [0u8; 16];
-                hex::decode_to_slice(s, &mut b)
-                    .map_err(|_| Error::Invalid(format!(concat!("'{}' is not a ", $what, " id"), s)))?;
+                hex::decode_to_slice(s, &mut b).map_err(|_| {
+                    Error::Invalid(format!(concat!("'{}' is not a ", $what, " id"), s))
+                })?;
                 Ok(Self(b))
             }
         }

@@ -200,7 +200,13 @@ impl LocalIndex {
     }
 
     pub(crate) fn get(&self, id: &ChunkId) -> Result<Option<Location>> {
-        if let Some(l) = self.overlay.lock().expect("index overlay lock").chunks.get(id) {
+        if let Some(l) = self
+            .overlay
+            .lock()
+            .expect("index overlay lock")
+            .chunks
+            .get(id)
+        {
             return Ok(Some(*l));
         }
         let found = self.get_stored(id)?;
@@ -221,7 +227,11 @@ impl LocalIndex {
     }
 
     fn get_stored(&self, id: &ChunkId) -> Result<Option<Location>> {
-        match self.db.get_pinned(key(P_CHUNK, id.as_bytes())).map_err(|e| self.err(e))? {
+        match self
+            .db
+            .get_pinned(key(P_CHUNK, id.as_bytes()))
+            .map_err(|e| self.err(e))?
+        {
             Some(v) => Location::decode(&v)
                 .map(Some)
                 .ok_or_else(|| self.err(format!("entry for chunk {} is corrupt", id.short()))),
@@ -230,7 +240,13 @@ impl LocalIndex {
     }
 
     pub(crate) fn has_segment(&self, id: &SegmentId) -> Result<bool> {
-        if self.overlay.lock().expect("index overlay lock").segments.contains(id) {
+        if self
+            .overlay
+            .lock()
+            .expect("index overlay lock")
+            .segments
+            .contains(id)
+        {
             return Ok(true);
         }
         Ok(self
@@ -252,7 +268,10 @@ impl LocalIndex {
         }
         let mut batch = WriteBatch::default();
         for e in entries {
-            batch.put(key(P_CHUNK, e.id.as_bytes()), Location::of(pack, e).encode());
+            batch.put(
+                key(P_CHUNK, e.id.as_bytes()),
+                Location::of(pack, e).encode(),
+            );
         }
         batch.put(key(P_PACK, &pack.0), size.to_le_bytes());
         self.db.write(batch).map_err(|e| self.err(e))

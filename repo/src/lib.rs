@@ -25,7 +25,9 @@ pub use config::{KdfParams, RepoConfig};
 pub use error::{Error, Result};
 pub use ids::{PackId, PointId, SegmentId};
 pub use index::{IndexStats, Location};
-pub use manifest::{BackupKind, ChunkIdHex, ConfigFile, DiskManifest, DiskStats, PointManifest, SourceInfo};
+pub use manifest::{
+    BackupKind, ChunkIdHex, ConfigFile, DiskManifest, DiskStats, PointManifest, SourceInfo,
+};
 pub use pack::{PackBuilder, PackEntry, SealedPack};
 pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
 pub use repository::{OpenOptions, PackDamage, Repository, SyncReport, VerifiedPack};

@@ -148,7 +148,10 @@ impl PointManifest {
             });
         }
         if m.id != *id {
-            return Err(Error::tampered(what(), format!("manifest names point {}", m.id)));
+            return Err(Error::tampered(
+                what(),
+                format!("manifest names point {}", m.id),
+            ));
         }
         Ok(m)
     }

@@ -172,17 +172,27 @@ pub(crate) fn decode_entries(
 /// Reads the table-of-contents length from a pack's last `PACK_TRAILER_LEN` bytes.
 pub(crate) fn parse_trailer(pack: &PackId, pack_size: u64, trailer: &[u8]) -> Result<u32> {
     let what = || format!("pack {pack}");
-    if pack_size < (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64 || trailer.len() != PACK_TRAILER_LEN {
-        return Err(Error::malformed(what(), format!("{pack_size} bytes is too short for a pack")));
+    if pack_size < (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64 || trailer.len() != PACK_TRAILER_LEN
+    {
+        return Err(Error::malformed(
+            what(),
+            format!("{pack_size} bytes is too short for a pack"),
+        ));
     }
     if trailer[4..] != PACK_TRAILER_MAGIC {
-        return Err(Error::malformed(what(), "trailer magic missing (truncated upload?)"));
+        return Err(Error::malformed(
+            what(),
+            "trailer magic missing (truncated upload?)",
+        ));
     }
     let toc_len = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
     if toc_len > MAX_TOC_LEN
         || toc_len as u64 + (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64 > pack_size
     {
-        return Err(Error::malformed(what(), format!("table of contents length {toc_len}")));
+        return Err(Error::malformed(
+            what(),
+            format!("table of contents length {toc_len}"),
+        ));
     }
     Ok(toc_len)
 }
@@ -221,7 +231,12 @@ pub(crate) fn open_whole(keys: &Keys, pack: &PackId, bytes: &[u8]) -> Result<Vec
     }
     let toc_len = parse_trailer(pack, size, &bytes[bytes.len() - PACK_TRAILER_LEN..])? as usize;
     let toc_start = bytes.len() - PACK_TRAILER_LEN - toc_len;
-    open_toc(keys, pack, size, &bytes[toc_start..bytes.len() - PACK_TRAILER_LEN])
+    open_toc(
+        keys,
+        pack,
+        size,
+        &bytes[toc_start..bytes.len() - PACK_TRAILER_LEN],
+    )
 }
 
 #[cfg(test)]
@@ -243,7 +258,8 @@ mod tests {
         assert_eq!(entries, sealed.entries);
         for (e, d) in entries.iter().zip(&datas) {
             let blob = &sealed.bytes[e.offset as usize..(e.offset + e.len) as usize];
-            let plain = crate::blob::decode(&keys, &e.id, None, e.raw_len, blob, &|| "t".into()).unwrap();
+            let plain =
+                crate::blob::decode(&keys, &e.id, None, e.raw_len, blob, &|| "t".into()).unwrap();
             assert_eq!(&plain, d);
         }
         // The table is bound to the pack id.
@@ -255,6 +271,9 @@ mod tests {
         let mut t = sealed.bytes.to_vec();
         let n = t.len();
         t[n - 20] ^= 0x40;
-        assert!(matches!(open_whole(&keys, &sealed.id, &t), Err(Error::Tampered { .. })));
+        assert!(matches!(
+            open_whole(&keys, &sealed.id, &t),
+            Err(Error::Tampered { .. })
+        ));
     }
 }

@@ -53,7 +53,10 @@ impl ChunkMapPage {
         }
         let n = u32::from_le_bytes(bytes[1..5].try_into().expect("4 bytes")) as usize;
         if n != expected_slots {
-            return Err(Error::malformed(what(), format!("page has {n} slots, expected {expected_slots}")));
+            return Err(Error::malformed(
+                what(),
+                format!("page has {n} slots, expected {expected_slots}"),
+            ));
         }
         let bitmap = bytes
             .get(5..5 + n.div_ceil(8))

@@ -69,7 +69,12 @@ pub struct Repository {
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Repository({} at {})", self.config.id, self.storage.location())
+        write!(
+            f,
+            "Repository({} at {})",
+            self.config.id,
+            self.storage.location()
+        )
     }
 }
 
@@ -119,7 +124,15 @@ impl Repository {
         .await??;
         let json = serde_json::to_vec_pretty(&cfg).expect("config serialises");
         match storage.put(CONFIG_PATH, Bytes::from(json), true).await {
-            Err(e) if matches!(&e, Error::Store { source: object_store::Error::AlreadyExists { .. }, .. }) => {
+            Err(e)
+                if matches!(
+                    &e,
+                    Error::Store {
+                        source: object_store::Error::AlreadyExists { .. },
+                        ..
+                    }
+                ) =>
+            {
                 Err(Error::AlreadyExists {
                     location: storage.location().into(),
                 })
@@ -237,9 +250,9 @@ impl Repository {
             Some(l) => l,
             None => {
                 self.sync_index(true).await?;
-                self.locate(id).await?.ok_or_else(|| Error::ChunkMissing {
-                    chunk: id.to_hex(),
-                })?
+                self.locate(id)
+                    .await?
+                    .ok_or_else(|| Error::ChunkMissing { chunk: id.to_hex() })?
             }
         };
         self.read_blob_at(id, kind, &loc).await
@@ -288,7 +301,12 @@ impl Repository {
         let (keys, id, loc) = (self.keys.clone(), *id, *loc);
         blocking(move || {
             blob::decode(&keys, &id, kind, loc.raw_len, &raw, &|| {
-                format!("chunk {} in pack {} at offset {}", id.short(), loc.pack, loc.offset)
+                format!(
+                    "chunk {} in pack {} at offset {}",
+                    id.short(),
+                    loc.pack,
+                    loc.offset
+                )
             })
         })
         .await?
@@ -303,7 +321,12 @@ impl Repository {
         raw: &[u8],
     ) -> Result<Vec<u8>> {
         blob::decode(&self.keys, id, kind, loc.raw_len, raw, &|| {
-            format!("chunk {} in pack {} at offset {}", id.short(), loc.pack, loc.offset)
+            format!(
+                "chunk {} in pack {} at offset {}",
+                id.short(),
+                loc.pack,
+                loc.offset
+            )
         })
     }
 
@@ -341,7 +364,9 @@ impl Repository {
             let leaf = name.rsplit('/').next().unwrap_or_default();
             match leaf.parse::<PointId>() {
                 Ok(id) => ids.push(id),
-                Err(_) => tracing::warn!(object = %name, "ignoring a stray object among restore points"),
+                Err(_) => {
+                    tracing::warn!(object = %name, "ignoring a stray object among restore points")
+                }
             }
         }
         Ok(ids)
@@ -402,7 +427,12 @@ impl Repository {
         let segments = self.storage.list(INDEX_DIR).await?;
         let mut unseen = Vec::new();
         for (name, _) in segments {
-            let Ok(id) = name.rsplit('/').next().unwrap_or_default().parse::<SegmentId>() else {
+            let Ok(id) = name
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .parse::<SegmentId>()
+            else {
                 continue;
             };
             if !self.index.has_segment(&id)? {
@@ -440,11 +470,12 @@ impl Repository {
                 .into_iter()
                 .filter(|(id, _)| !known.contains(id))
                 .collect();
-            let results: Vec<(PackId, Result<Vec<PackEntry>>, u64)> = futures::stream::iter(missing)
-                .map(|(id, size)| async move { (id, self.read_toc(&id).await, size) })
-                .buffer_unordered(SYNC_PARALLELISM)
-                .collect()
-                .await;
+            let results: Vec<(PackId, Result<Vec<PackEntry>>, u64)> =
+                futures::stream::iter(missing)
+                    .map(|(id, size)| async move { (id, self.read_toc(&id).await, size) })
+                    .buffer_unordered(SYNC_PARALLELISM)
+                    .collect()
+                    .await;
             for (id, r, size) in results {
                 match r {
                     Ok(entries) => {
@@ -472,8 +503,7 @@ impl Repository {
             let _guard = self.sync_lock.lock().await;
             let index = self.index.clone();
             let id = self.config.id.clone();
-            blocking(move || index.clear(&id))
-            .await??;
+            blocking(move || index.clear(&id)).await??;
         }
         self.sync_index(true).await
     }
@@ -487,7 +517,12 @@ impl Repository {
     pub async fn list_packs(&self) -> Result<Vec<(PackId, u64)>> {
         let mut out = Vec::new();
         for (name, size) in self.storage.list(PACKS_DIR).await? {
-            match name.rsplit('/').next().unwrap_or_default().parse::<PackId>() {
+            match name
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .parse::<PackId>()
+            {
                 Ok(id) => out.push((id, size)),
                 Err(_) => tracing::warn!(object = %name, "ignoring a stray object among packs"),
             }
@@ -499,8 +534,13 @@ impl Repository {
     pub async fn read_toc(&self, id: &PackId) -> Result<Vec<PackEntry>> {
         let path = pack_path(id);
         let (tail, size) = self.storage.get_suffix(&path, TOC_PROBE).await?;
-        if (tail.len() as u64) < (PACK_TRAILER_LEN as u64).min(size) || tail.len() < PACK_TRAILER_LEN {
-            return Err(Error::malformed(format!("pack {id}"), format!("{size} bytes is too short")));
+        if (tail.len() as u64) < (PACK_TRAILER_LEN as u64).min(size)
+            || tail.len() < PACK_TRAILER_LEN
+        {
+            return Err(Error::malformed(
+                format!("pack {id}"),
+                format!("{size} bytes is too short"),
+            ));
         }
         let toc_len =
             crate::pack::parse_trailer(id, size, &tail[tail.len() - PACK_TRAILER_LEN..])? as u64;
@@ -533,7 +573,9 @@ impl Repository {
                 let what = || format!("chunk {} in pack {id} at offset {}", e.id.short(), e.offset);
                 match blob::decode(&keys, &e.id, Some(e.kind), e.raw_len, raw, &what) {
                     Ok(plain) if keys.hasher.id(&plain) == e.id => {}
-                    Ok(_) => damaged.push((e.id, format!("{}: content does not match its id", what()))),
+                    Ok(_) => {
+                        damaged.push((e.id, format!("{}: content does not match its id", what())))
+                    }
                     Err(err) => damaged.push((e.id, err.to_string())),
                 }
             }
@@ -557,7 +599,9 @@ impl Repository {
         })
         .await??;
         let json = serde_json::to_vec_pretty(&updated).expect("config serialises");
-        self.storage.put(CONFIG_PATH, Bytes::from(json), false).await
+        self.storage
+            .put(CONFIG_PATH, Bytes::from(json), false)
+            .await
     }
 
     /// Largest plaintext a blob may have.

@@ -19,7 +19,10 @@ pub struct PackRecord {
 }
 
 pub(crate) fn seal(keys: &Keys, id: &SegmentId, packs: &[PackRecord]) -> Vec<u8> {
-    let n: usize = packs.iter().map(|p| 28 + p.entries.len() * TOC_ENTRY_LEN).sum();
+    let n: usize = packs
+        .iter()
+        .map(|p| 28 + p.entries.len() * TOC_ENTRY_LEN)
+        .sum();
     let mut v = Vec::with_capacity(5 + n);
     v.push(SEGMENT_VERSION);
     v.extend_from_slice(&(packs.len() as u32).to_le_bytes());

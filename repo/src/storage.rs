@@ -127,7 +127,12 @@ impl Storage {
         if b.len() as u64 != want {
             return Err(Error::malformed(
                 name,
-                format!("range {}..{} returned {} bytes (object truncated?)", range.start, range.end, b.len()),
+                format!(
+                    "range {}..{} returned {} bytes (object truncated?)",
+                    range.start,
+                    range.end,
+                    b.len()
+                ),
             ));
         }
         Ok(b)
@@ -181,9 +186,13 @@ fn fsync_file_and_dir(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
     }
     Ok(())
 }

@@ -22,7 +22,15 @@ fn backup_then_export_is_bit_exact_sparse_and_streams() {
 
     // --out - streams the whole image, zeros included.
     let streamed = w
-        .cmd(&["restore", "export", &point[..8], "--disk", "disk0", "--out", "-"])
+        .cmd(&[
+            "restore",
+            "export",
+            &point[..8],
+            "--disk",
+            "disk0",
+            "--out",
+            "-",
+        ])
         .output()
         .unwrap();
     assert!(streamed.status.success(), "{}", stderr(&streamed));
@@ -36,7 +44,11 @@ fn second_backup_deduplicates_and_changes_cost_what_changed() {
     make_image(&img, 32 << 20, 2, 10);
     let first = w.backup("vm", &[("d", &img)]);
     let again = w.backup("vm", &[("d", &img)]);
-    assert_eq!(again["bytes_new"].as_u64().unwrap(), 0, "unchanged disk stored new data: {again}");
+    assert_eq!(
+        again["bytes_new"].as_u64().unwrap(),
+        0,
+        "unchanged disk stored new data: {again}"
+    );
 
     // Change 3 ranges of at most 100 KB: at most ~3 * (100K/64K + 2) chunks are new.
     mutate_image(&img, 3, 3, 100_000);
@@ -57,8 +69,15 @@ fn multi_disk_points_are_listed_and_shown() {
     make_image(&a, 8 << 20, 4, 4);
     make_image(&b, 3 << 20 | 12345, 5, 4); // not a multiple of the chunk size
     let sum = w.json(&[
-        "backup", "--vm", "web", "--disk", &format!("sys={}", a.display()),
-        "--disk", &format!("data={}", b.display()), "--tag", "nightly",
+        "backup",
+        "--vm",
+        "web",
+        "--disk",
+        &format!("sys={}", a.display()),
+        "--disk",
+        &format!("data={}", b.display()),
+        "--tag",
+        "nightly",
     ]);
     let point = sum["point"].as_str().unwrap();
     let other = w.path("c.raw");
@@ -87,7 +106,10 @@ fn deleting_the_local_index_loses_nothing() {
     let w = World::with_repo("64KiB");
     let img = w.path("disk.raw");
     make_image(&img, 16 << 20, 7, 6);
-    let p = w.backup("vm", &[("d", &img)])["point"].as_str().unwrap().to_string();
+    let p = w.backup("vm", &[("d", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
     std::fs::remove_dir_all(&w.cache).unwrap();
     let out = w.path("o.raw");
     w.export(&p, "d", &out);
@@ -96,7 +118,10 @@ fn deleting_the_local_index_loses_nothing() {
     let again = w.backup("vm", &[("d", &img)]);
     assert_eq!(again["bytes_new"].as_u64().unwrap(), 0);
     let rebuilt = w.json(&["repo", "index", "rebuild"]);
-    assert!(rebuilt["index"]["chunks"].as_u64().unwrap() > 0, "{rebuilt}");
+    assert!(
+        rebuilt["index"]["chunks"].as_u64().unwrap() > 0,
+        "{rebuilt}"
+    );
     w.ok(&["verify", "--read-data"]);
 }
 
@@ -108,8 +133,14 @@ fn an_index_of_another_repository_is_replaced() {
     a.backup("vm", &[("d", &img)]);
     // Put repository A's index where repository B will look for its own.
     let b = World::with_repo("64KiB");
-    let b_id = b.json(&["repo", "info"])["id"].as_str().unwrap().to_string();
-    let a_id = a.json(&["repo", "info"])["id"].as_str().unwrap().to_string();
+    let b_id = b.json(&["repo", "info"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a_id = a.json(&["repo", "info"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     std::fs::remove_dir_all(b.cache.join(&b_id)).unwrap();
     copy_dir(&a.cache.join(&a_id), &b.cache.join(&b_id));
     let img_b = b.path("disk.raw");
@@ -139,9 +170,19 @@ fn password_can_be_changed() {
     let w = World::with_repo("64KiB");
     let newpw = w.path("newpw");
     std::fs::write(&newpw, "second password").unwrap();
-    w.ok(&["repo", "passwd", "--new-password-file", newpw.to_str().unwrap()]);
+    w.ok(&[
+        "repo",
+        "passwd",
+        "--new-password-file",
+        newpw.to_str().unwrap(),
+    ]);
     let out = w.run(&["repo", "info"]);
-    assert_eq!(code(&out), 3, "old password must stop working: {}", stderr(&out));
+    assert_eq!(
+        code(&out),
+        3,
+        "old password must stop working: {}",
+        stderr(&out)
+    );
     std::fs::copy(&newpw, &w.password_file).unwrap();
     w.ok(&["repo", "info"]);
 }

@@ -34,7 +34,14 @@ impl World {
     /// A world with an initialised repository (cheap KDF so tests stay fast).
     pub fn with_repo(chunk: &str) -> Self {
         let w = Self::new();
-        w.ok(&["repo", "init", "--chunk-size", chunk, "--kdf-memory-kib", "8192"]);
+        w.ok(&[
+            "repo",
+            "init",
+            "--chunk-size",
+            chunk,
+            "--kdf-memory-kib",
+            "8192",
+        ]);
         w
     }
 
@@ -96,7 +103,15 @@ impl World {
     }
 
     pub fn export(&self, point: &str, disk: &str, out: &Path) {
-        self.ok(&["restore", "export", point, "--disk", disk, "--out", out.to_str().unwrap()]);
+        self.ok(&[
+            "restore",
+            "export",
+            point,
+            "--disk",
+            disk,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
     }
 
     pub fn packs(&self) -> Vec<PathBuf> {
@@ -104,7 +119,11 @@ impl World {
         let dir = self.repo.join("packs");
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for sub in rd.flatten() {
-                for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+                for f in std::fs::read_dir(sub.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
                     if !f.file_name().to_string_lossy().contains('#') {
                         v.push(f.path());
                     }

@@ -27,24 +27,48 @@ fn killed_backups_leave_a_consistent_repository_and_are_resumed() {
     // Random data: 128 packs of 1 MiB, so there is a long window to kill the backup in.
     make_random_image(&img, 128 << 20, 11);
     let spec = format!("d={}", img.display());
-    let args = ["backup", "--vm", "vm", "--disk", &spec, "--pack-size", "1MiB", "--json"];
+    let args = [
+        "backup",
+        "--vm",
+        "vm",
+        "--disk",
+        &spec,
+        "--pack-size",
+        "1MiB",
+        "--json",
+    ];
 
     for (round, packs_before_kill) in [2usize, 7, 15].into_iter().enumerate() {
         let already = w.packs().len();
-        let mut child = w.cmd(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        assert!(wait_for_packs(&w, already + packs_before_kill, &mut child), "round {round}: no progress");
+        let mut child = w
+            .cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_for_packs(&w, already + packs_before_kill, &mut child),
+            "round {round}: no progress"
+        );
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
 
         let points = w.json(&["points", "list"]);
-        assert_eq!(points.as_array().unwrap().len(), 0, "a killed backup must not leave a point");
+        assert_eq!(
+            points.as_array().unwrap().len(),
+            0,
+            "a killed backup must not leave a point"
+        );
         w.ok(&["verify", "--read-data"]);
     }
 
     let done = w.json(&args[..args.len() - 1]);
     let new = done["bytes_new"].as_u64().unwrap();
     let read = done["bytes_read"].as_u64().unwrap();
-    assert!(new < read, "the resumed backup should reuse uploaded chunks: new {new} of {read}");
+    assert!(
+        new < read,
+        "the resumed backup should reuse uploaded chunks: new {new} of {read}"
+    );
     let out = w.path("o.raw");
     w.export(done["point"].as_str().unwrap(), "d", &out);
     assert!(same_content(&img, &out));
@@ -67,11 +91,24 @@ fn two_backups_at_once_both_succeed_and_deduplicate() {
     let spec_a = format!("d={}", a.display());
     let spec_b = format!("d={}", b.display());
     let run = |spec: &str, workers: &str| {
-        w.cmd(&["backup", "--vm", "vm", "--disk", spec, "--pack-size", "1MiB", "--packs-per-segment", "1", "--workers", workers, "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        w.cmd(&[
+            "backup",
+            "--vm",
+            "vm",
+            "--disk",
+            spec,
+            "--pack-size",
+            "1MiB",
+            "--packs-per-segment",
+            "1",
+            "--workers",
+            workers,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
     };
     let mut first = run(&spec_a, "2");
     // Let the first get a quarter ahead, as a second agent starting a little later would. The
@@ -79,12 +116,26 @@ fn two_backups_at_once_both_succeed_and_deduplicate() {
     // same new chunks, which both may store: the guarantee is about what was already stored.
     assert!(wait_for_packs(&w, 24, &mut first));
     let second = run(&spec_b, "1");
-    let (oa, ob) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
-    assert!(oa.status.success(), "first: {}", String::from_utf8_lossy(&oa.stderr));
-    assert!(ob.status.success(), "second: {}", String::from_utf8_lossy(&ob.stderr));
+    let (oa, ob) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    assert!(
+        oa.status.success(),
+        "first: {}",
+        String::from_utf8_lossy(&oa.stderr)
+    );
+    assert!(
+        ob.status.success(),
+        "second: {}",
+        String::from_utf8_lossy(&ob.stderr)
+    );
     let ja: serde_json::Value = serde_json::from_slice(&oa.stdout).unwrap();
     let jb: serde_json::Value = serde_json::from_slice(&ob.stdout).unwrap();
-    let (new_a, new_b) = (ja["bytes_new"].as_u64().unwrap(), jb["bytes_new"].as_u64().unwrap());
+    let (new_a, new_b) = (
+        ja["bytes_new"].as_u64().unwrap(),
+        jb["bytes_new"].as_u64().unwrap(),
+    );
     assert!(
         new_b < new_a / 2,
         "the second backup should reuse most of what the first stored: {new_b} vs {new_a}"

@@ -30,11 +30,24 @@ fn wrong_password_missing_and_foreign_repositories() {
     let before = repo_snapshot(&w);
 
     std::fs::write(&w.password_file, "wrong").unwrap();
-    let out = w.run(&["backup", "--vm", "vm", "--disk", &format!("d={}", img.display())]);
+    let out = w.run(&[
+        "backup",
+        "--vm",
+        "vm",
+        "--disk",
+        &format!("d={}", img.display()),
+    ]);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(stderr(&out).contains("wrong password"), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("wrong\n"), "the password itself must not be printed");
-    assert_eq!(repo_snapshot(&w), before, "a failed backup changed the repository");
+    assert!(
+        !stderr(&out).contains("wrong\n"),
+        "the password itself must not be printed"
+    );
+    assert_eq!(
+        repo_snapshot(&w),
+        before,
+        "a failed backup changed the repository"
+    );
 
     let missing = World::new();
     let out = missing.run(&["points", "list"]);
@@ -43,10 +56,18 @@ fn wrong_password_missing_and_foreign_repositories() {
 
     let foreign = World::new();
     std::fs::create_dir_all(&foreign.repo).unwrap();
-    std::fs::write(foreign.repo.join("config"), "{\"version\": 2, \"id\": \"restic\"}").unwrap();
+    std::fs::write(
+        foreign.repo.join("config"),
+        "{\"version\": 2, \"id\": \"restic\"}",
+    )
+    .unwrap();
     let out = foreign.run(&["points", "list"]);
     assert_eq!(code(&out), 4, "{}", stderr(&out));
-    assert!(stderr(&out).contains("not a blockvault repository"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a blockvault repository"),
+        "{}",
+        stderr(&out)
+    );
 
     // init refuses a place that is already a repository, or holds anything else.
     let out = w.run(&["repo", "init", "--kdf-memory-kib", "8192"]);
@@ -59,7 +80,11 @@ fn unreadable_images_and_bad_arguments() {
     let w = World::with_repo("64KiB");
     let out = w.run(&["backup", "--vm", "vm", "--disk", "d=/nonexistent/disk.raw"]);
     assert_eq!(code(&out), 5, "{}", stderr(&out));
-    assert!(stderr(&out).contains("/nonexistent/disk.raw"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/disk.raw"),
+        "{}",
+        stderr(&out)
+    );
     let out = w.run(&["backup", "--vm", "vm", "--disk", "no-equals-sign"]);
     assert_eq!(code(&out), 5);
     let out = w.run(&["repo", "init", "--chunk-size", "100KiB"]);
@@ -69,9 +94,21 @@ fn unreadable_images_and_bad_arguments() {
     let img = w.path("d.raw");
     make_image(&img, 1 << 20, 2, 2);
     let p = w.backup("vm", &[("d", &img)]);
-    let out = w.run(&["restore", "export", p["point"].as_str().unwrap(), "--disk", "nope", "--out", "/dev/null"]);
+    let out = w.run(&[
+        "restore",
+        "export",
+        p["point"].as_str().unwrap(),
+        "--disk",
+        "nope",
+        "--out",
+        "/dev/null",
+    ]);
     assert_eq!(code(&out), 8, "{}", stderr(&out));
-    assert!(stderr(&out).contains("has no disk named 'nope'"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("has no disk named 'nope'"),
+        "{}",
+        stderr(&out)
+    );
     assert!(w.json(&["points", "list"]).as_array().unwrap().len() == 1);
 }
 
@@ -80,14 +117,21 @@ fn tampered_pack_is_reported_by_object_and_point() {
     let w = World::with_repo("64KiB");
     let img = w.path("d.raw");
     make_image(&img, 8 << 20, 3, 6);
-    let p = w.backup("vm", &[("d", &img)])["point"].as_str().unwrap().to_string();
+    let p = w.backup("vm", &[("d", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
     w.ok(&["verify", "--read-data"]);
 
     let packs = w.packs();
     assert!(!packs.is_empty());
     // Flip one byte in the middle of the first blob of every pack.
     for pack in &packs {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(pack).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(pack)
+            .unwrap();
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, 60).unwrap();
         f.write_all_at(&[b[0] ^ 0x55], 60).unwrap();
@@ -98,16 +142,31 @@ fn tampered_pack_is_reported_by_object_and_point() {
     let text = String::from_utf8_lossy(&out.stdout);
     let pack_name = packs[0].file_name().unwrap().to_string_lossy().to_string();
     assert!(text.contains(&format!("pack {pack_name}")), "{text}");
-    assert!(text.contains(&p), "the affected point must be named: {text}");
+    assert!(
+        text.contains(&p),
+        "the affected point must be named: {text}"
+    );
 
     let json = w.run(&["verify", "--read-data", "--json"]);
     assert_eq!(code(&json), 7);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert!(!v["problems"].as_array().unwrap().is_empty());
 
-    let out = w.run(&["restore", "export", &p, "--disk", "d", "--out", w.path("o").to_str().unwrap()]);
+    let out = w.run(&[
+        "restore",
+        "export",
+        &p,
+        "--disk",
+        "d",
+        "--out",
+        w.path("o").to_str().unwrap(),
+    ]);
     assert_eq!(code(&out), 6, "{}", stderr(&out));
-    assert!(stderr(&out).contains("tampering or corruption"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("tampering or corruption"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -115,9 +174,15 @@ fn truncated_pack_and_deleted_pack_are_found() {
     let w = World::with_repo("64KiB");
     let img = w.path("d.raw");
     make_image(&img, 8 << 20, 4, 6);
-    let p = w.backup("vm", &[("d", &img)])["point"].as_str().unwrap().to_string();
+    let p = w.backup("vm", &[("d", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let packs = w.packs();
-    let f = std::fs::OpenOptions::new().write(true).open(&packs[0]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&packs[0])
+        .unwrap();
     let len = f.metadata().unwrap().len();
     f.set_len(len / 2).unwrap();
     drop(f);
@@ -138,8 +203,14 @@ fn tampered_manifest_and_config() {
     let w = World::with_repo("64KiB");
     let img = w.path("d.raw");
     make_image(&img, 2 << 20, 5, 3);
-    let p1 = w.backup("vm", &[("d", &img)])["point"].as_str().unwrap().to_string();
-    let p2 = w.backup("vm", &[("d", &img)])["point"].as_str().unwrap().to_string();
+    let p1 = w.backup("vm", &[("d", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p2 = w.backup("vm", &[("d", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let manifest = w.repo.join("points").join(&p1);
     let mut m = std::fs::read(&manifest).unwrap();
     let n = m.len();
@@ -148,7 +219,11 @@ fn tampered_manifest_and_config() {
 
     let out = w.run(&["points", "show", &p1]);
     assert_eq!(code(&out), 6, "{}", stderr(&out));
-    assert!(stderr(&out).contains(&p1) && stderr(&out).contains("tampering"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&p1) && stderr(&out).contains("tampering"),
+        "{}",
+        stderr(&out)
+    );
     // The other point is unaffected and still listed; the damaged one is named on stderr.
     let out = w.run(&["points", "list", "--json"]);
     assert!(out.status.success());
@@ -167,7 +242,11 @@ fn tampered_manifest_and_config() {
     // An altered chunk size in the config is tampering, reported as such.
     let cfg_path = w.repo.join("config");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, cfg.replace("\"chunk_size\": 65536", "\"chunk_size\": 131072")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"chunk_size\": 65536", "\"chunk_size\": 131072"),
+    )
+    .unwrap();
     let out = w.run(&["points", "list"]);
     assert_eq!(code(&out), 6, "{}", stderr(&out));
     assert!(stderr(&out).contains("config"), "{}", stderr(&out));

@@ -158,7 +158,11 @@ pub fn libvhdi_read(vhdx: &Path) -> Vec<u8> {
     );
     let mnt = tempfile::tempdir().expect("tempdir");
     let (ok, out) = try_run(Command::new("vhdimount").arg(vhdx).arg(mnt.path()));
-    assert!(ok, "vhdimount {} failed (is /dev/fuse usable?): {out}", vhdx.display());
+    assert!(
+        ok,
+        "vhdimount {} failed (is /dev/fuse usable?): {out}",
+        vhdx.display()
+    );
     let data = std::fs::read(mnt.path().join("vhdi1"));
     let _ = Command::new("fusermount")
         .arg("-u")
