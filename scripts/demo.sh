@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blockvault-target}"
-cargo build --locked -p blockvault-cli
+# Build the whole workspace so the dependency features (and the compiled RocksDB) match the tests.
+cargo build --locked --workspace --bins
 bv="$CARGO_TARGET_DIR/debug/blockvault"
 
 work=$(mktemp -d /tmp/blockvault-demo.XXXXXX)

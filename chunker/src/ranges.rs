@@ -16,7 +16,7 @@ impl RangeSet {
     }
 
     pub fn full(len: u64) -> Self {
-        Self::from_ranges([0..len])
+        Self::from_ranges(std::iter::once(0..len))
     }
 
     pub fn from_ranges<I: IntoIterator<Item = Range<u64>>>(iter: I) -> Self {

@@ -346,7 +346,8 @@ impl Packer {
         let sealed = self.repo.seal_pack(builder);
         let permit = match self.handle.block_on(self.permits.clone().acquire_owned()) {
             Ok(p) => p,
-            Err(_) => return,
+            // The semaphore is never closed; if it were, the pack could not be stored.
+            Err(_) => return self.abort.fail(Error::Cancelled),
         };
         let (repo, inflight, abort) =
             (self.repo.clone(), self.inflight.clone(), self.abort.clone());
@@ -354,11 +355,9 @@ impl Packer {
         self.uploads.push(self.handle.spawn(async move {
             let _permit = permit;
             if let Err(e) = repo.store_pack(&sealed).await {
-                abort.fail(Error::Repo(blockvault_repo::Error::Invalid(format!(
-                    "uploading pack {}: {e}",
-                    sealed.id
-                ))));
-                return Err(e.into());
+                // The error names the pack object; the first failure is what the user sees.
+                abort.fail(e.into());
+                return Err(Error::Cancelled);
             }
             // Now in the index: later lookups find these chunks there.
             let mut set = inflight.lock().expect("in-flight lock");
