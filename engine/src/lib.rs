@@ -2,16 +2,26 @@
 //! points back (export, random access), and verify what is stored.
 
 mod backup;
+mod cache;
 mod error;
 mod export;
+mod hydrate;
+mod mounted;
+mod overlay;
 mod progress;
+mod random_read;
 mod reader;
 mod source;
 mod verify;
 
 pub use backup::{backup, BackupOptions, BackupOutcome, DiskJob, ReadPlan};
 pub use error::{Error, Result};
+pub use cache::CacheStats;
 pub use export::{export_raw, ExportTarget};
+pub use hydrate::{start_hydration, Hydration, HydrationStatus};
+pub use mounted::{MountedDisk, StatusRun};
+pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
+pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
 pub use progress::Progress;
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
