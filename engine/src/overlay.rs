@@ -10,7 +10,7 @@
 //! | 8 | 4 | version (1) |
 //! | 12 | 4 | block size (4096) |
 //! | 16 | 8 | disk size in bytes |
-//! | 24 | 64 | restore point id, lowercase hex |
+//! | 24 | 64 | restore point id, lowercase hex, zero-padded |
 //! | 88 | 4008 | zero |
 //! | 4096 | one byte per block | 0 = backup, 1 = data in the overlay file, 2 = zeroes |
 //!
@@ -141,7 +141,9 @@ impl Overlay {
                     "made for a disk of {disk_size} bytes, this disk has {size}"
                 )));
             }
-            let owner = String::from_utf8_lossy(&header[24..88]).into_owned();
+            let owner = String::from_utf8_lossy(&header[24..88])
+                .trim_end_matches('\0')
+                .to_owned();
             if owner != point {
                 return Err(bad(format!(
                     "belongs to restore point {owner}, not {point}"
@@ -159,9 +161,9 @@ impl Overlay {
             }
             blocks
         } else {
-            if point.len() != 64 {
+            if point.is_empty() || point.len() > 64 || !point.is_ascii() {
                 return Err(Error::Invalid(format!(
-                    "restore point id '{point}' is not 64 hex digits"
+                    "restore point id '{point}' does not fit the overlay header"
                 )));
             }
             let mut header = vec![0u8; HEADER as usize];
@@ -169,7 +171,7 @@ impl Overlay {
             header[8..12].copy_from_slice(&VERSION.to_le_bytes());
             header[12..16].copy_from_slice(&(OVERLAY_BLOCK as u32).to_le_bytes());
             header[16..24].copy_from_slice(&size.to_le_bytes());
-            header[24..88].copy_from_slice(point.as_bytes());
+            header[24..24 + point.len()].copy_from_slice(point.as_bytes());
             data.set_len(0).map_err(io(&data_path))?;
             data.set_len(size).map_err(io(&data_path))?;
             data.sync_all().map_err(io(&data_path))?;
@@ -332,7 +334,7 @@ impl Overlay {
 mod tests {
     use super::*;
 
-    const POINT: &str = "ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01";
+    const POINT: &str = "ab01ab01ab01ab01";
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()

@@ -144,7 +144,7 @@ fn setup(seed: u64) -> (World, PathBuf, String) {
     let img = w.path("disk.raw");
     make_image(&img, 8 << 20, seed, 6);
     let p = w.backup("vm", &[("sys", &img)]);
-    let point = p["id"].as_str().unwrap().to_owned();
+    let point = p["point"].as_str().unwrap().to_owned();
     (w, img, point)
 }
 
@@ -214,15 +214,24 @@ fn read_only_mount_serves_the_point_to_real_clients() {
                   try:\n    h.pwrite(b'x' * 4096, 0); print('written')\n\
                   except nbd.Error as e:\n    print('errno', e.errno)\n";
     let o = ok("/usr/bin/python3", &["-c", script, &uri]);
-    assert_eq!(o.trim(), "errno 1", "expected EPERM");
+    assert_eq!(o.trim(), "errno EPERM");
     let again = w.path("again.raw");
     ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, again.to_str().unwrap()]);
     compare(&img, &again);
 
     // Sessions list the mount with what it served; unmount stops it cleanly.
-    let s = sessions(&w);
+    // The status file is refreshed every second.
+    let t = Instant::now();
+    let s = loop {
+        let s = sessions(&w);
+        if s[0]["bytes_served"].as_u64().unwrap_or(0) > 0 || t.elapsed() > Duration::from_secs(5) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let list = s.as_array().unwrap();
     assert_eq!(list.len(), 1, "{s}");
+    assert!(list[0]["total_connections"].as_u64().unwrap() >= 4, "{s}");
     assert_eq!(list[0]["point"], point.as_str());
     assert_eq!(list[0]["disks"][0]["uri"], uri.as_str());
     assert_eq!(list[0]["pid"], m.pid());
@@ -291,7 +300,7 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
 
     // An overlay belongs to one restore point: another point is refused by name.
     make_image(&img, 8 << 20, 43, 3);
-    let other = w.backup("vm", &[("sys", &img)])["id"].as_str().unwrap().to_owned();
+    let other = w.backup("vm", &[("sys", &img)])["point"].as_str().unwrap().to_owned();
     let o = w.run(&["restore", "mount", &other, "--disk", "sys", "--listen", "127.0.0.1:0", "--writable", "--overlay", ov]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("belongs to restore point"), "{}", stderr(&o));
@@ -303,7 +312,7 @@ fn two_disks_over_a_unix_socket() {
     let (a, b) = (w.path("a.raw"), w.path("b.raw"));
     make_image(&a, 4 << 20, 51, 4);
     make_image(&b, 6 << 20, 52, 4);
-    let point = w.backup("vm", &[("sys", &a), ("data", &b)])["id"]
+    let point = w.backup("vm", &[("sys", &a), ("data", &b)])["point"]
         .as_str()
         .unwrap()
         .to_owned();
