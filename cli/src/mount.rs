@@ -126,7 +126,11 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                         .with_context(|| format!("creating {}", p.display()))?;
                     p.join(format!("{name}.raw"))
                 };
-                Some(start_hydration(random.clone(), file, a.parallel.clamp(1, 4))?)
+                Some(start_hydration(
+                    random.clone(),
+                    file,
+                    a.parallel.clamp(1, 4),
+                )?)
             }
             None => None,
         };
@@ -369,7 +373,9 @@ pub async fn unmount(g: &Global, a: UnmountArgs) -> Result<()> {
         list
     } else {
         let Some(s) = a.session.as_deref() else {
-            return Err(input("name a SESSION (see `restore sessions`) or pass --all".into()));
+            return Err(input(
+                "name a SESSION (see `restore sessions`) or pass --all".into(),
+            ));
         };
         let found: Vec<_> = list
             .into_iter()
@@ -400,7 +406,9 @@ pub async fn unmount(g: &Global, a: UnmountArgs) -> Result<()> {
         }
     }
     if g.json {
-        print_json(&json!({"stopped": targets.iter().map(|(_, v)| v["session"].clone()).collect::<Vec<_>>()}));
+        print_json(
+            &json!({"stopped": targets.iter().map(|(_, v)| v["session"].clone()).collect::<Vec<_>>()}),
+        );
     }
     Ok(())
 }

@@ -95,10 +95,7 @@ impl ChunkCache {
         let mut s = self.lock();
         // Whoever finishes first moves the chunk from in-flight to ready; a failed fetch is
         // forgotten so the next reader retries.
-        if s.inflight
-            .get(&slot)
-            .is_some_and(|c| Arc::ptr_eq(c, &cell))
-        {
+        if s.inflight.get(&slot).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             s.inflight.remove(&slot);
             if let Ok(b) = &res {
                 if !b.is_empty() && b.len() <= self.limit {
@@ -106,7 +103,9 @@ impl ChunkCache {
                     s.ready.insert(slot, b.clone());
                     s.order.push_back(slot);
                     while s.bytes > self.limit {
-                        let Some(old) = s.order.pop_front() else { break };
+                        let Some(old) = s.order.pop_front() else {
+                            break;
+                        };
                         if let Some(v) = s.ready.remove(&old) {
                             s.bytes -= v.len();
                         }

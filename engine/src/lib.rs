@@ -15,14 +15,14 @@ mod source;
 mod verify;
 
 pub use backup::{backup, BackupOptions, BackupOutcome, DiskJob, ReadPlan};
-pub use error::{Error, Result};
 pub use cache::CacheStats;
+pub use error::{Error, Result};
 pub use export::{export_raw, ExportTarget};
 pub use hydrate::{start_hydration, Hydration, HydrationStatus};
 pub use mounted::{MountedDisk, StatusRun};
 pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
-pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
 pub use progress::Progress;
+pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
 pub use verify::{verify, VerifyOptions, VerifyReport};

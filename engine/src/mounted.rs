@@ -62,7 +62,9 @@ impl MountedDisk {
         for (from, n, st) in o.runs(offset, len) {
             match st {
                 BlockState::Backup => out.extend(self.reader.read_at(from, n).await?),
-                BlockState::Data => out.push(Segment::Data(Bytes::from(o.read_data(from, n).await?))),
+                BlockState::Data => {
+                    out.push(Segment::Data(Bytes::from(o.read_data(from, n).await?)))
+                }
                 BlockState::Zero => out.push(Segment::Zero(n)),
             }
         }

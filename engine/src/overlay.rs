@@ -79,9 +79,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(Error::task)?
 }
 
@@ -153,11 +151,11 @@ impl Overlay {
             map_file
                 .read_exact_at(&mut blocks, HEADER)
                 .map_err(|e| bad(format!("truncated block map: {e}")))?;
-            if let Some(i) = blocks.iter().position(|b| BlockState::from_byte(*b).is_none()) {
-                return Err(bad(format!(
-                    "block {i} has invalid state {}",
-                    blocks[i]
-                )));
+            if let Some(i) = blocks
+                .iter()
+                .position(|b| BlockState::from_byte(*b).is_none())
+            {
+                return Err(bad(format!("block {i} has invalid state {}", blocks[i])));
             }
             blocks
         } else {
@@ -175,7 +173,9 @@ impl Overlay {
             data.set_len(0).map_err(io(&data_path))?;
             data.set_len(size).map_err(io(&data_path))?;
             data.sync_all().map_err(io(&data_path))?;
-            map_file.set_len(HEADER + nblocks as u64).map_err(io(&map_path))?;
+            map_file
+                .set_len(HEADER + nblocks as u64)
+                .map_err(io(&map_path))?;
             map_file.write_all_at(&header, 0).map_err(io(&map_path))?;
             map_file.sync_all().map_err(io(&map_path))?;
             File::open(dir)
@@ -255,7 +255,10 @@ impl Overlay {
         let p = self.data_path.clone();
         let len = data.len() as u64;
         blocking(move || f.write_all_at(&data, offset).map_err(io(&p))).await?;
-        *self.dirty_data.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        *self
+            .dirty_data
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
         self.mark(offset, len, BlockState::Data);
         Ok(())
     }
@@ -294,8 +297,12 @@ impl Overlay {
                 })
                 .collect()
         };
-        let sync_data =
-            std::mem::take(&mut *self.dirty_data.lock().unwrap_or_else(PoisonError::into_inner));
+        let sync_data = std::mem::take(
+            &mut *self
+                .dirty_data
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         let (data, dp) = (self.data.clone(), self.data_path.clone());
         let (mf, mp) = (self.map_file.clone(), self.map_path.clone());
         let res = blocking(move || {
@@ -318,7 +325,10 @@ impl Overlay {
             let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
             let n = map.blocks.len().div_ceil(MAP_PAGE);
             map.dirty.extend(0..n);
-            *self.dirty_data.lock().unwrap_or_else(PoisonError::into_inner) = true;
+            *self
+                .dirty_data
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = true;
         }
         res.map(|_| ())
     }
@@ -348,19 +358,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         rt().block_on(async {
             let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
-            o.write(8192, bytes::Bytes::from(vec![7u8; 8192])).await.unwrap();
+            o.write(8192, bytes::Bytes::from(vec![7u8; 8192]))
+                .await
+                .unwrap();
             o.zero(65536, 4096).unwrap();
             o.flush().await.unwrap();
             // Not flushed: the map on disk must not name this block.
-            o.write(131072, bytes::Bytes::from(vec![9u8; 4096])).await.unwrap();
+            o.write(131072, bytes::Bytes::from(vec![9u8; 4096]))
+                .await
+                .unwrap();
             drop(o);
             let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
             assert_eq!(
                 o.runs(0, 16384),
-                vec![(0, 8192, BlockState::Backup), (8192, 8192, BlockState::Data)]
+                vec![
+                    (0, 8192, BlockState::Backup),
+                    (8192, 8192, BlockState::Data)
+                ]
             );
             assert_eq!(o.runs(65536, 8192)[0], (65536, 4096, BlockState::Zero));
-            assert_eq!(o.runs(131072, 4096), vec![(131072, 4096, BlockState::Backup)]);
+            assert_eq!(
+                o.runs(131072, 4096),
+                vec![(131072, 4096, BlockState::Backup)]
+            );
             assert_eq!(o.read_data(8192, 8192).await.unwrap(), vec![7u8; 8192]);
             assert_eq!(o.changed_bytes(), 3 * 4096);
         });
@@ -374,17 +394,25 @@ mod tests {
         assert!(matches!(o.zero(0, 2 << 20), Err(Error::Invalid(_))));
         drop(o);
         let other = POINT.replace("ab", "cd");
-        let e = Overlay::open(dir.path(), "sys", &other, 1 << 20).err().unwrap();
+        let e = Overlay::open(dir.path(), "sys", &other, 1 << 20)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("belongs to restore point"), "{e}");
-        let e = Overlay::open(dir.path(), "sys", POINT, 2 << 20).err().unwrap();
+        let e = Overlay::open(dir.path(), "sys", POINT, 2 << 20)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("made for a disk of"), "{e}");
         let map = dir.path().join("sys.map");
         let f = OpenOptions::new().write(true).open(&map).unwrap();
         f.write_all_at(&[9], HEADER + 3).unwrap();
-        let e = Overlay::open(dir.path(), "sys", POINT, 1 << 20).err().unwrap();
+        let e = Overlay::open(dir.path(), "sys", POINT, 1 << 20)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("block 3 has invalid state 9"), "{e}");
         f.write_all_at(b"garbage!", 0).unwrap();
-        let e = Overlay::open(dir.path(), "sys", POINT, 1 << 20).err().unwrap();
+        let e = Overlay::open(dir.path(), "sys", POINT, 1 << 20)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("bad magic"), "{e}");
         assert!(Overlay::open(dir.path(), "odd", POINT, 1000).is_err());
     }

@@ -122,11 +122,7 @@ impl RandomReader {
 
     /// The data chunk `slot` (decoded, through the cache).
     pub async fn chunk(&self, slot: u64) -> Result<Bytes> {
-        let _permit = self
-            .fetches
-            .acquire()
-            .await
-            .map_err(|_| Error::Cancelled)?;
+        let _permit = self.fetches.acquire().await.map_err(|_| Error::Cancelled)?;
         self.cache.get(slot).await
     }
 
@@ -179,7 +175,9 @@ impl RandomReader {
             let r = self.layout.chunk_range(s);
             let (from, to) = (offset.max(r.start), end.min(r.end));
             let seg = match data {
-                Some(b) => Segment::Data(b.slice((from - r.start) as usize..(to - r.start) as usize)),
+                Some(b) => {
+                    Segment::Data(b.slice((from - r.start) as usize..(to - r.start) as usize))
+                }
                 None => Segment::Zero(to - from),
             };
             match (out.last_mut(), &seg) {

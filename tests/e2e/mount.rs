@@ -134,7 +134,15 @@ fn ok(cmd: &str, args: &[&str]) -> String {
 fn compare(a: &Path, b: &Path) {
     ok(
         "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", a.to_str().unwrap(), b.to_str().unwrap()],
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
     );
 }
 
@@ -157,11 +165,25 @@ fn read_only_mount_serves_the_point_to_real_clients() {
     let (w, img, point) = setup(41);
     let mut m = Mount::start(&w, &[&point, "--disk", "sys", "--listen", "127.0.0.1:0"], 1);
     let uri = m.uris[0].clone();
-    assert!(uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/sys"), "{uri}");
+    assert!(
+        uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/sys"),
+        "{uri}"
+    );
 
     // qemu: whole-disk copy and compare against the original image.
     let out = w.path("out.raw");
-    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, out.to_str().unwrap()]);
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ],
+    );
     compare(&img, &out);
 
     // libnbd: four connections at once (the export advertises multi-conn).
@@ -171,7 +193,12 @@ fn read_only_mount_serves_the_point_to_real_clients() {
     let out2 = w.path("out2.raw");
     ok(
         "nbdcopy",
-        &["--connections=4", "--threads=4", &uri, out2.to_str().unwrap()],
+        &[
+            "--connections=4",
+            "--threads=4",
+            &uri,
+            out2.to_str().unwrap(),
+        ],
     );
     compare(&img, &out2);
 
@@ -189,17 +216,17 @@ fn read_only_mount_serves_the_point_to_real_clients() {
     let map = ok("nbdinfo", &["--map", &uri]);
     let mut got: Vec<(u64, u64, bool)> = Vec::new();
     for e in map.lines().map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (
-                f[0].parse().unwrap(),
-                f[1].parse().unwrap(),
-                match f[2] {
-                    "3" => true,
-                    "0" => false,
-                    t => panic!("unexpected extent type {t} in {l}"),
-                },
-            )
-        }) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            match f[2] {
+                "3" => true,
+                "0" => false,
+                t => panic!("unexpected extent type {t} in {l}"),
+            },
+        )
+    }) {
         // Extents may arrive split across replies; compare the merged runs.
         match got.last_mut() {
             Some(g) if g.2 == e.2 && g.0 + g.1 == e.0 => g.1 += e.1,
@@ -210,13 +237,25 @@ fn read_only_mount_serves_the_point_to_real_clients() {
 
     // A write to a read-only mount is refused with EPERM by the server (libnbd's own checks are
     // off so the request really goes out) and the mount keeps serving.
-    let script = "import nbd, sys\nh = nbd.NBD(); h.set_strict_mode(0); h.connect_uri(sys.argv[1])\n\
+    let script =
+        "import nbd, sys\nh = nbd.NBD(); h.set_strict_mode(0); h.connect_uri(sys.argv[1])\n\
                   try:\n    h.pwrite(b'x' * 4096, 0); print('written')\n\
                   except nbd.Error as e:\n    print('errno', e.errno)\n";
     let o = ok("/usr/bin/python3", &["-c", script, &uri]);
     assert_eq!(o.trim(), "errno EPERM");
     let again = w.path("again.raw");
-    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, again.to_str().unwrap()]);
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            again.to_str().unwrap(),
+        ],
+    );
     compare(&img, &again);
 
     // Sessions list the mount with what it served; unmount stops it cleanly.
@@ -249,17 +288,31 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
     let (w, img, point) = setup(42);
     let overlay = w.path("overlay");
     let ov = overlay.to_str().unwrap();
-    let args = [&point, "--disk", "sys", "--listen", "127.0.0.1:0", "--writable", "--overlay", ov];
+    let args = [
+        &point,
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--writable",
+        "--overlay",
+        ov,
+    ];
     let mut m = Mount::start(&w, &args, 1);
     let uri = m.uris[0].clone();
     ok(
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "write -P 0xab 1000k 72k",
-            "-c", "write -z 3m 128k",
-            "-c", "write -P 0x5c 8188k 4k",
-            "-c", "flush",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1000k 72k",
+            "-c",
+            "write -z 3m 128k",
+            "-c",
+            "write -P 0x5c 8188k 4k",
+            "-c",
+            "flush",
             &uri,
         ],
     );
@@ -268,10 +321,14 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
         let out = ok(
             "qemu-io",
             &[
-                "-f", "raw",
-                "-c", "read -P 0xab 1000k 72k",
-                "-c", "read -P 0 3m 128k",
-                "-c", "read -P 0x5c 8188k 4k",
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0xab 1000k 72k",
+                "-c",
+                "read -P 0 3m 128k",
+                "-c",
+                "read -P 0x5c 8188k 4k",
                 uri,
             ],
         );
@@ -281,12 +338,26 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
     // The whole disk equals the original with the same writes applied.
     let expect = w.path("expect.raw");
     std::fs::copy(&img, &expect).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&expect).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&expect)
+        .unwrap();
     f.write_all_at(&vec![0xab; 72 << 10], 1000 << 10).unwrap();
     f.write_all_at(&vec![0; 128 << 10], 3 << 20).unwrap();
     f.write_all_at(&vec![0x5c; 4 << 10], 8188 << 10).unwrap();
     let out = w.path("out.raw");
-    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, out.to_str().unwrap()]);
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ],
+    );
     compare(&expect, &out);
     assert!(m.sigterm(), "log:\n{}", m.log());
 
@@ -294,16 +365,65 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
     let m2 = Mount::start(&w, &args, 1);
     check(&m2.uris[0]);
     let out2 = w.path("out2.raw");
-    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &m2.uris[0], out2.to_str().unwrap()]);
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &m2.uris[0],
+            out2.to_str().unwrap(),
+        ],
+    );
     compare(&expect, &out2);
+    // A flushed write survives SIGKILL of the mount.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3e 5m 8k",
+            "-c",
+            "flush",
+            &m2.uris[0],
+        ],
+    );
     drop(m2);
+    let m3 = Mount::start(&w, &args, 1);
+    let out = ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x3e 5m 8k", &m3.uris[0]],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    drop(m3);
 
     // An overlay belongs to one restore point: another point is refused by name.
     make_image(&img, 8 << 20, 43, 3);
-    let other = w.backup("vm", &[("sys", &img)])["point"].as_str().unwrap().to_owned();
-    let o = w.run(&["restore", "mount", &other, "--disk", "sys", "--listen", "127.0.0.1:0", "--writable", "--overlay", ov]);
+    let other = w.backup("vm", &[("sys", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let o = w.run(&[
+        "restore",
+        "mount",
+        &other,
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--writable",
+        "--overlay",
+        ov,
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("belongs to restore point"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("belongs to restore point"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -319,13 +439,35 @@ fn two_disks_over_a_unix_socket() {
     let sock = w.path("nbd.sock");
     let mut m = Mount::start(
         &w,
-        &[&point, "--disk", "sys", "--disk", "data", "--socket", sock.to_str().unwrap()],
+        &[
+            &point,
+            "--disk",
+            "sys",
+            "--disk",
+            "data",
+            "--socket",
+            sock.to_str().unwrap(),
+        ],
         2,
     );
-    assert_eq!(m.uris[0], format!("nbd+unix:///sys?socket={}", sock.display()));
+    assert_eq!(
+        m.uris[0],
+        format!("nbd+unix:///sys?socket={}", sock.display())
+    );
     for (uri, img) in [(&m.uris[0], &a), (&m.uris[1], &b)] {
         let out = w.path("out.raw");
-        ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", uri, out.to_str().unwrap()]);
+        ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                uri,
+                out.to_str().unwrap(),
+            ],
+        );
         compare(img, &out);
     }
     let s = sessions(&w);
@@ -343,12 +485,23 @@ fn hydration_makes_a_complete_local_copy_with_the_overlay_folded_in() {
     let mut m = Mount::start(
         &w,
         &[
-            &point, "--disk", "sys", "--listen", "127.0.0.1:0", "--writable",
-            "--overlay", overlay.to_str().unwrap(), "--hydrate-to", hyd.to_str().unwrap(),
+            &point,
+            "--disk",
+            "sys",
+            "--listen",
+            "127.0.0.1:0",
+            "--writable",
+            "--overlay",
+            overlay.to_str().unwrap(),
+            "--hydrate-to",
+            hyd.to_str().unwrap(),
         ],
         1,
     );
-    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 2m 64k", &m.uris[0]]);
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 2m 64k", &m.uris[0]],
+    );
     let t = Instant::now();
     loop {
         let s = sessions(&w);
@@ -359,7 +512,10 @@ fn hydration_makes_a_complete_local_copy_with_the_overlay_folded_in() {
             assert_eq!(h["bytes_done"], h["bytes_total"]);
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "hydration stalled: {s}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "hydration stalled: {s}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Until the mount stops, the hydrated file is the restore point itself.
