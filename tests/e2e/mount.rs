@@ -391,7 +391,19 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
             &m2.uris[0],
         ],
     );
-    drop(m2);
+    let killed = m2.pid();
+    drop(m2); // SIGKILL: no chance to clean up
+    let stale = w.cache.join("sessions").join(format!("{killed}.json"));
+    assert!(
+        stale.exists(),
+        "a killed mount leaves its status file behind"
+    );
+    assert_eq!(
+        sessions(&w),
+        serde_json::json!([]),
+        "stale sessions are ignored"
+    );
+    assert!(!stale.exists(), "and cleaned up");
     let m3 = Mount::start(&w, &args, 1);
     let out = ok(
         "qemu-io",
