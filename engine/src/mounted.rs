@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::overlay::{BlockState, Overlay, OVERLAY_BLOCK};
+use crate::overlay::{BlockState, Overlay};
 use crate::random_read::{RandomReader, Segment};
 use crate::{Error, Result};
 
@@ -180,7 +180,6 @@ impl MountedDisk {
             path: file.to_owned(),
             source,
         })?;
-        debug_assert!(folded % OVERLAY_BLOCK == 0);
         Ok(folded)
     }
 }

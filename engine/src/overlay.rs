@@ -79,6 +79,11 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
+/// Whether `n` is a multiple of the block size (a power of two).
+fn whole_blocks(n: u64) -> bool {
+    n & (OVERLAY_BLOCK - 1) == 0
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(Error::task)?
 }
@@ -87,7 +92,7 @@ impl Overlay {
     /// Opens the overlay of `disk` in directory `dir`, creating it when absent. An existing
     /// overlay must belong to the same restore point and disk size.
     pub fn open(dir: &Path, disk: &str, point: &str, size: u64) -> Result<Self> {
-        if size % OVERLAY_BLOCK != 0 {
+        if !whole_blocks(size) {
             return Err(Error::Disk {
                 disk: disk.into(),
                 detail: format!(
@@ -271,8 +276,8 @@ impl Overlay {
     }
 
     fn aligned(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % OVERLAY_BLOCK != 0
-            || len % OVERLAY_BLOCK != 0
+        if !whole_blocks(offset)
+            || !whole_blocks(len)
             || offset.checked_add(len).is_none_or(|e| e > self.size)
         {
             return Err(Error::Invalid(format!(
