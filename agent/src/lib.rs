@@ -4,6 +4,7 @@
 // The workspace's rust-version (1.85) predates `u64::is_multiple_of` (1.87).
 #![allow(clippy::manual_is_multiple_of)]
 
+pub mod mount;
 pub mod rct;
 pub mod vhdx;
 

@@ -5,6 +5,7 @@
 
 mod disk;
 mod measure;
+mod nbd;
 mod report;
 
 use std::path::PathBuf;

@@ -51,7 +51,7 @@ pub fn ensure_tools() -> Result<()> {
 }
 
 /// Runs `cmd` under `/usr/bin/time`, stdin from `input`, stdout to `output` (or discarded).
-fn timed(
+pub fn timed(
     work: &str,
     tool: &str,
     cmd: Command,
@@ -156,6 +156,8 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
         Some(&restore),
     )?);
     check_same(&r.raw, &restore)?;
+    let mount = || bv(args, &repo, &cache);
+    out.extend(crate::nbd::run_all(args, r, mount, &point)?);
 
     if args.sparse_factor > 1 {
         let big = w.join("sparse.raw");

@@ -12,6 +12,11 @@ struct Target {
 
 const TARGETS: &[Target] = &[
     Target {
+        work: "NBD nbdcopy whole disk",
+        against: "qemu-nbd",
+        max_ratio: 1.0,
+    },
+    Target {
         work: "full backup",
         against: "restic",
         max_ratio: 0.35,

@@ -30,6 +30,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Points(PointsCmd::List { vm }) => list_points(g, vm.as_deref()).await,
         Command::Points(PointsCmd::Show { point }) => show_point(g, &point).await,
         Command::Restore(RestoreCmd::Export(a)) => export(g, a).await,
+        Command::Restore(RestoreCmd::Mount(a)) => crate::mount::mount(g, a).await,
+        Command::Restore(RestoreCmd::Sessions) => crate::mount::sessions(g),
+        Command::Restore(RestoreCmd::Unmount(a)) => crate::mount::unmount(g, a).await,
         Command::Verify(a) => run_verify(g, a).await,
     }
 }
@@ -42,7 +45,7 @@ fn location(g: &Global) -> Result<String> {
     })
 }
 
-fn cache_dir(g: &Global) -> PathBuf {
+pub(crate) fn cache_dir(g: &Global) -> PathBuf {
     if let Some(d) = &g.cache_dir {
         return d.clone();
     }
@@ -55,7 +58,7 @@ fn cache_dir(g: &Global) -> PathBuf {
     PathBuf::from("/var/tmp/blockvault")
 }
 
-async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
+pub(crate) async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     let storage = Storage::open(&location(g)?, false)?;
     // Fail on a missing or foreign repository before asking for a password.
     Repository::read_config(&storage).await?;
@@ -67,7 +70,7 @@ async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     Ok(Repository::open(storage, &pw, &opts).await?)
 }
 
-fn print_json(v: &serde_json::Value) {
+pub(crate) fn print_json(v: &serde_json::Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(v).expect("JSON serialises")

@@ -2,6 +2,7 @@
 
 mod commands;
 mod exit;
+mod mount;
 mod password;
 mod progress;
 mod size;
@@ -140,6 +141,57 @@ pub enum PointsCmd {
 pub enum RestoreCmd {
     /// Write a disk of a restore point out as a raw image.
     Export(ExportArgs),
+    /// Serve disks of a restore point over NBD (boot a VM straight from the backup).
+    Mount(MountArgs),
+    /// List running mounts.
+    Sessions,
+    /// Stop a running mount.
+    Unmount(UnmountArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Point id or unique prefix.
+    pub point: String,
+    /// A disk of the point to serve; repeat for several (one export each).
+    #[arg(long = "disk", required = true)]
+    pub disks: Vec<String>,
+    /// TCP address to listen on.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Listen on a unix socket instead of TCP.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Export name (single disk only; default: the disk name).
+    #[arg(long)]
+    pub export_name: Option<String>,
+    /// Accept writes, kept in a copy-on-write overlay (the backup is never changed).
+    #[arg(long)]
+    pub writable: bool,
+    /// Directory holding the overlay (`<disk>.data` + `<disk>.map`); reuse it to resume.
+    #[arg(long, value_name = "DIR")]
+    pub overlay: Option<PathBuf>,
+    /// Copy the disk to this raw file in the background (a directory with several disks).
+    #[arg(long, value_name = "FILE")]
+    pub hydrate_to: Option<PathBuf>,
+    /// Memory for decoded chunks, shared by all disks.
+    #[arg(long, default_value = "256MiB")]
+    pub cache_size: String,
+    /// Chunks fetched at once per disk.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// Chunks read ahead of a sequential reader.
+    #[arg(long, default_value_t = 8)]
+    pub readahead: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct UnmountArgs {
+    /// Session id as listed by `restore sessions`.
+    pub session: Option<String>,
+    /// Stop every running mount.
+    #[arg(long, conflicts_with = "session")]
+    pub all: bool,
 }
 
 #[derive(Args, Debug)]

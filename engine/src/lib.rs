@@ -2,17 +2,27 @@
 //! points back (export, random access), and verify what is stored.
 
 mod backup;
+mod cache;
 mod error;
 mod export;
+mod hydrate;
+mod mounted;
+mod overlay;
 mod progress;
+mod random_read;
 mod reader;
 mod source;
 mod verify;
 
 pub use backup::{backup, BackupOptions, BackupOutcome, DiskJob, ReadPlan};
+pub use cache::CacheStats;
 pub use error::{Error, Result};
 pub use export::{export_raw, ExportTarget};
+pub use hydrate::{start_hydration, Hydration, HydrationStatus};
+pub use mounted::{MountedDisk, StatusRun};
+pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
 pub use progress::Progress;
+pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
 pub use verify::{verify, VerifyOptions, VerifyReport};

@@ -1,0 +1,159 @@
+//! `restore mount`: a restore-point disk (engine `MountedDisk`) served as an NBD block device.
+
+use std::sync::Arc;
+
+use blockvault_engine::{MountedDisk, Segment, OVERLAY_BLOCK};
+use blockvault_nbd::{BlockDevice, BlockSizes, DeviceError, Extent, ReadSegment};
+use bytes::Bytes;
+
+/// Largest extent a single block-status reply entry may describe.
+const MAX_EXTENT: u64 = 1 << 31;
+
+/// Adapter between the engine's mounted disk and the NBD server.
+pub struct MountDevice {
+    disk: Arc<MountedDisk>,
+}
+
+impl MountDevice {
+    pub fn new(disk: Arc<MountedDisk>) -> Self {
+        Self { disk }
+    }
+
+    pub fn disk(&self) -> &Arc<MountedDisk> {
+        &self.disk
+    }
+}
+
+fn to_device(e: blockvault_engine::Error) -> DeviceError {
+    match e {
+        blockvault_engine::Error::Invalid(m) => DeviceError::invalid(m),
+        other => DeviceError::io(other.to_string()),
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockDevice for MountDevice {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn read_only(&self) -> bool {
+        !self.disk.writable()
+    }
+
+    /// Every connection of the export shares this one overlay, so all see the same data.
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        let chunk = self.disk.reader().layout().chunk_size();
+        BlockSizes {
+            // The overlay keeps whole 4 KiB blocks; clients do read-modify-write for less.
+            minimum: if self.disk.writable() {
+                OVERLAY_BLOCK as u32
+            } else {
+                1
+            },
+            preferred: chunk,
+            maximum: 32 << 20,
+        }
+    }
+
+    fn supports_trim(&self) -> bool {
+        self.disk.writable()
+    }
+
+    fn supports_fast_zero(&self) -> bool {
+        self.disk.writable()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadSegment>, DeviceError> {
+        let segs = self
+            .disk
+            .read_at(offset, u64::from(len))
+            .await
+            .map_err(to_device)?;
+        Ok(segs
+            .into_iter()
+            .map(|s| match s {
+                Segment::Data(b) => ReadSegment::Data(b),
+                // A segment never exceeds the request length, which is a u32.
+                Segment::Zero(n) => ReadSegment::Zero(n as u32),
+            })
+            .collect())
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        if !self.disk.writable() {
+            return Err(DeviceError::perm("the mount is read-only"));
+        }
+        self.disk.write(offset, data).await.map_err(to_device)?;
+        if fua {
+            self.disk.flush().await.map_err(to_device)?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        _may_trim: bool,
+    ) -> Result<(), DeviceError> {
+        if !self.disk.writable() {
+            return Err(DeviceError::perm("the mount is read-only"));
+        }
+        self.disk
+            .write_zeroes(offset, u64::from(len))
+            .map_err(to_device)?;
+        if fua {
+            self.disk.flush().await.map_err(to_device)?;
+        }
+        Ok(())
+    }
+
+    /// Trimmed blocks read as zeroes afterwards (allowed: their content is unspecified).
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+        if !self.disk.writable() {
+            return Err(DeviceError::perm("the mount is read-only"));
+        }
+        self.disk
+            .write_zeroes(offset, u64::from(len))
+            .map_err(to_device)
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.disk.flush().await.map_err(to_device)
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
+        let runs = self
+            .disk
+            .block_status(offset, u64::from(len))
+            .map_err(to_device)?;
+        let mut out = Vec::with_capacity(runs.len());
+        for r in runs {
+            let hole = if r.hole { Extent::HOLE } else { 0 };
+            let flags = hole | if r.zero { Extent::ZERO } else { 0 };
+            out.push(Extent {
+                length: r.length.min(MAX_EXTENT) as u32,
+                flags,
+            });
+            if r.length > MAX_EXTENT {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Prefetches the range into the chunk cache.
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+        self.disk
+            .read_at(offset, u64::from(len))
+            .await
+            .map(|_| ())
+            .map_err(to_device)
+    }
+}

@@ -1,0 +1,414 @@
+//! `restore mount`, `restore sessions`, `restore unmount`: serve restore-point disks over NBD.
+//!
+//! A running mount writes a small JSON status file `<cache-dir>/sessions/<pid>.json` every
+//! second and removes it when it stops; `sessions` reads those files (ignoring and removing
+//! those of dead processes), `unmount` sends SIGTERM to the pid and waits for the file to go.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use blockvault_agent::mount::MountDevice;
+use blockvault_engine::{
+    start_hydration, DiskReader, Hydration, MountedDisk, Overlay, RandomReadOptions, RandomReader,
+    ReaderOptions,
+};
+use blockvault_nbd::{Export, Listener, Server, ServerConfig};
+use serde_json::json;
+
+use crate::commands::{cache_dir, open_repo, print_json};
+use crate::exit::InputError;
+use crate::size::{human, parse_size};
+use crate::{Global, MountArgs, UnmountArgs};
+
+fn input(msg: String) -> anyhow::Error {
+    anyhow!(InputError(msg))
+}
+
+fn sessions_dir(g: &Global) -> PathBuf {
+    cache_dir(g).join("sessions")
+}
+
+struct Mounted {
+    name: String,
+    export: String,
+    uri: String,
+    disk: Arc<MountedDisk>,
+    hydration: Option<Arc<Hydration>>,
+}
+
+pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
+    if a.overlay.is_some() && !a.writable {
+        return Err(input("--overlay needs --writable".into()));
+    }
+    if a.writable && a.overlay.is_none() {
+        return Err(input(
+            "--writable needs --overlay DIR (where the guest's writes are kept)".into(),
+        ));
+    }
+    if a.export_name.is_some() && a.disks.len() != 1 {
+        return Err(input(
+            "--export-name applies to a single --disk; with several disks each export is named after its disk".into(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(d) = a.disks.iter().find(|d| !seen.insert(*d)) {
+        return Err(input(format!("disk '{d}' is given twice")));
+    }
+    let cache = parse_size(&a.cache_size).map_err(|e| input(format!("--cache-size: {e}")))?;
+    let per_disk = (cache / a.disks.len() as u64) as usize;
+
+    let repo = open_repo(g).await?;
+    let id = repo.resolve_point(&a.point).await?;
+    let point = repo.load_point(&id).await?;
+    let point_hex = point.id.to_hex();
+
+    let listener: Listener = match (&a.listen, &a.socket) {
+        (Some(_), Some(_)) => return Err(input("give either --listen or --socket".into())),
+        (_, Some(path)) => {
+            if path.exists() {
+                return Err(input(format!(
+                    "socket {} already exists (another mount?); remove it first",
+                    path.display()
+                )));
+            }
+            tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("binding unix socket {}", path.display()))?
+                .into()
+        }
+        (listen, None) => {
+            let addr = listen.as_deref().unwrap_or("127.0.0.1:10809");
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?
+                .into()
+        }
+    };
+    let base_uri = |export: &str| match (&listener, &a.socket) {
+        (Listener::Tcp(l), _) => l
+            .local_addr()
+            .map(|addr| format!("nbd://{addr}/{export}"))
+            .unwrap_or_default(),
+        (Listener::Unix(_), Some(p)) => format!("nbd+unix:///{export}?socket={}", p.display()),
+        (Listener::Unix(_), None) => String::new(),
+    };
+
+    let mut disks = Vec::new();
+    for name in &a.disks {
+        let reader = Arc::new(DiskReader::open(
+            repo.clone(),
+            &point,
+            name,
+            ReaderOptions::default(),
+        )?);
+        let random = Arc::new(
+            RandomReader::open(
+                reader,
+                RandomReadOptions {
+                    cache_bytes: per_disk,
+                    parallel: a.parallel.max(1),
+                    readahead_chunks: a.readahead,
+                },
+            )
+            .await?,
+        );
+        let overlay = match &a.overlay {
+            Some(dir) => Some(Overlay::open(dir, name, &point_hex, random.size())?),
+            None => None,
+        };
+        let hydration = match &a.hydrate_to {
+            Some(p) => {
+                let file = if a.disks.len() == 1 {
+                    p.clone()
+                } else {
+                    std::fs::create_dir_all(p)
+                        .with_context(|| format!("creating {}", p.display()))?;
+                    p.join(format!("{name}.raw"))
+                };
+                Some(start_hydration(
+                    random.clone(),
+                    file,
+                    a.parallel.clamp(1, 4),
+                )?)
+            }
+            None => None,
+        };
+        let export = a.export_name.clone().unwrap_or_else(|| name.clone());
+        disks.push(Mounted {
+            name: name.clone(),
+            uri: base_uri(&export),
+            export,
+            disk: Arc::new(MountedDisk::new(random, overlay)?),
+            hydration,
+        });
+    }
+
+    let server = Server::new(ServerConfig::default())?;
+    for d in &disks {
+        server.add_export(
+            Export::new(&d.export, Arc::new(MountDevice::new(d.disk.clone())))
+                .with_description(format!("disk {} of restore point {}", d.name, point_hex)),
+        )?;
+    }
+
+    let dir = sessions_dir(g);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let status_path = dir.join(format!("{}.json", std::process::id()));
+    let started = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let status = {
+        let server = server.clone();
+        let (disks, point_hex, started) = (
+            disks
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        d.export.clone(),
+                        d.uri.clone(),
+                        d.disk.clone(),
+                        d.hydration.clone(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            point_hex.clone(),
+            started,
+        );
+        move || {
+            let s = server.stats().snapshot();
+            json!({
+                "session": std::process::id().to_string(),
+                "pid": std::process::id(),
+                "point": point_hex,
+                "started": started,
+                "connections": s.active_connections,
+                "total_connections": s.total_connections,
+                "bytes_served": s.bytes_read,
+                "bytes_written": s.bytes_written,
+                "disks": disks.iter().map(|(name, export, uri, disk, hyd)| json!({
+                    "name": name,
+                    "export": export,
+                    "uri": uri,
+                    "size": disk.size(),
+                    "writable": disk.writable(),
+                    "overlay_bytes": disk.overlay().map(|o| o.changed_bytes()),
+                    "cache": disk.reader().cache_stats(),
+                    "connections": s.sessions.iter().filter(|x| x.export.as_deref() == Some(export.as_str())).count(),
+                    "hydration": hyd.as_ref().map(|h| h.status()),
+                })).collect::<Vec<_>>(),
+            })
+        }
+    };
+    write_status(&status_path, &status())?;
+
+    let uris: Vec<&str> = disks.iter().map(|d| d.uri.as_str()).collect();
+    if g.json {
+        println!("{}", serde_json::to_string(&status())?);
+    } else {
+        for d in &disks {
+            println!("{}", d.uri);
+        }
+        eprintln!(
+            "serving {} disk(s) of restore point {} ({}, cache {}); stop with Ctrl-C or `blockvault restore unmount {}`",
+            disks.len(),
+            point_hex,
+            if a.writable { "writable" } else { "read-only" },
+            human(cache),
+            std::process::id()
+        );
+    }
+    use std::io::Write;
+    std::io::stdout().flush().ok();
+    tracing::info!(?uris, "mount ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let ticker = {
+        let (status, path) = (status.clone(), status_path.clone());
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                t.tick().await;
+                if let Err(e) = write_status(&path, &status()) {
+                    tracing::warn!(error = %e, "cannot update the session status file");
+                }
+            }
+        })
+    };
+    // serve() answers in-flight requests and flushes every writable export before returning.
+    let served = server.serve(listener, shutdown).await;
+    ticker.abort();
+    let mut result = served.map_err(anyhow::Error::from);
+    for d in &disks {
+        if let Err(e) = d.disk.flush().await {
+            result = result.and(Err(anyhow::Error::from(e)));
+        }
+        if let Some(h) = d.hydration.as_ref().filter(|h| h.is_complete()) {
+            match d.disk.fold_into(h.path()).await {
+                Ok(n) if n > 0 => eprintln!(
+                    "wrote {} of overlay changes into {}",
+                    human(n),
+                    h.path().display()
+                ),
+                Ok(_) => {}
+                Err(e) => result = result.and(Err(anyhow::Error::from(e))),
+            }
+        }
+    }
+    if let Some(p) = &a.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = std::fs::remove_file(&status_path);
+    result
+}
+
+fn write_status(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(v)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone: it will serve nothing more).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Status of live mounts; files of dead processes are removed.
+fn live_sessions(g: &Global) -> Vec<(PathBuf, serde_json::Value)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(sessions_dir(g)) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let Some(pid) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !alive(pid) {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if let Some(v) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        {
+            out.push((path, v));
+        }
+    }
+    out.sort_by_key(|(_, v)| v["pid"].as_u64());
+    out
+}
+
+pub fn sessions(g: &Global) -> Result<()> {
+    let list = live_sessions(g);
+    if g.json {
+        print_json(&json!(list.into_iter().map(|(_, v)| v).collect::<Vec<_>>()));
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no active mounts");
+    }
+    for (_, v) in list {
+        println!(
+            "session {}  point {}  connections {}  served {}",
+            v["session"].as_str().unwrap_or("?"),
+            v["point"].as_str().unwrap_or("?"),
+            v["connections"],
+            human(v["bytes_served"].as_u64().unwrap_or(0))
+        );
+        for d in v["disks"].as_array().into_iter().flatten() {
+            let hyd = match d["hydration"].as_object() {
+                Some(h) => format!(
+                    "  hydration {}/{}{}",
+                    human(h["bytes_done"].as_u64().unwrap_or(0)),
+                    human(h["bytes_total"].as_u64().unwrap_or(0)),
+                    if h["complete"].as_bool() == Some(true) {
+                        " (complete)"
+                    } else {
+                        ""
+                    }
+                ),
+                None => String::new(),
+            };
+            println!(
+                "  {}  {}{}{}",
+                d["name"].as_str().unwrap_or("?"),
+                d["uri"].as_str().unwrap_or("?"),
+                if d["writable"].as_bool() == Some(true) {
+                    "  writable"
+                } else {
+                    ""
+                },
+                hyd
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn unmount(g: &Global, a: UnmountArgs) -> Result<()> {
+    let list = live_sessions(g);
+    let targets: Vec<_> = if a.all {
+        list
+    } else {
+        let Some(s) = a.session.as_deref() else {
+            return Err(input(
+                "name a SESSION (see `restore sessions`) or pass --all".into(),
+            ));
+        };
+        let found: Vec<_> = list
+            .into_iter()
+            .filter(|(_, v)| v["session"].as_str() == Some(s))
+            .collect();
+        if found.is_empty() {
+            return Err(input(format!("no active mount session '{s}'")));
+        }
+        found
+    };
+    for (path, v) in &targets {
+        let pid = v["pid"].as_u64().unwrap_or(0) as i32;
+        let Some(p) = rustix::process::Pid::from_raw(pid) else {
+            continue;
+        };
+        rustix::process::kill_process(p, rustix::process::Signal::TERM)
+            .with_context(|| format!("signalling mount process {pid}"))?;
+        // The mount removes its status file as the last thing it does.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while path.exists() && alive(pid as u32) {
+            if Instant::now() > deadline {
+                bail!("mount process {pid} did not stop within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !g.json {
+            println!("stopped session {pid}");
+        }
+    }
+    if g.json {
+        print_json(
+            &json!({"stopped": targets.iter().map(|(_, v)| v["session"].clone()).collect::<Vec<_>>()}),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! Copy-on-write overlay of a mounted restore point: a sparse data file with the disk's own
+//! offsets plus a persisted allocation map, one byte per 4 KiB block.
+//!
+//! Map file layout (`<disk>.map`, all integers little-endian; do not change without bumping the
+//! version):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `BVOVMAP1` |
+//! | 8 | 4 | version (1) |
+//! | 12 | 4 | block size (4096) |
+//! | 16 | 8 | disk size in bytes |
+//! | 24 | 64 | restore point id, lowercase hex, zero-padded |
+//! | 88 | 4008 | zero |
+//! | 4096 | one byte per block | 0 = backup, 1 = data in the overlay file, 2 = zeroes |
+//!
+//! Durability: the map is only ever written after the data it describes has been fsynced (a
+//! flush snapshots the map, fsyncs the data file, then writes and fsyncs the snapshot), so after
+//! a crash the map never claims a block whose data is not durable. Writes not yet flushed may be
+//! lost, as the NBD protocol allows.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use crate::{Error, Result};
+
+pub const OVERLAY_BLOCK: u64 = 4096;
+const MAGIC: &[u8; 8] = b"BVOVMAP1";
+const VERSION: u32 = 1;
+const HEADER: u64 = 4096;
+/// The map is written back in pages of this many entries.
+const MAP_PAGE: usize = 4096;
+
+/// State of one overlay block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BlockState {
+    Backup = 0,
+    Data = 1,
+    Zero = 2,
+}
+
+impl BlockState {
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Backup),
+            1 => Some(Self::Data),
+            2 => Some(Self::Zero),
+            _ => None,
+        }
+    }
+}
+
+struct MapState {
+    blocks: Vec<u8>,
+    dirty: BTreeSet<usize>,
+}
+
+/// The writable layer of one disk, shared by every connection of its export.
+pub struct Overlay {
+    data: Arc<File>,
+    map_file: Arc<File>,
+    data_path: PathBuf,
+    map_path: PathBuf,
+    size: u64,
+    map: RwLock<MapState>,
+    /// Serialises flushes so two snapshots never race to the map file.
+    flushing: tokio::sync::Mutex<()>,
+    dirty_data: Mutex<bool>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Output {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Whether `n` is a multiple of the block size (a power of two).
+fn whole_blocks(n: u64) -> bool {
+    n & (OVERLAY_BLOCK - 1) == 0
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(Error::task)?
+}
+
+impl Overlay {
+    /// Opens the overlay of `disk` in directory `dir`, creating it when absent. An existing
+    /// overlay must belong to the same restore point and disk size.
+    pub fn open(dir: &Path, disk: &str, point: &str, size: u64) -> Result<Self> {
+        if !whole_blocks(size) {
+            return Err(Error::Disk {
+                disk: disk.into(),
+                detail: format!(
+                    "size {size} is not a multiple of {OVERLAY_BLOCK}; a writable overlay needs whole 4 KiB blocks"
+                ),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let data_path = dir.join(format!("{disk}.data"));
+        let map_path = dir.join(format!("{disk}.map"));
+        let nblocks = (size / OVERLAY_BLOCK) as usize;
+        let exists = map_path.exists();
+        let map_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&map_path)
+            .map_err(io(&map_path))?;
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(io(&data_path))?;
+        let bad = |detail: String| Error::Disk {
+            disk: disk.into(),
+            detail: format!("overlay map {}: {detail}", map_path.display()),
+        };
+        let blocks = if exists {
+            let mut header = [0u8; 88];
+            map_file
+                .read_exact_at(&mut header, 0)
+                .map_err(|e| bad(format!("cannot read the header: {e}")))?;
+            if &header[0..8] != MAGIC {
+                return Err(bad("not a blockvault overlay map (bad magic)".into()));
+            }
+            let version = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+            let block = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default());
+            let disk_size = u64::from_le_bytes(header[16..24].try_into().unwrap_or_default());
+            if version != VERSION || u64::from(block) != OVERLAY_BLOCK {
+                return Err(bad(format!(
+                    "unsupported version {version} / block size {block}"
+                )));
+            }
+            if disk_size != size {
+                return Err(bad(format!(
+                    "made for a disk of {disk_size} bytes, this disk has {size}"
+                )));
+            }
+            let owner = String::from_utf8_lossy(&header[24..88])
+                .trim_end_matches('\0')
+                .to_owned();
+            if owner != point {
+                return Err(bad(format!(
+                    "belongs to restore point {owner}, not {point}"
+                )));
+            }
+            let mut blocks = vec![0u8; nblocks];
+            map_file
+                .read_exact_at(&mut blocks, HEADER)
+                .map_err(|e| bad(format!("truncated block map: {e}")))?;
+            if let Some(i) = blocks
+                .iter()
+                .position(|b| BlockState::from_byte(*b).is_none())
+            {
+                return Err(bad(format!("block {i} has invalid state {}", blocks[i])));
+            }
+            blocks
+        } else {
+            if point.is_empty() || point.len() > 64 || !point.is_ascii() {
+                return Err(Error::Invalid(format!(
+                    "restore point id '{point}' does not fit the overlay header"
+                )));
+            }
+            let mut header = vec![0u8; HEADER as usize];
+            header[0..8].copy_from_slice(MAGIC);
+            header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            header[12..16].copy_from_slice(&(OVERLAY_BLOCK as u32).to_le_bytes());
+            header[16..24].copy_from_slice(&size.to_le_bytes());
+            header[24..24 + point.len()].copy_from_slice(point.as_bytes());
+            data.set_len(0).map_err(io(&data_path))?;
+            data.set_len(size).map_err(io(&data_path))?;
+            data.sync_all().map_err(io(&data_path))?;
+            map_file
+                .set_len(HEADER + nblocks as u64)
+                .map_err(io(&map_path))?;
+            map_file.write_all_at(&header, 0).map_err(io(&map_path))?;
+            map_file.sync_all().map_err(io(&map_path))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+            vec![0u8; nblocks]
+        };
+        Ok(Self {
+            data: Arc::new(data),
+            map_file: Arc::new(map_file),
+            data_path,
+            map_path,
+            size,
+            map: RwLock::new(MapState {
+                blocks,
+                dirty: BTreeSet::new(),
+            }),
+            flushing: tokio::sync::Mutex::new(()),
+            dirty_data: Mutex::new(false),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn data_path(&self) -> &Path {
+        &self.data_path
+    }
+
+    /// Runs of equal block state over `offset..offset+len` (both 4 KiB aligned).
+    pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, BlockState)> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<(u64, u64, BlockState)> = Vec::new();
+        let first = offset / OVERLAY_BLOCK;
+        let last = (offset + len).div_ceil(OVERLAY_BLOCK);
+        for b in first..last {
+            let st = BlockState::from_byte(map.blocks[b as usize]).unwrap_or(BlockState::Backup);
+            let from = (b * OVERLAY_BLOCK).max(offset);
+            let to = ((b + 1) * OVERLAY_BLOCK).min(offset + len);
+            match out.last_mut() {
+                Some((_, l, s)) if *s == st => *l += to - from,
+                _ => out.push((from, to - from, st)),
+            }
+        }
+        out
+    }
+
+    fn mark(&self, offset: u64, len: u64, st: BlockState) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        let first = (offset / OVERLAY_BLOCK) as usize;
+        let last = (offset + len).div_ceil(OVERLAY_BLOCK) as usize;
+        for b in first..last {
+            if map.blocks[b] != st as u8 {
+                map.blocks[b] = st as u8;
+                map.dirty.insert(b / MAP_PAGE);
+            }
+        }
+    }
+
+    /// Reads overlay data (only meaningful where the map says `Data`).
+    pub async fn read_data(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let f = self.data.clone();
+        let p = self.data_path.clone();
+        blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, offset).map_err(io(&p))?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// Writes whole blocks.
+    pub async fn write(&self, offset: u64, data: bytes::Bytes) -> Result<()> {
+        self.aligned(offset, data.len() as u64)?;
+        let f = self.data.clone();
+        let p = self.data_path.clone();
+        let len = data.len() as u64;
+        blocking(move || f.write_all_at(&data, offset).map_err(io(&p))).await?;
+        *self
+            .dirty_data
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+        self.mark(offset, len, BlockState::Data);
+        Ok(())
+    }
+
+    /// Makes whole blocks read as zeroes (also used for trim).
+    pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.aligned(offset, len)?;
+        self.mark(offset, len, BlockState::Zero);
+        Ok(())
+    }
+
+    fn aligned(&self, offset: u64, len: u64) -> Result<()> {
+        if !whole_blocks(offset)
+            || !whole_blocks(len)
+            || offset.checked_add(len).is_none_or(|e| e > self.size)
+        {
+            return Err(Error::Invalid(format!(
+                "overlay access of {len} bytes at {offset} is not whole 4 KiB blocks inside the disk"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes every write and zeroing that has returned durable, data first, then the map.
+    pub async fn flush(&self) -> Result<()> {
+        let _one = self.flushing.lock().await;
+        let pages: Vec<(usize, Vec<u8>)> = {
+            let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+            let dirty = std::mem::take(&mut map.dirty);
+            dirty
+                .into_iter()
+                .map(|p| {
+                    let from = p * MAP_PAGE;
+                    let to = (from + MAP_PAGE).min(map.blocks.len());
+                    (p, map.blocks[from..to].to_vec())
+                })
+                .collect()
+        };
+        let sync_data = std::mem::take(
+            &mut *self
+                .dirty_data
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let (data, dp) = (self.data.clone(), self.data_path.clone());
+        let (mf, mp) = (self.map_file.clone(), self.map_path.clone());
+        let res = blocking(move || {
+            if sync_data {
+                data.sync_data().map_err(io(&dp))?;
+            }
+            if !pages.is_empty() {
+                for (p, bytes) in &pages {
+                    mf.write_all_at(bytes, HEADER + (p * MAP_PAGE) as u64)
+                        .map_err(io(&mp))?;
+                }
+                mf.sync_data().map_err(io(&mp))?;
+            }
+            Ok(pages)
+        })
+        .await;
+        if let Err(e) = &res {
+            tracing::warn!(error = %e, "overlay flush failed");
+            // Nothing is known durable: write the whole map at the next flush.
+            let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+            let n = map.blocks.len().div_ceil(MAP_PAGE);
+            map.dirty.extend(0..n);
+            *self
+                .dirty_data
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = true;
+        }
+        res.map(|_| ())
+    }
+
+    /// Bytes of the disk the overlay holds (data or zeroes).
+    pub fn changed_bytes(&self) -> u64 {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.blocks.iter().filter(|b| **b != 0).count() as u64 * OVERLAY_BLOCK
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POINT: &str = "ab01ab01ab01ab01";
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn flushed_writes_survive_reopen_and_unflushed_map_changes_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+            o.write(8192, bytes::Bytes::from(vec![7u8; 8192]))
+                .await
+                .unwrap();
+            o.zero(65536, 4096).unwrap();
+            o.flush().await.unwrap();
+            // Not flushed: the map on disk must not name this block.
+            o.write(131072, bytes::Bytes::from(vec![9u8; 4096]))
+                .await
+                .unwrap();
+            drop(o);
+            let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+            assert_eq!(
+                o.runs(0, 16384),
+                vec![
+                    (0, 8192, BlockState::Backup),
+                    (8192, 8192, BlockState::Data)
+                ]
+            );
+            assert_eq!(o.runs(65536, 8192)[0], (65536, 4096, BlockState::Zero));
+            assert_eq!(
+                o.runs(131072, 4096),
+                vec![(131072, 4096, BlockState::Backup)]
+            );
+            assert_eq!(o.read_data(8192, 8192).await.unwrap(), vec![7u8; 8192]);
+            assert_eq!(o.changed_bytes(), 3 * 4096);
+        });
+    }
+
+    #[test]
+    fn refuses_foreign_or_damaged_maps_and_misaligned_access() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+        assert!(matches!(o.zero(100, 4096), Err(Error::Invalid(_))));
+        assert!(matches!(o.zero(0, 2 << 20), Err(Error::Invalid(_))));
+        drop(o);
+        let other = POINT.replace("ab", "cd");
+        let e = Overlay::open(dir.path(), "sys", &other, 1 << 20)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("belongs to restore point"), "{e}");
+        let e = Overlay::open(dir.path(), "sys", POINT, 2 << 20)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("made for a disk of"), "{e}");
+        let map = dir.path().join("sys.map");
+        let f = OpenOptions::new().write(true).open(&map).unwrap();
+        f.write_all_at(&[9], HEADER + 3).unwrap();
+        let e = Overlay::open(dir.path(), "sys", POINT, 1 << 20)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("block 3 has invalid state 9"), "{e}");
+        f.write_all_at(b"garbage!", 0).unwrap();
+        let e = Overlay::open(dir.path(), "sys", POINT, 1 << 20)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("bad magic"), "{e}");
+        assert!(Overlay::open(dir.path(), "odd", POINT, 1000).is_err());
+    }
+}

@@ -1,0 +1,541 @@
+//! `restore mount`: real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy) against the served
+//! restore point, the writable overlay, hydration, sessions and unmount.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const CHUNK: u64 = 64 << 10;
+
+fn require(tool: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is needed by the mount tests; install it with scripts/install-deps.sh \
+         (Debian packages qemu-utils, libnbd-bin, python3-libnbd, nbdkit)"
+    );
+}
+
+/// A running `restore mount`, killed by pid when dropped (also when a test fails).
+struct Mount {
+    child: Option<Child>,
+    uris: Vec<String>,
+    stderr: PathBuf,
+}
+
+impl Mount {
+    fn start(w: &World, args: &[&str], disks: usize) -> Mount {
+        let stderr = w.path(&format!("mount-{}.log", rand::random::<u32>()));
+        let mut all = vec!["restore", "mount"];
+        all.extend_from_slice(args);
+        let mut child = w
+            .cmd(&all)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawning blockvault restore mount");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut m = Mount {
+            child: Some(child),
+            uris: Vec::new(),
+            stderr,
+        };
+        while m.uris.len() < disks {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) => m.uris.push(l),
+                Err(_) => panic!("mount printed no URI; log:\n{}", m.log()),
+            }
+        }
+        m
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for the process to end by itself; returns whether it exited successfully.
+    fn wait(&mut self, limit: Duration) -> bool {
+        let mut c = self.child.take().unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.success();
+            }
+            if t.elapsed() > limit {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("mount did not stop within {limit:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sigterm(&mut self) -> bool {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        self.wait(Duration::from_secs(30))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    require(cmd);
+    Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+}
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn compare(a: &Path, b: &Path) {
+    ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+}
+
+/// An 8 MiB image backed up as one point of 64 KiB chunks; returns (world, image, point).
+fn setup(seed: u64) -> (World, PathBuf, String) {
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    make_image(&img, 8 << 20, seed, 6);
+    let p = w.backup("vm", &[("sys", &img)]);
+    let point = p["point"].as_str().unwrap().to_owned();
+    (w, img, point)
+}
+
+fn sessions(w: &World) -> serde_json::Value {
+    w.json(&["restore", "sessions"])
+}
+
+#[test]
+fn read_only_mount_serves_the_point_to_real_clients() {
+    let (w, img, point) = setup(41);
+    let mut m = Mount::start(&w, &[&point, "--disk", "sys", "--listen", "127.0.0.1:0"], 1);
+    let uri = m.uris[0].clone();
+    assert!(
+        uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/sys"),
+        "{uri}"
+    );
+
+    // qemu: whole-disk copy and compare against the original image.
+    let out = w.path("out.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ],
+    );
+    compare(&img, &out);
+
+    // libnbd: four connections at once (the export advertises multi-conn).
+    let info = ok("nbdinfo", &[&uri]);
+    assert!(info.contains("can_multi_conn: true"), "{info}");
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let out2 = w.path("out2.raw");
+    ok(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--threads=4",
+            &uri,
+            out2.to_str().unwrap(),
+        ],
+    );
+    compare(&img, &out2);
+
+    // Block status: holes exactly where the point has zero chunks.
+    let data = std::fs::read(&img).unwrap();
+    let mut expected: Vec<(u64, u64, bool)> = Vec::new();
+    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+        let zero = c.iter().all(|b| *b == 0);
+        match expected.last_mut() {
+            Some(e) if e.2 == zero => e.1 += c.len() as u64,
+            _ => expected.push((i as u64 * CHUNK, c.len() as u64, zero)),
+        }
+    }
+    assert!(expected.iter().any(|e| e.2) && expected.iter().any(|e| !e.2));
+    let map = ok("nbdinfo", &["--map", &uri]);
+    let mut got: Vec<(u64, u64, bool)> = Vec::new();
+    for e in map.lines().map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            match f[2] {
+                "3" => true,
+                "0" => false,
+                t => panic!("unexpected extent type {t} in {l}"),
+            },
+        )
+    }) {
+        // Extents may arrive split across replies; compare the merged runs.
+        match got.last_mut() {
+            Some(g) if g.2 == e.2 && g.0 + g.1 == e.0 => g.1 += e.1,
+            _ => got.push(e),
+        }
+    }
+    assert_eq!(got, expected, "nbdinfo --map:\n{map}");
+
+    // A write to a read-only mount is refused with EPERM by the server (libnbd's own checks are
+    // off so the request really goes out) and the mount keeps serving.
+    let script =
+        "import nbd, sys\nh = nbd.NBD(); h.set_strict_mode(0); h.connect_uri(sys.argv[1])\n\
+                  try:\n    h.pwrite(b'x' * 4096, 0); print('written')\n\
+                  except nbd.Error as e:\n    print('errno', e.errno)\n";
+    let o = ok("/usr/bin/python3", &["-c", script, &uri]);
+    assert_eq!(o.trim(), "errno EPERM");
+    let again = w.path("again.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            again.to_str().unwrap(),
+        ],
+    );
+    compare(&img, &again);
+
+    // Sessions list the mount with what it served; unmount stops it cleanly.
+    // The status file is refreshed every second.
+    let t = Instant::now();
+    let s = loop {
+        let s = sessions(&w);
+        if s[0]["bytes_served"].as_u64().unwrap_or(0) > 0 || t.elapsed() > Duration::from_secs(5) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let list = s.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{s}");
+    assert!(list[0]["total_connections"].as_u64().unwrap() >= 4, "{s}");
+    assert_eq!(list[0]["point"], point.as_str());
+    assert_eq!(list[0]["disks"][0]["uri"], uri.as_str());
+    assert_eq!(list[0]["pid"], m.pid());
+    assert!(list[0]["bytes_served"].as_u64().unwrap() > 0, "{s}");
+    let session = list[0]["session"].as_str().unwrap().to_owned();
+    w.ok(&["restore", "unmount", &session]);
+    assert!(m.wait(Duration::from_secs(10)), "log:\n{}", m.log());
+    assert_eq!(sessions(&w), serde_json::json!([]));
+    let o = run("nbdinfo", &[&uri]);
+    assert!(!o.status.success(), "the mount still answers after unmount");
+}
+
+#[test]
+fn writable_overlay_is_shared_and_survives_a_restart() {
+    let (w, img, point) = setup(42);
+    let overlay = w.path("overlay");
+    let ov = overlay.to_str().unwrap();
+    let args = [
+        &point,
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--writable",
+        "--overlay",
+        ov,
+    ];
+    let mut m = Mount::start(&w, &args, 1);
+    let uri = m.uris[0].clone();
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1000k 72k",
+            "-c",
+            "write -z 3m 128k",
+            "-c",
+            "write -P 0x5c 8188k 4k",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    // The same data through a second, independent connection.
+    let check = |uri: &str| {
+        let out = ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0xab 1000k 72k",
+                "-c",
+                "read -P 0 3m 128k",
+                "-c",
+                "read -P 0x5c 8188k 4k",
+                uri,
+            ],
+        );
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    };
+    check(&uri);
+    // The whole disk equals the original with the same writes applied.
+    let expect = w.path("expect.raw");
+    std::fs::copy(&img, &expect).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&expect)
+        .unwrap();
+    f.write_all_at(&vec![0xab; 72 << 10], 1000 << 10).unwrap();
+    f.write_all_at(&vec![0; 128 << 10], 3 << 20).unwrap();
+    f.write_all_at(&vec![0x5c; 4 << 10], 8188 << 10).unwrap();
+    let out = w.path("out.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ],
+    );
+    compare(&expect, &out);
+    assert!(m.sigterm(), "log:\n{}", m.log());
+
+    // Same overlay, new process: every flushed write is still there.
+    let m2 = Mount::start(&w, &args, 1);
+    check(&m2.uris[0]);
+    let out2 = w.path("out2.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &m2.uris[0],
+            out2.to_str().unwrap(),
+        ],
+    );
+    compare(&expect, &out2);
+    // A flushed write survives SIGKILL of the mount.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3e 5m 8k",
+            "-c",
+            "flush",
+            &m2.uris[0],
+        ],
+    );
+    let killed = m2.pid();
+    drop(m2); // SIGKILL: no chance to clean up
+    let stale = w.cache.join("sessions").join(format!("{killed}.json"));
+    assert!(
+        stale.exists(),
+        "a killed mount leaves its status file behind"
+    );
+    assert_eq!(
+        sessions(&w),
+        serde_json::json!([]),
+        "stale sessions are ignored"
+    );
+    assert!(!stale.exists(), "and cleaned up");
+    let m3 = Mount::start(&w, &args, 1);
+    let out = ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x3e 5m 8k", &m3.uris[0]],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    drop(m3);
+
+    // An overlay belongs to one restore point: another point is refused by name.
+    make_image(&img, 8 << 20, 43, 3);
+    let other = w.backup("vm", &[("sys", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let o = w.run(&[
+        "restore",
+        "mount",
+        &other,
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--writable",
+        "--overlay",
+        ov,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("belongs to restore point"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn two_disks_over_a_unix_socket() {
+    let w = World::with_repo("64KiB");
+    let (a, b) = (w.path("a.raw"), w.path("b.raw"));
+    make_image(&a, 4 << 20, 51, 4);
+    make_image(&b, 6 << 20, 52, 4);
+    let point = w.backup("vm", &[("sys", &a), ("data", &b)])["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sock = w.path("nbd.sock");
+    let mut m = Mount::start(
+        &w,
+        &[
+            &point,
+            "--disk",
+            "sys",
+            "--disk",
+            "data",
+            "--socket",
+            sock.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert_eq!(
+        m.uris[0],
+        format!("nbd+unix:///sys?socket={}", sock.display())
+    );
+    for (uri, img) in [(&m.uris[0], &a), (&m.uris[1], &b)] {
+        let out = w.path("out.raw");
+        ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                uri,
+                out.to_str().unwrap(),
+            ],
+        );
+        compare(img, &out);
+    }
+    let s = sessions(&w);
+    assert_eq!(s[0]["disks"].as_array().unwrap().len(), 2, "{s}");
+    assert!(m.sigterm(), "log:\n{}", m.log());
+    assert!(!sock.exists(), "the socket is removed at exit");
+    assert_eq!(sessions(&w), serde_json::json!([]));
+}
+
+#[test]
+fn hydration_makes_a_complete_local_copy_with_the_overlay_folded_in() {
+    let (w, img, point) = setup(61);
+    let hyd = w.path("hydrated.raw");
+    let overlay = w.path("ov");
+    let mut m = Mount::start(
+        &w,
+        &[
+            &point,
+            "--disk",
+            "sys",
+            "--listen",
+            "127.0.0.1:0",
+            "--writable",
+            "--overlay",
+            overlay.to_str().unwrap(),
+            "--hydrate-to",
+            hyd.to_str().unwrap(),
+        ],
+        1,
+    );
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 2m 64k", &m.uris[0]],
+    );
+    let t = Instant::now();
+    loop {
+        let s = sessions(&w);
+        let h = &s[0]["disks"][0]["hydration"];
+        assert!(h.is_object(), "{s}");
+        assert!(h["error"].is_null(), "{s}");
+        if h["complete"] == true {
+            assert_eq!(h["bytes_done"], h["bytes_total"]);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "hydration stalled: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Until the mount stops, the hydrated file is the restore point itself.
+    compare(&img, &hyd);
+    let session = m.pid().to_string();
+    w.ok(&["restore", "unmount", &session]);
+    assert!(m.wait(Duration::from_secs(10)), "log:\n{}", m.log());
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&vec![0x77; 64 << 10], 2 << 20).unwrap();
+    compare(&img, &hyd);
+}
