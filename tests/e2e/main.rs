@@ -5,3 +5,5 @@ mod common;
 mod backup_restore;
 mod crash_and_concurrency;
 mod damage;
+mod s3;
+mod s3_support;
