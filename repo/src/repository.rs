@@ -16,8 +16,9 @@ use crate::format::{CONFIG_PATH, INDEX_DIR, PACKS_DIR, PACK_TRAILER_LEN, POINTS_
 use crate::index::LocalIndex;
 use crate::segment::{self, PackRecord};
 use crate::{
-    BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, IndexStats, KdfParams, Location,
-    BlobCacheStats, PackBuilder, PackEntry, PackId, PointId, PointManifest, Result, SealedPack, SegmentId, Storage,
+    BlobCacheStats, BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, IndexStats, KdfParams,
+    Location, PackBuilder, PackEntry, PackId, PointId, PointManifest, Result, SealedPack,
+    SegmentId, Storage,
 };
 
 /// How much of a pack's tail to fetch at once when reading its table of contents: one request
@@ -288,7 +289,10 @@ impl Repository {
                 if let Some(c) = &self.blob_cache {
                     c.remove(loc);
                 }
-                tracing::debug!("blob in pack {} failed to decode ({e}); refetching", loc.pack);
+                tracing::debug!(
+                    "blob in pack {} failed to decode ({e}); refetching",
+                    loc.pack
+                );
                 let raw = self.fetch_blob_bytes_uncached(loc).await?;
                 self.decode_blob(id, kind, loc, raw).await
             }
