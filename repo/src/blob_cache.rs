@@ -211,7 +211,7 @@ mod tests {
         }
     }
 
-    fn disk_usage(dir: &Path) -> u64 {
+    fn disk_usage(dir: &std::path::Path) -> u64 {
         let mut t = 0;
         for s in std::fs::read_dir(dir).unwrap().flatten() {
             for f in std::fs::read_dir(s.path()).unwrap().flatten() {

@@ -62,7 +62,7 @@ impl RetryPolicy {
     }
 }
 
-/// Whether an error came from a retry of an operation that may already have taken effect.
+/// True when the store refused a create-only put because the object already exists.
 pub fn is_already_exists(e: &Error) -> bool {
     matches!(
         e,
