@@ -19,3 +19,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# moto's standalone S3 server (moto_server): the S3-protocol server the S3 repository tests run against.
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "installing: moto[server] (pip)" >&2
+  python3 -m pip install --quiet 'moto[server]>=5.0.20' || pip3 install --quiet 'moto[server]>=5.0.20'
+fi

@@ -14,6 +14,7 @@ use serde_json::json;
 use crate::exit::{InputError, VerifyFailed};
 use crate::progress::Bar;
 use crate::size::{human, parse_size};
+use crate::store_opts::store_options;
 use crate::{
     password, BackupArgs, Cli, Command, ExportArgs, Global, IndexCmd, InitArgs, PointsCmd, RepoCmd,
     RestoreCmd, VerifyArgs,
@@ -59,7 +60,7 @@ pub(crate) fn cache_dir(g: &Global) -> PathBuf {
 }
 
 pub(crate) async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
-    let storage = Storage::open(&location(g)?, false)?;
+    let storage = Storage::open_with(&location(g)?, false, &store_options(g)?)?;
     // Fail on a missing or foreign repository before asking for a password.
     Repository::read_config(&storage).await?;
     let pw = password::obtain(g.password_file.as_deref(), false)?;
@@ -80,7 +81,7 @@ pub(crate) fn print_json(v: &serde_json::Value) {
 async fn init(g: &Global, a: InitArgs) -> Result<()> {
     let chunk = parse_size(&a.chunk_size).map_err(|e| anyhow!(InputError(e)))?;
     blockvault_chunker::check_chunk_size(chunk).map_err(|e| anyhow!(InputError(e.to_string())))?;
-    let storage = Storage::open(&location(g)?, true)?;
+    let storage = Storage::open_with(&location(g)?, true, &store_options(g)?)?;
     let pw = password::obtain(g.password_file.as_deref(), true)?;
     let kdf = match a.kdf_memory_kib {
         Some(m) => KdfParams::with_memory(m.max(8 * 1024)),
@@ -252,6 +253,7 @@ async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
     if let Some(w) = a.workers {
         opts.workers = w.max(1);
     }
+    let storage = repo.storage().clone();
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
     let outcome = backup(repo, jobs, opts, progress).await;
@@ -262,7 +264,7 @@ async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
         print_json(&json!({
             "point": m.id, "vm": m.vm, "created": m.created,
             "bytes_read": t.bytes_read, "bytes_new": t.bytes_new, "bytes_stored": t.bytes_stored,
-            "duration_ms": m.duration_ms,
+            "duration_ms": m.duration_ms, "storage": storage.stats(),
             "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "kind": d.kind, "full_reason": d.full_reason, "stats": d.stats})).collect::<Vec<_>>(),
         }));
     } else {
@@ -380,6 +382,7 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
     let repo = open_repo(g).await?;
     let id = repo.resolve_point(&a.point).await?;
     let m = repo.load_point(&id).await?;
+    let stats_of = repo.clone();
     let reader = Arc::new(DiskReader::open(
         repo,
         &m,
@@ -404,7 +407,8 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
     bar.finish();
     r?;
     if g.json && !to_stdout {
-        print_json(&json!({"point": m.id, "disk": a.disk, "size": reader.size(), "out": a.out}));
+        print_json(&json!({"point": m.id, "disk": a.disk, "size": reader.size(), "out": a.out,
+            "storage": stats_of.storage().stats(), "blob_cache": stats_of.blob_cache_stats()}));
     } else if !to_stdout {
         println!(
             "exported disk {} of point {} ({}) to {}",

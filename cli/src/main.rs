@@ -6,6 +6,7 @@ mod mount;
 mod password;
 mod progress;
 mod size;
+mod store_opts;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +28,7 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Repository location: a directory path (the embedded default).
+    /// Repository location: a directory path or s3://BUCKET/PREFIX (credentials from AWS_*).
     #[arg(long, env = "BLOCKVAULT_REPO", global = true)]
     pub repo: Option<String>,
     /// Read the repository password from this file (else BLOCKVAULT_PASSWORD, else a prompt).
@@ -45,6 +46,24 @@ pub struct Global {
     /// No progress bars.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Endpoint of an S3-compatible service, e.g. http://127.0.0.1:9000 (else AWS_ENDPOINT_URL or AWS).
+    #[arg(long, env = "BLOCKVAULT_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// Allow a plain-HTTP S3 endpoint.
+    #[arg(long, global = true)]
+    pub s3_allow_http: bool,
+    /// Object-store requests in flight at once (default 16).
+    #[arg(long, global = true)]
+    pub s3_concurrency: Option<usize>,
+    /// Upload bandwidth limit, e.g. 50MiB/s.
+    #[arg(long, global = true, value_name = "RATE")]
+    pub limit_upload: Option<String>,
+    /// Download bandwidth limit, e.g. 50MiB/s.
+    #[arg(long, global = true, value_name = "RATE")]
+    pub limit_download: Option<String>,
+    /// Bound of the on-disk cache of blobs read from a remote repository (default 1GiB; 0 disables).
+    #[arg(long, global = true, value_name = "SIZE")]
+    pub cache_size: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -6,6 +6,7 @@
 //! and is rebuilt from pack tables of contents and index segments.
 
 mod blob;
+mod blob_cache;
 mod config;
 mod crypto;
 mod error;
@@ -16,10 +17,14 @@ mod manifest;
 mod pack;
 mod page;
 mod repository;
+mod retry;
+mod s3;
 mod segment;
 mod storage;
+mod throttle;
 
 pub use blob::{BlobKind, EncodedBlob};
+pub use blob_cache::BlobCacheStats;
 pub use blockvault_chunker::{ChunkHasher, ChunkId};
 pub use config::{KdfParams, RepoConfig};
 pub use error::{Error, Result};
@@ -32,4 +37,5 @@ pub use pack::{PackBuilder, PackEntry, SealedPack};
 pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
 pub use repository::{OpenOptions, PackDamage, Repository, SyncReport, VerifiedPack};
 pub use segment::PackRecord;
-pub use storage::Storage;
+pub use s3::{S3Location, StoreOptions};
+pub use storage::{Storage, StorageStats};

@@ -16,8 +16,9 @@ use crate::format::{CONFIG_PATH, INDEX_DIR, PACKS_DIR, PACK_TRAILER_LEN, POINTS_
 use crate::index::LocalIndex;
 use crate::segment::{self, PackRecord};
 use crate::{
-    BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, IndexStats, KdfParams, Location,
-    PackBuilder, PackEntry, PackId, PointId, PointManifest, Result, SealedPack, SegmentId, Storage,
+    BlobCacheStats, BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, IndexStats, KdfParams,
+    Location, PackBuilder, PackEntry, PackId, PointId, PointManifest, Result, SealedPack,
+    SegmentId, Storage,
 };
 
 /// How much of a pack's tail to fetch at once when reading its table of contents: one request
@@ -65,6 +66,8 @@ pub struct Repository {
     index: Arc<LocalIndex>,
     zstd_level: i32,
     sync_lock: tokio::sync::Mutex<()>,
+    /// Blob bytes fetched from a remote store, kept on local disk for the next cold read.
+    blob_cache: Option<crate::blob_cache::BlobCache>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -164,6 +167,13 @@ impl Repository {
         let index_path = opts.cache_dir.join(&config.id).join("index");
         let repo_id = config.id.clone();
         let (index, fresh) = blocking(move || LocalIndex::open(&index_path, &repo_id)).await??;
+        let blob_cache = match storage.remote_cache_size() {
+            Some(bound) => {
+                let dir = opts.cache_dir.join(&config.id).join("blobs");
+                blocking(move || crate::blob_cache::BlobCache::open(dir, bound)).await?
+            }
+            None => None,
+        };
         let repo = Arc::new(Self {
             storage,
             config,
@@ -171,6 +181,7 @@ impl Repository {
             index: Arc::new(index),
             zstd_level: opts.zstd_level,
             sync_lock: tokio::sync::Mutex::new(()),
+            blob_cache,
         });
         repo.sync_index(fresh).await?;
         Ok(repo)
@@ -271,11 +282,44 @@ impl Repository {
         loc: &Location,
     ) -> Result<Vec<u8>> {
         let raw = self.fetch_blob_bytes(loc).await?;
-        self.decode_blob(id, kind, loc, raw).await
+        match self.decode_blob(id, kind, loc, raw).await {
+            Err(e) if self.blob_cache.is_some() => {
+                // The copy may have been damaged on local disk, not in the repository: drop it
+                // and judge the blob by what the store holds.
+                if let Some(c) = &self.blob_cache {
+                    c.remove(loc);
+                }
+                tracing::debug!(
+                    "blob in pack {} failed to decode ({e}); refetching",
+                    loc.pack
+                );
+                let raw = self.fetch_blob_bytes_uncached(loc).await?;
+                self.decode_blob(id, kind, loc, raw).await
+            }
+            r => r,
+        }
     }
 
-    /// Fetches a blob's stored bytes (one range read of its pack).
+    /// Hits and misses of the on-disk blob cache (remote stores only).
+    pub fn blob_cache_stats(&self) -> Option<BlobCacheStats> {
+        self.blob_cache.as_ref().map(|c| c.stats())
+    }
+
+    /// Fetches a blob's stored bytes: from the on-disk cache when the store is remote and the
+    /// blob was read before, else with one range read of its pack.
     pub async fn fetch_blob_bytes(&self, loc: &Location) -> Result<Bytes> {
+        let Some(cache) = &self.blob_cache else {
+            return self.fetch_blob_bytes_uncached(loc).await;
+        };
+        if let Some(b) = cache.get(loc) {
+            return Ok(b);
+        }
+        let b = self.fetch_blob_bytes_uncached(loc).await?;
+        cache.put(loc, &b);
+        Ok(b)
+    }
+
+    async fn fetch_blob_bytes_uncached(&self, loc: &Location) -> Result<Bytes> {
         let path = pack_path(&loc.pack);
         match self
             .storage

@@ -6,3 +6,5 @@ mod backup_restore;
 mod crash_and_concurrency;
 mod damage;
 mod mount;
+mod s3;
+mod s3_support;

@@ -1,0 +1,175 @@
+//! Opening `s3://BUCKET/PREFIX` locations: Amazon S3 or any S3-compatible service.
+//!
+//! Credentials come only from the standard `AWS_*` environment variables (or the instance
+//! metadata service), never from the location string, so nothing that is shown to users or
+//! written to logs can contain them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjPath;
+use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+
+use crate::{Error, Result};
+
+/// How a remote object store is reached. Defaults suit Amazon S3 itself.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Endpoint of an S3-compatible service (e.g. `http://127.0.0.1:9000`); `None` means AWS,
+    /// or `AWS_ENDPOINT_URL` when set.
+    pub s3_endpoint: Option<String>,
+    /// Allow plain-HTTP endpoints (S3-compatible services on a trusted network).
+    pub s3_allow_http: bool,
+    /// Requests in flight at once against the store.
+    pub concurrency: usize,
+    /// Upload and download limits in bytes per second.
+    pub limit_upload: Option<u64>,
+    pub limit_download: Option<u64>,
+    /// Bound of the on-disk cache of blobs read from a remote store; 0 disables it.
+    pub cache_size: u64,
+    /// The store's own per-request retry budget (server errors, timeouts, resets).
+    pub max_retries: usize,
+    pub retry_timeout: Duration,
+    /// A request that makes no progress for this long is abandoned (and retried).
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            s3_endpoint: None,
+            s3_allow_http: false,
+            concurrency: 16,
+            limit_upload: None,
+            limit_download: None,
+            cache_size: 1 << 30,
+            max_retries: 8,
+            retry_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A parsed `s3://BUCKET/PREFIX`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    pub prefix: String,
+}
+
+impl S3Location {
+    pub fn parse(location: &str) -> Result<Self> {
+        let rest = location
+            .strip_prefix("s3://")
+            .ok_or_else(|| Error::Invalid(format!("'{location}' is not an s3:// location")))?;
+        if rest.contains('@') || rest.contains('?') {
+            // user:secret@bucket forms would put credentials where they get displayed.
+            return Err(Error::Invalid(format!(
+                "repository location s3://{}: credentials and query parameters are not accepted \
+                 in the location; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead",
+                rest.split(['@', '?']).next_back().unwrap_or_default()
+            )));
+        }
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = !bucket.is_empty()
+            && bucket.len() <= 63
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid_bucket {
+            return Err(Error::Invalid(format!(
+                "repository location '{location}': '{bucket}' is not a valid bucket name"
+            )));
+        }
+        let prefix = prefix.trim_matches('/').to_string();
+        if prefix.split('/').any(|p| p == "." || p == "..") {
+            return Err(Error::Invalid(format!(
+                "repository location '{location}': prefix may not contain . or .."
+            )));
+        }
+        Ok(Self {
+            bucket: bucket.to_string(),
+            prefix,
+        })
+    }
+
+    /// The location as shown to users.
+    pub fn display(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// Builds the S3 client for `loc`: standard AWS environment, explicit endpoint, bounded
+/// per-request retries with exponential backoff and jitter, and the repository prefix applied.
+pub fn open_s3(loc: &S3Location, opts: &StoreOptions) -> Result<Arc<dyn ObjectStore>> {
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(&loc.bucket);
+    if let Some(ep) = &opts.s3_endpoint {
+        b = b.with_endpoint(ep);
+    }
+    let region_set = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+    if !region_set {
+        b = b.with_region("us-east-1");
+    }
+    b = b
+        .with_allow_http(opts.s3_allow_http)
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(10),
+                base: 2.0,
+            },
+            max_retries: opts.max_retries,
+            retry_timeout: opts.retry_timeout,
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_allow_http(opts.s3_allow_http)
+                .with_timeout(opts.request_timeout)
+                .with_connect_timeout(opts.connect_timeout),
+        );
+    // The builder's own errors name configuration keys, never their values.
+    let s3 = b
+        .build()
+        .map_err(|e| Error::Invalid(format!("{}: {e}", loc.display())))?;
+    if loc.prefix.is_empty() {
+        Ok(Arc::new(s3))
+    } else {
+        Ok(Arc::new(PrefixStore::new(
+            s3,
+            ObjPath::from(loc.prefix.as_str()),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bucket_and_prefix() {
+        let l = S3Location::parse("s3://my-bucket/a/b/").unwrap();
+        assert_eq!(l.bucket, "my-bucket");
+        assert_eq!(l.prefix, "a/b");
+        assert_eq!(l.display(), "s3://my-bucket/a/b");
+        assert_eq!(S3Location::parse("s3://bkt").unwrap().prefix, "");
+    }
+
+    #[test]
+    fn rejects_bad_locations_without_echoing_secrets() {
+        let e = S3Location::parse("s3://AKIA:hunter2secret@bucket/p").unwrap_err();
+        assert!(!e.to_string().contains("hunter2secret"), "{e}");
+        assert!(S3Location::parse("s3://").is_err());
+        assert!(S3Location::parse("s3://Bad_Bucket/x").is_err());
+        assert!(S3Location::parse("s3://b/../x").is_err());
+    }
+}

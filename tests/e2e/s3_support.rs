@@ -1,0 +1,362 @@
+//! A real S3-protocol server (moto's standalone server) and a fault-injecting HTTP proxy in front
+//! of it, both on 127.0.0.1 and stopped by their own pid when dropped.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::BIN;
+
+pub const ACCESS_KEY: &str = "AKIATESTBLOCKVAULT01";
+/// Recognisable so the tests can prove it never reaches any output.
+pub const SECRET_KEY: &str = "sEcReT-7Hq2-zz-must-never-be-printed";
+pub const BUCKET: &str = "vault";
+
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl S3Server {
+    /// Starts moto's S3 server and creates the test bucket.
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start the S3 test server 'moto_server' ({e}); install it with \
+                     scripts/install-deps.sh (pip install 'moto[server]')"
+                )
+            });
+        let s = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some((code, _)) = raw_request(port, &format!("PUT /{BUCKET} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")) {
+                assert!(code == 200 || code == 409, "creating the test bucket: HTTP {code}");
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "S3 test server did not answer within 90 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends one request; returns the status code and the whole response.
+fn raw_request(port: u16, req: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out))
+}
+
+/// What the proxy does with each request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    Pass = 0,
+    /// Some requests get 500/503, some have their connection reset, some are delayed.
+    Flaky = 1,
+    /// Every request is refused with 403 AccessDenied.
+    Forbidden = 2,
+    /// Connections are accepted and closed at once (the server is gone).
+    Down = 3,
+}
+
+pub struct FaultProxy {
+    pub port: u16,
+    mode: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+    /// Request bytes forwarded to the server (headers and bodies).
+    pub forwarded: Arc<AtomicU64>,
+    pub requests: Arc<AtomicU64>,
+    pub faults: Arc<AtomicU64>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: u16) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let p = Self {
+            port,
+            mode: Arc::new(AtomicU8::new(Mode::Pass as u8)),
+            stop: Arc::new(AtomicBool::new(false)),
+            forwarded: Arc::default(),
+            requests: Arc::default(),
+            faults: Arc::default(),
+        };
+        let (mode, stop, fwd, reqs, faults) = (
+            p.mode.clone(),
+            p.stop.clone(),
+            p.forwarded.clone(),
+            p.requests.clone(),
+            p.faults.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        let n = reqs.fetch_add(1, Ordering::SeqCst);
+                        let m = mode.load(Ordering::SeqCst);
+                        let (fwd, faults) = (fwd.clone(), faults.clone());
+                        std::thread::spawn(move || {
+                            let _ = handle(c, upstream, m, n, &fwd, &faults);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        p
+    }
+
+    pub fn set(&self, m: Mode) {
+        self.mode.store(m as u8, Ordering::SeqCst);
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Reads up to the end of the request head.
+fn read_head(c: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if c.read(&mut b)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(b[0]);
+    }
+    Ok(head)
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+fn respond(c: &mut TcpStream, status: &str, code: &str) -> std::io::Result<()> {
+    let body = format!(
+        "<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>injected</Message></Error>"
+    );
+    write!(
+        c,
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn handle(
+    mut c: TcpStream,
+    upstream: u16,
+    mode: u8,
+    n: u64,
+    fwd: &AtomicU64,
+    faults: &AtomicU64,
+) -> std::io::Result<()> {
+    if mode == Mode::Down as u8 {
+        return c.shutdown(Shutdown::Both);
+    }
+    let head = read_head(&mut c)?;
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let len = content_length(&text);
+    if mode == Mode::Forbidden as u8 || (mode == Mode::Flaky as u8 && matches!(n % 5, 1 | 3)) {
+        let mut body = vec![0u8; len];
+        c.read_exact(&mut body)?;
+        faults.fetch_add(1, Ordering::SeqCst);
+        return match (mode, n % 5) {
+            (2, _) => respond(&mut c, "403 Forbidden", "AccessDenied"),
+            (_, 1) => respond(&mut c, "503 Service Unavailable", "SlowDown"),
+            _ => respond(&mut c, "500 Internal Server Error", "InternalError"),
+        };
+    }
+    if mode == Mode::Flaky as u8 && n % 7 == 2 {
+        // Reset mid-request: read a little and drop the connection.
+        faults.fetch_add(1, Ordering::SeqCst);
+        return c.shutdown(Shutdown::Both);
+    }
+    if mode == Mode::Flaky as u8 && n % 11 == 4 {
+        faults.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // One request per connection, so that every request passes through the fault decision.
+    let mut rewritten = String::new();
+    for line in text.split("\r\n") {
+        if line.is_empty() {
+            continue;
+        }
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        rewritten.push_str(line);
+        rewritten.push_str("\r\n");
+    }
+    rewritten.push_str("Connection: close\r\n\r\n");
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    up.write_all(rewritten.as_bytes())?;
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body)?;
+    up.write_all(&body)?;
+    fwd.fetch_add((head.len() + len) as u64, Ordering::SeqCst);
+    std::io::copy(&mut up, &mut c)?;
+    c.shutdown(Shutdown::Both)
+}
+
+/// A client world whose repository is `s3://vault/<prefix>` at `endpoint`.
+pub struct S3World {
+    pub dir: tempfile::TempDir,
+    pub location: String,
+    pub endpoint: String,
+    pub password_file: std::path::PathBuf,
+}
+
+impl S3World {
+    pub fn new(endpoint: &str, prefix: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let password_file = dir.path().join("pw");
+        std::fs::write(&password_file, "correct horse battery staple\n").unwrap();
+        Self {
+            dir,
+            location: format!("s3://{BUCKET}/{prefix}"),
+            endpoint: endpoint.to_string(),
+            password_file,
+        }
+    }
+
+    pub fn path(&self, n: &str) -> std::path::PathBuf {
+        self.dir.path().join(n)
+    }
+
+    /// The command with credentials in the environment and `cache` as the cache directory.
+    pub fn cmd_in(&self, cache: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .args([
+                "--repo",
+                &self.location,
+                "--s3-endpoint",
+                &self.endpoint,
+                "--s3-allow-http",
+            ])
+            .arg("--cache-dir")
+            .arg(self.dir.path().join(cache))
+            .arg("--password-file")
+            .arg(&self.password_file)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("BLOCKVAULT_S3_RETRY_TIMEOUT_SECS", "6")
+            .env("BLOCKVAULT_S3_REQUEST_TIMEOUT_SECS", "10")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .env_remove("BLOCKVAULT_PASSWORD")
+            .env_remove("BLOCKVAULT_REPO")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self
+            .cmd_in("cache", args)
+            .output()
+            .expect("running blockvault");
+        assert_no_secret(&out);
+        out
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "blockvault {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let s = self.ok(&a);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{s}"))
+    }
+
+    pub fn init(&self) {
+        self.ok(&[
+            "repo",
+            "init",
+            "--chunk-size",
+            "64KiB",
+            "--kdf-memory-kib",
+            "8192",
+        ]);
+    }
+
+    pub fn backup_args(disk: &Path) -> Vec<String> {
+        ["backup", "--vm", "vm1", "--pack-size", "1MiB", "--disk"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("d0={}", disk.display())])
+            .collect()
+    }
+}
+
+pub fn assert_no_secret(out: &Output) {
+    for (what, s) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let s = String::from_utf8_lossy(s);
+        assert!(
+            !s.contains(SECRET_KEY),
+            "the secret key appeared on {what}: {s}"
+        );
+    }
+}
