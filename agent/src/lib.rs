@@ -4,7 +4,10 @@
 // The workspace's rust-version (1.85) predates `u64::is_multiple_of` (1.87).
 #![allow(clippy::manual_is_multiple_of)]
 
+pub mod export_vhdx;
+pub mod plan;
 pub mod rct;
+pub mod source;
 pub mod vhdx;
 
 pub use rct::{parse_changes, ChangedRanges, RctError};
