@@ -5,3 +5,4 @@ mod common;
 mod backup_restore;
 mod crash_and_concurrency;
 mod damage;
+mod vhdx;
