@@ -6,3 +6,4 @@ mod backup_restore;
 mod crash_and_concurrency;
 mod damage;
 mod vhdx;
+mod vhdx_builder;
