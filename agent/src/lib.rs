@@ -5,7 +5,10 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 pub mod mount;
+pub mod export_vhdx;
+pub mod plan;
 pub mod rct;
+pub mod source;
 pub mod vhdx;
 
 pub use rct::{parse_changes, ChangedRanges, RctError};

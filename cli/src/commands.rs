@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use blockvault_engine::{
-    backup, export_raw, verify, BackupOptions, DiskJob, DiskReader, DiskSource, ExportTarget,
-    Progress, RawFile, ReadPlan, ReaderOptions, VerifyOptions,
+    backup, export_raw, verify, BackupOptions, DiskReader, ExportTarget, Progress, ReaderOptions,
+    VerifyOptions,
 };
 use blockvault_repo::{KdfParams, OpenOptions, PointManifest, Repository, Storage};
 use serde_json::json;
@@ -16,8 +16,8 @@ use crate::progress::Bar;
 use crate::size::{human, parse_size};
 use crate::store_opts::store_options;
 use crate::{
-    password, BackupArgs, Cli, Command, ExportArgs, Global, IndexCmd, InitArgs, PointsCmd, RepoCmd,
-    RestoreCmd, VerifyArgs,
+    password, BackupArgs, Cli, Command, DiskCmd, ExportArgs, Global, IndexCmd, InitArgs, PointsCmd,
+    RepoCmd, RestoreCmd, VerifyArgs,
 };
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -35,6 +35,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Restore(RestoreCmd::Sessions) => crate::mount::sessions(g),
         Command::Restore(RestoreCmd::Unmount(a)) => crate::mount::unmount(g, a).await,
         Command::Verify(a) => run_verify(g, a).await,
+        Command::Disk(DiskCmd::Info(a)) => crate::disk::disk_info(g, &a),
     }
 }
 
@@ -221,35 +222,17 @@ fn hostname() -> String {
 }
 
 async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
-    let mut jobs = Vec::new();
-    for d in &a.disks {
-        let (name, path) = parse_disk_arg(d)?;
-        let src = RawFile::open(&path).map_err(|e| {
-            anyhow!(InputError(format!(
-                "disk '{name}': cannot open {}: {e}",
-                path.display()
-            )))
-        })?;
-        if src.size() == 0 {
-            bail!(InputError(format!(
-                "disk '{name}': {} is empty",
-                path.display()
-            )));
-        }
-        jobs.push(DiskJob {
-            name,
-            source: Arc::new(src) as Arc<dyn DiskSource>,
-            plan: ReadPlan::Full { reason: None },
-            rct_id: None,
-            consistency: None,
-        });
-    }
+    // Disks and files are checked before the password is asked for.
+    let disks = crate::disk::open_disks(&a, parse_disk_arg)?;
+    let configs = crate::disk::read_configs(&a.configs)?;
     let repo = open_repo(g).await?;
+    let jobs = crate::disk::plan_jobs(&repo, &a.vm, disks, a.consistency.clone()).await?;
     let mut opts = BackupOptions::new(&a.vm);
     opts.tags = a.tags.clone();
     opts.host = hostname();
     opts.pack_size = parse_size(&a.pack_size).map_err(|e| anyhow!(InputError(e)))? as usize;
     opts.packs_per_segment = a.packs_per_segment;
+    opts.configs = configs;
     if let Some(w) = a.workers {
         opts.workers = w.max(1);
     }
@@ -265,7 +248,8 @@ async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
             "point": m.id, "vm": m.vm, "created": m.created,
             "bytes_read": t.bytes_read, "bytes_new": t.bytes_new, "bytes_stored": t.bytes_stored,
             "duration_ms": m.duration_ms, "storage": storage.stats(),
-            "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "kind": d.kind, "full_reason": d.full_reason, "stats": d.stats})).collect::<Vec<_>>(),
+            "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "kind": d.kind, "full_reason": d.full_reason, "parent": d.parent, "rct_id": d.rct_id, "consistency": d.consistency, "source": d.source, "stats": d.stats})).collect::<Vec<_>>(),
+            "configs": m.configs.iter().map(|c| json!({"name": c.name, "size": c.size})).collect::<Vec<_>>(),
         }));
     } else {
         println!(
@@ -361,6 +345,9 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
         if let Some(r) = &d.rct_id {
             println!("  rct id        {r}");
         }
+        if let Some(c) = &d.consistency {
+            println!("  consistency   {c}");
+        }
         let s = &d.stats;
         println!(
             "  read {}, zero chunks {}, deduplicated {}, new {} ({} -> {} stored)",
@@ -383,19 +370,30 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
     let id = repo.resolve_point(&a.point).await?;
     let m = repo.load_point(&id).await?;
     let stats_of = repo.clone();
+    if a.config.is_some() || a.configs_to.is_some() {
+        return crate::disk::export_configs(g, &repo, &m, &a).await;
+    }
+    let (Some(disk), Some(out)) = (a.disk.clone(), a.out.clone()) else {
+        bail!(InputError(
+            "restore export needs --disk NAME and --out FILE".into()
+        ));
+    };
+    if a.format == "vhdx" {
+        return crate::disk::export_vhdx_file(g, repo, &m, &disk, &out, &a).await;
+    }
     let reader = Arc::new(DiskReader::open(
         repo,
         &m,
-        &a.disk,
+        &disk,
         ReaderOptions {
             parallel: a.parallel.max(1),
         },
     )?);
-    let to_stdout = a.out == "-";
+    let to_stdout = out == "-";
     let target = if to_stdout {
         ExportTarget::Stream(Box::new(tokio::io::stdout()))
     } else {
-        ExportTarget::Path(PathBuf::from(&a.out))
+        ExportTarget::Path(PathBuf::from(&out))
     };
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(
@@ -407,15 +405,15 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
     bar.finish();
     r?;
     if g.json && !to_stdout {
-        print_json(&json!({"point": m.id, "disk": a.disk, "size": reader.size(), "out": a.out,
+        print_json(&json!({"point": m.id, "disk": disk, "size": reader.size(), "out": out,
             "storage": stats_of.storage().stats(), "blob_cache": stats_of.blob_cache_stats()}));
     } else if !to_stdout {
         println!(
             "exported disk {} of point {} ({}) to {}",
-            a.disk,
+            disk,
             m.id,
             human(reader.size()),
-            a.out
+            out
         );
     }
     Ok(())

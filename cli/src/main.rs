@@ -1,6 +1,7 @@
 //! `blockvault`: back up VM disks into an encrypted, deduplicating repository and restore them.
 
 mod commands;
+mod disk;
 mod exit;
 mod mount;
 mod password;
@@ -81,6 +82,24 @@ pub enum Command {
     Restore(RestoreCmd),
     /// Check that every restore point is complete and (with --read-data) intact.
     Verify(VerifyArgs),
+    /// Inspect disk images (VHDX or raw).
+    #[command(subcommand)]
+    Disk(DiskCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Show what the reader understood of an image: sizes, block size, sectors, BAT, parents, log.
+    Info(DiskInfoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DiskInfoArgs {
+    /// The image file.
+    pub file: PathBuf,
+    /// Look for parents recorded under FROM at TO instead (differencing disks moved from the host).
+    #[arg(long = "parent-path-map", value_name = "FROM=TO")]
+    pub parent_path_maps: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,7 +143,7 @@ pub struct BackupArgs {
     /// Name of the VM the point belongs to.
     #[arg(long)]
     pub vm: String,
-    /// A disk as NAME=PATH (raw image); repeat for each disk of the VM.
+    /// A disk as NAME=PATH (VHDX or raw image, recognised by content); repeat for each disk.
     #[arg(long = "disk", required = true, value_name = "NAME=PATH")]
     pub disks: Vec<String>,
     /// A label to attach to the point; repeatable.
@@ -139,6 +158,19 @@ pub struct BackupArgs {
     /// Hashing/compression threads (default: number of cores).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// An RCT changed-ranges file for a disk, as NAME=PATH; repeatable. Makes the disk an
+    /// incremental on the VM's newest point when the file's limit_id matches it.
+    #[arg(long = "changes", value_name = "NAME=PATH")]
+    pub changes: Vec<String>,
+    /// How the disks were captured: application (VSS / fsfreeze checkpoint) or crash.
+    #[arg(long, value_parser = ["application", "crash"])]
+    pub consistency: Option<String>,
+    /// A VM configuration file to keep in the point; repeatable.
+    #[arg(long = "config", value_name = "FILE")]
+    pub configs: Vec<PathBuf>,
+    /// Look for differencing-disk parents recorded under FROM at TO instead; repeatable.
+    #[arg(long = "parent-path-map", value_name = "FROM=TO")]
+    pub parent_path_maps: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -158,7 +190,7 @@ pub enum PointsCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum RestoreCmd {
-    /// Write a disk of a restore point out as a raw image.
+    /// Write a disk of a restore point out as a raw or VHDX image, or its configuration files.
     Export(ExportArgs),
     /// Serve disks of a restore point over NBD (boot a VM straight from the backup).
     Mount(MountArgs),
@@ -218,11 +250,23 @@ pub struct ExportArgs {
     /// Point id or unique prefix.
     pub point: String,
     /// Which disk of the point.
-    #[arg(long)]
-    pub disk: String,
-    /// Output file, or - for standard output.
-    #[arg(long)]
-    pub out: String,
+    #[arg(long, required_unless_present_any = ["config", "configs_to"])]
+    pub disk: Option<String>,
+    /// Output file, or - for standard output (raw only).
+    #[arg(long, required_unless_present = "configs_to")]
+    pub out: Option<String>,
+    /// Image format of the exported disk.
+    #[arg(long, default_value = "raw", value_parser = ["raw", "vhdx"])]
+    pub format: String,
+    /// Block size of an exported VHDX.
+    #[arg(long, default_value = "32MiB")]
+    pub vhdx_block_size: String,
+    /// Export the stored VM configuration file of this name (to --out).
+    #[arg(long, conflicts_with_all = ["disk", "configs_to"])]
+    pub config: Option<String>,
+    /// Export every stored VM configuration file into this directory.
+    #[arg(long, conflicts_with_all = ["disk", "out"])]
+    pub configs_to: Option<PathBuf>,
     /// Chunks fetched at once.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,

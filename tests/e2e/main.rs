@@ -8,3 +8,5 @@ mod damage;
 mod mount;
 mod s3;
 mod s3_support;
+mod vhdx;
+mod vhdx_builder;

@@ -1,0 +1,111 @@
+//! Exports a disk of a restore point as a dynamic VHDX file. Chunks are fetched in parallel but
+//! handed to one writer thread in disk order, so the writer fills each VHDX block sequentially and
+//! holds at most one partial block; zero chunks are never written, so their blocks stay
+//! unallocated (NOT_PRESENT, which reads as zeros in a dynamic disk).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use blockvault_engine::{DiskReader, Error, Progress, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::vhdx::VhdxWriter;
+
+/// Hyper-V's default block size for dynamic disks.
+pub const DEFAULT_BLOCK_SIZE: u32 = 32 << 20;
+
+/// How the VHDX file is laid out.
+#[derive(Clone, Debug)]
+pub struct VhdxExportOptions {
+    pub block_size: u32,
+    /// 512 or 4096; the size of the exported disk must be a multiple of it.
+    pub logical_sector_size: u32,
+}
+
+impl Default for VhdxExportOptions {
+    fn default() -> Self {
+        Self {
+            block_size: DEFAULT_BLOCK_SIZE,
+            logical_sector_size: 512,
+        }
+    }
+}
+
+fn output_error(path: &Path, e: crate::vhdx::Error) -> Error {
+    Error::Output {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    }
+}
+
+/// Writes the whole disk `reader` reads to a new VHDX file at `path` (replacing any file there).
+pub async fn export_vhdx(
+    reader: Arc<DiskReader>,
+    path: &Path,
+    opts: &VhdxExportOptions,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let layout = *reader.layout();
+    progress
+        .bytes_total
+        .store(layout.disk_size(), Ordering::Relaxed);
+    let writer = VhdxWriter::create(
+        path,
+        layout.disk_size(),
+        opts.block_size,
+        opts.logical_sector_size,
+    )
+    .map_err(|e| output_error(path, e))?;
+    let parallel = reader.options().parallel.max(1);
+    // Bounded: the fetchers may run ahead of the writer by at most this many chunks.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(parallel * 2);
+    let out: PathBuf = path.to_path_buf();
+    let write_thread = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut writer = writer;
+        while let Some((offset, data)) = rx.blocking_recv() {
+            writer
+                .write_at(offset, &data)
+                .map_err(|e| output_error(&out, e))?;
+        }
+        writer.finish().map_err(|e| output_error(&out, e))
+    });
+    let mut chunks = futures::stream::iter(0..layout.chunk_count())
+        .map(|slot| {
+            let reader = reader.clone();
+            async move { (slot, reader.fetch_chunk(slot).await) }
+        })
+        .buffered(parallel);
+    let mut failed = None;
+    while let Some((slot, data)) = chunks.next().await {
+        let len = layout.chunk_len(slot) as u64;
+        match data {
+            Ok(Some(d)) => {
+                let offset = slot * layout.chunk_size() as u64;
+                if tx.send((offset, d)).await.is_err() {
+                    // The writer stopped; its error is reported below.
+                    break;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+        progress.bytes_done.fetch_add(len, Ordering::Relaxed);
+    }
+    drop(tx);
+    let written = write_thread
+        .await
+        .map_err(|e| Error::Invalid(format!("background task failed: {e}")))?;
+    if let Some(e) = failed {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
+}

@@ -1,0 +1,361 @@
+//! VHDX- and RCT-aware parts of the commands: opening disks by content, planning incrementals from
+//! changed-ranges files, VM configuration files, `restore export --format vhdx|--config`, and
+//! `disk info`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use blockvault_agent::export_vhdx::{export_vhdx, VhdxExportOptions};
+use blockvault_agent::plan::plan_disk;
+use blockvault_agent::source::{detect_format, open_disk, DiskFormat};
+use blockvault_agent::{VhdxDisk, VhdxOpenOptions};
+use blockvault_engine::{DiskJob, DiskReader, DiskSource, Progress, ReaderOptions};
+use blockvault_repo::{BlobKind, PointManifest, Repository};
+use serde_json::json;
+
+use crate::exit::InputError;
+use crate::progress::Bar;
+use crate::size::{human, parse_size};
+use crate::{BackupArgs, DiskInfoArgs, ExportArgs, Global};
+
+fn input(msg: String) -> anyhow::Error {
+    anyhow!(InputError(msg))
+}
+
+/// Parses `FROM=TO` pairs into reader options.
+pub fn open_options(maps: &[String]) -> Result<VhdxOpenOptions> {
+    let mut o = VhdxOpenOptions::default();
+    for m in maps {
+        let (from, to) = m
+            .split_once('=')
+            .filter(|(f, t)| !f.is_empty() && !t.is_empty())
+            .ok_or_else(|| input(format!("--parent-path-map '{m}': expected FROM=TO")))?;
+        o = o.map_parent_path(from, to);
+    }
+    Ok(o)
+}
+
+/// A disk opened for backup, before planning.
+pub struct OpenedDisk {
+    pub name: String,
+    pub source: Arc<dyn DiskSource>,
+    pub changes: Option<Vec<u8>>,
+}
+
+/// Opens every `--disk` (VHDX or raw, by content) and reads its `--changes` file. Any disk that
+/// cannot be opened fails the whole point, naming the disk.
+pub fn open_disks(
+    a: &BackupArgs,
+    parse_disk_arg: impl Fn(&str) -> Result<(String, PathBuf)>,
+) -> Result<Vec<OpenedDisk>> {
+    let opts = open_options(&a.parent_path_maps)?;
+    let mut changes: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for c in &a.changes {
+        let (name, path) = c
+            .split_once('=')
+            .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+            .ok_or_else(|| input(format!("--changes '{c}': expected NAME=PATH")))?;
+        if changes.insert(name.into(), path.into()).is_some() {
+            bail!(InputError(format!(
+                "--changes: disk '{name}' is given more than once"
+            )));
+        }
+    }
+    let mut out: Vec<OpenedDisk> = Vec::new();
+    for d in &a.disks {
+        let (name, path) = parse_disk_arg(d)?;
+        if out.iter().any(|o| o.name == name) {
+            bail!(InputError(format!(
+                "--disk: disk '{name}' is given more than once"
+            )));
+        }
+        let source = open_disk(&path, &opts).map_err(|e| {
+            input(format!(
+                "disk '{name}': cannot open {}: {e}",
+                path.display()
+            ))
+        })?;
+        if source.size() == 0 {
+            bail!(InputError(format!(
+                "disk '{name}': {} is empty",
+                path.display()
+            )));
+        }
+        let changes = match changes.remove(&name) {
+            Some(p) => Some(std::fs::read(&p).map_err(|e| {
+                input(format!(
+                    "disk '{name}': cannot read the changed-ranges file {}: {e}",
+                    p.display()
+                ))
+            })?),
+            None => None,
+        };
+        out.push(OpenedDisk {
+            name,
+            source,
+            changes,
+        });
+    }
+    if let Some(name) = changes.keys().next() {
+        bail!(InputError(format!(
+            "--changes names disk '{name}', which no --disk gives"
+        )));
+    }
+    Ok(out)
+}
+
+/// Reads the `--config` files: (file name, contents).
+pub fn read_configs(files: &[PathBuf]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for f in files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| input(format!("--config {}: not a file name", f.display())))?;
+        if out.iter().any(|(n, _)| *n == name) {
+            bail!(InputError(format!(
+                "--config: two configuration files are named '{name}'"
+            )));
+        }
+        let data = std::fs::read(f)
+            .map_err(|e| input(format!("--config {}: cannot read: {e}", f.display())))?;
+        out.push((name, data));
+    }
+    Ok(out)
+}
+
+/// Turns opened disks into jobs: incremental where the changed-ranges file allows it, full (with
+/// the reason) otherwise.
+pub async fn plan_jobs(
+    repo: &Repository,
+    vm: &str,
+    disks: Vec<OpenedDisk>,
+    consistency: Option<String>,
+) -> Result<Vec<DiskJob>> {
+    let mut jobs = Vec::new();
+    for d in disks {
+        let p = plan_disk(repo, vm, &d.name, d.source.size(), d.changes.as_deref()).await?;
+        if let Some(r) = p.full_reason() {
+            tracing::warn!(disk = %d.name, "full backup: {r}");
+        }
+        jobs.push(DiskJob {
+            name: d.name,
+            source: d.source,
+            plan: p.plan,
+            rct_id: p.rct_id,
+            consistency: consistency.clone(),
+        });
+    }
+    Ok(jobs)
+}
+
+/// `restore export --config NAME --out FILE` or `--configs-to DIR`.
+pub async fn export_configs(
+    g: &Global,
+    repo: &Repository,
+    m: &PointManifest,
+    a: &ExportArgs,
+) -> Result<()> {
+    let chosen: Vec<&blockvault_repo::ConfigFile> = match &a.config {
+        Some(name) => {
+            let c = m.configs.iter().find(|c| &c.name == name).ok_or_else(|| {
+                anyhow!(blockvault_engine::Error::NoSuchDisk {
+                    point: m.id.to_hex(),
+                    disk: format!("config:{name}"),
+                    available: m
+                        .configs
+                        .iter()
+                        .map(|c| format!("config:{}", c.name))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+            })?;
+            vec![c]
+        }
+        None => m.configs.iter().collect(),
+    };
+    let mut written = Vec::new();
+    for c in chosen {
+        let mut data = Vec::with_capacity(c.size as usize);
+        for b in &c.blobs {
+            data.extend_from_slice(&repo.read_blob(&b.0, Some(BlobKind::File)).await?);
+        }
+        if data.len() as u64 != c.size {
+            bail!(blockvault_repo::Error::Tampered {
+                object: format!("config file '{}' of restore point {}", c.name, m.id),
+                detail: format!("{} bytes stored, {} recorded", data.len(), c.size),
+            });
+        }
+        let target = match (&a.configs_to, &a.out) {
+            (Some(dir), _) => {
+                // Names come from the authenticated manifest, but never let one leave the directory.
+                if c.name.contains('/') || c.name == ".." || c.name == "." {
+                    bail!(InputError(format!(
+                        "config file name '{}' is not a plain file name",
+                        c.name
+                    )));
+                }
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                dir.join(&c.name)
+            }
+            (None, Some(out)) => PathBuf::from(out),
+            (None, None) => bail!(InputError("--config needs --out FILE".into())),
+        };
+        std::fs::write(&target, &data).with_context(|| format!("writing {}", target.display()))?;
+        written.push(json!({"name": c.name, "size": c.size, "out": target}));
+        if !g.json {
+            println!(
+                "config file {} ({}) -> {}",
+                c.name,
+                human(c.size),
+                target.display()
+            );
+        }
+    }
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"point": m.id, "configs": written}))?
+        );
+    }
+    Ok(())
+}
+
+/// `restore export --format vhdx`.
+pub async fn export_vhdx_file(
+    g: &Global,
+    repo: Arc<Repository>,
+    m: &PointManifest,
+    disk: &str,
+    out: &str,
+    a: &ExportArgs,
+) -> Result<()> {
+    if out == "-" {
+        bail!(InputError(
+            "--format vhdx needs a file: a VHDX cannot be written to standard output".into()
+        ));
+    }
+    let block = parse_size(&a.vhdx_block_size).map_err(input)?;
+    let lss = m
+        .disk(disk)
+        .and_then(|d| d.source.logical_sector_size)
+        .unwrap_or(512);
+    let reader = Arc::new(DiskReader::open(
+        repo,
+        m,
+        disk,
+        ReaderOptions {
+            parallel: a.parallel.max(1),
+        },
+    )?);
+    if reader.size() % lss as u64 != 0 {
+        bail!(InputError(format!(
+            "disk '{disk}' has {} bytes, not a multiple of its {lss}-byte sector: it cannot be a VHDX; export it --format raw",
+            reader.size()
+        )));
+    }
+    let opts = VhdxExportOptions {
+        block_size: u32::try_from(block)
+            .map_err(|_| input(format!("--vhdx-block-size {block} is too large")))?,
+        logical_sector_size: lss,
+    };
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "export", !g.quiet && !g.json);
+    let r = export_vhdx(reader.clone(), Path::new(out), &opts, progress).await;
+    bar.finish();
+    r?;
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"point": m.id, "disk": disk, "size": reader.size(), "out": out, "format": "vhdx"})
+            )?
+        );
+    } else {
+        println!(
+            "exported disk {disk} of point {} ({}) to {out} as VHDX",
+            m.id,
+            human(reader.size())
+        );
+    }
+    Ok(())
+}
+
+/// `disk info FILE`: what the reader understood of an image.
+pub fn disk_info(g: &Global, a: &DiskInfoArgs) -> Result<()> {
+    let opts = open_options(&a.parent_path_maps)?;
+    let what = a.file.display().to_string();
+    let format = detect_format(&a.file).map_err(|e| input(e.to_string()))?;
+    if format == DiskFormat::Raw {
+        let src = blockvault_engine::RawFile::open(&a.file)
+            .map_err(|e| input(format!("cannot open {what}: {e}")))?;
+        let alloc = src.allocated().map_err(|e| input(format!("{what}: {e}")))?;
+        if g.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"format": "raw", "path": what,
+                    "virtual_size": src.size(), "allocated_bytes": alloc.total_len()}))?
+            );
+        } else {
+            println!(
+                "{what}: raw image, {} ({} allocated)",
+                human(src.size()),
+                human(alloc.total_len())
+            );
+        }
+        return Ok(());
+    }
+    let disk = VhdxDisk::open(&a.file, &opts).map_err(|e| input(e.to_string()))?;
+    let info = disk.info();
+    if g.json {
+        let mut v = serde_json::to_value(&info)?;
+        v["format"] = json!("vhdx");
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{}: VHDX{}",
+        info.path,
+        if info.has_parent {
+            " (differencing)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "virtual size      {} ({} bytes)",
+        human(info.virtual_size),
+        info.virtual_size
+    );
+    println!("file size         {}", human(info.file_size));
+    println!("block size        {}", human(info.block_size as u64));
+    println!(
+        "sectors           logical {} B, physical {} B",
+        info.logical_sector_size, info.physical_sector_size
+    );
+    println!("disk id           {}", info.disk_id);
+    println!(
+        "header            {} (sequence {})",
+        info.current_header, info.header_sequence
+    );
+    let b = &info.bat;
+    println!(
+        "BAT               {} payload blocks: {} fully present, {} partially present, {} zero, {} not present, {} unmapped, {} undefined; {} sector bitmaps",
+        b.payload_blocks, b.fully_present, b.partially_present, b.zero, b.not_present, b.unmapped, b.undefined, b.sector_bitmaps_present
+    );
+    if info.log.replayed {
+        println!(
+            "log               replayed {} entries in memory (log guid {})",
+            info.log.entries_replayed, info.log.log_guid
+        );
+    } else {
+        println!("log               clean");
+    }
+    for p in &info.parent_chain {
+        println!("parent            {p}");
+    }
+    Ok(())
+}
