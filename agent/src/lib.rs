@@ -4,8 +4,8 @@
 // The workspace's rust-version (1.85) predates `u64::is_multiple_of` (1.87).
 #![allow(clippy::manual_is_multiple_of)]
 
-pub mod mount;
 pub mod export_vhdx;
+pub mod mount;
 pub mod plan;
 pub mod rct;
 pub mod source;

@@ -405,8 +405,10 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
     bar.finish();
     r?;
     if g.json && !to_stdout {
-        print_json(&json!({"point": m.id, "disk": disk, "size": reader.size(), "out": out,
-            "storage": stats_of.storage().stats(), "blob_cache": stats_of.blob_cache_stats()}));
+        print_json(
+            &json!({"point": m.id, "disk": disk, "size": reader.size(), "out": out,
+            "storage": stats_of.storage().stats(), "blob_cache": stats_of.blob_cache_stats()}),
+        );
     } else if !to_stdout {
         println!(
             "exported disk {} of point {} ({}) to {}",

@@ -36,6 +36,6 @@ pub use manifest::{
 pub use pack::{PackBuilder, PackEntry, SealedPack};
 pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
 pub use repository::{OpenOptions, PackDamage, Repository, SyncReport, VerifiedPack};
-pub use segment::PackRecord;
 pub use s3::{S3Location, StoreOptions};
+pub use segment::PackRecord;
 pub use storage::{Storage, StorageStats};
