@@ -859,17 +859,11 @@ fn attach_parent(
     })
 }
 
-fn merge(mut v: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    v.retain(|r| r.start < r.end);
-    v.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
-    for r in v {
-        match out.last_mut() {
-            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
+/// Sorted, merged, non-empty ranges (the chunker's range algebra).
+fn merge(v: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    blockvault_chunker::RangeSet::from_ranges(v)
+        .ranges()
+        .to_vec()
 }
 
 fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
