@@ -223,7 +223,7 @@ mod tests {
             } => {
                 assert_eq!(parent, pts[1].id);
                 assert_eq!(parent_pages, vec![Some(ChunkId([2; 32]))]);
-                assert_eq!(changed.ranges(), &[4096..4196]);
+                assert_eq!(changed.ranges(), std::slice::from_ref(&(4096..4196)));
             }
             other => panic!("expected an incremental, got {other:?}"),
         }

@@ -37,7 +37,11 @@ pub fn classify(err: &anyhow::Error) -> u8 {
                 _ => {}
             }
         }
-        if let Some(e) = cause.downcast_ref::<RepoError>() {
+        // Engine errors box the repository error they wrap.
+        let repo = cause
+            .downcast_ref::<RepoError>()
+            .or_else(|| cause.downcast_ref::<Box<RepoError>>().map(|b| &**b));
+        if let Some(e) = repo {
             return match e {
                 RepoError::WrongPassword { .. } => WRONG_PASSWORD,
                 RepoError::NotFound { .. }

@@ -33,7 +33,9 @@ pub enum Error {
         slot: u64,
         offset: u64,
         #[source]
-        source: blockvault_repo::Error,
+        // Boxed: the repository error is large and this variant would make every `Result` of
+        // the crate carry it inline.
+        source: Box<blockvault_repo::Error>,
     },
     #[error("disk '{disk}': {detail}")]
     Disk { disk: String, detail: String },

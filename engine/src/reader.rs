@@ -132,7 +132,7 @@ impl DiskReader {
                 point: self.point.clone(),
                 slot,
                 offset: slot * self.layout.chunk_size() as u64,
-                source,
+                source: Box::new(source),
             })?;
         if data.len() as u32 != self.layout.chunk_len(slot) {
             return Err(Error::Disk {

@@ -22,7 +22,9 @@ impl DiskSource for MemDisk {
         self.0.len() as u64
     }
     fn allocated(&self) -> io::Result<RangeSet> {
-        Ok(RangeSet::from_ranges(vec![0..self.0.len() as u64]))
+        Ok(RangeSet::from_ranges(std::iter::once(
+            0..self.0.len() as u64,
+        )))
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
