@@ -67,9 +67,20 @@ pub(crate) async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     let pw = password::obtain(g.password_file.as_deref(), false)?;
     let opts = OpenOptions {
         cache_dir: cache_dir(g),
-        zstd_level: 1,
+        zstd_level: compression_level(g)?,
     };
     Ok(Repository::open(storage, &pw, &opts).await?)
+}
+
+/// The zstd level for blobs this process writes. Readers need no setting: every level decodes
+/// the same way, so one repository may hold blobs of several levels.
+fn compression_level(g: &Global) -> Result<i32> {
+    match g.compression_level {
+        l @ 1..=19 => Ok(l),
+        l => bail!(InputError(format!(
+            "--compression-level {l}: zstd levels run from 1 to 19"
+        ))),
+    }
 }
 
 pub(crate) fn print_json(v: &serde_json::Value) {
@@ -391,7 +402,14 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
     )?);
     let to_stdout = out == "-";
     let target = if to_stdout {
-        ExportTarget::Stream(Box::new(tokio::io::stdout()))
+        // A duplicate of fd 1 as a plain file: unbuffered, where `Stdout` would scan every byte
+        // of the disk for newlines.
+        use std::os::fd::AsFd;
+        let fd = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating standard output")?;
+        ExportTarget::Stream(Box::new(std::fs::File::from(fd)))
     } else {
         ExportTarget::Path(PathBuf::from(&out))
     };

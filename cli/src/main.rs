@@ -62,6 +62,14 @@ pub struct Global {
     /// Download bandwidth limit, e.g. 50MiB/s.
     #[arg(long, global = true, value_name = "RATE")]
     pub limit_download: Option<String>,
+    /// zstd level for the data this run writes (1 to 19; higher stores less and costs more CPU).
+    #[arg(
+        long,
+        env = "BLOCKVAULT_COMPRESSION_LEVEL",
+        global = true,
+        default_value_t = 1
+    )]
+    pub compression_level: i32,
     /// Bound of the on-disk cache of blobs read from a remote repository (default 1GiB; 0 disables).
     #[arg(long, global = true, value_name = "SIZE")]
     pub cache_size: Option<String>,
@@ -225,9 +233,10 @@ pub struct MountArgs {
     /// Copy the disk to this raw file in the background (a directory with several disks).
     #[arg(long, value_name = "FILE")]
     pub hydrate_to: Option<PathBuf>,
-    /// Memory for decoded chunks, shared by all disks.
-    #[arg(long, default_value = "256MiB")]
-    pub cache_size: String,
+    /// Memory for decoded chunks, shared by all disks (the global `--cache-size` bounds the
+    /// on-disk cache of a remote repository instead).
+    #[arg(long, default_value = "256MiB", value_name = "SIZE")]
+    pub memory_cache: String,
     /// Chunks fetched at once per disk.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,

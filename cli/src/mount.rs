@@ -56,7 +56,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
     if let Some(d) = a.disks.iter().find(|d| !seen.insert(*d)) {
         return Err(input(format!("disk '{d}' is given twice")));
     }
-    let cache = parse_size(&a.cache_size).map_err(|e| input(format!("--cache-size: {e}")))?;
+    let cache = parse_size(&a.memory_cache).map_err(|e| input(format!("--memory-cache: {e}")))?;
     let per_disk = (cache / a.disks.len() as u64) as usize;
 
     let repo = open_repo(g).await?;

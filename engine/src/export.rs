@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
+use std::io::Write;
 
 use crate::progress::Progress;
 use crate::{DiskReader, Error, Result};
@@ -15,8 +15,10 @@ use crate::{DiskReader, Error, Result};
 pub enum ExportTarget {
     /// A regular file (created or truncated) or a block device.
     Path(PathBuf),
-    /// Standard output, or any byte stream.
-    Stream(Box<dyn tokio::io::AsyncWrite + Unpin + Send>),
+    /// Standard output, or any byte stream. Written by a thread of its own: a blocking write
+    /// straight from the chunk buffer costs no copy, where an async stdout copies every byte into
+    /// its own buffer and hops to the blocking pool for every chunk.
+    Stream(Box<dyn std::io::Write + Send>),
 }
 
 /// Exports the whole disk. Chunks are fetched `reader.options().parallel` at a time and written in
@@ -86,16 +88,38 @@ pub async fn export_raw(
                 path: PathBuf::from("<stream>"),
                 source,
             };
-            let zeros = vec![0u8; layout.chunk_size() as usize];
+            // Bounded, so a slow reader of the stream holds back fetching instead of memory.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(parallel * 2);
+            let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                while let Some(data) = rx.blocking_recv() {
+                    w.write_all(&data)?;
+                }
+                w.flush()
+            });
+            let zeros = bytes::Bytes::from(vec![0u8; layout.chunk_size() as usize]);
+            let mut fetched = Ok(());
             while let Some((slot, data)) = chunks.next().await {
                 let len = layout.chunk_len(slot) as usize;
-                match data? {
-                    Some(d) => w.write_all(&d).await.map_err(out_err)?,
-                    None => w.write_all(&zeros[..len]).await.map_err(out_err)?,
+                let data = match data {
+                    Ok(Some(d)) => d,
+                    Ok(None) => zeros.slice(..len),
+                    Err(e) => {
+                        fetched = Err(e);
+                        break;
+                    }
+                };
+                if tx.send(data).await.is_err() {
+                    break; // the writer stopped; its error is reported below
                 }
                 Progress::add(&progress.bytes_done, len as u64);
             }
-            w.flush().await.map_err(out_err)?;
+            drop(tx);
+            let written = tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .map_err(Error::task)?
+                .map_err(|_| Error::Invalid("the stream writer panicked".into()))?;
+            fetched?;
+            written.map_err(out_err)?;
         }
     }
     Ok(())
