@@ -24,3 +24,16 @@ if ! command -v moto_server >/dev/null 2>&1; then
   echo "installing: moto[server] (pip)" >&2
   python3 -m pip install --quiet 'moto[server]>=5.0.20' || pip3 install --quiet 'moto[server]>=5.0.20'
 fi
+# s3s-fs: an S3-protocol server that keeps objects on disk, so a test can kill it and start it
+# again on the same data. Pinned: later releases need a newer Rust than this toolchain. Built
+# in a throwaway target dir (about 6 minutes on 2 cores) and kept in ~/.cargo/bin for later runs.
+S3S_FS_VERSION=0.14.1
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+s3s_fs="$(command -v s3s-fs || echo "$cargo_bin/s3s-fs")"
+if ! { [ -x "$s3s_fs" ] && [ "$("$s3s_fs" --version 2>/dev/null)" = "s3s-fs $S3S_FS_VERSION" ]; }; then
+  echo "installing: s3s-fs $S3S_FS_VERSION (cargo install)" >&2
+  build_dir="$(mktemp -d)"
+  trap 'rm -rf "$build_dir"' EXIT
+  env -u CARGO_TARGET_DIR cargo install --quiet --locked --force "s3s-fs@$S3S_FS_VERSION" \
+    --features binary --target-dir "$build_dir"
+fi

@@ -1,9 +1,10 @@
-//! A real S3-protocol server (moto's standalone server) and a fault-injecting HTTP proxy in front
-//! of it, both on 127.0.0.1 and stopped by their own pid when dropped.
+//! Real S3-protocol servers (moto's standalone server, in memory; s3s-fs, on disk) and a
+//! fault-injecting HTTP proxy in front of them, all on 127.0.0.1 and stopped by their own pid
+//! when dropped.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -68,6 +69,134 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A port outside the kernel's ephemeral range, free now. A server that is killed and started
+/// again on the same port needs one that no outgoing connection of another test can take
+/// meanwhile.
+fn free_fixed_port() -> u16 {
+    use rand::Rng;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut rng = rand::thread_rng();
+    for _ in 0..200 {
+        let port = rng.gen_range(10000..low.max(10001));
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {low}");
+}
+
+/// s3s-fs: an S3-protocol server that keeps each object as a file under its root directory
+/// (written to a temporary file, then renamed), so it can be killed and started again on the
+/// same data and port.
+pub struct DiskS3Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub root: PathBuf,
+}
+
+/// The s3s-fs binary: on PATH, or where `cargo install` puts it.
+fn s3s_fs_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("s3s-fs"))
+            .find(|p| p.is_file())
+    });
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    on_path
+        .or_else(|| {
+            cargo_home
+                .map(|c| c.join("bin").join("s3s-fs"))
+                .filter(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the S3 test server 's3s-fs' is not installed; install it with \
+                 scripts/install-deps.sh (cargo install --locked s3s-fs --features binary)"
+            )
+        })
+}
+
+impl DiskS3Server {
+    /// Starts s3s-fs on `root` (created if missing, with the test bucket in it).
+    pub fn start(root: &Path) -> Self {
+        // A bucket is a directory under the root.
+        std::fs::create_dir_all(root.join(BUCKET)).unwrap();
+        let mut s = Self {
+            child: None,
+            port: free_fixed_port(),
+            root: root.to_path_buf(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the server is already running");
+        let child = Command::new(s3s_fs_binary())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&self.root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the S3 test server 's3s-fs': {e}"));
+        let child = self.child.insert(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Any HTTP answer (an unsigned request gets 403) means it is serving.
+        let probe =
+            format!("GET /{BUCKET} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        while raw_request(self.port, &probe).is_none() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "s3s-fs exited ({status}) before serving on port {}",
+                    self.port
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not answer on port {} within 30 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, by the server's own pid: no chance to finish or clean up anything.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the server is not running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts the server again on the same root and port.
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Where the test bucket's objects are, one file each.
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.root.join(BUCKET)
+    }
+}
+
+impl Drop for DiskS3Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
