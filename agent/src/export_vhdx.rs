@@ -71,12 +71,7 @@ pub async fn export_vhdx(
         }
         writer.finish().map_err(|e| output_error(&out, e))
     });
-    let mut chunks = futures::stream::iter(0..layout.chunk_count())
-        .map(|slot| {
-            let reader = reader.clone();
-            async move { (slot, reader.fetch_chunk(slot).await) }
-        })
-        .buffered(parallel);
+    let mut chunks = std::pin::pin!(reader.chunks_in_order());
     let mut failed = None;
     while let Some((slot, data)) = chunks.next().await {
         let len = layout.chunk_len(slot) as u64;

@@ -7,6 +7,9 @@ mod disk;
 mod measure;
 mod nbd;
 mod report;
+mod s3;
+mod sweep;
+mod vhdx;
 
 use std::path::PathBuf;
 
@@ -34,9 +37,35 @@ pub struct Args {
     /// Skip the reference tools (blockvault figures only; no ratios).
     #[arg(long)]
     pub no_reference: bool,
+    /// Also sweep chunk sizes and zstd levels (needs the vhdx part for its incremental).
+    #[arg(long)]
+    pub sweep: bool,
+    /// S3-protocol servers to run the S3 part against (repeatable).
+    #[arg(long, value_enum, default_values_t = [s3::ServerKind::Moto, s3::ServerKind::S3sFs])]
+    pub s3_server: Vec<s3::ServerKind>,
+    /// Parts to leave out of this run (repeatable): nbd, vhdx, s3.
+    #[arg(long, value_enum)]
+    pub skip: Vec<Part>,
+    /// Alignment of the incremental's 640 scattered 256 KiB writes (4096: file-system blocks;
+    /// 262144: each write covers exactly one default-size chunk).
+    #[arg(long, default_value_t = 4096)]
+    pub change_align: u64,
     /// Write the results as JSON here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Nbd,
+    Vhdx,
+    S3,
+}
+
+impl Args {
+    pub fn runs(&self, p: Part) -> bool {
+        !self.skip.contains(&p)
+    }
 }
 
 fn main() -> Result<()> {

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::disk::{run, Reference};
-use crate::Args;
+use crate::{Args, Part};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Sample {
@@ -126,8 +126,25 @@ fn bv(args: &Args, repo: &Path, cache: &Path) -> Command {
     c
 }
 
-pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
+/// Everything one run measured.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Results {
+    pub samples: Vec<Sample>,
+    /// The incremental's changed ranges, each compressed with zstd at blockvault's level.
+    pub changed_zstd_bytes: Option<u64>,
+    /// The same ranges rounded outward to 256 KiB chunks, each chunk compressed.
+    pub changed_chunks_zstd_bytes: Option<u64>,
+    pub s3: Vec<crate::s3::S3Figures>,
+}
+
+/// blockvault's zstd level (`repo::OpenOptions::zstd_level` as the CLI sets it).
+const ZSTD_LEVEL: i32 = 1;
+/// The repository's default chunk size, which the benchmark repositories use.
+const DEFAULT_CHUNK: u64 = 256 << 10;
+
+pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
     let w = &args.workdir;
+    let mut res = Results::default();
     let mut out = Vec::new();
     let restore = w.join("restore.raw");
 
@@ -156,8 +173,58 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
         Some(&restore),
     )?);
     check_same(&r.raw, &restore)?;
-    let mount = || bv(args, &repo, &cache);
-    out.extend(crate::nbd::run_all(args, r, mount, &point)?);
+    if args.runs(Part::Nbd) {
+        let mount = || bv(args, &repo, &cache);
+        out.extend(crate::nbd::run_all(r, mount, &point)?);
+    }
+
+    // The same disk as a VHDX, with an RCT-driven incremental.
+    let change = if args.runs(Part::Vhdx) {
+        let vhdx = crate::vhdx::reference_vhdx(r)?;
+        let change = crate::vhdx::make_change(w, r, &vhdx, args.change_align)?;
+        res.changed_zstd_bytes = Some(crate::vhdx::compressed_ranges(
+            &change.raw,
+            &change.ranges,
+            ZSTD_LEVEL,
+        )?);
+        res.changed_chunks_zstd_bytes = Some(crate::vhdx::compressed_chunks(
+            &change.raw,
+            &change.ranges,
+            DEFAULT_CHUNK,
+            ZSTD_LEVEL,
+        )?);
+        let repo = fresh(&w.join("bv-repo-vhdx"))?;
+        let cache = fresh(&w.join("bv-cache-vhdx"))?;
+        run(bv(args, &repo, &cache).args(["repo", "init"]))?;
+        out.extend(crate::vhdx::run_blockvault(
+            || bv(args, &repo, &cache),
+            w,
+            &repo,
+            r,
+            &vhdx,
+            &change,
+        )?);
+        std::fs::remove_dir_all(&repo)?;
+        if args.sweep {
+            out.extend(crate::sweep::run_all(
+                |repo, cache| bv(args, repo, cache),
+                w,
+                r,
+                &change.raw,
+            )?);
+        }
+        Some(change)
+    } else {
+        None
+    };
+
+    if args.runs(Part::S3) {
+        for &kind in &args.s3_server {
+            let (samples, figures) = crate::s3::run_all(&args.blockvault, w, r, kind)?;
+            out.extend(samples);
+            res.s3.push(figures);
+        }
+    }
 
     if args.sparse_factor > 1 {
         let big = w.join("sparse.raw");
@@ -218,6 +285,18 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
             Some(&restore),
         )?);
         check_same(&r.raw, &restore)?;
+        if let Some(c) = &change {
+            let before = dir_bytes(&rrepo);
+            let mut s = timed(
+                "incremental, 2% change",
+                "restic",
+                restic(&["backup", "--stdin", "--stdin-filename", "disk.raw"]),
+                Some(&c.raw),
+                None,
+            )?;
+            s.repo_bytes = Some(dir_bytes(&rrepo) - before);
+            out.push(s);
+        }
         std::fs::remove_dir_all(&rrepo)?;
 
         // borg
@@ -257,10 +336,36 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Vec<Sample>> {
             Some(&restore),
         )?);
         check_same(&r.raw, &restore)?;
+        if let Some(c) = &change {
+            let before = dir_bytes(&brepo);
+            let archive = format!("{}::incremental", brepo.display());
+            let mut s = timed(
+                "incremental, 2% change",
+                "borg",
+                borg(&[
+                    "create",
+                    "--chunker-params",
+                    "fixed,4194304",
+                    "--compression",
+                    "zstd,1",
+                    &archive,
+                    "-",
+                ]),
+                Some(&c.raw),
+                None,
+            )?;
+            s.repo_bytes = Some(dir_bytes(&brepo) - before);
+            out.push(s);
+        }
         std::fs::remove_dir_all(&brepo)?;
     }
     let _ = std::fs::remove_file(&restore);
-    Ok(out)
+    if let Some(c) = change {
+        std::fs::remove_file(&c.raw)?;
+        std::fs::remove_file(&c.vhdx)?;
+    }
+    res.samples = out;
+    Ok(res)
 }
 
 fn latest_point(args: &Args, repo: &Path, cache: &Path) -> Result<String> {
@@ -275,7 +380,7 @@ fn latest_point(args: &Args, repo: &Path, cache: &Path) -> Result<String> {
         .context("no restore point after the backup")
 }
 
-fn check_same(a: &Path, b: &Path) -> Result<()> {
+pub fn check_same(a: &Path, b: &Path) -> Result<()> {
     let st = Command::new("cmp").arg("-s").arg(a).arg(b).status()?;
     if !st.success() {
         bail!(

@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 
 use crate::disk::{run, Reference};
 use crate::measure::{timed, Sample};
-use crate::Args;
 
 /// Random 4 KiB reads through libnbd's Python binding; prints p50 and p99 in microseconds (the
 /// table shows them in the "wall s" column as microseconds).
@@ -29,7 +28,13 @@ h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.pread(4096, 0)
 "#;
 
 /// A server process, killed when dropped.
-struct Served(Child);
+pub struct Served(Child);
+
+impl Served {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for Served {
     fn drop(&mut self) {
@@ -38,7 +43,7 @@ impl Drop for Served {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -62,7 +67,7 @@ fn wait_ready(uri: &str) -> Result<()> {
     bail!("{uri} did not come up")
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
+pub fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -73,7 +78,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-fn nbdcopy(uri: &str) -> Command {
+pub fn nbdcopy(uri: &str) -> Command {
     let mut c = Command::new("nbdcopy");
     c.arg(uri).arg("null:");
     c
@@ -110,41 +115,18 @@ fn random_reads(uri: &str, n: usize, tool: &str) -> Result<Vec<Sample>> {
         .collect())
 }
 
-pub fn run_all(
-    args: &Args,
-    r: &Reference,
-    mount: impl Fn() -> Command,
-    point: &str,
-) -> Result<Vec<Sample>> {
+pub fn run_all(r: &Reference, mount_cmd: impl Fn() -> Command, point: &str) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
     let reads = 20_000;
     let cache = "256MiB";
 
     // blockvault: time to first byte, then whole-disk copy on a warm local repository.
     let t = Instant::now();
-    let mut child = mount()
-        .args([
-            "restore",
-            "mount",
-            point,
-            "--disk",
-            "d",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--cache-size", cache])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting restore mount")?;
-    let stdout = child.stdout.take().context("mount stdout")?;
-    let served = Served(child);
-    let mut uri = String::new();
-    BufReader::new(stdout).read_line(&mut uri)?;
-    let uri = uri.trim().to_owned();
-    if uri.is_empty() {
-        bail!("restore mount printed no URI");
-    }
+    let (uri, served) = mount(
+        mount_cmd()
+            .args(["restore", "mount", point, "--disk", "d"])
+            .args(["--listen", "127.0.0.1:0", "--memory-cache", cache]),
+    )?;
     let st = Command::new("/usr/bin/python3")
         .args(["-c", FIRST_BYTE, &uri])
         .status()?;
@@ -167,26 +149,32 @@ pub fn run_all(
         None,
     )?;
     out.extend(random_reads(&uri, reads, "blockvault")?);
-    s.peak_rss_mib = peak_rss_mib(served.0.id());
+    s.peak_rss_mib = peak_rss_mib(served.id());
     out.push(s);
     drop(served);
 
-    // qemu-nbd serving the same disk as a dynamic VHDX.
-    let vhdx = args.workdir.join("disk.vhdx");
-    if !vhdx.exists() {
-        run(Command::new("qemu-img")
-            .args([
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vhdx",
-                "-o",
-                "subformat=dynamic",
-            ])
-            .arg(&r.raw)
-            .arg(&vhdx))?;
+    // Memory against the cache bound: the same copy plus random reads under other bounds. The
+    // peak minus the bound should stay flat (the fixed overhead).
+    for bound in ["64MiB", "1GiB"] {
+        let (uri, served) = mount(
+            mount_cmd()
+                .args(["restore", "mount", point, "--disk", "d"])
+                .args(["--listen", "127.0.0.1:0", "--memory-cache", bound]),
+        )?;
+        let mut s = timed(
+            &format!("NBD nbdcopy, memory cache {bound}"),
+            "blockvault",
+            nbdcopy(&uri),
+            None,
+            None,
+        )?;
+        random_reads(&uri, reads / 4, "blockvault")?;
+        s.peak_rss_mib = peak_rss_mib(served.id());
+        out.push(s);
     }
+
+    // qemu-nbd serving the same disk as a dynamic VHDX.
+    let vhdx = crate::vhdx::reference_vhdx(r)?;
     let port = free_port()?;
     let q = Served(
         Command::new("qemu-nbd")
@@ -249,6 +237,23 @@ pub fn run_all(
         None,
     )?);
     drop(k);
-    let _ = std::fs::remove_file(&vhdx);
     Ok(out)
+}
+
+/// Starts `restore mount` (a command with its arguments) and waits for the URI it prints.
+pub fn mount(cmd: &mut Command) -> Result<(String, Served)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting restore mount")?;
+    let stdout = child.stdout.take().context("mount stdout")?;
+    let served = Served(child);
+    let mut uri = String::new();
+    BufReader::new(stdout).read_line(&mut uri)?;
+    let uri = uri.trim().to_owned();
+    if uri.is_empty() {
+        bail!("restore mount printed no URI");
+    }
+    Ok((uri, served))
 }

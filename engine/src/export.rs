@@ -33,12 +33,7 @@ pub async fn export_raw(
         .bytes_total
         .store(layout.disk_size(), std::sync::atomic::Ordering::Relaxed);
     let parallel = reader.options().parallel.max(1);
-    let mut chunks = futures::stream::iter(0..layout.chunk_count())
-        .map(|slot| {
-            let reader = reader.clone();
-            async move { (slot, reader.fetch_chunk(slot).await) }
-        })
-        .buffered(parallel);
+    let mut chunks = std::pin::pin!(reader.chunks_in_order());
     match target {
         ExportTarget::Path(path) => {
             let out_err = |source| Error::Output {

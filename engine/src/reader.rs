@@ -147,6 +147,24 @@ impl DiskReader {
         Ok(Some(Bytes::from(data)))
     }
 
+    /// Every chunk of the disk in slot order, `options().parallel` fetched at once. Each fetch is a
+    /// task of its own, so fetches keep going while the consumer is busy writing the previous
+    /// chunk (a plain `buffered` stream would only advance them while it is polled).
+    pub fn chunks_in_order(
+        self: &Arc<Self>,
+    ) -> impl futures::Stream<Item = (u64, Result<Option<Bytes>>)> + Send + 'static {
+        use futures::StreamExt;
+        let reader = self.clone();
+        let parallel = self.opts.parallel.max(1);
+        futures::stream::iter(0..self.layout.chunk_count())
+            .map(move |slot| {
+                let reader = reader.clone();
+                let task = tokio::spawn(async move { reader.fetch_chunk(slot).await });
+                async move { (slot, task.await.map_err(Error::task).and_then(|r| r)) }
+            })
+            .buffered(parallel)
+    }
+
     /// Which chunk slots hold data (the rest are zeros), page by page; cheap: reads only pages.
     pub async fn allocated_slots(&self) -> Result<Vec<bool>> {
         let mut out = Vec::with_capacity(self.layout.chunk_count() as usize);

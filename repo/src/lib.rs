@@ -38,4 +38,4 @@ pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
 pub use repository::{OpenOptions, PackDamage, Repository, SyncReport, VerifiedPack};
 pub use s3::{S3Location, StoreOptions};
 pub use segment::PackRecord;
-pub use storage::{Storage, StorageStats};
+pub use storage::{Storage, StorageStats, Write};

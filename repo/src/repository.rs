@@ -15,6 +15,7 @@ use crate::crypto::{random_master_key, Keys};
 use crate::format::{CONFIG_PATH, INDEX_DIR, PACKS_DIR, PACK_TRAILER_LEN, POINTS_DIR};
 use crate::index::LocalIndex;
 use crate::segment::{self, PackRecord};
+use crate::storage::Write;
 use crate::{
     BlobCacheStats, BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, IndexStats, KdfParams,
     Location, PackBuilder, PackEntry, PackId, PointId, PointManifest, Result, SealedPack,
@@ -126,7 +127,10 @@ impl Repository {
         })
         .await??;
         let json = serde_json::to_vec_pretty(&cfg).expect("config serialises");
-        match storage.put(CONFIG_PATH, Bytes::from(json), true).await {
+        match storage
+            .put(CONFIG_PATH, Bytes::from(json), Write::CreateChecked)
+            .await
+        {
             Err(e)
                 if matches!(
                     &e,
@@ -231,7 +235,11 @@ impl Repository {
     /// order: the index never points at a pack that is not stored.
     pub async fn store_pack(&self, pack: &SealedPack) -> Result<()> {
         self.storage
-            .put(&pack_path(&pack.id), pack.bytes.clone(), true)
+            .put(
+                &pack_path(&pack.id),
+                pack.bytes.clone(),
+                Write::CreateUnique,
+            )
             .await?;
         let (index, id, size, entries) = (
             self.index.clone(),
@@ -247,7 +255,7 @@ impl Repository {
         let id = SegmentId::random();
         let sealed = segment::seal(&self.keys, &id, packs);
         self.storage
-            .put(&segment_path(&id), Bytes::from(sealed), true)
+            .put(&segment_path(&id), Bytes::from(sealed), Write::CreateUnique)
             .await?;
         let index = self.index.clone();
         blocking(move || index.insert_segment(id)).await??;
@@ -384,7 +392,11 @@ impl Repository {
     pub async fn save_point(&self, manifest: &PointManifest) -> Result<()> {
         let sealed = manifest.seal(&self.keys);
         self.storage
-            .put(&point_path(&manifest.id), Bytes::from(sealed), true)
+            .put(
+                &point_path(&manifest.id),
+                Bytes::from(sealed),
+                Write::CreateUnique,
+            )
             .await
     }
 
@@ -644,7 +656,7 @@ impl Repository {
         .await??;
         let json = serde_json::to_vec_pretty(&updated).expect("config serialises");
         self.storage
-            .put(CONFIG_PATH, Bytes::from(json), false)
+            .put(CONFIG_PATH, Bytes::from(json), Write::Overwrite)
             .await
     }
 

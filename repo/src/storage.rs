@@ -36,6 +36,21 @@ struct Counters {
     down: AtomicU64,
 }
 
+/// How a put treats an object that already has the name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Replace it.
+    Overwrite,
+    /// Fail with `AlreadyExists`. On a remote store the object is then read back, because some
+    /// S3-compatible services accept `If-None-Match` and ignore it: for names that several
+    /// writers may pick at once (the repository config).
+    CreateChecked,
+    /// Fail with `AlreadyExists`, without the read-back: for fresh random names (packs, index
+    /// segments, restore points) that no other writer can pick, where a service ignoring the
+    /// condition changes nothing and reading back would double the traffic.
+    CreateUnique,
+}
+
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
@@ -170,10 +185,10 @@ impl Storage {
         &self.store
     }
 
-    /// Stores an object. `create_only` fails with `AlreadyExists` when the name is taken. For a
-    /// local directory the file and its directory are fsynced before this returns, so a completed
-    /// put survives power loss.
-    pub async fn put(&self, name: &str, bytes: Bytes, create_only: bool) -> Result<()> {
+    /// Stores an object (see [`Write`] for an existing name). For a local directory the file and
+    /// its directory are fsynced before this returns, so a completed put survives power loss.
+    pub async fn put(&self, name: &str, bytes: Bytes, write: Write) -> Result<()> {
+        let create_only = write != Write::Overwrite;
         let path = ObjPath::from(name);
         let r = self
             .retry
@@ -228,11 +243,11 @@ impl Storage {
                         },
                     ));
                 }
-                Box::pin(self.put(name, bytes.clone(), false)).await?;
+                Box::pin(self.put(name, bytes.clone(), Write::Overwrite)).await?;
             }
             r => r?,
         }
-        if create_only && self.local_root.is_none() {
+        if write == Write::CreateChecked && self.local_root.is_none() {
             // Some S3-compatible services accept If-None-Match and ignore it. Reading back what
             // was written catches a concurrent creator that overwrote us (or that we overwrote).
             if !self.holds(name, &bytes).await? {

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use blockvault_repo::{Storage, StoreOptions};
+use blockvault_repo::{Storage, StoreOptions, Write};
 use bytes::Bytes;
 
 use crate::common::{make_image, make_random_image, same_content};
@@ -24,7 +24,9 @@ fn num(v: &serde_json::Value, path: &[&str]) -> u64 {
 /// format only asks for one when a pack is smaller than its 64 KiB table-of-contents probe).
 async fn conformance(s: &Storage, long_suffix: bool) {
     let a = Bytes::from_static(b"0123456789abcdef");
-    s.put("packs/ab/one", a.clone(), false).await.unwrap();
+    s.put("packs/ab/one", a.clone(), Write::Overwrite)
+        .await
+        .unwrap();
     assert_eq!(s.get("packs/ab/one").await.unwrap(), a);
     assert_eq!(s.get_range("packs/ab/one", 2..6).await.unwrap(), &a[2..6]);
     let (tail, size) = s.get_suffix("packs/ab/one", 4).await.unwrap();
@@ -41,24 +43,32 @@ async fn conformance(s: &Storage, long_suffix: bool) {
     // A range past the end is an error naming the object, never short data taken as whole.
     assert!(s.get_range("packs/ab/one", 10..40).await.is_err());
     // Create-only: the second writer loses; overwrite replaces.
-    s.put("config", Bytes::from_static(b"first"), true)
+    s.put("config", Bytes::from_static(b"first"), Write::CreateChecked)
         .await
         .unwrap();
     let e = s
-        .put("config", Bytes::from_static(b"second"), true)
+        .put(
+            "config",
+            Bytes::from_static(b"second"),
+            Write::CreateChecked,
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("config"), "{e}");
     assert_eq!(s.get("config").await.unwrap(), Bytes::from_static(b"first"));
-    s.put("config", Bytes::from_static(b"third"), false)
+    s.put("config", Bytes::from_static(b"third"), Write::Overwrite)
         .await
         .unwrap();
     assert_eq!(s.get("config").await.unwrap(), Bytes::from_static(b"third"));
     // Listing by prefix, past one page of results (S3 pages at 1000).
     for i in 0..1005 {
-        s.put(&format!("index/{i:05}"), Bytes::from_static(b"x"), false)
-            .await
-            .unwrap();
+        s.put(
+            &format!("index/{i:05}"),
+            Bytes::from_static(b"x"),
+            Write::Overwrite,
+        )
+        .await
+        .unwrap();
     }
     let mut l = s.list("index").await.unwrap();
     l.sort();
