@@ -200,7 +200,7 @@ pub fn run_all(
         .arg(format!("d={}", r.raw.display()));
     let mut out = vec![timed(
         "full backup to S3",
-        "blockvault",
+        &tool,
         c,
         None,
         Some(&summary),
