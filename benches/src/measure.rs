@@ -163,6 +163,7 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
     c.args(["restore", "export", &point, "--disk", "d", "--out"])
         .arg(&restore);
     out.push(timed("restore to a file", "blockvault", c, None, None)?);
+    check_same(&r.raw, &restore)?;
     let mut c = bv(args, &repo, &cache);
     c.args(["restore", "export", &point, "--disk", "d", "--out", "-"]);
     out.push(timed(
@@ -173,6 +174,7 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
         Some(&restore),
     )?);
     check_same(&r.raw, &restore)?;
+    std::fs::remove_file(&restore)?; // 8 GiB of disk space
     if args.runs(Part::Nbd) {
         let mount = || bv(args, &repo, &cache);
         out.extend(crate::nbd::run_all(r, mount, &point)?);
@@ -285,6 +287,7 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
             Some(&restore),
         )?);
         check_same(&r.raw, &restore)?;
+        std::fs::remove_file(&restore)?; // 8 GiB of disk space
         if let Some(c) = &change {
             let before = dir_bytes(&rrepo);
             let mut s = timed(
@@ -336,6 +339,7 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
             Some(&restore),
         )?);
         check_same(&r.raw, &restore)?;
+        std::fs::remove_file(&restore)?; // 8 GiB of disk space
         if let Some(c) = &change {
             let before = dir_bytes(&brepo);
             let archive = format!("{}::incremental", brepo.display());

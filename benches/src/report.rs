@@ -163,7 +163,10 @@ pub fn print(res: &Results, r: &Reference) {
         .filter(|x| x.tool.starts_with("blockvault") && x.work.starts_with("full backup"))
     {
         verdict(
-            &format!("peak memory MiB, {}", x.work),
+            &match x.tool.strip_prefix("blockvault, ") {
+                Some(server) => format!("peak memory MiB, {} ({server})", x.work),
+                None => format!("peak memory MiB, {}", x.work),
+            },
             x.peak_rss_mib,
             256.0,
         );

@@ -198,13 +198,7 @@ pub fn run_all(
     let mut c = bv();
     c.args(["backup", "--json", "--vm", "bench", "--disk"])
         .arg(format!("d={}", r.raw.display()));
-    let mut out = vec![timed(
-        "full backup to S3",
-        &tool,
-        c,
-        None,
-        Some(&summary),
-    )?];
+    let mut out = vec![timed("full backup to S3", &tool, c, None, Some(&summary))?];
     let b: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&summary)?).context("backup --json summary")?;
     let point = b["point"]

@@ -15,6 +15,7 @@ mod ids;
 mod index;
 mod manifest;
 mod pack;
+mod pack_window;
 mod page;
 mod repository;
 mod retry;

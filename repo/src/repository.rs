@@ -69,6 +69,8 @@ pub struct Repository {
     sync_lock: tokio::sync::Mutex<()>,
     /// Blob bytes fetched from a remote store, kept on local disk for the next cold read.
     blob_cache: Option<crate::blob_cache::BlobCache>,
+    /// Remote reads by pack window (used with the blob cache, which keeps the neighbours).
+    windows: crate::pack_window::PackWindows,
 }
 
 impl std::fmt::Debug for Repository {
@@ -186,6 +188,7 @@ impl Repository {
             zstd_level: opts.zstd_level,
             sync_lock: tokio::sync::Mutex::new(()),
             blob_cache,
+            windows: crate::pack_window::PackWindows::new(),
         });
         repo.sync_index(fresh).await?;
         Ok(repo)
@@ -314,7 +317,8 @@ impl Repository {
     }
 
     /// Fetches a blob's stored bytes: from the on-disk cache when the store is remote and the
-    /// blob was read before, else with one range read of its pack.
+    /// blob was read before, else with one range read of its pack (for a remote store, of the
+    /// pack window around it; see `pack_window`).
     pub async fn fetch_blob_bytes(&self, loc: &Location) -> Result<Bytes> {
         let Some(cache) = &self.blob_cache else {
             return self.fetch_blob_bytes_uncached(loc).await;
@@ -322,9 +326,60 @@ impl Repository {
         if let Some(b) = cache.get(loc) {
             return Ok(b);
         }
-        let b = self.fetch_blob_bytes_uncached(loc).await?;
-        cache.put(loc, &b);
-        Ok(b)
+        let _window = self
+            .windows
+            .window_locks
+            .lock(&(loc.pack, loc.offset as u64 / crate::pack_window::WINDOW))
+            .await;
+        // Another reader may have fetched this window while we waited for it.
+        if let Some(b) = cache.get(loc) {
+            return Ok(b);
+        }
+        let members = match self.pack_toc(&loc.pack).await {
+            Ok(toc) => crate::pack_window::window_of(&toc, loc),
+            Err(e) => {
+                // A damaged table must not hide the blob: read it alone and let its own
+                // authentication judge it.
+                tracing::debug!("pack {}: table of contents unreadable ({e})", loc.pack);
+                None
+            }
+        };
+        let Some(members) = members.filter(|m| m.len() > 1) else {
+            let b = self.fetch_blob_bytes_uncached(loc).await?;
+            cache.put(loc, &b);
+            return Ok(b);
+        };
+        let (first, last) = (members[0], members[members.len() - 1]);
+        let span = self
+            .fetch_blob_bytes_uncached(&Location {
+                len: last.offset - first.offset + last.len,
+                ..first
+            })
+            .await?;
+        let mut wanted = None;
+        for m in &members {
+            let at = (m.offset - first.offset) as usize;
+            let b = span.slice(at..at + m.len as usize);
+            cache.put(m, &b);
+            if m.offset == loc.offset {
+                wanted = Some(b);
+            }
+        }
+        Ok(wanted.expect("window_of returns the requested blob among the members"))
+    }
+
+    /// A remote pack's table of contents, read once and kept in memory.
+    async fn pack_toc(&self, pack: &PackId) -> Result<Arc<Vec<PackEntry>>> {
+        if let Some(t) = self.windows.toc(pack) {
+            return Ok(t);
+        }
+        let _one_reader = self.windows.toc_locks.lock(pack).await;
+        if let Some(t) = self.windows.toc(pack) {
+            return Ok(t);
+        }
+        let toc = Arc::new(self.read_toc(pack).await?);
+        self.windows.keep_toc(*pack, toc.clone());
+        Ok(toc)
     }
 
     async fn fetch_blob_bytes_uncached(&self, loc: &Location) -> Result<Bytes> {
