@@ -500,6 +500,18 @@ fn s3_cold_reads_use_the_bounded_disk_cache() {
             < num(&cold, &["storage", "bytes_downloaded"]),
         "cold {cold} warm {warm}"
     );
+    // Without a cache every blob is a range request of its own; with one, a miss fetches the
+    // blob's whole 1 MiB pack window (about four of these 256 KiB chunks) in one request, plus
+    // one read of the pack's table of contents.
+    let alone = export("none", "0");
+    let (windowed, single) = (
+        num(&cold, &["storage", "requests"]),
+        num(&alone, &["storage", "requests"]),
+    );
+    assert!(
+        windowed + 8 <= single,
+        "window reads made {windowed} requests, blob-by-blob reads {single}"
+    );
     // A small cache never grows past its bound, however much is read through it.
     for _ in 0..2 {
         export("small", "1MiB");
