@@ -3,6 +3,12 @@
 //!
 //! The copy is written to `FILE.part` and renamed to `FILE` once every chunk is durable, so a
 //! file under the final name is always complete. Zero chunks stay holes of the sparse file.
+//!
+//! A stopped hydration resumes: every couple of seconds the part file is synced and the chunks
+//! known to be in it are recorded in `FILE.part.done` (a header naming the point, disk and
+//! layout, then one bit per chunk, replaced atomically). The record is taken before the sync, so
+//! it never names a chunk that is not durable; the next mount with the same `--hydrate-to` copies
+//! only the rest.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -21,6 +27,7 @@ pub struct Hydration {
     path: PathBuf,
     total: u64,
     done: AtomicU64,
+    resumed: u64,
     complete: AtomicBool,
     error: Mutex<Option<String>>,
 }
@@ -30,6 +37,8 @@ pub struct HydrationStatus {
     pub path: PathBuf,
     pub bytes_total: u64,
     pub bytes_done: u64,
+    /// Bytes found already copied by an earlier, stopped hydration of the same disk.
+    pub bytes_resumed: u64,
     pub complete: bool,
     pub error: Option<String>,
 }
@@ -40,6 +49,7 @@ impl Hydration {
             path: self.path.clone(),
             bytes_total: self.total,
             bytes_done: self.done.load(Ordering::Relaxed),
+            bytes_resumed: self.resumed,
             complete: self.complete.load(Ordering::Acquire),
             error: self
                 .error
@@ -63,6 +73,62 @@ struct Plan {
     next: u64,
 }
 
+/// How often the part file is synced and the record of copied chunks rewritten.
+const JOURNAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The record of chunks durable in a part file (`FILE.part.done`).
+struct Journal {
+    path: PathBuf,
+    header: String,
+}
+
+impl Journal {
+    fn new(part: &Path, reader: &RandomReader) -> Self {
+        let d = reader.disk_reader();
+        Self {
+            path: PathBuf::from(format!("{}.done", part.display())),
+            header: format!(
+                "blockvault hydration v1 point={} disk={} size={} chunk={}\n",
+                d.point(),
+                d.name(),
+                reader.size(),
+                reader.layout().chunk_size()
+            ),
+        }
+    }
+
+    /// The chunks an earlier hydration of this very disk recorded, if its record is intact.
+    fn load(&self, count: usize) -> Option<Vec<bool>> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        let bits = bytes.strip_prefix(self.header.as_bytes())?;
+        if bits.len() != count.div_ceil(8) {
+            return None;
+        }
+        Some(
+            (0..count)
+                .map(|s| bits[s / 8] & (1 << (s % 8)) != 0)
+                .collect(),
+        )
+    }
+
+    /// Replaces the record with `copied` (write to a temporary file, then rename).
+    fn store(&self, copied: &[bool]) -> std::io::Result<()> {
+        let mut out = self.header.clone().into_bytes();
+        let mut bits = vec![0u8; copied.len().div_ceil(8)];
+        for (s, _) in copied.iter().enumerate().filter(|(_, c)| **c) {
+            bits[s / 8] |= 1 << (s % 8);
+        }
+        out.extend_from_slice(&bits);
+        let tmp = PathBuf::from(format!("{}.tmp", self.path.display()));
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Starts hydrating `reader`'s disk into `path`; returns at once with the progress handle.
 pub fn start_hydration(
     reader: Arc<RandomReader>,
@@ -75,39 +141,60 @@ pub fn start_hydration(
         .map(|s| u64::from(reader.layout().chunk_len(s)))
         .sum();
     let part = PathBuf::from(format!("{}.part", path.display()));
+    let journal = Arc::new(Journal::new(&part, &reader));
+    let resumed_slots = part
+        .is_file()
+        .then(|| journal.load(count as usize))
+        .flatten();
     let file = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(resumed_slots.is_none())
         .open(&part)
         .map_err(werr(&part))?;
     file.set_len(reader.size()).map_err(werr(&part))?;
     let file = Arc::new(file);
+    let claimed = resumed_slots.unwrap_or_else(|| {
+        journal.remove();
+        vec![false; count as usize]
+    });
+    let resumed = (0..count)
+        .filter(|&s| claimed[s as usize] && reader.is_allocated(s))
+        .map(|s| u64::from(reader.layout().chunk_len(s)))
+        .sum();
+    if resumed > 0 {
+        tracing::info!(path = %part.display(), bytes = resumed, "resuming hydration");
+    }
     let h = Arc::new(Hydration {
         path: path.clone(),
         total,
-        done: AtomicU64::new(0),
+        done: AtomicU64::new(resumed),
+        resumed,
         complete: AtomicBool::new(false),
         error: Mutex::new(None),
     });
     let (tx, rx) = mpsc::channel(1024);
     reader.set_demand(tx);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let plan = Arc::new(Mutex::new(Plan {
-        claimed: vec![false; count as usize],
-        next: 0,
-    }));
+    let copied = Arc::new(Mutex::new(claimed.clone()));
+    let plan = Arc::new(Mutex::new(Plan { claimed, next: 0 }));
+    let recorder = tokio::spawn(record_progress(
+        journal.clone(),
+        file.clone(),
+        copied.clone(),
+    ));
     let h2 = h.clone();
     tokio::spawn(async move {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..workers.max(1) {
-            let (reader, plan, rx, file, h, part) = (
+            let (reader, plan, rx, file, h, part, copied) = (
                 reader.clone(),
                 plan.clone(),
                 rx.clone(),
                 file.clone(),
                 h2.clone(),
                 part.clone(),
+                copied.clone(),
             );
             set.spawn(async move {
                 while let Some((slot, demanded)) = claim(&reader, &plan, &rx).await {
@@ -131,6 +218,7 @@ pub fn start_hydration(
                     })
                     .await
                     .map_err(Error::task)??;
+                    copied.lock().unwrap_or_else(PoisonError::into_inner)[slot as usize] = true;
                     h.done.fetch_add(n, Ordering::Relaxed);
                 }
                 Ok::<_, Error>(())
@@ -146,13 +234,20 @@ pub fn start_hydration(
                 }
             }
         }
+        recorder.abort();
         let finish = match failed {
-            Some(e) => Err(e),
+            Some(e) => {
+                // Keep what was copied for the next attempt.
+                let (j, f, c) = (journal.clone(), file.clone(), copied.clone());
+                let _ = tokio::task::spawn_blocking(move || record_once(&j, &f, &c)).await;
+                Err(e)
+            }
             None => {
                 let (f, part, path) = (file.clone(), part.clone(), path.clone());
                 tokio::task::spawn_blocking(move || -> Result<()> {
                     f.sync_all().map_err(werr(&part))?;
                     std::fs::rename(&part, &path).map_err(werr(&path))?;
+                    journal.remove();
                     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                         std::fs::File::open(dir)
                             .and_then(|d| d.sync_all())
@@ -177,6 +272,40 @@ pub fn start_hydration(
         }
     });
     Ok(h)
+}
+
+/// Every `JOURNAL_INTERVAL`, makes the chunks copied so far durable and records them.
+async fn record_progress(
+    journal: Arc<Journal>,
+    file: Arc<std::fs::File>,
+    copied: Arc<Mutex<Vec<bool>>>,
+) {
+    let mut tick = tokio::time::interval(JOURNAL_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (j, f, c) = (journal.clone(), file.clone(), copied.clone());
+        match tokio::task::spawn_blocking(move || record_once(&j, &f, &c)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("hydration record {}: {e}", journal.path.display()),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Takes the set of written chunks, then syncs the file, then records the set: every chunk the
+/// record names was written before the sync and is therefore durable.
+fn record_once(
+    journal: &Journal,
+    file: &std::fs::File,
+    copied: &Mutex<Vec<bool>>,
+) -> std::io::Result<()> {
+    let snapshot = copied
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    file.sync_data()?;
+    journal.store(&snapshot)
 }
 
 fn werr(p: &Path) -> impl FnOnce(std::io::Error) -> Error {

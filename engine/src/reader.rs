@@ -91,6 +91,11 @@ impl DiskReader {
         &self.disk.name
     }
 
+    /// The id of the restore point this disk belongs to.
+    pub fn point(&self) -> &str {
+        &self.point
+    }
+
     pub fn options(&self) -> &ReaderOptions {
         &self.opts
     }

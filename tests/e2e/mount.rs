@@ -539,3 +539,72 @@ fn hydration_makes_a_complete_local_copy_with_the_overlay_folded_in() {
     f.write_all_at(&vec![0x77; 64 << 10], 2 << 20).unwrap();
     compare(&img, &hyd);
 }
+
+#[test]
+fn a_stopped_hydration_resumes_where_it_was() {
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    make_random_image(&img, 16 << 20, 63);
+    let p = w.backup("vm", &[("sys", &img)]);
+    let point = p["point"].as_str().unwrap().to_owned();
+    let hyd = w.path("hydrated.raw");
+    let part = w.path("hydrated.raw.part");
+    let record = w.path("hydrated.raw.part.done");
+    let hydration = |w: &World| sessions(w)[0]["disks"][0]["hydration"].clone();
+    let base = [
+        point.as_str(),
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--hydrate-to",
+        hyd.to_str().unwrap(),
+    ];
+
+    // Slowed to 1 MiB/s so the mount can be stopped half way, after its record was written.
+    let mut m = Mount::start(
+        &w,
+        &[&base[..], &["--limit-download", "1MiB/s"]].concat(),
+        1,
+    );
+    let t = Instant::now();
+    while !(record.exists() && hydration(&w)["bytes_done"].as_u64().unwrap() >= 2 << 20) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "hydration made no recorded progress: {}",
+            hydration(&w)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(2500)); // one more record
+    let before = hydration(&w);
+    assert_eq!(before["complete"], false, "{before}");
+    w.ok(&["restore", "unmount", &m.pid().to_string()]);
+    assert!(m.wait(Duration::from_secs(10)), "log:\n{}", m.log());
+    assert!(!hyd.exists() && part.exists() && record.exists());
+
+    let mut m = Mount::start(&w, &base, 1);
+    let resumed = hydration(&w)["bytes_resumed"].as_u64().unwrap();
+    assert!(
+        resumed >= 2 << 20 && resumed < 16 << 20,
+        "resumed {resumed} bytes of 16 MiB after {before}"
+    );
+    let t = Instant::now();
+    while hydration(&w)["complete"] != true {
+        let h = hydration(&w);
+        assert!(h["error"].is_null(), "{h}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "hydration stalled: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    compare(&img, &hyd);
+    assert!(
+        !part.exists() && !record.exists(),
+        "the part file or its record stayed"
+    );
+    w.ok(&["restore", "unmount", &m.pid().to_string()]);
+    assert!(m.wait(Duration::from_secs(10)), "log:\n{}", m.log());
+    compare(&img, &hyd);
+}
