@@ -262,19 +262,7 @@ fn s3_outage_mid_backup_then_resume_uploads_only_the_rest() {
         num(&b, &["bytes_new"]) < 10 << 20 && uploaded < 10 << 20,
         "the resumed backup uploaded again what was already stored: {b}"
     );
-    let point = b["point"].as_str().unwrap().to_string();
-    let out = w.path("out.img");
-    w.ok(&[
-        "restore",
-        "export",
-        &point,
-        "--disk",
-        "d0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(same_content(&img, &out));
-    w.ok(&["verify", "--read-data"]);
+    restores_exactly_and_verifies(&w, &b, &img);
 }
 
 #[test]
@@ -354,7 +342,12 @@ fn s3_server_killed_mid_backup_then_restarted() {
         "the backup after the restart uploaded again what was already stored \
          ({stored} bytes of packs): {b}"
     );
-    let point = b["point"].as_str().unwrap().to_string();
+    restores_exactly_and_verifies(&w, &b, &img);
+}
+
+/// The point a backup printed restores `img` byte for byte, and `verify --read-data` passes.
+fn restores_exactly_and_verifies(w: &S3World, backup: &serde_json::Value, img: &std::path::Path) {
+    let point = backup["point"].as_str().unwrap().to_string();
     let out = w.path("out.img");
     w.ok(&[
         "restore",
@@ -365,7 +358,7 @@ fn s3_server_killed_mid_backup_then_restarted() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(same_content(&img, &out));
+    assert!(same_content(img, &out));
     w.ok(&["verify", "--read-data"]);
 }
 
