@@ -70,22 +70,11 @@ impl World {
 
     /// Runs and insists on success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "blockvault {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(args, self.run(args))
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let s = self.ok(&a);
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{s}"))
+        json_of(args, |a| self.ok(a))
     }
 
     /// Backs up `disks` (name, path) as VM `vm`; returns the JSON summary.
@@ -207,4 +196,24 @@ pub fn make_random_image(path: &Path, size: u64, seed: u64) {
         left -= n as u64;
     }
     f.sync_all().unwrap();
+}
+
+/// The stdout of a blockvault run that must have succeeded (else a panic showing both streams).
+pub fn succeeded(args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "blockvault {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `ok` with `--json` added and parses what it printed.
+pub fn json_of(args: &[&str], ok: impl FnOnce(&[&str]) -> String) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let s = ok(&a);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{s}"))
 }
