@@ -186,3 +186,50 @@ fn password_can_be_changed() {
     std::fs::copy(&newpw, &w.password_file).unwrap();
     w.ok(&["repo", "info"]);
 }
+
+#[test]
+fn compression_level_trades_size_and_every_level_restores() {
+    // Text compresses, and compresses better at a higher level.
+    let text: String = (0..120_000)
+        .map(|i| format!("{i:08} block {} of a log line\n", i % 977))
+        .collect();
+    let stored = |level: &str| {
+        let w = World::with_repo("64KiB");
+        let img = w.path("disk.raw");
+        std::fs::write(&img, text.as_bytes()).unwrap();
+        let sum = w.json(&[
+            "--compression-level",
+            level,
+            "backup",
+            "--vm",
+            "vm",
+            "--disk",
+            &format!("d={}", img.display()),
+        ]);
+        let out = w.path("out.raw");
+        w.export(sum["point"].as_str().unwrap(), "d", &out);
+        assert!(same_content(&img, &out), "level {level} restores wrongly");
+        sum["bytes_stored"].as_u64().unwrap()
+    };
+    let (fast, small) = (stored("1"), stored("19"));
+    assert!(
+        small < fast,
+        "level 19 stored {small} bytes, level 1 {fast}"
+    );
+
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    std::fs::write(&img, text.as_bytes()).unwrap();
+    let spec = format!("d={}", img.display());
+    for bad in ["0", "20", "-3"] {
+        let level = format!("--compression-level={bad}");
+        let out = w.run(&[&level, "backup", "--vm", "vm", "--disk", &spec]);
+        assert_eq!(code(&out), 5, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--compression-level"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(w.json(&["points", "list"]).as_array().unwrap().is_empty());
+}
