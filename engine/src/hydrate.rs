@@ -119,8 +119,11 @@ impl Journal {
             bits[s / 8] |= 1 << (s % 8);
         }
         out.extend_from_slice(&bits);
+        // Synced before the rename, so after a crash the record is the old one or the new one.
         let tmp = PathBuf::from(format!("{}.tmp", self.path.display()));
-        std::fs::write(&tmp, out)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &out)?;
+        f.sync_all()?;
         std::fs::rename(&tmp, &self.path)
     }
 
