@@ -371,21 +371,7 @@ impl ImageBuilder {
         if self.metadata_items_reversed {
             items.reverse();
         }
-        let mut region = vec![0u8; self.metadata_length as usize];
-        let mut entries = Vec::new();
-        let mut off = METADATA_TABLE_SIZE;
-        for (id, data, flags) in items {
-            region[off..off + data.len()].copy_from_slice(&data);
-            entries.push(MetadataEntry {
-                item_id: id,
-                offset: off as u32,
-                length: data.len() as u32,
-                flags,
-            });
-            off += data.len().div_ceil(8) * 8;
-        }
-        region[..METADATA_TABLE_SIZE].copy_from_slice(&metadata_table_bytes(&entries));
-        region
+        super::writer::lay_out_metadata(self.metadata_length as usize, items)
     }
 
     /// Lays the file out in memory.

@@ -387,7 +387,12 @@ pub(crate) fn metadata_region(
     if let Some(pl) = parent_locator {
         items.push((PARENT_LOCATOR, pl.to_vec(), MD_FLAG_IS_REQUIRED));
     }
-    let mut region = vec![0u8; METADATA_LENGTH as usize];
+    lay_out_metadata(METADATA_LENGTH as usize, items)
+}
+
+/// A metadata region of `len` bytes: the table, then each item's data in order, 8-byte aligned.
+pub(crate) fn lay_out_metadata(len: usize, items: Vec<(Guid, Vec<u8>, u32)>) -> Vec<u8> {
+    let mut region = vec![0u8; len];
     let mut entries = Vec::new();
     let mut off = METADATA_TABLE_SIZE;
     for (id, data, flags) in items {
