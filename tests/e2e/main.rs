@@ -7,6 +7,8 @@ mod crash_and_concurrency;
 mod damage;
 mod mount;
 mod s3;
+mod s3_errors;
+mod s3_slow_link;
 mod s3_support;
 mod vhdx;
 mod vhdx_builder;
