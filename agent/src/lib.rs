@@ -11,3 +11,10 @@ pub use blockvault_vhdx as vhdx;
 pub use blockvault_vhdx::rct;
 pub use rct::{parse_changes, ChangedRanges, RctError};
 pub use vhdx::{VhdxDisk, VhdxInfo, VhdxOpenOptions, VhdxWriter};
+
+pub mod error;
+pub mod vm_backup;
+
+pub use error::{Error, Result};
+pub mod sessions;
+pub mod service;
