@@ -16,5 +16,5 @@ pub mod error;
 pub mod vm_backup;
 
 pub use error::{Error, Result};
-pub mod sessions;
 pub mod service;
+pub mod sessions;

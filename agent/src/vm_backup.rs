@@ -207,7 +207,14 @@ pub async fn run(
     } = prepared;
     let mut jobs = Vec::new();
     for d in disks {
-        let p = plan_disk(&repo, &req.vm, &d.name, d.source.size(), d.changes.as_deref()).await?;
+        let p = plan_disk(
+            &repo,
+            &req.vm,
+            &d.name,
+            d.source.size(),
+            d.changes.as_deref(),
+        )
+        .await?;
         if let Some(r) = p.full_reason() {
             tracing::warn!(vm = %req.vm, disk = %d.name, "full backup: {r}");
         }

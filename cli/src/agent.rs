@@ -39,7 +39,11 @@ pub async fn agent(g: &Global, cmd: AgentCmd) -> Result<()> {
                 .await
                 .map_err(lift)?;
             reply(g, v, |v| {
-                println!("job {} started as run {}", v["job"].as_str().unwrap_or(""), v["run"])
+                println!(
+                    "job {} started as run {}",
+                    v["job"].as_str().unwrap_or(""),
+                    v["run"]
+                )
             })
         }
         AgentCmd::Cancel { config, run } => {
@@ -48,7 +52,11 @@ pub async fn agent(g: &Global, cmd: AgentCmd) -> Result<()> {
                 .await
                 .map_err(lift)?;
             reply(g, v, |v| {
-                println!("run {} of job {} is being cancelled", v["run"], v["job"].as_str().unwrap_or(""))
+                println!(
+                    "run {} of job {} is being cancelled",
+                    v["run"],
+                    v["job"].as_str().unwrap_or("")
+                )
             })
         }
     }
@@ -57,7 +65,10 @@ pub async fn agent(g: &Global, cmd: AgentCmd) -> Result<()> {
 fn reply(g: &Global, v: serde_json::Value, text: impl Fn(&serde_json::Value)) -> Result<()> {
     if v["ok"].as_bool() != Some(true) {
         bail!(InputError(
-            v["error"].as_str().unwrap_or("the agent refused").to_string()
+            v["error"]
+                .as_str()
+                .unwrap_or("the agent refused")
+                .to_string()
         ));
     }
     if g.json {
@@ -71,12 +82,19 @@ fn reply(g: &Global, v: serde_json::Value, text: impl Fn(&serde_json::Value)) ->
 fn print_status(v: &serde_json::Value) {
     println!(
         "agent pid {} since {}; {} run(s) active; {} webhook deliveries pending",
-        v["pid"], v["started"].as_str().unwrap_or(""), v["running_runs"], v["webhook_pending"]
+        v["pid"],
+        v["started"].as_str().unwrap_or(""),
+        v["running_runs"],
+        v["webhook_pending"]
     );
     for j in v["jobs"].as_array().into_iter().flatten() {
         let active = match &j["active"] {
             serde_json::Value::Null => String::new(),
-            a => format!("  [{} run {}]", a["status"].as_str().unwrap_or(""), a["run"]),
+            a => format!(
+                "  [{} run {}]",
+                a["status"].as_str().unwrap_or(""),
+                a["run"]
+            ),
         };
         println!(
             "{:<20} next {}  last {}  ({} {}){active}",

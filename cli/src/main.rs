@@ -129,7 +129,11 @@ pub enum AgentCmd {
 #[derive(Args, Debug)]
 pub struct AgentConfigArg {
     /// The agent's configuration file.
-    #[arg(long, default_value = "/etc/blockvault/agent.toml", env = "BLOCKVAULT_AGENT_CONFIG")]
+    #[arg(
+        long,
+        default_value = "/etc/blockvault/agent.toml",
+        env = "BLOCKVAULT_AGENT_CONFIG"
+    )]
     pub config: PathBuf,
 }
 

@@ -68,7 +68,9 @@ impl Receiver {
                     signature: h("x-blockvault-signature"),
                     body: String::from_utf8_lossy(&body).into_owned(),
                 });
-                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
             }
         });
         Self { port, got }
@@ -78,7 +80,11 @@ impl Receiver {
         self.got.lock().unwrap().clone()
     }
 
-    fn wait_for(&self, event: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    fn wait_for(
+        &self,
+        event: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             for d in self.events() {
@@ -92,7 +98,10 @@ impl Receiver {
             assert!(
                 Instant::now() < deadline,
                 "no {event} webhook; got {:?}",
-                self.events().iter().map(|d| d.event.clone()).collect::<Vec<_>>()
+                self.events()
+                    .iter()
+                    .map(|d| d.event.clone())
+                    .collect::<Vec<_>>()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -123,7 +132,8 @@ fn free_port() -> u16 {
 
 fn scrape(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -162,7 +172,11 @@ impl Agent {
         // Up when the control socket answers.
         let deadline = Instant::now() + Duration::from_secs(30);
         while a.cli(&["agent", "status"]).status.code() != Some(0) {
-            assert!(Instant::now() < deadline, "agent did not start: {}", a.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start: {}",
+                a.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         a
@@ -204,7 +218,11 @@ impl Agent {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "agent did not exit: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -324,12 +342,18 @@ release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS\" >> {released}"
         .unwrap();
     assert!(check.status.success(), "{}", stderr(&check));
     let text = String::from_utf8_lossy(&check.stdout);
-    assert!(text.contains("frequent") && text.contains("next run 20"), "{text}");
+    assert!(
+        text.contains("frequent") && text.contains("next run 20"),
+        "{text}"
+    );
 
     let mut agent = Agent::start(&config, &w.path("agent.log"), &[]);
     // The socket is the owner's only.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(w.path("agent.sock")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(w.path("agent.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "socket mode {mode:o}");
 
     // Run 1 is the first: its "gone" VM ends last (two attempts).
@@ -356,14 +380,23 @@ release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS\" >> {released}"
     // The capture hook failed once; the retry succeeded.
     assert_eq!(f["status"], "success", "{f:#}");
     assert_eq!(f["attempts"], 2);
-    assert!(f["log_tail"].as_str().unwrap().contains("snapshot failed"), "{f:#}");
+    assert!(
+        f["log_tail"].as_str().unwrap().contains("snapshot failed"),
+        "{f:#}"
+    );
     // The missing disk fails its VM after every attempt, naming the disk; the others went on.
     assert_eq!(x["status"], "failed");
     assert_eq!(x["attempts"], 2);
-    assert!(x["error"].as_str().unwrap().contains("no-such-disk.raw"), "{x:#}");
+    assert!(
+        x["error"].as_str().unwrap().contains("no-such-disk.raw"),
+        "{x:#}"
+    );
     // Release ran for both, with the outcome.
     let rel = std::fs::read_to_string(&released).unwrap();
-    assert!(rel.contains(&format!("good success {}", g["point"].as_str().unwrap())), "{rel}");
+    assert!(
+        rel.contains(&format!("good success {}", g["point"].as_str().unwrap())),
+        "{rel}"
+    );
     assert!(rel.contains("gone failed"), "{rel}");
     // The repository holds the point, as the CLI sees it.
     let points = w.json(&["points", "list", "--vm", "good"]);
@@ -377,7 +410,9 @@ release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS\" >> {released}"
     recv.wait_for("run.started", |v| v["run"] == run);
     let failed = recv.wait_for("vm.failed", |v| v["vm"] == "gone");
     assert_eq!(failed["job"], "frequent");
-    recv.wait_for("run.finished", |v| v["run"] == run && v["status"] == "partial");
+    recv.wait_for("run.finished", |v| {
+        v["run"] == run && v["status"] == "partial"
+    });
     recv.wait_for("vm.no_good_backup", |v| v["vm"] == "gone");
     for d in recv.events() {
         assert_eq!(d.signature, openssl_hmac(WEBHOOK_SECRET, &d.body), "{d:?}");
@@ -396,15 +431,29 @@ release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS\" >> {released}"
 
     // Metrics.
     let m = scrape(metrics);
-    assert!(m.contains("blockvault_agent_runs_total{job=\"frequent\",status=\"partial\"}"), "{m}");
-    assert!(m.contains("blockvault_agent_last_success_timestamp_seconds{vm=\"good\"}"), "{m}");
-    assert!(!m.contains("last_success_timestamp_seconds{vm=\"gone\"}"), "{m}");
-    assert!(m.contains("blockvault_agent_bytes_read_total{job=\"frequent\",vm=\"good\"}"), "{m}");
+    assert!(
+        m.contains("blockvault_agent_runs_total{job=\"frequent\",status=\"partial\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("blockvault_agent_last_success_timestamp_seconds{vm=\"good\"}"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("last_success_timestamp_seconds{vm=\"gone\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("blockvault_agent_bytes_read_total{job=\"frequent\",vm=\"good\"}"),
+        "{m}"
+    );
     assert!(m.contains("blockvault_repository_size_bytes "), "{m}");
     assert!(m.contains("blockvault_mount_sessions 0"), "{m}");
 
     // A later scheduled run: the job ran again without overlapping itself.
-    agent.wait_row("a second run", |r| r["vm"] == "good" && r["run"].as_i64().unwrap() > run);
+    agent.wait_row("a second run", |r| {
+        r["vm"] == "good" && r["run"].as_i64().unwrap() > run
+    });
 
     agent.signal("-TERM");
     let st = agent.wait_exit(Duration::from_secs(60));
@@ -421,7 +470,11 @@ release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS\" >> {released}"
         ("metrics", m),
         (
             "webhooks",
-            recv.events().iter().map(|d| d.body.clone()).collect::<Vec<_>>().join("\n"),
+            recv.events()
+                .iter()
+                .map(|d| d.body.clone())
+                .collect::<Vec<_>>()
+                .join("\n"),
         ),
     ] {
         assert!(!s.contains(WEBHOOK_SECRET), "webhook secret in the {what}");
@@ -453,7 +506,10 @@ fn agent_refuses_a_bad_config_naming_file_line_and_key() {
             .unwrap();
         assert_eq!(code(&out), 5, "{cmd}: {}", stderr(&out));
         let e = stderr(&out);
-        assert!(e.contains("agent.toml:11:") && e.contains("retention_days"), "{e}");
+        assert!(
+            e.contains("agent.toml:11:") && e.contains("retention_days"),
+            "{e}"
+        );
     }
     assert!(!w.path("sock").exists() && !w.path("s.db").exists());
     let bad_schedule = std::fs::read_to_string(&config)
@@ -468,7 +524,10 @@ fn agent_refuses_a_bad_config_naming_file_line_and_key() {
         .unwrap();
     let e = stderr(&out);
     assert_eq!(code(&out), 5, "{e}");
-    assert!(e.contains("agent.toml:9:") && e.contains("jobs.schedule") && e.contains("hour 25"), "{e}");
+    assert!(
+        e.contains("agent.toml:9:") && e.contains("jobs.schedule") && e.contains("hour 25"),
+        "{e}"
+    );
 }
 
 fn slow_job_config(w: &World, schedule: &str, flag: &Path, released: &Path) -> PathBuf {
@@ -550,7 +609,9 @@ fn agent_survives_kill_9_runs_missed_runs_and_cancels_on_sigterm() {
     std::fs::write(&flag, "").unwrap();
     let now = a.json(&["agent", "run-now", "slow"]);
     let run = now["run"].as_i64().unwrap();
-    a.wait_row("the manual run", |r| r["run"] == run && r["status"] == "running");
+    a.wait_row("the manual run", |r| {
+        r["run"] == run && r["status"] == "running"
+    });
     std::thread::sleep(Duration::from_millis(300));
     a.signal("-TERM");
     let st = a.wait_exit(Duration::from_secs(30));
@@ -563,7 +624,9 @@ fn agent_survives_kill_9_runs_missed_runs_and_cancels_on_sigterm() {
     let shown: serde_json::Value = serde_json::from_slice(&rows.stdout).unwrap();
     assert_eq!(shown["status"], "cancelled", "{shown:#}");
     assert_eq!(shown["vms"][0]["status"], "cancelled");
-    assert!(std::fs::read_to_string(&released).unwrap().contains("released failed"));
+    assert!(std::fs::read_to_string(&released)
+        .unwrap()
+        .contains("released failed"));
 }
 
 /// An S3 outage in the middle of a run fails that run (recorded, and reported by webhook), never
@@ -628,10 +691,16 @@ capture = "touch {started}; sleep 1"
         ("BLOCKVAULT_S3_REQUEST_TIMEOUT_SECS", "5"),
     ];
     let mut a = Agent::start(&config, &s3.path("agent.log"), &env);
-    let first = a.json(&["agent", "run-now", "offsite"])["run"].as_i64().unwrap();
+    let first = a.json(&["agent", "run-now", "offsite"])["run"]
+        .as_i64()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !started.exists() {
-        assert!(Instant::now() < deadline, "capture never ran: {}", a.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "capture never ran: {}",
+            a.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     proxy.set(Mode::Down);
@@ -643,12 +712,17 @@ capture = "touch {started}; sleep 1"
     assert!(!shown["vms"][0]["error"].as_str().unwrap().is_empty());
     // The store is back: the next run succeeds.
     proxy.set(Mode::Pass);
-    let second = a.json(&["agent", "run-now", "offsite"])["run"].as_i64().unwrap();
+    let second = a.json(&["agent", "run-now", "offsite"])["run"]
+        .as_i64()
+        .unwrap();
     let done = recv.wait_for("run.finished", |v| v["run"] == second);
     assert_eq!(done["status"], "success", "{done:#}");
     a.signal("-TERM");
     assert!(a.wait_exit(Duration::from_secs(30)).success());
-    assert!(!a.log_text().contains(SECRET_KEY), "S3 secret in the agent log");
+    assert!(
+        !a.log_text().contains(SECRET_KEY),
+        "S3 secret in the agent log"
+    );
     s3.ok(&["verify"]);
     let points = s3.json(&["points", "list"]);
     assert_eq!(points.as_array().unwrap().len(), 1, "{points:#}");

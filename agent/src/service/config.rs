@@ -222,7 +222,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct JobHooks {
     /// Runs before the job's first VM; a failure fails the run.
@@ -241,6 +241,17 @@ pub struct JobHooks {
 
 fn hook_timeout() -> u64 {
     3600
+}
+
+impl Default for JobHooks {
+    fn default() -> Self {
+        Self {
+            before: None,
+            after: None,
+            on_error: None,
+            timeout_secs: hook_timeout(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -464,10 +475,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
             .map_err(|e| c.at(j.schedule.span(), "jobs.schedule", e))?;
         schedules.push(sched);
         if j.concurrency == 0 {
-            return Err(c.plain(
-                &format!("jobs.{name}.concurrency"),
-                "must be at least 1",
-            ));
+            return Err(c.plain(&format!("jobs.{name}.concurrency"), "must be at least 1"));
         }
         if j.retries.attempts == 0 {
             return Err(c.plain(
@@ -536,7 +544,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
                         return Err(c.at(
                             vm.name.span(),
                             "jobs.vms.changes",
-                            format!("VM '{vname}': changes names disk '{d}', which disks does not list"),
+                            format!(
+                                "VM '{vname}': changes names disk '{d}', which disks does not list"
+                            ),
                         ));
                     }
                 }
@@ -581,6 +591,10 @@ mod tests {
         let text = base(d.path()) + JOB;
         let l = parse(Path::new("agent.toml"), &text).unwrap();
         assert_eq!(l.schedules.len(), 1);
+        // Defaults of tables left out are the documented ones.
+        assert_eq!(l.config.jobs[0].hooks.timeout_secs, 3600);
+        assert_eq!(l.config.jobs[0].retries.attempts, 3);
+        assert_eq!(l.config.limits.max_concurrent_runs, 1);
         assert_eq!(l.config.jobs[0].vms[0].name.get_ref(), "web");
     }
 
@@ -588,7 +602,10 @@ mod tests {
     fn unknown_key_names_file_line_and_key() {
         let d = tempfile::tempdir().unwrap();
         let text = base(d.path()) + JOB + "colour = \"red\"\n";
-        let e = parse(Path::new("agent.toml"), &text).err().unwrap().to_string();
+        let e = parse(Path::new("agent.toml"), &text)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.starts_with("agent.toml:"), "{e}");
         assert!(e.contains("colour"), "{e}");
         let line = text.lines().position(|l| l.starts_with("colour")).unwrap() + 1;
@@ -600,7 +617,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let t = base(d.path()) + &JOB.replace("02:30:00", "25:99");
         let e = parse(Path::new("a.toml"), &t).err().unwrap().to_string();
-        assert!(e.contains("jobs.schedule") && e.contains("a.toml:8:"), "{e}");
+        assert!(
+            e.contains("jobs.schedule") && e.contains("a.toml:8:"),
+            "{e}"
+        );
         let t = base(d.path()) + &JOB.replace("Europe/Berlin", "Mars/Olympus");
         let e = parse(Path::new("a.toml"), &t).err().unwrap().to_string();
         assert!(e.contains("jobs.timezone") && e.contains("Mars"), "{e}");

@@ -57,12 +57,8 @@ pub struct Agent {
 
 /// Reads the repository password file (trailing newline removed).
 fn read_password(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
-    let mut s = std::fs::read(path).map_err(|e| {
-        Error::Config(format!(
-            "repository.password_file {}: {e}",
-            path.display()
-        ))
-    })?;
+    let mut s = std::fs::read(path)
+        .map_err(|e| Error::Config(format!("repository.password_file {}: {e}", path.display())))?;
     while matches!(s.last(), Some(b'\n' | b'\r')) {
         s.pop();
     }
@@ -155,9 +151,7 @@ impl Agent {
                 a.cancel.cancel();
                 Ok(a.job.clone())
             }
-            None => Err(Error::Input(format!(
-                "run {run} is not queued or running"
-            ))),
+            None => Err(Error::Input(format!("run {run} is not queued or running"))),
         }
     }
 
@@ -302,8 +296,15 @@ async fn serve_control(agent: Arc<Agent>, listener: UnixListener) {
                     v
                 }
                 Ok(Request::RunNow { job }) => {
-                    match agent.config().jobs.iter().position(|j| *j.name.get_ref() == job) {
-                        None => serde_json::json!({"ok": false, "error": format!("no job named '{job}'")}),
+                    match agent
+                        .config()
+                        .jobs
+                        .iter()
+                        .position(|j| *j.name.get_ref() == job)
+                    {
+                        None => {
+                            serde_json::json!({"ok": false, "error": format!("no job named '{job}'")})
+                        }
                         Some(i) => match agent.trigger(i, "manual") {
                             Ok(run) => serde_json::json!({"ok": true, "job": job, "run": run}),
                             Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),

@@ -130,10 +130,20 @@ mod tests {
         let e = run_hook("release", "exit 3", &[], Duration::from_secs(10), &log, &c)
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("release failed (exit status 3)"), "{e}");
-        let e = run_hook("capture", "sleep 5", &[], Duration::from_millis(200), &log, &c)
-            .await
-            .unwrap_err();
+        assert!(
+            e.to_string().contains("release failed (exit status 3)"),
+            "{e}"
+        );
+        let e = run_hook(
+            "capture",
+            "sleep 5",
+            &[],
+            Duration::from_millis(200),
+            &log,
+            &c,
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("did not finish"), "{e}");
     }
 }

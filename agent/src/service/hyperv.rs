@@ -442,6 +442,11 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// A failure predicate (a plain function, so a test can list several).
+    fn when(f: fn(&Step) -> bool) -> fn(&Step) -> bool {
+        f
+    }
+
     /// Records every step; fails the steps a test names; simulates the host's checkpoints.
     #[derive(Default)]
     struct Fake {
@@ -539,8 +544,16 @@ mod tests {
         src.release(&cx, Some(&report())).await.unwrap();
         let calls = fake.calls.lock().unwrap().clone();
         // The stray checkpoint of a killed run goes first.
-        assert!(matches!(&calls[1], Step::RemoveCheckpoint { name, .. } if name == "blockvault-nightly-run3"));
-        assert!(matches!(&calls[2], Step::Checkpoint { production: true, .. }));
+        assert!(
+            matches!(&calls[1], Step::RemoveCheckpoint { name, .. } if name == "blockvault-nightly-run3")
+        );
+        assert!(matches!(
+            &calls[2],
+            Step::Checkpoint {
+                production: true,
+                ..
+            }
+        ));
         let limits: Vec<Option<String>> = calls
             .iter()
             .filter_map(|s| match s {
@@ -549,7 +562,9 @@ mod tests {
             })
             .collect();
         assert_eq!(limits, [Some("rct:1".to_string()), None]);
-        assert!(matches!(calls.last().unwrap(), Step::RemoveOtherReferencePoints { keep, .. } if keep == "ref-2"));
+        assert!(
+            matches!(calls.last().unwrap(), Step::RemoveOtherReferencePoints { keep, .. } if keep == "ref-2")
+        );
         assert!(fake.checkpoints.lock().unwrap().is_empty());
     }
 
@@ -557,7 +572,15 @@ mod tests {
     async fn production_failure_falls_back_to_crash_consistent_and_says_so() {
         let d = tempfile::tempdir().unwrap();
         let fake = Arc::new(Fake {
-            fail: vec![|s| matches!(s, Step::Checkpoint { production: true, .. })],
+            fail: vec![when(|s| {
+                matches!(
+                    s,
+                    Step::Checkpoint {
+                        production: true,
+                        ..
+                    }
+                )
+            })],
             ..Default::default()
         });
         let (config, cx) = cx(d.path(), &[]);
@@ -572,7 +595,15 @@ mod tests {
         let (mut config, cx2) = self::cx(d.path(), &[]);
         config.allow_crash_consistent = false;
         let fake2 = Arc::new(Fake {
-            fail: vec![|s| matches!(s, Step::Checkpoint { production: true, .. })],
+            fail: vec![when(|s| {
+                matches!(
+                    s,
+                    Step::Checkpoint {
+                        production: true,
+                        ..
+                    }
+                )
+            })],
             ..Default::default()
         });
         let src = HypervSource {
@@ -585,9 +616,9 @@ mod tests {
 
     #[tokio::test]
     async fn every_failure_after_the_checkpoint_removes_it() {
-        let fails: Vec<fn(&Step) -> bool> = vec![
-            |s| matches!(s, Step::CheckpointFiles { .. }),
-            |s| matches!(s, Step::QueryChanges { .. }),
+        let fails = [
+            when(|s| matches!(s, Step::CheckpointFiles { .. })),
+            when(|s| matches!(s, Step::QueryChanges { .. })),
         ];
         for f in fails {
             let d = tempfile::tempdir().unwrap();
@@ -601,7 +632,11 @@ mod tests {
                 ps: fake.clone(),
             };
             assert!(src.capture(&cx).await.is_err());
-            assert!(fake.checkpoints.lock().unwrap().is_empty(), "{:?}", fake.calls.lock().unwrap());
+            assert!(
+                fake.checkpoints.lock().unwrap().is_empty(),
+                "{:?}",
+                fake.calls.lock().unwrap()
+            );
         }
         // A failed backup: release removes the checkpoint, converts nothing.
         let d = tempfile::tempdir().unwrap();
@@ -622,7 +657,7 @@ mod tests {
             .any(|s| matches!(s, Step::ConvertToReference { .. })));
         // Conversion fails: the checkpoint is still removed and the error reported.
         let fake = Arc::new(Fake {
-            fail: vec![|s| matches!(s, Step::ConvertToReference { .. })],
+            fail: vec![when(|s| matches!(s, Step::ConvertToReference { .. }))],
             ..Default::default()
         });
         let src = HypervSource {
@@ -638,7 +673,15 @@ mod tests {
     async fn lost_baseline_falls_back_to_a_full_query() {
         let d = tempfile::tempdir().unwrap();
         let fake = Arc::new(Fake {
-            fail: vec![|s| matches!(s, Step::QueryChanges { limit_id: Some(_), .. })],
+            fail: vec![when(|s| {
+                matches!(
+                    s,
+                    Step::QueryChanges {
+                        limit_id: Some(_),
+                        ..
+                    }
+                )
+            })],
             ..Default::default()
         });
         let (config, cx) = cx(d.path(), &[("os", "rct:old")]);

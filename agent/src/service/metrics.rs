@@ -36,7 +36,10 @@ fn esc(s: &str) -> String {
 /// The whole metrics page.
 pub fn render(state: &State, g: &Gauges) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "# HELP blockvault_agent_runs_total Job runs by job and final status.");
+    let _ = writeln!(
+        o,
+        "# HELP blockvault_agent_runs_total Job runs by job and final status."
+    );
     let _ = writeln!(o, "# TYPE blockvault_agent_runs_total counter");
     for (job, status, n) in state.run_counts().unwrap_or_default() {
         let _ = writeln!(
@@ -47,7 +50,10 @@ pub fn render(state: &State, g: &Gauges) -> String {
         );
     }
     let _ = writeln!(o, "# HELP blockvault_agent_last_success_timestamp_seconds End of the VM's last successful backup (Unix time).");
-    let _ = writeln!(o, "# TYPE blockvault_agent_last_success_timestamp_seconds gauge");
+    let _ = writeln!(
+        o,
+        "# TYPE blockvault_agent_last_success_timestamp_seconds gauge"
+    );
     for (vm, t) in state.last_success_per_vm().unwrap_or_default() {
         if let Some(t) = parse_ts(&t) {
             let _ = writeln!(
@@ -60,7 +66,11 @@ pub fn render(state: &State, g: &Gauges) -> String {
     }
     let sums = state.byte_sums().unwrap_or_default();
     for (name, help, idx) in [
-        ("bytes_read", "Bytes read from VM disks by successful backups.", 0),
+        (
+            "bytes_read",
+            "Bytes read from VM disks by successful backups.",
+            0,
+        ),
         ("bytes_new", "Bytes of new (not deduplicated) chunks.", 1),
         ("bytes_stored", "Bytes stored after compression.", 2),
     ] {
@@ -76,7 +86,10 @@ pub fn render(state: &State, g: &Gauges) -> String {
             );
         }
     }
-    let _ = writeln!(o, "# HELP blockvault_agent_run_duration_seconds Duration of the job's last finished run.");
+    let _ = writeln!(
+        o,
+        "# HELP blockvault_agent_run_duration_seconds Duration of the job's last finished run."
+    );
     let _ = writeln!(o, "# TYPE blockvault_agent_run_duration_seconds gauge");
     for (job, d) in g.durations.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(
@@ -85,7 +98,10 @@ pub fn render(state: &State, g: &Gauges) -> String {
             esc(job)
         );
     }
-    let _ = writeln!(o, "# HELP blockvault_agent_running_runs Job runs in progress.");
+    let _ = writeln!(
+        o,
+        "# HELP blockvault_agent_running_runs Job runs in progress."
+    );
     let _ = writeln!(o, "# TYPE blockvault_agent_running_runs gauge");
     let _ = writeln!(
         o,
@@ -99,7 +115,10 @@ pub fn render(state: &State, g: &Gauges) -> String {
         "blockvault_repository_size_bytes {}",
         g.repository_bytes.load(Ordering::Relaxed)
     );
-    let _ = writeln!(o, "# HELP blockvault_agent_verify_total Verify runs by job and outcome (ok, damaged, error).");
+    let _ = writeln!(
+        o,
+        "# HELP blockvault_agent_verify_total Verify runs by job and outcome (ok, damaged, error)."
+    );
     let _ = writeln!(o, "# TYPE blockvault_agent_verify_total counter");
     for ((job, outcome), n) in g.verify.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(
@@ -116,10 +135,16 @@ pub fn render(state: &State, g: &Gauges) -> String {
         .as_ref()
         .map(|d| crate::sessions::live_sessions(d).len())
         .unwrap_or(0);
-    let _ = writeln!(o, "# HELP blockvault_mount_sessions Running restore mount sessions on this host.");
+    let _ = writeln!(
+        o,
+        "# HELP blockvault_mount_sessions Running restore mount sessions on this host."
+    );
     let _ = writeln!(o, "# TYPE blockvault_mount_sessions gauge");
     let _ = writeln!(o, "blockvault_mount_sessions {sessions}");
-    let _ = writeln!(o, "# HELP blockvault_agent_webhook_pending Webhook deliveries waiting.");
+    let _ = writeln!(
+        o,
+        "# HELP blockvault_agent_webhook_pending Webhook deliveries waiting."
+    );
     let _ = writeln!(o, "# TYPE blockvault_agent_webhook_pending gauge");
     let _ = writeln!(
         o,
@@ -174,14 +199,19 @@ pub async fn serve(
             let line = head.lines().next().unwrap_or("");
             let mut parts = line.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                let body = tokio::task::spawn_blocking(move || render(&state, &gauges))
-                    .await
-                    .unwrap_or_default();
-                ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
-            } else {
-                ("404 Not Found", "text/plain", "not found: try /metrics\n".into())
-            };
+            let (status, ctype, body) =
+                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    let body = tokio::task::spawn_blocking(move || render(&state, &gauges))
+                        .await
+                        .unwrap_or_default();
+                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
+                } else {
+                    (
+                        "404 Not Found",
+                        "text/plain",
+                        "not found: try /metrics\n".into(),
+                    )
+                };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -291,7 +291,8 @@ async fn attempt(
             // Release runs whatever happened: a capture that failed half-way (a snapshot taken,
             // then a later command failed) is undone by it.
             if let Err(r) = source.release(cx, None).await {
-                cx.log.push(format!("release after the failed capture: {r}"));
+                cx.log
+                    .push(format!("release after the failed capture: {r}"));
             }
             return Err(e);
         }
@@ -369,7 +370,10 @@ async fn back_up_vm(
     let mut backoff = job.retries.backoff_secs;
     let outcome = loop {
         rec.attempts += 1;
-        log.push(format!("attempt {} of {}", rec.attempts, job.retries.attempts));
+        log.push(format!(
+            "attempt {} of {}",
+            rec.attempts, job.retries.attempts
+        ));
         let cx = VmContext {
             job: job_name.clone(),
             run,

@@ -151,7 +151,12 @@ pub fn calendar_to_cron(t: &str) -> Result<String, String> {
                 Some(s) => component(s, 0, 59, "second")?,
                 None => "0".into(),
             };
-        } else if tok.contains('-') && tok.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '*') {
+        } else if tok.contains('-')
+            && tok
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit() || c == '*')
+        {
             let parts: Vec<&str> = tok.split('-').collect();
             let (y, m, d) = match parts.as_slice() {
                 [y, m, d] => (*y, *m, *d),
@@ -212,7 +217,13 @@ mod tests {
 
     #[test]
     fn nonsense_is_refused_with_a_reason() {
-        for bad in ["25:00", "Funday 02:00", "2027-01-01 00:00", "every day", "61 * * * *"] {
+        for bad in [
+            "25:00",
+            "Funday 02:00",
+            "2027-01-01 00:00",
+            "every day",
+            "61 * * * *",
+        ] {
             let e = Schedule::parse(bad, chrono_tz::UTC).unwrap_err();
             assert!(!e.is_empty(), "{bad}");
         }

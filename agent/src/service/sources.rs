@@ -115,7 +115,12 @@ impl VmSource for FilesSource {
         let mut env = cx.env();
         env.push((
             "BLOCKVAULT_STATUS",
-            if outcome.is_some() { "success" } else { "failed" }.into(),
+            if outcome.is_some() {
+                "success"
+            } else {
+                "failed"
+            }
+            .into(),
         ));
         if let Some(r) = outcome {
             env.push(("BLOCKVAULT_POINT", r.point.to_string()));

@@ -297,7 +297,11 @@ impl State {
         })
     }
 
-    fn vm_rows(c: &Connection, sql: &str, p: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<VmRunRecord>> {
+    fn vm_rows(
+        c: &Connection,
+        sql: &str,
+        p: &[&dyn rusqlite::ToSql],
+    ) -> rusqlite::Result<Vec<VmRunRecord>> {
         let mut st = c.prepare(sql)?;
         let rows = st.query_map(p, |r| {
             Ok(VmRunRecord {
@@ -335,7 +339,7 @@ impl State {
                 "{} WHERE (?1 IS NULL OR r.job = ?1) AND (?2 IS NULL OR v.vm = ?2) ORDER BY v.run DESC, v.vm LIMIT ?3",
                 Self::VM_SELECT
             );
-            Self::vm_rows(c, &sql, &[&job, &vm, &(limit as i64)])
+            Self::vm_rows(c, &sql, params![job, vm, limit as i64])
         })
     }
 
@@ -377,7 +381,7 @@ impl State {
                 .optional()?;
             let Some(mut r) = r else { return Ok(None) };
             let sql = format!("{} WHERE v.run = ?1 ORDER BY v.vm", Self::VM_SELECT);
-            r.vms = Self::vm_rows(c, &sql, &[&id])?;
+            r.vms = Self::vm_rows(c, &sql, params![id])?;
             Ok(Some(r))
         })
     }
@@ -402,7 +406,9 @@ impl State {
                 "SELECT job, status, COUNT(*) FROM runs GROUP BY job, status ORDER BY job, status",
             )?;
             let v = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+                })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(v)
         })

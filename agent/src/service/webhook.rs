@@ -180,14 +180,16 @@ impl Webhooks {
                     }
                     Some(err) => {
                         // 1 s, 2 s, 4 s ... capped at one hour.
-                        let wait = Duration::from_secs(1u64 << d.attempts.min(12)).min(Duration::from_secs(3600));
+                        let wait = Duration::from_secs(1u64 << d.attempts.min(12))
+                            .min(Duration::from_secs(3600));
                         tracing::warn!(
                             "webhook {} to {}: {err}; retrying in {}s",
                             d.event,
                             d.url,
                             wait.as_secs()
                         );
-                        let next = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                        let next =
+                            Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
                         let _ = self.state.delivery_failed(d.id, next, &err);
                     }
                 }
