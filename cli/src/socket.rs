@@ -28,27 +28,31 @@ pub fn bind_private(path: &Path) -> Result<tokio::net::UnixListener> {
         .create(&staging)
         .with_context(|| format!("creating {}", staging.display()))?;
     let inner = staging.join("s");
-    let bound = (|| -> Result<tokio::net::UnixListener> {
-        let listener = std::os::unix::net::UnixListener::bind(&inner)
-            .with_context(|| format!("binding unix socket {}", path.display()))?;
-        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("restricting {}", inner.display()))?;
-        rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &inner,
-            rustix::fs::CWD,
-            path,
-            rustix::fs::RenameFlags::NOREPLACE,
-        )
-        .with_context(|| format!("moving the socket to {}", path.display()))?;
-        listener.set_nonblocking(true)?;
-        Ok(tokio::net::UnixListener::from_std(listener)?)
-    })();
+    let bound = bind_and_move(&inner, path);
     if bound.is_err() {
         let _ = std::fs::remove_file(&inner);
     }
     let _ = std::fs::remove_dir(&staging);
     bound
+}
+
+/// Binds at `inner` (inside the private staging directory), restricts the socket to its owner,
+/// then moves it to `path` unless something is there.
+fn bind_and_move(inner: &Path, path: &Path) -> Result<tokio::net::UnixListener> {
+    let listener = std::os::unix::net::UnixListener::bind(inner)
+        .with_context(|| format!("binding unix socket {}", path.display()))?;
+    std::fs::set_permissions(inner, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", inner.display()))?;
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        inner,
+        rustix::fs::CWD,
+        path,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .with_context(|| format!("moving the socket to {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(tokio::net::UnixListener::from_std(listener)?)
 }
 
 #[cfg(test)]
