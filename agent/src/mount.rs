@@ -107,6 +107,7 @@ impl BlockDevice for MountDevice {
         }
         self.disk
             .write_zeroes(offset, u64::from(len))
+            .await
             .map_err(to_device)?;
         if fua {
             self.disk.flush().await.map_err(to_device)?;
@@ -121,6 +122,7 @@ impl BlockDevice for MountDevice {
         }
         self.disk
             .write_zeroes(offset, u64::from(len))
+            .await
             .map_err(to_device)
     }
 

@@ -117,29 +117,62 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             Some(dir) => Some(Overlay::open(dir, name, &point_hex, random.size())?),
             None => None,
         };
-        let hydration = match &a.hydrate_to {
+        let hydrate_file = match &a.hydrate_to {
+            Some(p) if a.disks.len() == 1 => Some(absolute(p)?),
             Some(p) => {
-                let file = if a.disks.len() == 1 {
-                    p.clone()
-                } else {
-                    std::fs::create_dir_all(p)
-                        .with_context(|| format!("creating {}", p.display()))?;
-                    p.join(format!("{name}.raw"))
-                };
-                Some(start_hydration(
-                    random.clone(),
-                    file,
-                    a.parallel.clamp(1, 4),
-                )?)
+                std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+                Some(absolute(&p.join(format!("{name}.raw")))?)
             }
             None => None,
+        };
+        // An overlay an earlier mount merged into its hydrated file: that file is the disk now.
+        let merged = match &overlay {
+            Some(o) => o.merged_into()?,
+            None => None,
+        };
+        let (disk, hydration) = match (overlay, merged) {
+            (Some(o), Some(file)) => {
+                if hydrate_file.as_ref().is_some_and(|h| *h != file) {
+                    return Err(input(format!(
+                        "the overlay of disk '{name}' was merged into {}; mount with --hydrate-to {} (or without --hydrate-to)",
+                        file.display(),
+                        file.display()
+                    )));
+                }
+                let part = PathBuf::from(format!("{}.part", file.display()));
+                if !file.exists() && part.exists() {
+                    // Stopped between recording the merge and the rename: finish it.
+                    std::fs::rename(&part, &file)
+                        .with_context(|| format!("renaming {} to {}", part.display(), file.display()))?;
+                    let _ = std::fs::remove_file(format!("{}.done", part.display()));
+                }
+                if !file.exists() {
+                    return Err(input(format!(
+                        "the overlay of disk '{name}' was merged into {}, which is gone; the guest's later writes are only there",
+                        file.display()
+                    )));
+                }
+                eprintln!(
+                    "disk {name}: serving the hydrated file {} (the overlay was merged into it)",
+                    file.display()
+                );
+                (Arc::new(MountedDisk::new_local(random, o, &file)?), None)
+            }
+            (overlay, _) => {
+                let disk = Arc::new(MountedDisk::new(random, overlay)?);
+                let hydration = match hydrate_file {
+                    Some(file) => Some(start_hydration(disk.clone(), file, a.parallel.clamp(1, 4))?),
+                    None => None,
+                };
+                (disk, hydration)
+            }
         };
         let export = a.export_name.clone().unwrap_or_else(|| name.clone());
         disks.push(Mounted {
             name: name.clone(),
             uri: base_uri(&export),
             export,
-            disk: Arc::new(MountedDisk::new(random, overlay)?),
+            disk,
             hydration,
         });
     }
@@ -194,6 +227,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                     "size": disk.size(),
                     "writable": disk.writable(),
                     "overlay_bytes": disk.overlay().map(|o| o.changed_bytes()),
+                    "local_file": disk.local_path(),
                     "cache": disk.reader().cache_stats(),
                     "connections": s.sessions.iter().filter(|x| x.export.as_deref() == Some(export.as_str())).count(),
                     "hydration": hyd.as_ref().map(|h| h.status()),
@@ -251,23 +285,18 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
         if let Err(e) = d.disk.flush().await {
             result = result.and(Err(anyhow::Error::from(e)));
         }
-        if let Some(h) = d.hydration.as_ref().filter(|h| h.is_complete()) {
-            match d.disk.fold_into(h.path()).await {
-                Ok(n) if n > 0 => eprintln!(
-                    "wrote {} of overlay changes into {}",
-                    human(n),
-                    h.path().display()
-                ),
-                Ok(_) => {}
-                Err(e) => result = result.and(Err(anyhow::Error::from(e))),
-            }
-        }
     }
     if let Some(p) = &a.socket {
         let _ = std::fs::remove_file(p);
     }
     let _ = std::fs::remove_file(&status_path);
     result
+}
+
+/// `p` made absolute (without resolving links), so that a merge record names the file wherever
+/// the next mount is started from.
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
 fn write_status(path: &Path, v: &serde_json::Value) -> Result<()> {

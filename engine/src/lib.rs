@@ -2,6 +2,7 @@
 //! points back (export, random access), and verify what is stored.
 
 mod backup;
+mod buffers;
 mod cache;
 mod error;
 mod export;

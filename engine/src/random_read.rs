@@ -126,7 +126,7 @@ impl RandomReader {
         self.cache.get(slot).await
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.size()) {
             return Err(Error::Invalid(format!(
                 "read of {len} bytes at offset {offset} runs past the end of the {}-byte disk",
