@@ -6,9 +6,10 @@ set -euo pipefail
 what="${1:-test}"
 case "$what" in main|test) ;; *) echo "usage: $0 [main|test]" >&2; exit 2 ;; esac
 
-# Building: the rocksdb crate generates its bindings with libclang. The demo makes its disk image
-# with mkfs.ext4 (e2fsprogs).
-main_packages=(libclang-dev e2fsprogs)
+# Building: the rocksdb crate generates its bindings with libclang; the NBD server's TLS links
+# OpenSSL (libssl-dev, found through pkg-config). The demo makes its disk image with mkfs.ext4
+# (e2fsprogs).
+main_packages=(libclang-dev libssl-dev pkg-config e2fsprogs)
 # Testing, each an outside oracle or a real peer:
 #   qemu-utils            qemu-img / qemu-io / qemu-nbd: VHDX and NBD oracles
 #   libnbd-bin, python3-libnbd, nbdkit: real NBD clients and a reference server
