@@ -243,6 +243,10 @@ pub struct MountArgs {
     /// Chunks read ahead of a sequential reader.
     #[arg(long, default_value_t = 8)]
     pub readahead: u64,
+    /// Fetch the chunks the point's first boot read (its boot trace, or that of the VM's newest
+    /// earlier point that has one), in that order, from the start.
+    #[arg(long)]
+    pub prefetch_boot: bool,
 }
 
 #[derive(Args, Debug)]

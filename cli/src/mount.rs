@@ -14,7 +14,9 @@ use blockvault_engine::{
     start_hydration, DiskReader, Hydration, MountedDisk, Overlay, RandomReadOptions, RandomReader,
     ReaderOptions,
 };
+use blockvault_engine::PrefetchReport;
 use blockvault_nbd::{Export, Listener, Server, ServerConfig};
+use blockvault_repo::{BootTrace, DiskTrace};
 use serde_json::json;
 
 use crate::commands::{cache_dir, open_repo, print_json};
@@ -36,6 +38,74 @@ struct Mounted {
     uri: String,
     disk: Arc<MountedDisk>,
     hydration: Option<Arc<Hydration>>,
+    prefetch: Arc<std::sync::Mutex<Option<PrefetchReport>>>,
+}
+
+/// How long after its first read a mount records the boot trace.
+const BOOT_TRACE_WINDOW: Duration = Duration::from_secs(60);
+
+/// The boot trace to replay for `point`: its own, else that of the newest earlier point of the
+/// same VM that has one (a successor boots much like its predecessor did).
+async fn boot_trace_for(
+    repo: &Arc<blockvault_repo::Repository>,
+    point: &blockvault_repo::PointManifest,
+    traced: &std::collections::HashSet<blockvault_repo::PointId>,
+) -> Result<Option<BootTrace>> {
+    if traced.contains(&point.id) {
+        return Ok(repo.load_boot_trace(&point.id).await?);
+    }
+    let (points, _) = repo.list_points().await?;
+    let mut earlier: Vec<_> = points
+        .iter()
+        .filter(|p| p.vm == point.vm && p.created < point.created && traced.contains(&p.id))
+        .collect();
+    earlier.sort_by(|a, b| b.created.cmp(&a.created));
+    for p in earlier {
+        match repo.load_boot_trace(&p.id).await {
+            Ok(Some(t)) => return Ok(Some(t)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(point = %p.id, error = %e, "unreadable boot trace skipped"),
+        }
+    }
+    Ok(None)
+}
+
+/// Stores what the disks recorded as the point's boot trace (once; later calls do nothing).
+async fn save_boot_trace(
+    repo: &Arc<blockvault_repo::Repository>,
+    point: &blockvault_repo::PointManifest,
+    disks: &[(String, Arc<MountedDisk>)],
+) {
+    let mut traces = Vec::new();
+    for (name, d) in disks {
+        if let Some(r) = d.reader().take_recording() {
+            if !r.slots.is_empty() {
+                traces.push(DiskTrace {
+                    name: name.clone(),
+                    disk_size: d.size(),
+                    chunk_size: point.chunk_size,
+                    slots: r.slots,
+                    span_ms: r.span_ms,
+                });
+            }
+        }
+    }
+    if traces.is_empty() {
+        return;
+    }
+    let trace = BootTrace {
+        version: blockvault_repo::format::BOOT_TRACE_VERSION,
+        point: point.id.to_hex(),
+        recorded: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        disks: traces,
+    };
+    match repo.save_boot_trace(&point.id, &trace).await {
+        Ok(true) => tracing::info!(point = %point.id, "boot trace stored"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot store the boot trace"),
+    }
 }
 
 pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
@@ -63,6 +133,23 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
     let id = repo.resolve_point(&a.point).await?;
     let point = repo.load_point(&id).await?;
     let point_hex = point.id.to_hex();
+    // Boot traces: this point's first mount records one; --prefetch-boot replays the newest.
+    let traced = repo.boot_trace_points().await?;
+    let recording = !traced.contains(&point.id);
+    let replay = if a.prefetch_boot {
+        let t = boot_trace_for(&repo, &point, &traced).await?;
+        if let Some(t) = &t {
+            eprintln!("prefetching the boot trace recorded on point {}", t.point);
+        } else {
+            eprintln!(
+                "no boot trace for point {point_hex} or an earlier point of VM {}: nothing to prefetch (this mount records one)",
+                point.vm
+            );
+        }
+        t
+    } else {
+        None
+    };
 
     let listener: Listener = match (&a.listen, &a.socket) {
         (Some(_), Some(_)) => return Err(input("give either --listen or --socket".into())),
@@ -167,6 +254,23 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                 (disk, hydration)
             }
         };
+        if recording {
+            disk.reader().start_recording(BOOT_TRACE_WINDOW);
+        }
+        let prefetch = Arc::new(std::sync::Mutex::new(None));
+        if let Some(slots) = replay
+            .as_ref()
+            .and_then(|t| t.disk(name))
+            .filter(|t| t.chunk_size == point.chunk_size)
+            .map(|t| t.slots.clone())
+        {
+            let (reader, done) = (disk.reader().clone(), prefetch.clone());
+            tokio::spawn(async move {
+                let r = reader.prefetch(&slots).await;
+                tracing::info!(chunks = r.chunks, bytes = r.bytes, ms = r.millis, "boot prefetch done");
+                *done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+            });
+        }
         let export = a.export_name.clone().unwrap_or_else(|| name.clone());
         disks.push(Mounted {
             name: name.clone(),
@@ -174,6 +278,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             export,
             disk,
             hydration,
+            prefetch,
         });
     }
 
@@ -203,6 +308,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                         d.uri.clone(),
                         d.disk.clone(),
                         d.hydration.clone(),
+                        d.prefetch.clone(),
                     )
                 })
                 .collect::<Vec<_>>(),
@@ -220,7 +326,8 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                 "total_connections": s.total_connections,
                 "bytes_served": s.bytes_read,
                 "bytes_written": s.bytes_written,
-                "disks": disks.iter().map(|(name, export, uri, disk, hyd)| json!({
+                "boot_trace": if recording { "recording" } else { "present" },
+                "disks": disks.iter().map(|(name, export, uri, disk, hyd, pre)| json!({
                     "name": name,
                     "export": export,
                     "uri": uri,
@@ -231,6 +338,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                     "cache": disk.reader().cache_stats(),
                     "connections": s.sessions.iter().filter(|x| x.export.as_deref() == Some(export.as_str())).count(),
                     "hydration": hyd.as_ref().map(|h| h.status()),
+                    "boot_prefetch": *pre.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
                 })).collect::<Vec<_>>(),
             })
         }
@@ -277,9 +385,27 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             }
         })
     };
+    let traced_disks: Vec<(String, Arc<MountedDisk>)> =
+        disks.iter().map(|d| (d.name.clone(), d.disk.clone())).collect();
+    // The trace is stored when its window ends, or at the stop if that comes first.
+    let (stop_recording, stopped) = tokio::sync::oneshot::channel::<()>();
+    let trace_saver = recording.then(|| {
+        let (repo, point, traced_disks) = (repo.clone(), point.clone(), traced_disks.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(BOOT_TRACE_WINDOW) => {}
+                _ = stopped => {}
+            }
+            save_boot_trace(&repo, &point, &traced_disks).await;
+        })
+    });
     // serve() answers in-flight requests and flushes every writable export before returning.
     let served = server.serve(listener, shutdown).await;
     ticker.abort();
+    let _ = stop_recording.send(());
+    if let Some(t) = trace_saver {
+        let _ = t.await;
+    }
     let mut result = served.map_err(anyhow::Error::from);
     for d in &disks {
         if let Err(e) = d.disk.flush().await {

@@ -23,7 +23,9 @@ pub use hydrate::{start_hydration, Hydration, HydrationStatus};
 pub use mounted::{MountedDisk, StatusRun};
 pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
 pub use progress::Progress;
-pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
+pub use random_read::{
+    MapRun, PrefetchReport, RandomReadOptions, RandomReader, Recording, Segment,
+};
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
 pub use verify::{verify, VerifyOptions, VerifyReport};

@@ -6,6 +6,7 @@
 //! and is rebuilt from pack tables of contents and index segments.
 
 mod blob;
+mod boot_trace;
 mod blob_cache;
 mod config;
 mod crypto;
@@ -25,6 +26,7 @@ mod storage;
 mod throttle;
 
 pub use blob::{BlobKind, EncodedBlob};
+pub use boot_trace::{BootTrace, DiskTrace, MAX_TRACE_SLOTS};
 pub use blob_cache::BlobCacheStats;
 pub use blockvault_chunker::{ChunkHasher, ChunkId};
 pub use config::{KdfParams, RepoConfig};

@@ -539,6 +539,49 @@ impl Repository {
         blocking(move || PointManifest::open(&keys, &id, &bytes)).await?
     }
 
+    /// Stores the boot trace of `point` (create-only: the first boot's trace stays). Returns
+    /// false when the point already has one.
+    pub async fn save_boot_trace(&self, point: &PointId, trace: &crate::BootTrace) -> Result<bool> {
+        let sealed = trace.seal(&self.keys, point);
+        let path = crate::boot_trace::path(point);
+        match self
+            .storage
+            .put(&path, Bytes::from(sealed), Write::CreateChecked)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Error::Store {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The boot trace of `point`, if it has one.
+    pub async fn load_boot_trace(&self, point: &PointId) -> Result<Option<crate::BootTrace>> {
+        let bytes = match self.storage.get(&crate::boot_trace::path(point)).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let (keys, id) = (self.keys.clone(), *point);
+        blocking(move || crate::BootTrace::open(&keys, &id, &bytes))
+            .await?
+            .map(Some)
+    }
+
+    /// The points that have a boot trace.
+    pub async fn boot_trace_points(&self) -> Result<HashSet<PointId>> {
+        Ok(self
+            .storage
+            .list(crate::format::BOOT_TRACES_DIR)
+            .await?
+            .into_iter()
+            .filter_map(|(name, _)| crate::boot_trace::parse_path(&name))
+            .collect())
+    }
+
     pub async fn delete_point(&self, id: &PointId) -> Result<()> {
         self.storage.delete(&point_path(id)).await
     }

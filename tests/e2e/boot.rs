@@ -146,6 +146,13 @@ fn boot_write_hydrate_boot(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, point: 
     assert!(console.contains("BV-WROTE"), "{console}");
     assert!(m.sigterm(), "log:\n{}", m.log());
 
+    // That first mount of the point recorded its boot trace.
+    let shown: serde_json::Value =
+        serde_json::from_slice(&cmd(&["points", "show", point, "--json"]).output().unwrap().stdout)
+            .unwrap();
+    let traced = shown["boot_trace"]["disks"][0]["chunks"].as_u64().unwrap_or(0);
+    assert!(traced > 0, "no boot trace after the first boot: {shown}");
+
     // The overlay holds the guest's write, inside the root partition only.
     let (expect, changed) = with_overlay(image, &ov, "sys");
     assert!(!changed.is_empty(), "the overlay holds no write");
@@ -154,14 +161,20 @@ fn boot_write_hydrate_boot(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, point: 
         "the overlay holds blocks outside the root partition: {changed:?}"
     );
 
-    // Hydration of the same disk: complete, the overlay merged in, served from the file.
-    let mut m = mount(&["--hydrate-to", hyd.to_str().unwrap()], "mount2.log");
+    // Hydration of the same disk: complete, the overlay merged in, served from the file. The
+    // boot trace is replayed meanwhile.
+    let mut m = mount(
+        &["--hydrate-to", hyd.to_str().unwrap(), "--prefetch-boot"],
+        "mount2.log",
+    );
     let t = Instant::now();
     loop {
         let s = session(cmd);
         let d = &s["disks"][0];
         assert!(d["hydration"]["error"].is_null(), "{s}");
-        if d["hydration"]["complete"] == true && !d["local_file"].is_null() {
+        let prefetched = d["boot_prefetch"]["chunks"].as_u64();
+        if d["hydration"]["complete"] == true && !d["local_file"].is_null() && prefetched.is_some() {
+            assert_eq!(prefetched, Some(traced), "{s}");
             assert_eq!(d["local_file"], hyd.to_str().unwrap(), "{s}");
             break;
         }
@@ -219,6 +232,41 @@ fn boot_write_hydrate_boot(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, point: 
     );
 }
 
+/// A later point of the same VM replays its predecessor's boot trace.
+fn successor_prefetches(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, first: &str, later: &str) {
+    assert_ne!(first, later);
+    let mut m = Mount::spawn(
+        cmd(&[
+            "restore",
+            "mount",
+            later,
+            "--disk",
+            "sys",
+            "--listen",
+            "127.0.0.1:0",
+            "--prefetch-boot",
+        ]),
+        dir.join("mount-successor.log"),
+        1,
+    );
+    let t = Instant::now();
+    loop {
+        let s = session(cmd);
+        if let Some(n) = s["disks"][0]["boot_prefetch"]["chunks"].as_u64() {
+            assert!(n > 0, "{s}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no prefetch: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(m.sigterm(), "log:\n{}", m.log());
+    assert!(
+        m.log().contains(&format!("prefetching the boot trace recorded on point {first}")),
+        "log:\n{}",
+        m.log()
+    );
+}
+
 #[test]
 fn a_linux_guest_boots_from_the_mount_and_again_from_its_hydrated_file() {
     let w = World::with_repo("64KiB");
@@ -231,6 +279,11 @@ fn a_linux_guest_boots_from_the_mount_and_again_from_its_hydrated_file() {
     let dir = w.path("run");
     std::fs::create_dir_all(&dir).unwrap();
     boot_write_hydrate_boot(&|args| w.cmd(args), &dir, &point);
+    let later = w.backup("vm", &[("sys", &dir.join("sys.raw"))])["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    successor_prefetches(&|args| w.cmd(args), &dir, &point, &later);
 }
 
 #[test]
