@@ -35,9 +35,7 @@ fn boot_to_marker(drive: &str, console: &Path) -> Result<f64> {
         .context("starting qemu-system-x86_64")?;
     let mut marked = None;
     loop {
-        if marked.is_none()
-            && std::fs::read_to_string(console).is_ok_and(|c| c.contains(MARKER))
-        {
+        if marked.is_none() && std::fs::read_to_string(console).is_ok_and(|c| c.contains(MARKER)) {
             marked = Some(t.elapsed().as_secs_f64());
         }
         if let Some(st) = qemu.try_wait()? {
@@ -83,7 +81,9 @@ fn boot_from_mount(mut mount: Command, overlay: &Path, console: &Path) -> Result
     )?;
     let secs = boot_to_marker(&uri, console)?;
     // SIGTERM, so the first mount stores its boot trace.
-    run(Command::new("kill").arg("-TERM").arg(served.id().to_string()))?;
+    run(Command::new("kill")
+        .arg("-TERM")
+        .arg(served.id().to_string()))?;
     served.wait_exit(Duration::from_secs(60))?;
     Ok(secs)
 }
@@ -101,7 +101,10 @@ pub fn run_all(args: &Args, repo: &Path, cache: &Path) -> Result<Vec<Sample>> {
     out.push(sample(
         "boot to marker",
         "local raw file",
-        boot_to_marker(copy.to_str().context("path")?, &work.join("console-local.log"))?,
+        boot_to_marker(
+            copy.to_str().context("path")?,
+            &work.join("console-local.log"),
+        )?,
     ));
 
     // A local repository (the benchmark's own).
@@ -168,7 +171,10 @@ fn backup(mut c: Command, img: &Path) -> Result<String> {
         .arg(format!("sys={}", img.display()))
         .output()?;
     if !o.status.success() {
-        bail!("backup of the boot disk: {}", String::from_utf8_lossy(&o.stderr));
+        bail!(
+            "backup of the boot disk: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     v["point"]

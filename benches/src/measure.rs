@@ -175,7 +175,7 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
     )?);
     check_same(&r.raw, &restore)?;
     std::fs::remove_file(&restore)?; // 8 GiB of disk space
-    // The decoder alone: fetch, decrypt, decompress and re-hash every chunk, nothing written.
+                                     // The decoder alone: fetch, decrypt, decompress and re-hash every chunk, nothing written.
     let mut c = bv(args, &repo, &cache);
     c.args(["verify", "--read-data"]);
     out.push(timed("verify --read-data", "blockvault", c, None, None)?);

@@ -46,7 +46,12 @@ const TARGETS: &[Target] = &[
         1.0,
     ),
     t("restore to a file", "restore to a file", "qemu-img", 1.0),
-    t("NBD nbdcopy whole disk", "verify --read-data", "blockvault", 1.3),
+    t(
+        "NBD nbdcopy whole disk",
+        "verify --read-data",
+        "blockvault",
+        1.3,
+    ),
     t("restore to a file", "verify --read-data", "blockvault", 1.3),
     t("export to VHDX", "verify --read-data", "blockvault", 1.3),
 ];
@@ -54,7 +59,11 @@ const TARGETS: &[Target] = &[
 /// Ratios reported without a target: (blockvault work, reference work, reference tool).
 const REPORTED: &[(&str, &str, &str)] = &[
     ("boot to marker, mount", "boot to marker", "local raw file"),
-    ("boot to marker, mount, S3 cold", "boot to marker", "local raw file"),
+    (
+        "boot to marker, mount, S3 cold",
+        "boot to marker",
+        "local raw file",
+    ),
     (
         "boot to marker, mount, S3 cold, boot trace",
         "boot to marker",

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use blockvault_agent::mount::MountDevice;
+use blockvault_engine::PrefetchReport;
 use blockvault_engine::{
     start_hydration, DiskReader, Hydration, MountedDisk, Overlay, RandomReadOptions, RandomReader,
     ReaderOptions,
 };
-use blockvault_engine::PrefetchReport;
 use blockvault_nbd::{Export, Listener, Server, ServerConfig};
 use blockvault_repo::{BootTrace, DiskTrace};
 use serde_json::json;
@@ -229,8 +229,9 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                 let part = PathBuf::from(format!("{}.part", file.display()));
                 if !file.exists() && part.exists() {
                     // Stopped between recording the merge and the rename: finish it.
-                    std::fs::rename(&part, &file)
-                        .with_context(|| format!("renaming {} to {}", part.display(), file.display()))?;
+                    std::fs::rename(&part, &file).with_context(|| {
+                        format!("renaming {} to {}", part.display(), file.display())
+                    })?;
                     let _ = std::fs::remove_file(format!("{}.done", part.display()));
                 }
                 if !file.exists() {
@@ -248,7 +249,9 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             (overlay, _) => {
                 let disk = Arc::new(MountedDisk::new(random, overlay)?);
                 let hydration = match hydrate_file {
-                    Some(file) => Some(start_hydration(disk.clone(), file, a.parallel.clamp(1, 4))?),
+                    Some(file) => {
+                        Some(start_hydration(disk.clone(), file, a.parallel.clamp(1, 4))?)
+                    }
                     None => None,
                 };
                 (disk, hydration)
@@ -267,8 +270,15 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             let (reader, done) = (disk.reader().clone(), prefetch.clone());
             tokio::spawn(async move {
                 let r = reader.prefetch(&slots).await;
-                tracing::info!(chunks = r.chunks, bytes = r.bytes, ms = r.millis, "boot prefetch done");
-                *done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+                tracing::info!(
+                    chunks = r.chunks,
+                    bytes = r.bytes,
+                    ms = r.millis,
+                    "boot prefetch done"
+                );
+                *done
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
             });
         }
         let export = a.export_name.clone().unwrap_or_else(|| name.clone());
@@ -385,8 +395,10 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             }
         })
     };
-    let traced_disks: Vec<(String, Arc<MountedDisk>)> =
-        disks.iter().map(|d| (d.name.clone(), d.disk.clone())).collect();
+    let traced_disks: Vec<(String, Arc<MountedDisk>)> = disks
+        .iter()
+        .map(|d| (d.name.clone(), d.disk.clone()))
+        .collect();
     // The trace is stored when its window ends, or at the stop if that comes first.
     let (stop_recording, stopped) = tokio::sync::oneshot::channel::<()>();
     let trace_saver = recording.then(|| {

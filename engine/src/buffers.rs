@@ -76,8 +76,12 @@ impl BufferPool {
     }
 
     /// Idle buffers held right now.
+    #[cfg(test)]
     pub fn idle(&self) -> usize {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 

@@ -258,11 +258,15 @@ impl MountedDisk {
     /// the disk (`<disk>.local`), and the rename happens. Returns the bytes merged.
     pub async fn switch_to_local(&self, part: &Path, file: &Path) -> Result<u64> {
         let Some(o) = &self.overlay else {
-            return Err(Error::Invalid("a read-only mount has nothing to merge".into()));
+            return Err(Error::Invalid(
+                "a read-only mount has nothing to merge".into(),
+            ));
         };
         let target = Arc::new(LocalFile::open(part)?);
         o.track_changes();
-        let everything: Vec<(u64, u64)> = o.runs(0, o.size()).into_iter()
+        let everything: Vec<(u64, u64)> = o
+            .runs(0, o.size())
+            .into_iter()
             .filter(|r| r.2 != BlockState::Backup)
             .map(|r| (r.0, r.1))
             .collect();
@@ -288,7 +292,12 @@ impl MountedDisk {
 
     /// Copies the overlay's view of `runs` (data and zeroes; blocks still on the backup are
     /// skipped) into `target`.
-    async fn merge(&self, o: &Overlay, target: &Arc<LocalFile>, runs: &[(u64, u64)]) -> Result<u64> {
+    async fn merge(
+        &self,
+        o: &Overlay,
+        target: &Arc<LocalFile>,
+        runs: &[(u64, u64)],
+    ) -> Result<u64> {
         let mut merged = 0;
         for &(offset, len) in runs {
             for (from, n, st) in o.runs(offset, len) {
@@ -300,10 +309,12 @@ impl MountedDisk {
                         BlockState::Backup => break,
                         BlockState::Data => {
                             let buf = o.read_data(pos, step).await?;
-                            blocking(move || t.file.write_all_at(&buf, pos).map_err(t.err())).await?;
+                            blocking(move || t.file.write_all_at(&buf, pos).map_err(t.err()))
+                                .await?;
                         }
                         BlockState::Zero => {
-                            blocking(move || write_zeroes(&t.file, pos, step).map_err(t.err())).await?;
+                            blocking(move || write_zeroes(&t.file, pos, step).map_err(t.err()))
+                                .await?;
                         }
                     }
                     merged += step;

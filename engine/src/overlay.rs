@@ -230,10 +230,12 @@ impl Overlay {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(&self.local_path)(e)),
         };
-        let bad = || Error::Invalid(format!(
+        let bad = || {
+            Error::Invalid(format!(
             "{} is not a blockvault merge record; remove it only if the disk's local file is not in use",
             self.local_path.display()
-        ));
+        ))
+        };
         let line = text.strip_prefix(LOCAL_RECORD).ok_or_else(bad)?;
         let (point, file) = line
             .trim_end_matches('\n')

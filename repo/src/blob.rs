@@ -127,7 +127,10 @@ fn check_header(
         ));
     }
     if !matches!(header[2], COMPRESSION_NONE | COMPRESSION_ZSTD) {
-        return Err(Error::malformed(what(), format!("compression {}", header[2])));
+        return Err(Error::malformed(
+            what(),
+            format!("compression {}", header[2]),
+        ));
     }
     Ok(header)
 }
@@ -143,7 +146,15 @@ pub(crate) fn decode(
 ) -> Result<Vec<u8>> {
     let mut sealed = bytes.to_vec();
     let mut out = Vec::new();
-    decode_into(keys, id, expected_kind, raw_len, &mut sealed, &mut out, what)?;
+    decode_into(
+        keys,
+        id,
+        expected_kind,
+        raw_len,
+        &mut sealed,
+        &mut out,
+        what,
+    )?;
     Ok(out)
 }
 

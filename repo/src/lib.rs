@@ -6,8 +6,8 @@
 //! and is rebuilt from pack tables of contents and index segments.
 
 mod blob;
-mod boot_trace;
 mod blob_cache;
+mod boot_trace;
 mod config;
 mod crypto;
 mod error;
@@ -26,9 +26,9 @@ mod storage;
 mod throttle;
 
 pub use blob::{BlobKind, EncodedBlob};
-pub use boot_trace::{BootTrace, DiskTrace, MAX_TRACE_SLOTS};
 pub use blob_cache::BlobCacheStats;
 pub use blockvault_chunker::{ChunkHasher, ChunkId};
+pub use boot_trace::{BootTrace, DiskTrace, MAX_TRACE_SLOTS};
 pub use config::{KdfParams, RepoConfig};
 pub use error::{Error, Result};
 pub use ids::{PackId, PointId, SegmentId};

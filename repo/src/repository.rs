@@ -341,7 +341,9 @@ impl Repository {
                 )
             };
             match raw.try_into_mut() {
-                Ok(mut own) => blob::decode_into(&keys, &id, kind, loc.raw_len, &mut own, &mut out, &what),
+                Ok(mut own) => {
+                    blob::decode_into(&keys, &id, kind, loc.raw_len, &mut own, &mut out, &what)
+                }
                 Err(shared) => SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
                     s.clear();

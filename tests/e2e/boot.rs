@@ -147,10 +147,16 @@ fn boot_write_hydrate_boot(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, point: 
     assert!(m.sigterm(), "log:\n{}", m.log());
 
     // That first mount of the point recorded its boot trace.
-    let shown: serde_json::Value =
-        serde_json::from_slice(&cmd(&["points", "show", point, "--json"]).output().unwrap().stdout)
-            .unwrap();
-    let traced = shown["boot_trace"]["disks"][0]["chunks"].as_u64().unwrap_or(0);
+    let shown: serde_json::Value = serde_json::from_slice(
+        &cmd(&["points", "show", point, "--json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let traced = shown["boot_trace"]["disks"][0]["chunks"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(traced > 0, "no boot trace after the first boot: {shown}");
 
     // The overlay holds the guest's write, inside the root partition only.
@@ -173,12 +179,16 @@ fn boot_write_hydrate_boot(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, point: 
         let d = &s["disks"][0];
         assert!(d["hydration"]["error"].is_null(), "{s}");
         let prefetched = d["boot_prefetch"]["chunks"].as_u64();
-        if d["hydration"]["complete"] == true && !d["local_file"].is_null() && prefetched.is_some() {
+        if d["hydration"]["complete"] == true && !d["local_file"].is_null() && prefetched.is_some()
+        {
             assert_eq!(prefetched, Some(traced), "{s}");
             assert_eq!(d["local_file"], hyd.to_str().unwrap(), "{s}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "hydration stalled: {s}");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "hydration stalled: {s}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let expect_file = dir.join("expect.raw");
@@ -261,7 +271,9 @@ fn successor_prefetches(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, first: &st
     }
     assert!(m.sigterm(), "log:\n{}", m.log());
     assert!(
-        m.log().contains(&format!("prefetching the boot trace recorded on point {first}")),
+        m.log().contains(&format!(
+            "prefetching the boot trace recorded on point {first}"
+        )),
         "log:\n{}",
         m.log()
     );

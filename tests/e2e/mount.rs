@@ -517,7 +517,11 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
         hyd.to_str().unwrap(),
     ];
     // Slowed to 2 MiB/s (4 s for the disk) so the first writes land while it runs.
-    let mut m = Mount::start(&w, &[&args[..], &["--limit-download", "2MiB/s"]].concat(), 1);
+    let m = Mount::start(
+        &w,
+        &[&args[..], &["--limit-download", "2MiB/s"]].concat(),
+        1,
+    );
     ok(
         "qemu-io",
         &[
