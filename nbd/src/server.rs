@@ -180,8 +180,9 @@ impl Listener {
         }
     }
 
-    /// Refuses to serve plaintext TCP beyond the loopback interface.
-    fn check(&self, security: &Security) -> Result<(), Error> {
+    /// Refuses to serve plaintext TCP beyond the loopback interface. `Server::serve` checks
+    /// this too; callers may check earlier to fail before doing other work.
+    pub fn check_security(&self, security: &Security) -> Result<(), Error> {
         if let Listener::Tcp(l) = self {
             let addr = l
                 .local_addr()
@@ -323,7 +324,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), Error> {
         let listener = listener.into();
-        listener.check(&self.inner.security)?;
+        listener.check_security(&self.inner.security)?;
         let token = CancellationToken::new();
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);

@@ -34,7 +34,7 @@ pub(crate) struct Mount {
 }
 
 impl Mount {
-    fn start(w: &World, args: &[&str], disks: usize) -> Mount {
+    pub(crate) fn start(w: &World, args: &[&str], disks: usize) -> Mount {
         let stderr = w.path(&format!("mount-{}.log", rand::random::<u32>()));
         let mut all = vec!["restore", "mount"];
         all.extend_from_slice(args);
@@ -151,7 +151,7 @@ pub(crate) fn compare(a: &Path, b: &Path) {
 }
 
 /// An 8 MiB image backed up as one point of 64 KiB chunks; returns (world, image, point).
-fn setup(seed: u64) -> (World, PathBuf, String) {
+pub(crate) fn setup(seed: u64) -> (World, PathBuf, String) {
     let w = World::with_repo("64KiB");
     let img = w.path("disk.raw");
     make_image(&img, 8 << 20, seed, 6);
