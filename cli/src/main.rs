@@ -244,6 +244,10 @@ pub struct MountArgs {
     /// for a new client when all --max-connections slots are taken.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub idle_timeout: u64,
+    /// Disconnect any client that has had no request in flight for SECS, even with slots free
+    /// (0, the default: never; a quiet guest would lose its disk).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    pub idle_disconnect: u64,
     /// Export name (single disk only; default: the disk name).
     #[arg(long)]
     pub export_name: Option<String>,

@@ -134,6 +134,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
         max_connections: a.max_connections,
         handshake_timeout_secs: a.handshake_timeout,
         idle_timeout_secs: a.idle_timeout,
+        idle_close_secs: a.idle_disconnect,
         ..ServerConfig::default()
     };
     config.validate().map_err(|e| input(e.to_string()))?;
