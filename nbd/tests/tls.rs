@@ -36,7 +36,7 @@ fn private(path: &Path) {
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, in qemu's
 /// layouts: `server/` (server-cert, server-key, ca-cert) and `client/` (client-cert,
-/// client-key, ca-cert). Returns (server dir, client dir, ca key, ca cert).
+/// client-key, ca-cert). Returns (server dir, client dir).
 fn make_pki(root: &Path, name: &str) -> (PathBuf, PathBuf) {
     let tool = certtool();
     let dir = root.join(name);
@@ -469,4 +469,58 @@ async fn non_loopback_listener_needs_tls() {
     // Loopback is fine without TLS.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     server.serve(listener, async {}).await.unwrap();
+}
+
+/// Plaintext bytes sent right behind STARTTLS (before the server's ACK could be read), or a
+/// client that answers the ACK with garbage instead of a TLS handshake, only lose their own
+/// connection; a good client is served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_starttls_clients_lose_only_their_connection() {
+    use bytes::BytesMut;
+    use tokio::io::AsyncWriteExt;
+    count_panics();
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = make_psk(tmp.path(), "server", "alice");
+    let (srv, _) = device_server(tls_security(TlsConfig::from_psk_file(&keys).unwrap())).await;
+    // STARTTLS with a GO pipelined behind it.
+    let mut c = RawClient::connect(srv.addr).await;
+    c.greeting().await;
+    c.client_flags(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
+        .await;
+    let mut b = BytesMut::new();
+    ClientOption::StartTls.encode(&mut b);
+    ClientOption::Go(ExportRequest {
+        name: "d".into(),
+        info_requests: vec![],
+    })
+    .encode(&mut b);
+    c.stream.write_all(&b).await.unwrap();
+    assert_eq!(c.opt_reply().await.kind, proto::REP_ACK);
+    assert!(c.closed().await, "injected plaintext must end the session");
+    // STARTTLS answered with garbage instead of a ClientHello.
+    let mut c = RawClient::connect(srv.addr).await;
+    c.greeting().await;
+    c.client_flags(proto::FLAG_C_FIXED_NEWSTYLE).await;
+    c.option(&ClientOption::StartTls).await;
+    assert_eq!(c.opt_reply().await.kind, proto::REP_ACK);
+    c.stream.write_all(&pattern(3000, 9)).await.unwrap();
+    assert!(c.closed().await, "a failed TLS handshake ends the session");
+    // STARTTLS with a payload is malformed: ERR_INVALID, haggling continues.
+    let mut c = RawClient::connect(srv.addr).await;
+    c.greeting().await;
+    c.client_flags(proto::FLAG_C_FIXED_NEWSTYLE).await;
+    c.raw_option(proto::OPT_STARTTLS, b"x").await;
+    assert_eq!(c.opt_reply().await.kind, proto::REP_ERR_INVALID);
+    c.option(&ClientOption::List).await;
+    assert_eq!(c.opt_reply().await.kind, proto::REP_ERR_TLS_REQD);
+
+    let nbdinfo = require_tool("nbdinfo", "libnbd-bin");
+    run_ok(Command::new(nbdinfo).arg(format!(
+        "nbds://alice@127.0.0.1:{}/d?tls-psk-file={}",
+        srv.addr.port(),
+        keys.display()
+    )))
+    .await;
+    srv.stop().await.unwrap();
+    assert_eq!(panics(), 0);
 }

@@ -2,10 +2,13 @@
 
 mod common;
 
+mod agent;
 mod backup_restore;
+mod boot;
 mod crash_and_concurrency;
 mod damage;
 mod mount;
+mod mount_security;
 mod s3;
 mod s3_errors;
 mod s3_slow_link;

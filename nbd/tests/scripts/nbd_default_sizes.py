@@ -1,9 +1,10 @@
 #!/usr/bin/python3
 """Clients that negotiate no block size, against an export whose device has a 4 KiB minimum.
 
-usage: nbd_default_sizes.py URI SIZE SEED ORACLE_OUT
+usage: nbd_default_sizes.py URI SIZE SEED ORACLE_OUT [INITIAL_IMAGE]
 
-The export must initially hold pattern_byte(i) at every offset i. Two kinds of client are used,
+The export must initially hold the bytes of INITIAL_IMAGE, or without it pattern_byte(i) at
+every offset i. Two kinds of client are used,
 as the NBD spec allows a client to skip block-size negotiation:
   - handshake flags 0: not fixed-newstyle, so the client can only use NBD_OPT_EXPORT_NAME;
   - set_request_block_size(False): NBD_OPT_GO without NBD_INFO_BLOCK_SIZE.
@@ -36,7 +37,12 @@ def pattern_byte(i):
     return (i * 7 + 3) % 251
 
 
-oracle = bytearray(pattern_byte(i) for i in range(size))
+if len(sys.argv) > 5:
+    with open(sys.argv[5], "rb") as f:
+        oracle = bytearray(f.read())
+    assert len(oracle) == size, "the initial image must be SIZE bytes"
+else:
+    oracle = bytearray(pattern_byte(i) for i in range(size))
 
 
 def connect(kind):
