@@ -133,8 +133,12 @@ pub struct JobConfig {
     pub tags: Vec<String>,
     #[serde(default)]
     pub retries: Retries,
+    /// The `forget` rules (the engine's retention policy, the same keys as `forget --keep-*`).
     #[serde(default)]
-    pub retention: Option<Retention>,
+    pub retention: Option<Spanned<blockvault_engine::retention::Policy>>,
+    /// Prune (delete data no point references) after forgetting.
+    #[serde(default)]
+    pub prune: bool,
     #[serde(default)]
     pub verify: Option<VerifyPolicy>,
     #[serde(default)]
@@ -175,30 +179,6 @@ fn thirty() -> f64 {
 }
 fn six_hundred() -> f64 {
     600.0
-}
-
-/// The `forget` rules applied to this job's VMs after a run.
-#[derive(Debug, Deserialize, Clone, Default, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Retention {
-    #[serde(default)]
-    pub keep_last: Option<u32>,
-    #[serde(default)]
-    pub keep_hourly: Option<u32>,
-    #[serde(default)]
-    pub keep_daily: Option<u32>,
-    #[serde(default)]
-    pub keep_weekly: Option<u32>,
-    #[serde(default)]
-    pub keep_monthly: Option<u32>,
-    #[serde(default)]
-    pub keep_yearly: Option<u32>,
-    /// Keep every point younger than this, e.g. `7d`, `36h`.
-    #[serde(default)]
-    pub keep_within: Option<String>,
-    /// Prune (delete unreferenced data) after forgetting.
-    #[serde(default)]
-    pub prune: bool,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -489,6 +469,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
                 "backoff seconds must not be negative",
             ));
         }
+        if let Some(r) = &j.retention {
+            if r.get_ref().is_empty() {
+                return Err(c.at(
+                    r.span(),
+                    "jobs.retention",
+                    "the policy keeps nothing by itself and would remove every restore point: give at least one keep-* rule",
+                ));
+            }
+        }
         if j.source == SourceKind::Hyperv && j.hyperv.is_none() {
             return Err(c.at(
                 j.name.span(),
@@ -595,7 +584,49 @@ mod tests {
         assert_eq!(l.config.jobs[0].hooks.timeout_secs, 3600);
         assert_eq!(l.config.jobs[0].retries.attempts, 3);
         assert_eq!(l.config.limits.max_concurrent_runs, 1);
+        let t = text.clone() + "[jobs.retention]\nkeep-daily = 7\nkeep-within = \"2d\"\n";
+        let l = parse(Path::new("agent.toml"), &t).unwrap();
+        assert_eq!(
+            l.config.jobs[0]
+                .retention
+                .as_ref()
+                .unwrap()
+                .get_ref()
+                .keep_daily,
+            Some(7)
+        );
+        let t = text.clone() + "[jobs.retention]\nkeep-daily = 0\n";
+        let e = parse(Path::new("agent.toml"), &t)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("jobs.retention") && e.contains("keeps nothing"),
+            "{e}"
+        );
         assert_eq!(l.config.jobs[0].vms[0].name.get_ref(), "web");
+    }
+
+    /// The complete example in docs/AGENT.md is a valid configuration.
+    #[test]
+    fn the_documented_example_loads() {
+        let doc = include_str!("../../../docs/AGENT.md");
+        let start = doc.find("```toml\n").expect("the example") + 8;
+        let end = start + doc[start..].find("```").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let (pw, secret) = (d.path().join("pw"), d.path().join("secret"));
+        std::fs::write(&pw, "x").unwrap();
+        std::fs::write(&secret, "y").unwrap();
+        let text = doc[start..end]
+            .replace("/etc/blockvault/repo.pass", &pw.display().to_string())
+            .replace(
+                "/etc/blockvault/webhook.secret",
+                &secret.display().to_string(),
+            );
+        let l = parse(Path::new("AGENT.md"), &text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(l.config.jobs.len(), 2);
+        assert!(l.config.jobs[0].retention.is_some());
+        assert_eq!(l.config.jobs[1].source, SourceKind::Hyperv);
     }
 
     #[test]
