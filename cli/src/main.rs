@@ -3,6 +3,7 @@
 mod commands;
 mod disk;
 mod exit;
+mod maintenance;
 mod mount;
 mod password;
 mod progress;
@@ -93,6 +94,31 @@ pub enum Command {
     /// Inspect disk images (VHDX or raw).
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Reclaim the space of data no restore point needs (two phases, a grace period apart).
+    Prune(PruneArgs),
+    /// Remove restore points (their data is reclaimed later by prune).
+    Forget(ForgetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Points to remove (ids or unique prefixes).
+    #[arg(required = true)]
+    pub points: Vec<String>,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Decide and report what would be condemned and deleted; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Time between condemning a pack and deleting it, e.g. 24h, 90m, 2s. Every backup, mount
+    /// and verify that may need a condemned pack has this long to finish.
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub grace: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -191,6 +217,16 @@ pub enum PointsCmd {
     },
     /// Show one restore point.
     Show {
+        /// Point id or a unique prefix (at least 4 hex digits).
+        point: String,
+    },
+    /// Mark a point protected: no retention policy (forget --keep-*) removes it.
+    Protect {
+        /// Point id or a unique prefix (at least 4 hex digits).
+        point: String,
+    },
+    /// Remove a point's protection.
+    Unprotect {
         /// Point id or a unique prefix (at least 4 hex digits).
         point: String,
     },
