@@ -15,6 +15,7 @@ mod progress;
 mod prune;
 mod random_read;
 mod reader;
+pub mod retention;
 mod source;
 mod verify;
 

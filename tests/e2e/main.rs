@@ -7,6 +7,7 @@ mod crash_and_concurrency;
 mod damage;
 mod maintenance;
 mod mount;
+mod mount_security;
 mod s3;
 mod s3_support;
 mod vhdx;
