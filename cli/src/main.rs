@@ -103,10 +103,36 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct ForgetArgs {
-    /// Points to remove (ids or unique prefixes).
-    #[arg(required = true)]
+    /// Points to remove (ids or unique prefixes). Without them, a --keep-* policy is applied.
     pub points: Vec<String>,
-    /// Show what would be removed; remove nothing.
+    /// Apply the policy to this VM's points only (else to every VM's points, each on their own).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Keep the N newest points.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the N most recent hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest point of each of the N most recent days that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest point of each of the N most recent ISO weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the N most recent months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest point of each of the N most recent years that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every point less than this older than the VM's newest point, e.g. 30d, 2w, 1y2m.
+    #[arg(long, value_name = "SPAN")]
+    pub keep_within: Option<String>,
+    /// Keep every point with this tag (repeatable; "a,b" needs both tags).
+    #[arg(long = "keep-tag", value_name = "TAG")]
+    pub keep_tags: Vec<String>,
+    /// Show what would be kept and removed; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
 }

@@ -250,15 +250,53 @@ pub fn print_state(st: &MaintenanceState) {
 }
 
 pub async fn forget(g: &Global, a: ForgetArgs) -> Result<()> {
-    let repo = open_repo(g).await?;
-    let mut ids = Vec::new();
-    for p in &a.points {
-        ids.push(repo.resolve_point(p).await?);
+    let keep_within = match &a.keep_within {
+        Some(s) => Some(
+            s.parse::<blockvault_engine::retention::Span>()
+                .map_err(|e| anyhow!(InputError(format!("--keep-within: {e}"))))?,
+        ),
+        None => None,
+    };
+    let policy = blockvault_engine::retention::Policy {
+        keep_last: a.keep_last,
+        keep_hourly: a.keep_hourly,
+        keep_daily: a.keep_daily,
+        keep_weekly: a.keep_weekly,
+        keep_monthly: a.keep_monthly,
+        keep_yearly: a.keep_yearly,
+        keep_within,
+        keep_tags: a.keep_tags.clone(),
+    };
+    let has_policy = policy != blockvault_engine::retention::Policy::default();
+    if !a.points.is_empty() && (has_policy || a.vm.is_some()) {
+        return Err(anyhow!(InputError(
+            "forget takes either points to remove or a --keep-* policy, not both".into()
+        )));
     }
+    if a.points.is_empty() && policy.is_empty() {
+        return Err(anyhow!(InputError(
+            "forget needs points to remove or a --keep-* policy; an empty policy would remove \
+             every restore point and is refused"
+                .into()
+        )));
+    }
+    let repo = open_repo(g).await?;
+    let target = if a.points.is_empty() {
+        ForgetTarget::Policy {
+            vm: a.vm.clone(),
+            policy,
+        }
+    } else {
+        let mut ids = Vec::new();
+        for p in &a.points {
+            ids.push(repo.resolve_point(p).await?);
+        }
+        ForgetTarget::Points(ids)
+    };
     let report = run_forget(
         repo,
         ForgetOptions {
-            target: ForgetTarget::Points(ids),
+            target,
             dry_run: a.dry_run,
             tz: time::UtcOffset::UTC,
         },

@@ -149,7 +149,8 @@ pub fn decide(
                     let mut keep = d.keep;
                     if newest.contains(&d.id) {
                         keep = true;
-                        reasons.push("newest of its disk set (the next incremental's parent)".into());
+                        reasons
+                            .push("newest of its disk set (the next incremental's parent)".into());
                     }
                     ForgetDecision {
                         id: d.id,
