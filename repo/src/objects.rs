@@ -229,6 +229,8 @@ pub struct Listed {
     pub size: u64,
     /// Unix milliseconds as the object store recorded them.
     pub modified_ms: i64,
+    /// The store's entity tag, when it gives one.
+    pub e_tag: Option<String>,
 }
 
 #[cfg(test)]

@@ -397,6 +397,7 @@ impl Storage {
                         name: m.location.to_string(),
                         size: m.size,
                         modified_ms: m.last_modified.timestamp_millis(),
+                        e_tag: m.e_tag,
                     })
                     .try_collect()
                     .await
@@ -454,6 +455,7 @@ impl Storage {
                         name: name.to_string(),
                         size: m.size,
                         modified_ms: m.last_modified.timestamp_millis(),
+                        e_tag: m.e_tag,
                     })),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(self.err(name, e)),
@@ -470,6 +472,8 @@ pub struct ObjectInfo {
     pub name: String,
     pub size: u64,
     pub modified_ms: i64,
+    /// The store's entity tag, when it gives one: changes whenever the object does.
+    pub e_tag: Option<String>,
 }
 
 fn fsync_file_and_dir(path: &Path) -> Result<()> {

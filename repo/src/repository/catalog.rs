@@ -26,6 +26,12 @@ struct ProtectRecord {
     created: String,
 }
 
+/// A catalog file name: the point id and a hash of the entity tag (tags may hold any
+/// character).
+fn catalog_leaf(id: &PointId, tag: &str) -> String {
+    format!("{id}-{}", &blake3::hash(tag.as_bytes()).to_hex()[..16])
+}
+
 impl Repository {
     fn catalog_dir(&self) -> PathBuf {
         self.cache_root.join("catalog")
@@ -40,13 +46,14 @@ impl Repository {
             Write::CreateUnique,
         )
         .await?;
-        self.catalog_put(&manifest.id, &sealed);
         Ok(())
     }
 
-    fn catalog_put(&self, id: &PointId, sealed: &[u8]) {
+    /// Caches a manifest under its id and the store's entity tag: a manifest changed in the
+    /// store (damage, tampering) has another tag and is fetched again.
+    fn catalog_put(&self, id: &PointId, tag: &str, sealed: &[u8]) {
         let dir = self.catalog_dir();
-        let path = dir.join(id.to_hex());
+        let path = dir.join(catalog_leaf(id, tag));
         let tmp = dir.join(format!(".{}.tmp-{}", id.to_hex(), std::process::id()));
         let r = std::fs::create_dir_all(&dir)
             .and_then(|_| std::fs::write(&tmp, sealed))
@@ -56,8 +63,8 @@ impl Repository {
         }
     }
 
-    fn catalog_get(&self, id: &PointId) -> Option<Bytes> {
-        std::fs::read(self.catalog_dir().join(id.to_hex()))
+    fn catalog_get(&self, id: &PointId, tag: &str) -> Option<Bytes> {
+        std::fs::read(self.catalog_dir().join(catalog_leaf(id, tag)))
             .ok()
             .map(Bytes::from)
     }
@@ -67,33 +74,40 @@ impl Repository {
         blocking(move || PointManifest::open(&keys, &id, &bytes)).await?
     }
 
-    /// A restore point's manifest: from the local catalog when cached there, else from the store.
+    /// A restore point's manifest, read from the store.
     pub async fn load_point(&self, id: &PointId) -> Result<PointManifest> {
-        if let Some(b) = self.catalog_get(id) {
-            match self.open_manifest(*id, b).await {
-                Ok(m) => return Ok(m),
-                // A damaged cache entry: judge the point by the store's copy.
-                Err(e) => tracing::debug!(error = %e, "cached manifest {id} unusable"),
-            }
-        }
-        self.load_point_uncached(id).await
-    }
-
-    /// A restore point's manifest read from the store (and cached).
-    pub async fn load_point_uncached(&self, id: &PointId) -> Result<PointManifest> {
         let bytes = self
             .get_object(ObjectName::Point(*id))
             .await?
             .ok_or_else(|| Error::PointNotFound(id.to_hex()))?;
-        let m = self.open_manifest(*id, bytes.clone()).await?;
-        self.catalog_put(id, &bytes);
+        self.open_manifest(*id, bytes).await
+    }
+
+    /// A listed manifest: from the local catalog when cached there under the same entity tag,
+    /// else from the store (and then cached).
+    async fn load_listed(&self, id: PointId, tag: Option<String>) -> Result<PointManifest> {
+        if let Some(tag) = &tag {
+            if let Some(b) = self.catalog_get(&id, tag) {
+                if let Ok(m) = self.open_manifest(id, b).await {
+                    return Ok(m);
+                }
+            }
+        }
+        let bytes = self
+            .get_object(ObjectName::Point(id))
+            .await?
+            .ok_or_else(|| Error::PointNotFound(id.to_hex()))?;
+        let m = self.open_manifest(id, bytes.clone()).await?;
+        if let Some(tag) = &tag {
+            self.catalog_put(&id, tag, &bytes);
+        }
         Ok(m)
     }
 
     /// Removes a restore point (its manifest). Its data stays until a prune reclaims it.
     pub async fn delete_point(&self, id: &PointId) -> Result<()> {
         self.delete_object(ObjectName::Point(*id)).await?;
-        let _ = std::fs::remove_file(self.catalog_dir().join(id.to_hex()));
+        self.catalog_prune_point(id);
         Ok(())
     }
 
@@ -113,10 +127,18 @@ impl Repository {
     /// catalog (only manifests not cached yet are fetched). Unreadable manifests are returned as
     /// errors beside the readable ones so one damaged point does not hide the others.
     pub async fn list_points(&self) -> Result<(Vec<PointManifest>, Vec<(PointId, Error)>)> {
-        let ids = self.list_point_ids().await?;
-        self.catalog_prune(&ids);
-        let results: Vec<(PointId, Result<PointManifest>)> = futures::stream::iter(ids)
-            .map(|id| async move { (id, self.load_point(&id).await) })
+        let listed: Vec<(PointId, Option<String>)> = self
+            .list_objects(ObjectKind::Point)
+            .await?
+            .into_iter()
+            .filter_map(|l| match l.name {
+                ObjectName::Point(id) => Some((id, l.e_tag)),
+                _ => None,
+            })
+            .collect();
+        self.catalog_prune(&listed);
+        let results: Vec<(PointId, Result<PointManifest>)> = futures::stream::iter(listed)
+            .map(|(id, tag)| async move { (id, self.load_listed(id, tag).await) })
             .buffer_unordered(SYNC_PARALLELISM)
             .collect()
             .await;
@@ -133,15 +155,30 @@ impl Repository {
         Ok((ok, bad))
     }
 
-    /// Drops cached manifests of points no longer listed.
-    fn catalog_prune(&self, listed: &[PointId]) {
-        let keep: HashSet<String> = listed.iter().map(PointId::to_hex).collect();
+    /// Drops cached manifests of points no longer listed (or listed under another tag).
+    fn catalog_prune(&self, listed: &[(PointId, Option<String>)]) {
+        let keep: HashSet<String> = listed
+            .iter()
+            .filter_map(|(id, tag)| tag.as_ref().map(|t| catalog_leaf(id, t)))
+            .collect();
         let Ok(dir) = std::fs::read_dir(self.catalog_dir()) else {
             return;
         };
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if !name.starts_with('.') && !keep.contains(&name) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    fn catalog_prune_point(&self, id: &PointId) {
+        let prefix = format!("{id}-");
+        let Ok(dir) = std::fs::read_dir(self.catalog_dir()) else {
+            return;
+        };
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -65,6 +65,7 @@ impl Repository {
                     name,
                     size: o.size,
                     modified_ms: o.modified_ms,
+                    e_tag: o.e_tag,
                 }),
                 None => {
                     tracing::warn!(object = %o.name, "ignoring a stray object among {}s", kind.noun())
@@ -81,6 +82,7 @@ impl Repository {
             name,
             size: o.size,
             modified_ms: o.modified_ms,
+            e_tag: o.e_tag,
         }))
     }
 
