@@ -2,6 +2,7 @@
 //! points back (export, random access), and verify what is stored.
 
 mod backup;
+mod buffers;
 mod cache;
 mod commit;
 mod error;
@@ -29,7 +30,9 @@ pub use mounted::{MountedDisk, StatusRun};
 pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
 pub use progress::Progress;
 pub use prune::{mark, prune, PackCount, PruneOptions, PruneReport};
-pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
+pub use random_read::{
+    MapRun, PrefetchReport, RandomReadOptions, RandomReader, Recording, Segment,
+};
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
 pub use verify::{verify, VerifyOptions, VerifyReport};

@@ -47,6 +47,7 @@ pub const AAD_LEASE: &[u8] = b"blockvault/v1/lease";
 pub const AAD_CLAIM: &[u8] = b"blockvault/v1/prune-claim";
 pub const AAD_PLAN: &[u8] = b"blockvault/v1/plan";
 pub const AAD_PROTECTED: &[u8] = b"blockvault/v1/protected";
+pub const AAD_BOOT_TRACE: &[u8] = b"blockvault/v1/boot-trace";
 
 /// BLAKE3 `derive_key` contexts for the subkeys of the master key.
 pub const KDF_CONTEXT_ID: &str = "blockvault 2026-11-21 chunk id key v1";
@@ -67,3 +68,5 @@ pub const PROTECTED_DIR: &str = "protected";
 /// Versions of the maintenance objects' JSON bodies.
 pub const LEASE_VERSION: u32 = 1;
 pub const PLAN_VERSION: u32 = 1;
+pub const BOOT_TRACES_DIR: &str = "boot-traces";
+pub const BOOT_TRACE_VERSION: u32 = 1;

@@ -2,7 +2,9 @@
 
 mod common;
 
+mod agent;
 mod backup_restore;
+mod boot;
 mod crash_and_concurrency;
 mod damage;
 mod maintenance;
