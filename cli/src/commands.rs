@@ -31,6 +31,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Backup(a) => run_backup(g, a).await,
         Command::Points(PointsCmd::List { vm }) => list_points(g, vm.as_deref()).await,
         Command::Points(PointsCmd::Show { point }) => show_point(g, &point).await,
+        Command::Points(PointsCmd::Protect { point }) => {
+            crate::maintenance::protect(g, &point, true).await
+        }
+        Command::Points(PointsCmd::Unprotect { point }) => {
+            crate::maintenance::protect(g, &point, false).await
+        }
+        Command::Prune(a) => crate::maintenance::prune(g, a).await,
+        Command::Forget(a) => crate::maintenance::forget(g, a).await,
         Command::Restore(RestoreCmd::Export(a)) => export(g, a).await,
         Command::Restore(RestoreCmd::Mount(a)) => crate::mount::mount(g, a).await,
         Command::Restore(RestoreCmd::Sessions) => crate::mount::sessions(g),
@@ -121,8 +129,10 @@ async fn info(g: &Global) -> Result<()> {
     let packs = repo.list_packs().await?;
     let stored: u64 = packs.iter().map(|(_, s)| s).sum();
     let stats = repo.index_stats().await?;
+    let maint = crate::maintenance::state(&repo).await?;
     if g.json {
         print_json(&json!({
+            "maintenance": maint,
             "id": cfg.id, "location": repo.storage().location(), "version": cfg.version,
             "chunk_size": cfg.chunk_size, "created": cfg.created,
             "kdf": {"algorithm": cfg.kdf.algorithm, "memory_kib": cfg.kdf.memory_kib,
@@ -157,6 +167,7 @@ async fn info(g: &Global) -> Result<()> {
             stats.packs,
             stats.segments
         );
+        crate::maintenance::print_state(&maint);
     }
     Ok(())
 }

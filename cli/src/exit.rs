@@ -12,6 +12,8 @@ pub const BAD_INPUT: u8 = 5;
 pub const TAMPERED: u8 = 6;
 pub const VERIFY_FAILED: u8 = 7;
 pub const NOT_FOUND: u8 = 8;
+/// Another prune holds the repository's maintenance claim.
+pub const BUSY: u8 = 9;
 
 /// A verify run that found damage: the report is printed, and this sets the exit code.
 #[derive(Debug)]
@@ -34,6 +36,7 @@ pub fn classify(err: &anyhow::Error) -> u8 {
             match e {
                 EngineError::Source { .. } => return BAD_INPUT,
                 EngineError::NoSuchDisk { .. } => return NOT_FOUND,
+                EngineError::Repo(RepoError::PruneRunning { .. }) => return BUSY,
                 _ => {}
             }
         }
@@ -50,7 +53,9 @@ pub fn classify(err: &anyhow::Error) -> u8 {
                 | RepoError::UnsupportedVersion { .. } => NO_REPOSITORY,
                 RepoError::Tampered { .. }
                 | RepoError::Malformed { .. }
+                | RepoError::PackMissing { .. }
                 | RepoError::ChunkMissing { .. } => TAMPERED,
+                RepoError::PruneRunning { .. } => BUSY,
                 RepoError::PointNotFound(_) | RepoError::AmbiguousPoint(_) => NOT_FOUND,
                 _ => FAILURE,
             };

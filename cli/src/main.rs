@@ -4,6 +4,7 @@ mod agent;
 mod commands;
 mod disk;
 mod exit;
+mod maintenance;
 mod mount;
 mod password;
 mod progress;
@@ -95,12 +96,63 @@ pub enum Command {
     /// Inspect disk images (VHDX or raw).
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Reclaim the space of data no restore point needs (two phases, a grace period apart).
+    Prune(PruneArgs),
+    /// Remove restore points (their data is reclaimed later by prune).
+    Forget(ForgetArgs),
     /// The backup agent: scheduled jobs with history, webhooks and metrics (docs/AGENT.md).
     #[command(subcommand)]
     Agent(AgentCmd),
     /// The agent's run history.
     #[command(subcommand)]
     Runs(RunsCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Points to remove (ids or unique prefixes). Without them, a --keep-* policy is applied.
+    pub points: Vec<String>,
+    /// Apply the policy to this VM's points only (else to every VM's points, each on their own).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Keep the N newest points.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the N most recent hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest point of each of the N most recent days that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest point of each of the N most recent ISO weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the N most recent months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest point of each of the N most recent years that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every point less than this older than the VM's newest point, e.g. 30d, 2w, 1y2m.
+    #[arg(long, value_name = "SPAN")]
+    pub keep_within: Option<String>,
+    /// Keep every point with this tag (repeatable; "a,b" needs both tags).
+    #[arg(long = "keep-tag", value_name = "TAG")]
+    pub keep_tags: Vec<String>,
+    /// Show what would be kept and removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Decide and report what would be condemned and deleted; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Time between condemning a pack and deleting it, e.g. 24h, 90m, 2s. Every backup, mount
+    /// and verify that may need a condemned pack has this long to finish.
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub grace: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -259,6 +311,16 @@ pub enum PointsCmd {
     },
     /// Show one restore point.
     Show {
+        /// Point id or a unique prefix (at least 4 hex digits).
+        point: String,
+    },
+    /// Mark a point protected: no retention policy (forget --keep-*) removes it.
+    Protect {
+        /// Point id or a unique prefix (at least 4 hex digits).
+        point: String,
+    },
+    /// Remove a point's protection.
+    Unprotect {
         /// Point id or a unique prefix (at least 4 hex digits).
         point: String,
     },

@@ -140,6 +140,8 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
     config.validate().map_err(|e| input(e.to_string()))?;
 
     let repo = open_repo(g).await?;
+    // Held for the whole session: a prune will not delete what this mount may read.
+    let _lease = repo.take_lease(blockvault_repo::LeaseKind::Mount).await?;
     let id = repo.resolve_point(&a.point).await?;
     let point = repo.load_point(&id).await?;
     let point_hex = point.id.to_hex();

@@ -20,7 +20,7 @@ use std::time::Instant;
 use blockvault_chunker::{is_zero, ChunkLayout, RangeSet};
 use blockvault_repo::{
     BackupKind, BlobKind, ChunkId, ChunkIdHex, ChunkMapPage, DiskManifest, DiskStats, EncodedBlob,
-    PackBuilder, PackRecord, PointId, PointManifest, Repository, SLOTS_PER_PAGE,
+    LeaseKind, PackBuilder, PackId, PackRecord, PointId, PointManifest, Repository, SLOTS_PER_PAGE,
 };
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tokio::runtime::Handle;
@@ -154,9 +154,16 @@ impl Abort {
 /// Chunks stored during this run whose pack is not yet in the index: dedup within a run.
 type InFlight = Arc<Mutex<HashSet<ChunkId>>>;
 
-/// True when `id` is already stored or being stored; otherwise claims it for this caller.
-fn claim(repo: &Repository, inflight: &InFlight, id: ChunkId) -> Result<bool> {
-    if repo.lookup(&id)?.is_some() {
+/// Packs this run relies on: its own new packs and the packs of every chunk it deduplicated
+/// against. Checked against newer maintenance plans before the manifest is written.
+type Relied = Arc<Mutex<HashSet<PackId>>>;
+
+/// True when `id` is already stored or being stored; otherwise claims it for this caller. A
+/// chunk found stored records its pack as relied on; packs a maintenance plan condemns are not
+/// used (the chunk is stored again).
+fn claim(repo: &Repository, inflight: &InFlight, relied: &Relied, id: ChunkId) -> Result<bool> {
+    if let Some(loc) = repo.lookup_for_dedup(&id)? {
+        relied.lock().expect("relied lock").insert(loc.pack);
         return Ok(false);
     }
     Ok(inflight.lock().expect("in-flight lock").insert(id))
@@ -268,10 +275,20 @@ pub async fn backup(
     let created = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
+    // The lease first, then the plans: any plan published after this point is newer than the
+    // start epoch and is checked before the manifest is written.
+    let lease = repo.take_lease(LeaseKind::Backup).await?;
+    repo.refresh_plans().await?;
+    let start_epoch = repo.maintenance_epoch();
+    let mut jobs = jobs;
+    for job in &mut jobs {
+        crate::commit::revalidate_parent(&repo, job).await?;
+    }
     let handle = Handle::current();
-    let (r2, o2) = (repo.clone(), opts.clone());
+    let relied: Relied = Arc::default();
+    let (r2, o2, rel2) = (repo.clone(), opts.clone(), relied.clone());
     let (disks, configs) =
-        tokio::task::spawn_blocking(move || run_pipeline(r2, jobs, &o2, progress, handle))
+        tokio::task::spawn_blocking(move || run_pipeline(r2, jobs, &o2, progress, handle, rel2))
             .await
             .map_err(Error::task)??;
     let manifest = PointManifest {
@@ -287,7 +304,12 @@ pub async fn backup(
         configs,
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    repo.save_point(&manifest).await?;
+    blockvault_repo::test_hold("backup-before-commit").await;
+    let relied = std::mem::take(&mut *relied.lock().expect("relied lock"));
+    crate::commit::commit(&repo, &manifest, start_epoch, relied).await?;
+    if let Err(e) = lease.release().await {
+        tracing::warn!(error = %e, "could not delete the backup's lease (it expires by itself)");
+    }
     Ok(BackupOutcome { manifest })
 }
 
@@ -301,6 +323,7 @@ struct Packer {
     permits: Arc<tokio::sync::Semaphore>,
     segment_tx: Option<tokio::sync::mpsc::UnboundedSender<PackRecord>>,
     inflight: InFlight,
+    relied: Relied,
     abort: Arc<Abort>,
     progress: Arc<Progress>,
     last_sync: Instant,
@@ -351,6 +374,7 @@ impl Packer {
         };
         let (repo, inflight, abort) =
             (self.repo.clone(), self.inflight.clone(), self.abort.clone());
+        self.relied.lock().expect("relied lock").insert(sealed.id);
         let segment_tx = self.segment_tx.clone();
         self.uploads.push(self.handle.spawn(async move {
             let _permit = permit;
@@ -376,7 +400,7 @@ impl Packer {
     /// it was new.
     fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<(ChunkId, bool)> {
         let id = self.repo.chunk_id(data);
-        if !claim(&self.repo, &self.inflight, id)? {
+        if !claim(&self.repo, &self.inflight, &self.relied, id)? {
             return Ok((id, false));
         }
         let blob = self.repo.encode_blob(kind, id, data);
@@ -391,6 +415,7 @@ fn run_pipeline(
     opts: &BackupOptions,
     progress: Arc<Progress>,
     handle: Handle,
+    relied: Relied,
 ) -> Result<(Vec<DiskManifest>, Vec<blockvault_repo::ConfigFile>)> {
     let mut disks: Vec<DiskState> = jobs
         .iter()
@@ -450,11 +475,12 @@ fn run_pipeline(
         // Workers.
         for _ in 0..workers {
             let (repo, inflight, abort) = (repo.clone(), inflight.clone(), abort.clone());
+            let relied = relied.clone();
             let (work_rx, done_tx, pool_tx) = (work_rx.clone(), done_tx.clone(), pool_tx.clone());
             let progress = progress.clone();
             scope.spawn(move || {
                 process_chunks(
-                    &repo, &inflight, &abort, &progress, &work_rx, &done_tx, &pool_tx,
+                    &repo, &inflight, &relied, &abort, &progress, &work_rx, &done_tx, &pool_tx,
                 )
             });
         }
@@ -470,6 +496,7 @@ fn run_pipeline(
             permits: Arc::new(tokio::sync::Semaphore::new(opts.uploads_in_flight.max(1))),
             segment_tx: Some(segment_tx),
             inflight: inflight.clone(),
+            relied: relied.clone(),
             abort: abort.clone(),
             progress: progress.clone(),
             last_sync: Instant::now(),
@@ -576,9 +603,11 @@ fn read_all(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn process_chunks(
     repo: &Repository,
     inflight: &InFlight,
+    relied: &Relied,
     abort: &Abort,
     progress: &Progress,
     work_rx: &Receiver<Work>,
@@ -594,7 +623,7 @@ fn process_chunks(
             Ok(Outcome::Zero)
         } else {
             let id = repo.chunk_id(&w.data);
-            match claim(repo, inflight, id) {
+            match claim(repo, inflight, relied, id) {
                 Ok(false) => Ok(Outcome::Known(id)),
                 Ok(true) => {
                     Progress::add(&progress.bytes_new, len as u64);

@@ -43,6 +43,11 @@ pub enum Error {
     Invalid(String),
     #[error("cancelled")]
     Cancelled,
+    #[error(
+        "prune epoch {epoch} condemned data this backup relies on (it was paused/ran longer than \
+         the grace period?); run the backup again"
+    )]
+    PruneConflict { epoch: u64 },
 }
 
 impl Error {

@@ -4,12 +4,16 @@
 mod backup;
 mod buffers;
 mod cache;
+mod commit;
 mod error;
 mod export;
+pub mod forget;
+pub mod gc;
 mod hydrate;
 mod mounted;
 mod overlay;
 mod progress;
+mod prune;
 mod random_read;
 mod reader;
 pub mod retention;
@@ -20,10 +24,12 @@ pub use backup::{backup, BackupOptions, BackupOutcome, DiskJob, ReadPlan};
 pub use cache::CacheStats;
 pub use error::{Error, Result};
 pub use export::{export_raw, ExportTarget};
+pub use forget::{forget, ForgetDecision, ForgetOptions, ForgetReport, ForgetTarget};
 pub use hydrate::{start_hydration, Hydration, HydrationStatus};
 pub use mounted::{MountedDisk, StatusRun};
 pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
 pub use progress::Progress;
+pub use prune::{mark, prune, PackCount, PruneOptions, PruneReport};
 pub use random_read::{
     MapRun, PrefetchReport, RandomReadOptions, RandomReader, Recording, Segment,
 };

@@ -58,6 +58,24 @@ pub enum Error {
     },
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// Kept apart from `Malformed` so a reader can tell "gone" (sync and retry) from "damaged".
+    #[error("pack {pack} is malformed: missing from the repository (deleted or never uploaded)")]
+    PackMissing { pack: String },
+    #[error(
+        "prune already running (epoch {epoch}, host {host}, since {since}); wait for it to \
+         finish (a prune that died is taken over once it has not refreshed its claim for three \
+         intervals)"
+    )]
+    PruneRunning {
+        epoch: u64,
+        host: String,
+        since: String,
+    },
+    #[error(
+        "this prune (epoch {epoch}) was taken over by epoch {by} after it stopped refreshing its \
+         claim; it stopped without deleting anything more"
+    )]
+    PruneSuperseded { epoch: u64, by: u64 },
 }
 
 /// Why an object store refused a request for good (see [`Error::Remote`]).

@@ -43,6 +43,10 @@ pub const AAD_BLOB: &[u8] = b"blockvault/v1/blob";
 pub const AAD_TOC: &[u8] = b"blockvault/v1/pack-toc";
 pub const AAD_SEGMENT: &[u8] = b"blockvault/v1/index-segment";
 pub const AAD_MANIFEST: &[u8] = b"blockvault/v1/point";
+pub const AAD_LEASE: &[u8] = b"blockvault/v1/lease";
+pub const AAD_CLAIM: &[u8] = b"blockvault/v1/prune-claim";
+pub const AAD_PLAN: &[u8] = b"blockvault/v1/plan";
+pub const AAD_PROTECTED: &[u8] = b"blockvault/v1/protected";
 pub const AAD_BOOT_TRACE: &[u8] = b"blockvault/v1/boot-trace";
 
 /// BLAKE3 `derive_key` contexts for the subkeys of the master key.
@@ -56,5 +60,13 @@ pub const CONFIG_PATH: &str = "config";
 pub const PACKS_DIR: &str = "packs";
 pub const INDEX_DIR: &str = "index";
 pub const POINTS_DIR: &str = "points";
+pub const LEASES_DIR: &str = "leases";
+pub const CLAIMS_DIR: &str = "claims";
+pub const PLANS_DIR: &str = "plans";
+pub const PROTECTED_DIR: &str = "protected";
+
+/// Versions of the maintenance objects' JSON bodies.
+pub const LEASE_VERSION: u32 = 1;
+pub const PLAN_VERSION: u32 = 1;
 pub const BOOT_TRACES_DIR: &str = "boot-traces";
 pub const BOOT_TRACE_VERSION: u32 = 1;

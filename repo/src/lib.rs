@@ -14,16 +14,21 @@ mod error;
 pub mod format;
 mod ids;
 mod index;
+mod lease;
 mod manifest;
+mod objects;
 mod paced_http;
 mod pack;
 mod pack_window;
 mod page;
+mod plan;
 mod repository;
 mod retry;
 mod s3;
 mod segment;
 mod storage;
+mod test_hooks;
+pub use test_hooks::hold as test_hold;
 mod throttle;
 
 pub use blob::{BlobKind, EncodedBlob};
@@ -34,12 +39,18 @@ pub use config::{KdfParams, RepoConfig};
 pub use error::{Error, RemoteProblem, Result};
 pub use ids::{PackId, PointId, SegmentId};
 pub use index::{IndexStats, Location};
+pub use lease::{
+    is_live, refresh_interval, Lease, LeaseKind, LeaseRecord, LeaseState, DEFAULT_REFRESH,
+    STALE_AFTER_INTERVALS,
+};
 pub use manifest::{
     BackupKind, ChunkIdHex, ConfigFile, DiskManifest, DiskStats, PointManifest, SourceInfo,
 };
+pub use objects::{Epoch, LeaseId, Listed, ObjectKind, ObjectName};
 pub use pack::{PackBuilder, PackEntry, SealedPack};
 pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
-pub use repository::{OpenOptions, PackDamage, Repository, SyncReport, VerifiedPack};
+pub use plan::{ClaimRecord, Condemned, Plan, PublishedPlan};
+pub use repository::{OpenOptions, PackDamage, PruneClaim, Repository, SyncReport, VerifiedPack};
 pub use s3::{S3Location, StoreOptions};
 pub use segment::PackRecord;
-pub use storage::{ObjectVersion, Storage, StorageStats, Write};
+pub use storage::{ObjectInfo, ObjectVersion, Storage, StorageStats, Write};

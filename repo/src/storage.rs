@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::limit::LimitStore;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -481,6 +481,97 @@ impl Storage {
             })
             .await
     }
+
+    /// [`Storage::list`] with each object's store-assigned modification time (Unix ms): the only
+    /// clock maintenance decisions use.
+    pub async fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let p = ObjPath::from(prefix);
+        self.retry
+            .run(prefix, |_| async {
+                self.count(0, 0);
+                self.store
+                    .list(Some(&p))
+                    .map_ok(|m| ObjectInfo {
+                        name: m.location.to_string(),
+                        size: m.size,
+                        modified_ms: m.last_modified.timestamp_millis(),
+                        e_tag: m.e_tag,
+                    })
+                    .try_collect()
+                    .await
+                    .map_err(|e| self.err(prefix, e))
+            })
+            .await
+    }
+
+    /// Deletes many objects: S3 multi-delete (up to 1,000 keys a request) on remote stores, one
+    /// delete each elsewhere. An object already gone counts as deleted. Every failure is returned,
+    /// so a caller never mistakes a partial delete for a complete one.
+    pub async fn delete_many(&self, names: &[String]) -> Result<()> {
+        for batch in names.chunks(1000) {
+            if self.local_root.is_some() || self.remote_cache_size.is_none() {
+                for n in batch {
+                    self.delete(n).await?;
+                }
+                continue;
+            }
+            let paths: Vec<ObjPath> = batch.iter().map(|n| ObjPath::from(n.as_str())).collect();
+            let first = batch.first().map(String::as_str).unwrap_or_default();
+            self.retry
+                .run(first, |_| {
+                    let paths: Vec<object_store::Result<ObjPath>> =
+                        paths.iter().cloned().map(Ok).collect();
+                    async move {
+                        self.count(0, 0);
+                        let results: Vec<object_store::Result<ObjPath>> = self
+                            .store
+                            .delete_stream(futures::stream::iter(paths).boxed())
+                            .collect()
+                            .await;
+                        for r in results {
+                            match r {
+                                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                                Err(e) => return Err(self.err(first, e)),
+                            }
+                        }
+                        Ok(())
+                    }
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Storage::head`] with the store-assigned modification time (Unix ms).
+    pub async fn head_meta(&self, name: &str) -> Result<Option<ObjectInfo>> {
+        let path = ObjPath::from(name);
+        self.retry
+            .run(name, |_| async {
+                self.count(0, 0);
+                match self.store.head(&path).await {
+                    Ok(m) => Ok(Some(ObjectInfo {
+                        name: name.to_string(),
+                        size: m.size,
+                        modified_ms: m.last_modified.timestamp_millis(),
+                        e_tag: m.e_tag,
+                    })),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(self.err(name, e)),
+                }
+            })
+            .await
+    }
+}
+
+/// An object as listed: name relative to the repository root, size, and the store's own
+/// modification time in Unix milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+    pub modified_ms: i64,
+    /// The store's entity tag, when it gives one: changes whenever the object does.
+    pub e_tag: Option<String>,
 }
 
 /// An object's version as read by [`Storage::get_versioned`].

@@ -2,25 +2,30 @@
 //! engine builds on (encode and store blobs in packs, read blobs back, manage restore points, keep
 //! the local index in step with the repository).
 
-use std::collections::HashSet;
+mod catalog;
+mod index;
+mod maintenance;
+mod objects;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 
 use crate::blob::{self, MAX_BLOB_RAW_LEN};
 use crate::config::RepoConfig;
 use crate::crypto::{random_master_key, Keys};
-use crate::format::{CONFIG_PATH, INDEX_DIR, PACKS_DIR, PACK_TRAILER_LEN, POINTS_DIR};
+use crate::format::CONFIG_PATH;
 use crate::index::LocalIndex;
-use crate::segment::{self, PackRecord};
+use crate::objects::ObjectName;
+use crate::plan::MaintState;
 use crate::storage::Write;
 use crate::{
-    BlobCacheStats, BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, IndexStats, KdfParams,
-    Location, PackBuilder, PackEntry, PackId, PointId, PointManifest, Result, SealedPack,
-    SegmentId, Storage,
+    BlobCacheStats, BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, KdfParams, Location,
+    PackBuilder, PackEntry, PackId, Result, SealedPack, Storage,
 };
+
+pub use maintenance::PruneClaim;
 
 /// How much of a pack's tail to fetch at once when reading its table of contents: one request
 /// covers the whole table for packs of up to ~1,400 blobs.
@@ -61,10 +66,15 @@ pub struct PackDamage {
 }
 
 pub struct Repository {
-    storage: Storage,
+    pub(crate) storage: Storage,
     config: RepoConfig,
-    keys: Keys,
+    pub(crate) keys: Keys,
     index: Arc<LocalIndex>,
+    /// `<cache dir>/<repository id>`: the local index, catalog, cached plans.
+    cache_root: PathBuf,
+    /// What the applied maintenance plans say (condemned and deleted packs).
+    maint: std::sync::RwLock<MaintState>,
+    plan_lock: tokio::sync::Mutex<()>,
     zstd_level: i32,
     sync_lock: tokio::sync::Mutex<()>,
     /// Blob bytes fetched from a remote store, kept on local disk for the next cold read.
@@ -82,19 +92,6 @@ impl std::fmt::Debug for Repository {
             self.storage.location()
         )
     }
-}
-
-pub fn pack_path(id: &PackId) -> String {
-    let h = id.to_hex();
-    format!("{PACKS_DIR}/{}/{h}", &h[..2])
-}
-
-fn point_path(id: &PointId) -> String {
-    format!("{POINTS_DIR}/{id}")
-}
-
-fn segment_path(id: &SegmentId) -> String {
-    format!("{INDEX_DIR}/{id}")
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -180,16 +177,26 @@ impl Repository {
             }
             None => None,
         };
+        let cache_root = opts.cache_dir.join(&config.id);
+        let maint = Self::load_maint_state(&cache_root);
         let repo = Arc::new(Self {
             storage,
             config,
             keys,
             index: Arc::new(index),
+            cache_root,
+            maint: std::sync::RwLock::new(maint),
+            plan_lock: tokio::sync::Mutex::new(()),
             zstd_level: opts.zstd_level,
             sync_lock: tokio::sync::Mutex::new(()),
             blob_cache,
             windows: crate::pack_window::PackWindows::new(),
         });
+        if fresh {
+            // A new local index knows nothing; plans are read again from the first.
+            *repo.maint.write().expect("maintenance state lock") = MaintState::default();
+        }
+        repo.refresh_plans().await?;
         repo.sync_index(fresh).await?;
         Ok(repo)
     }
@@ -224,9 +231,16 @@ impl Repository {
         blob::encode(&self.keys, kind, id, data, self.zstd_level)
     }
 
-    /// Where a blob is stored, per the local index. A quick RocksDB read: call from a blocking thread.
+    /// Where a blob is stored, per the local index, for reading it. Packs a maintenance plan
+    /// recorded as deleted are never answered. A quick RocksDB read: call from a blocking thread.
     pub fn lookup(&self, id: &ChunkId) -> Result<Option<Location>> {
-        self.index.get(id)
+        Ok(self.index.get(id)?.filter(|l| !self.is_deleted(&l.pack)))
+    }
+
+    /// Where a blob is stored, for deduplication: also never a pack the newest applied plan
+    /// condemns (its chunk is stored again instead). Call from a blocking thread.
+    pub fn lookup_for_dedup(&self, id: &ChunkId) -> Result<Option<Location>> {
+        Ok(self.lookup(id)?.filter(|l| !self.is_condemned(&l.pack)))
     }
 
     /// Closes a pack (appends its encrypted table of contents). CPU-bound but small.
@@ -237,13 +251,12 @@ impl Repository {
     /// Uploads a sealed pack (create-only) and records its entries in the local index, in that
     /// order: the index never points at a pack that is not stored.
     pub async fn store_pack(&self, pack: &SealedPack) -> Result<()> {
-        self.storage
-            .put(
-                &pack_path(&pack.id),
-                pack.bytes.clone(),
-                Write::CreateUnique,
-            )
-            .await?;
+        self.put_object(
+            ObjectName::Pack(pack.id),
+            pack.bytes.clone(),
+            Write::CreateUnique,
+        )
+        .await?;
         let (index, id, size, entries) = (
             self.index.clone(),
             pack.id,
@@ -253,20 +266,10 @@ impl Repository {
         blocking(move || index.insert_pack(id, size, &entries)).await?
     }
 
-    /// Writes an index segment listing `packs` (already stored).
-    pub async fn write_segment(&self, packs: &[PackRecord]) -> Result<SegmentId> {
-        let id = SegmentId::random();
-        let sealed = segment::seal(&self.keys, &id, packs);
-        self.storage
-            .put(&segment_path(&id), Bytes::from(sealed), Write::CreateUnique)
-            .await?;
-        let index = self.index.clone();
-        blocking(move || index.insert_segment(id)).await??;
-        Ok(id)
-    }
-
     /// Reads a blob and returns its plaintext. A chunk missing from the local index triggers one
     /// full index sync (another host may have written it) before it is reported missing.
+    /// A pack found missing (deleted by a prune this process has not heard of yet) also syncs
+    /// once — plans, then the index — and the read is retried from the chunk's new location.
     pub async fn read_blob(&self, id: &ChunkId, kind: Option<BlobKind>) -> Result<Vec<u8>> {
         let loc = match self.locate(id).await? {
             Some(l) => l,
@@ -277,7 +280,18 @@ impl Repository {
                     .ok_or_else(|| Error::ChunkMissing { chunk: id.to_hex() })?
             }
         };
-        self.read_blob_at(id, kind, &loc).await
+        match self.read_blob_at(id, kind, &loc).await {
+            Err(Error::PackMissing { .. }) => {
+                self.refresh_plans().await?;
+                self.sync_index(true).await?;
+                let again = self
+                    .locate(id)
+                    .await?
+                    .ok_or_else(|| Error::ChunkMissing { chunk: id.to_hex() })?;
+                self.read_blob_at(id, kind, &again).await
+            }
+            r => r,
+        }
     }
 
     /// Reads a blob into `out` (cleared first) and gives it back: the decoding allocates nothing
@@ -358,7 +372,8 @@ impl Repository {
 
     async fn locate(&self, id: &ChunkId) -> Result<Option<Location>> {
         let (index, id) = (self.index.clone(), *id);
-        blocking(move || index.get(&id)).await?
+        let found = blocking(move || index.get(&id)).await??;
+        Ok(found.filter(|l| !self.is_deleted(&l.pack)))
     }
 
     /// Reads a blob from a known location.
@@ -459,16 +474,15 @@ impl Repository {
     }
 
     async fn fetch_blob_bytes_uncached(&self, loc: &Location) -> Result<Bytes> {
-        let path = pack_path(&loc.pack);
+        let path = ObjectName::Pack(loc.pack).path();
         match self
             .storage
             .get_range(&path, loc.offset as u64..loc.offset as u64 + loc.len as u64)
             .await
         {
-            Err(e) if e.is_not_found() => Err(Error::malformed(
-                format!("pack {}", loc.pack),
-                "missing from the repository (deleted or never uploaded)",
-            )),
+            Err(e) if e.is_not_found() => Err(Error::PackMissing {
+                pack: loc.pack.to_hex(),
+            }),
             r => r,
         }
     }
@@ -519,28 +533,6 @@ impl Repository {
         ChunkMapPage::decode(&bytes, slots, &|| format!("chunk-map page {}", id.short()))
     }
 
-    /// Stores a restore point's manifest; the point exists from this moment on.
-    pub async fn save_point(&self, manifest: &PointManifest) -> Result<()> {
-        let sealed = manifest.seal(&self.keys);
-        self.storage
-            .put(
-                &point_path(&manifest.id),
-                Bytes::from(sealed),
-                Write::CreateUnique,
-            )
-            .await
-    }
-
-    pub async fn load_point(&self, id: &PointId) -> Result<PointManifest> {
-        let bytes = match self.storage.get(&point_path(id)).await {
-            Err(e) if e.is_not_found() => return Err(Error::PointNotFound(id.to_hex())),
-            r => r?,
-        };
-        let keys = self.keys.clone();
-        let id = *id;
-        blocking(move || PointManifest::open(&keys, &id, &bytes)).await?
-    }
-
     /// Stores the boot trace of `point` (create-only: the first boot's trace stays). Returns
     /// false when the point already has one.
     pub async fn save_boot_trace(&self, point: &PointId, trace: &crate::BootTrace) -> Result<bool> {
@@ -584,215 +576,17 @@ impl Repository {
             .collect())
     }
 
-    pub async fn delete_point(&self, id: &PointId) -> Result<()> {
-        self.storage.delete(&point_path(id)).await
-    }
-
-    pub async fn list_point_ids(&self) -> Result<Vec<PointId>> {
-        let mut ids = Vec::new();
-        for (name, _) in self.storage.list(POINTS_DIR).await? {
-            let leaf = name.rsplit('/').next().unwrap_or_default();
-            match leaf.parse::<PointId>() {
-                Ok(id) => ids.push(id),
-                Err(_) => {
-                    tracing::warn!(object = %name, "ignoring a stray object among restore points")
-                }
-            }
-        }
-        Ok(ids)
-    }
-
-    /// Every restore point's manifest, oldest first. Unreadable manifests are returned as errors
-    /// beside the readable ones so one damaged point does not hide the others.
-    pub async fn list_points(&self) -> Result<(Vec<PointManifest>, Vec<(PointId, Error)>)> {
-        let ids = self.list_point_ids().await?;
-        let results: Vec<(PointId, Result<PointManifest>)> = futures::stream::iter(ids)
-            .map(|id| async move { (id, self.load_point(&id).await) })
-            .buffer_unordered(SYNC_PARALLELISM)
-            .collect()
-            .await;
-        let mut ok = Vec::new();
-        let mut bad = Vec::new();
-        for (id, r) in results {
-            match r {
-                Ok(m) => ok.push(m),
-                Err(e) => bad.push((id, e)),
-            }
-        }
-        ok.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
-        Ok((ok, bad))
-    }
-
-    /// Resolves a full id or a unique prefix of at least four hex digits.
-    pub async fn resolve_point(&self, text: &str) -> Result<PointId> {
-        if let Ok(id) = text.parse::<PointId>() {
-            return Ok(id);
-        }
-        if text.len() < 4 || !text.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(Error::PointNotFound(text.into()));
-        }
-        let lower = text.to_ascii_lowercase();
-        let matches: Vec<PointId> = self
-            .list_point_ids()
-            .await?
-            .into_iter()
-            .filter(|id| id.to_hex().starts_with(&lower))
-            .collect();
-        match matches.as_slice() {
-            [one] => Ok(*one),
-            [] => Err(Error::PointNotFound(text.into())),
-            _ => Err(Error::AmbiguousPoint(text.into())),
-        }
-    }
-
-    /// Brings the local index up to date: loads index segments it has not seen; with `full`, also
-    /// lists every pack, reads the tables of contents of packs no segment covered (a backup killed
-    /// before writing its segment) and forgets packs that are gone.
-    pub async fn sync_index(&self, full: bool) -> Result<SyncReport> {
-        let _guard = self.sync_lock.lock().await;
-        let index = self.index.clone();
-        blocking(move || index.catch_up()).await?;
-        let mut report = SyncReport::default();
-
-        let segments = self.storage.list(INDEX_DIR).await?;
-        let mut unseen = Vec::new();
-        for (name, _) in segments {
-            let Ok(id) = name
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .parse::<SegmentId>()
-            else {
-                continue;
-            };
-            if !self.index.has_segment(&id)? {
-                unseen.push(id);
-            }
-        }
-        let loaded: Vec<(SegmentId, Vec<PackRecord>)> = futures::stream::iter(unseen)
-            .map(|id| async move {
-                let bytes = self.storage.get(&segment_path(&id)).await?;
-                let keys = self.keys.clone();
-                let packs = blocking(move || segment::open(&keys, &id, &bytes)).await??;
-                Ok::<_, Error>((id, packs))
-            })
-            .buffer_unordered(SYNC_PARALLELISM)
-            .try_collect()
-            .await?;
-        for (id, packs) in loaded {
-            let index = self.index.clone();
-            blocking(move || -> Result<()> {
-                for p in &packs {
-                    index.insert_pack(p.id, p.size, &p.entries)?;
-                }
-                index.insert_segment(id)
-            })
-            .await??;
-            report.segments_loaded += 1;
-        }
-
-        if full {
-            let listed = self.list_packs().await?;
-            let index = self.index.clone();
-            let known = blocking(move || index.packs()).await??;
-            let listed_ids: HashSet<PackId> = listed.iter().map(|(id, _)| *id).collect();
-            let missing: Vec<(PackId, u64)> = listed
-                .into_iter()
-                .filter(|(id, _)| !known.contains(id))
-                .collect();
-            let results: Vec<(PackId, Result<Vec<PackEntry>>, u64)> =
-                futures::stream::iter(missing)
-                    .map(|(id, size)| async move { (id, self.read_toc(&id).await, size) })
-                    .buffer_unordered(SYNC_PARALLELISM)
-                    .collect()
-                    .await;
-            for (id, r, size) in results {
-                match r {
-                    Ok(entries) => {
-                        let index = self.index.clone();
-                        blocking(move || index.insert_pack(id, size, &entries)).await??;
-                        report.packs_read += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(pack = %id, error = %e, "pack table of contents unreadable");
-                        report.unreadable_packs.push(format!("pack {id}: {e}"));
-                    }
-                }
-            }
-            let gone: HashSet<PackId> = known.difference(&listed_ids).copied().collect();
-            report.packs_forgotten = gone.len() as u64;
-            let index = self.index.clone();
-            blocking(move || index.remove_packs(&gone)).await??;
-        }
-        Ok(report)
-    }
-
-    /// Throws the local index away and reads it back from the repository.
-    pub async fn rebuild_index(&self) -> Result<SyncReport> {
-        {
-            let _guard = self.sync_lock.lock().await;
-            let index = self.index.clone();
-            let id = self.config.id.clone();
-            blocking(move || index.clear(&id)).await??;
-        }
-        self.sync_index(true).await
-    }
-
-    pub async fn index_stats(&self) -> Result<IndexStats> {
-        let index = self.index.clone();
-        blocking(move || index.stats()).await?
-    }
-
-    /// Every pack in the repository with its size.
-    pub async fn list_packs(&self) -> Result<Vec<(PackId, u64)>> {
-        let mut out = Vec::new();
-        for (name, size) in self.storage.list(PACKS_DIR).await? {
-            match name
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .parse::<PackId>()
-            {
-                Ok(id) => out.push((id, size)),
-                Err(_) => tracing::warn!(object = %name, "ignoring a stray object among packs"),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Reads a pack's table of contents from its tail.
-    pub async fn read_toc(&self, id: &PackId) -> Result<Vec<PackEntry>> {
-        let path = pack_path(id);
-        let (tail, size) = self.storage.get_suffix(&path, TOC_PROBE).await?;
-        if (tail.len() as u64) < (PACK_TRAILER_LEN as u64).min(size)
-            || tail.len() < PACK_TRAILER_LEN
-        {
-            return Err(Error::malformed(
-                format!("pack {id}"),
-                format!("{size} bytes is too short"),
-            ));
-        }
-        let toc_len =
-            crate::pack::parse_trailer(id, size, &tail[tail.len() - PACK_TRAILER_LEN..])? as u64;
-        let need = toc_len + PACK_TRAILER_LEN as u64;
-        let sealed = if need <= tail.len() as u64 {
-            tail.slice(tail.len() - need as usize..tail.len() - PACK_TRAILER_LEN)
-        } else {
-            let end = size - PACK_TRAILER_LEN as u64;
-            self.storage.get_range(&path, end - toc_len..end).await?
-        };
-        let keys = self.keys.clone();
-        let id = *id;
-        blocking(move || crate::pack::open_toc(&keys, &id, size, &sealed)).await?
-    }
-
     /// Downloads a whole pack and checks every blob: decrypts, decompresses and re-hashes it.
     pub async fn verify_pack(&self, id: &PackId) -> std::result::Result<VerifiedPack, PackDamage> {
         let damage = |e: Error| PackDamage {
             id: *id,
             error: e.to_string(),
         };
-        let bytes = self.storage.get(&pack_path(id)).await.map_err(damage)?;
+        let bytes = self
+            .storage
+            .get(&ObjectName::Pack(*id).path())
+            .await
+            .map_err(damage)?;
         let keys = self.keys.clone();
         let id = *id;
         blocking(move || {

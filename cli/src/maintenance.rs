@@ -1,0 +1,345 @@
+//! `prune`, `forget`, `points protect/unprotect`: render the engine's maintenance reports.
+
+use anyhow::{anyhow, Result};
+use blockvault_engine::{
+    forget as run_forget, prune as run_prune, ForgetOptions, ForgetReport, ForgetTarget,
+    PruneOptions, PruneReport,
+};
+
+use crate::commands::{open_repo, print_json};
+use crate::exit::InputError;
+use crate::size::human;
+use crate::{ForgetArgs, Global, PruneArgs};
+
+/// Parses `90s`, `30m`, `24h`, `7d`, `1w` (or a plain number of seconds; fractions allowed).
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (examples: 24h, 90m, 2s, 7d)"))?;
+    let secs = match unit {
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        "w" => 7.0 * 86400.0,
+        u => return Err(format!("'{s}': unknown unit '{u}' (use s, m, h, d or w)")),
+    };
+    let v = n * secs;
+    if !v.is_finite() || v < 0.0 || v > 100.0 * 365.0 * 86400.0 {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
+}
+
+pub async fn prune(g: &Global, a: PruneArgs) -> Result<()> {
+    let grace =
+        parse_duration(&a.grace).map_err(|e| anyhow!(InputError(format!("--grace {e}"))))?;
+    let repo = open_repo(g).await?;
+    let report = run_prune(
+        repo,
+        PruneOptions {
+            grace,
+            dry_run: a.dry_run,
+        },
+    )
+    .await?;
+    if g.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        print_prune(&report);
+    }
+    Ok(())
+}
+
+fn print_prune(r: &PruneReport) {
+    let head = if r.dry_run {
+        "prune (dry run, nothing changed)".to_string()
+    } else {
+        format!("prune epoch {}", r.epoch)
+    };
+    println!(
+        "{head}: {} restore points, {} live chunks, {} packs ({})",
+        r.points,
+        r.live_chunks,
+        r.packs_listed.packs,
+        human(r.packs_listed.bytes)
+    );
+    let verb = if r.dry_run { "would delete" } else { "deleted" };
+    println!(
+        "  {verb}        {} packs ({})",
+        r.deleted.packs,
+        human(r.deleted.bytes)
+    );
+    if r.recovered.packs > 0 {
+        println!(
+            "  taken back     {} packs ({}): a restore point needs them again",
+            r.recovered.packs,
+            human(r.recovered.bytes)
+        );
+    }
+    let verb = if r.dry_run {
+        "would condemn"
+    } else {
+        "condemned"
+    };
+    println!(
+        "  {verb}      {} packs ({})",
+        r.condemned.packs,
+        human(r.condemned.bytes)
+    );
+    match &r.pending_deletable_at {
+        Some(at) if r.pending.packs > 0 => println!(
+            "  pending        {} packs ({}), deletable by a prune from {at}",
+            r.pending.packs,
+            human(r.pending.bytes)
+        ),
+        _ if r.pending.packs > 0 => println!(
+            "  pending        {} packs ({})",
+            r.pending.packs,
+            human(r.pending.bytes)
+        ),
+        _ => println!("  pending        nothing"),
+    }
+    if r.held_by_leases.packs > 0 {
+        println!(
+            "  held           {} packs ({}) until older backups, mounts or verifies end",
+            r.held_by_leases.packs,
+            human(r.held_by_leases.bytes)
+        );
+    }
+    if r.segments_retired > 0 {
+        println!("  index segments retired: {}", r.segments_retired);
+    }
+    println!(
+        "  {} S3/storage requests, {:.1}s",
+        r.storage.requests,
+        r.duration_ms as f64 / 1000.0
+    );
+}
+
+pub async fn protect(g: &Global, text: &str, on: bool) -> Result<()> {
+    let repo = open_repo(g).await?;
+    let id = repo.resolve_point(text).await?;
+    if on {
+        repo.protect_point(&id).await?;
+    } else {
+        repo.unprotect_point(&id).await?;
+    }
+    if g.json {
+        print_json(&serde_json::json!({"point": id, "protected": on}));
+    } else if on {
+        println!("restore point {id} is protected: no retention policy removes it");
+    } else {
+        println!("restore point {id} is no longer protected");
+    }
+    Ok(())
+}
+
+/// Maintenance state for `repo info`.
+#[derive(serde::Serialize)]
+pub struct MaintenanceState {
+    /// Newest published plan: epoch, host and store time of the last prune.
+    pub last_prune: Option<LastPrune>,
+    /// Packs condemned and not yet deleted.
+    pub pending_packs: u64,
+    pub pending_bytes: u64,
+    pub leases: Vec<LeaseView>,
+}
+
+#[derive(serde::Serialize)]
+pub struct LastPrune {
+    pub epoch: u64,
+    pub host: String,
+    pub published: String,
+    pub deleted_packs: u64,
+}
+
+#[derive(serde::Serialize)]
+pub struct LeaseView {
+    pub id: String,
+    pub kind: blockvault_repo::LeaseKind,
+    pub host: String,
+    pub pid: u32,
+    pub started: String,
+    pub live: bool,
+}
+
+fn store_time(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+pub async fn state(repo: &std::sync::Arc<blockvault_repo::Repository>) -> Result<MaintenanceState> {
+    repo.refresh_plans().await?;
+    let epoch = repo.maintenance_epoch();
+    let mut st = MaintenanceState {
+        last_prune: None,
+        pending_packs: 0,
+        pending_bytes: 0,
+        leases: Vec::new(),
+    };
+    if epoch > 0 {
+        if let Some(plan) = repo.read_plan(epoch).await? {
+            st.pending_packs = plan.condemned.len() as u64;
+            st.pending_bytes = plan.condemned.iter().map(|c| c.size).sum();
+            st.last_prune = Some(LastPrune {
+                epoch,
+                host: plan.host.clone(),
+                published: repo
+                    .plan_times()
+                    .get(&epoch)
+                    .map(|ms| store_time(*ms))
+                    .unwrap_or_default(),
+                deleted_packs: plan.deleted.len() as u64,
+            });
+        }
+    }
+    let now = repo.clock().await?;
+    for l in repo.leases(now).await? {
+        if l.record.kind == blockvault_repo::LeaseKind::Prune && !l.live {
+            continue;
+        }
+        st.leases.push(LeaseView {
+            id: l.record.id.to_hex(),
+            kind: l.record.kind,
+            host: l.record.host,
+            pid: l.record.pid,
+            started: store_time(l.started_ms),
+            live: l.live,
+        });
+    }
+    Ok(st)
+}
+
+pub fn print_state(st: &MaintenanceState) {
+    match &st.last_prune {
+        Some(p) => println!(
+            "last prune    epoch {} on {} at {} ({} packs deleted)",
+            p.epoch, p.host, p.published, p.deleted_packs
+        ),
+        None => println!("last prune    never"),
+    }
+    println!(
+        "pending       {} packs ({}) condemned, awaiting deletion",
+        st.pending_packs,
+        human(st.pending_bytes)
+    );
+    let live: Vec<&LeaseView> = st.leases.iter().filter(|l| l.live).collect();
+    println!("leases        {} live", live.len());
+    for l in &st.leases {
+        println!(
+            "  {} {:?} on {} pid {} since {}{}",
+            &l.id[..8],
+            l.kind,
+            l.host,
+            l.pid,
+            l.started,
+            if l.live { "" } else { " (stale)" }
+        );
+    }
+}
+
+pub async fn forget(g: &Global, a: ForgetArgs) -> Result<()> {
+    let keep_within = match &a.keep_within {
+        Some(s) => Some(
+            s.parse::<blockvault_engine::retention::Span>()
+                .map_err(|e| anyhow!(InputError(format!("--keep-within: {e}"))))?,
+        ),
+        None => None,
+    };
+    let policy = blockvault_engine::retention::Policy {
+        keep_last: a.keep_last,
+        keep_hourly: a.keep_hourly,
+        keep_daily: a.keep_daily,
+        keep_weekly: a.keep_weekly,
+        keep_monthly: a.keep_monthly,
+        keep_yearly: a.keep_yearly,
+        keep_within,
+        keep_tags: a.keep_tags.clone(),
+    };
+    let has_policy = policy != blockvault_engine::retention::Policy::default();
+    if !a.points.is_empty() && (has_policy || a.vm.is_some()) {
+        return Err(anyhow!(InputError(
+            "forget takes either points to remove or a --keep-* policy, not both".into()
+        )));
+    }
+    if a.points.is_empty() && policy.is_empty() {
+        return Err(anyhow!(InputError(
+            "forget needs points to remove or a --keep-* policy; an empty policy would remove \
+             every restore point and is refused"
+                .into()
+        )));
+    }
+    let repo = open_repo(g).await?;
+    let target = if a.points.is_empty() {
+        ForgetTarget::Policy {
+            vm: a.vm.clone(),
+            policy,
+        }
+    } else {
+        let mut ids = Vec::new();
+        for p in &a.points {
+            ids.push(repo.resolve_point(p).await?);
+        }
+        ForgetTarget::Points(ids)
+    };
+    let report = run_forget(
+        repo,
+        ForgetOptions {
+            target,
+            dry_run: a.dry_run,
+            tz: time::UtcOffset::UTC,
+        },
+    )
+    .await?;
+    if g.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        print_forget(&report);
+    }
+    Ok(())
+}
+
+fn print_forget(r: &ForgetReport) {
+    let mut vm = None;
+    for d in &r.decisions {
+        if vm != Some(&d.vm) {
+            println!("VM {}", d.vm);
+            vm = Some(&d.vm);
+        }
+        let verdict = match (d.keep, r.dry_run) {
+            (true, _) => "keep  ",
+            (false, true) => "would remove",
+            (false, false) => "remove",
+        };
+        println!(
+            "  {verdict}  {}  {}  {}",
+            d.id,
+            d.created.get(..19).unwrap_or(&d.created),
+            d.reasons.join(", ")
+        );
+    }
+    for id in &r.unreadable {
+        println!("  unreadable {id} (left alone)");
+    }
+    println!(
+        "{} kept, {} {}",
+        r.kept,
+        r.removed,
+        if r.dry_run {
+            "would be removed"
+        } else {
+            "removed"
+        }
+    );
+}

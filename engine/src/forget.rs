@@ -1,0 +1,204 @@
+//! `forget`: removes restore points, by name or by a retention policy. Removing a point is
+//! deleting its manifest, nothing else: its data stays until a prune finds it unneeded, so a
+//! forget killed half way leaves only fewer points, never a damaged one.
+//!
+//! A policy never removes a protected point, nor the newest point of each VM's disk set (the
+//! parent the next RCT incremental builds on); naming a point removes it unless it is protected.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use blockvault_repo::{PointId, PointManifest, Repository, StorageStats};
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+
+use crate::retention::{self, PointFacts, Policy};
+use crate::{Error, Result};
+
+/// What to forget.
+#[derive(Clone, Debug)]
+pub enum ForgetTarget {
+    /// These points, named by the user.
+    Points(Vec<PointId>),
+    /// What `policy` does not keep, among the points of `vm` (every VM, each on its own, when
+    /// `None`).
+    Policy { vm: Option<String>, policy: Policy },
+}
+
+#[derive(Clone, Debug)]
+pub struct ForgetOptions {
+    pub target: ForgetTarget,
+    pub dry_run: bool,
+    /// Time zone whose calendar defines the policy's hours, days, weeks, months and years.
+    pub tz: UtcOffset,
+}
+
+/// The verdict on one point.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForgetDecision {
+    pub id: PointId,
+    pub vm: String,
+    pub created: String,
+    pub keep: bool,
+    /// Why it is kept (the rules that keep it), or why it is removed.
+    pub reasons: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ForgetReport {
+    pub dry_run: bool,
+    /// Newest first per VM, VMs by name.
+    pub decisions: Vec<ForgetDecision>,
+    pub kept: u64,
+    pub removed: u64,
+    /// Points whose manifest could not be read: never removed by a policy, listed here.
+    pub unreadable: Vec<PointId>,
+    pub storage: StorageStats,
+}
+
+/// The key of a VM's disk set: its name and the sorted names of its disks.
+fn disk_set(p: &PointManifest) -> (String, Vec<String>) {
+    let mut disks: Vec<String> = p.disks.iter().map(|d| d.name.clone()).collect();
+    disks.sort();
+    (p.vm.clone(), disks)
+}
+
+/// The newest point of each VM's disk set.
+pub fn newest_per_disk_set(points: &[PointManifest]) -> HashSet<PointId> {
+    let mut newest: BTreeMap<(String, Vec<String>), &PointManifest> = BTreeMap::new();
+    for p in points {
+        let k = disk_set(p);
+        match newest.get(&k) {
+            Some(q) if (q.created.as_str(), q.id) >= (p.created.as_str(), p.id) => {}
+            _ => {
+                newest.insert(k, p);
+            }
+        }
+    }
+    newest.values().map(|p| p.id).collect()
+}
+
+/// Decides without touching the repository: the pure part of `forget`.
+pub fn decide(
+    points: &[PointManifest],
+    protected: &HashSet<PointId>,
+    target: &ForgetTarget,
+    now: OffsetDateTime,
+    tz: UtcOffset,
+) -> Result<Vec<ForgetDecision>> {
+    let created = |p: &PointManifest| p.created.clone();
+    match target {
+        ForgetTarget::Points(ids) => {
+            let want: HashSet<PointId> = ids.iter().copied().collect();
+            for id in &want {
+                if !points.iter().any(|p| p.id == *id) {
+                    return Err(Error::Repo(blockvault_repo::Error::PointNotFound(
+                        id.to_hex(),
+                    )));
+                }
+                if protected.contains(id) {
+                    return Err(Error::Invalid(format!(
+                        "restore point {id} is protected; run 'blockvault points unprotect \
+                         {id}' first"
+                    )));
+                }
+            }
+            Ok(points
+                .iter()
+                .filter(|p| want.contains(&p.id))
+                .map(|p| ForgetDecision {
+                    id: p.id,
+                    vm: p.vm.clone(),
+                    created: created(p),
+                    keep: false,
+                    reasons: vec!["named".into()],
+                })
+                .collect())
+        }
+        ForgetTarget::Policy { vm, policy } => {
+            let chosen: Vec<&PointManifest> = points
+                .iter()
+                .filter(|p| vm.as_ref().is_none_or(|v| &p.vm == v))
+                .collect();
+            let mut facts = Vec::with_capacity(chosen.len());
+            for p in &chosen {
+                let at = OffsetDateTime::parse(&p.created, &Rfc3339).map_err(|e| {
+                    Error::Invalid(format!(
+                        "restore point {}: creation time '{}' is not RFC 3339 ({e})",
+                        p.id, p.created
+                    ))
+                })?;
+                facts.push(PointFacts {
+                    id: p.id,
+                    vm: p.vm.clone(),
+                    created: at,
+                    tags: p.tags.clone(),
+                    protected: protected.contains(&p.id),
+                });
+            }
+            let owned: Vec<PointManifest> = chosen.iter().map(|p| (*p).clone()).collect();
+            let newest = newest_per_disk_set(&owned);
+            let by_id: BTreeMap<PointId, &PointManifest> =
+                chosen.iter().map(|p| (p.id, *p)).collect();
+            let decisions = retention::apply(policy, &facts, now, tz)?;
+            Ok(decisions
+                .into_iter()
+                .map(|d| {
+                    let mut reasons = d.reasons;
+                    let mut keep = d.keep;
+                    if newest.contains(&d.id) {
+                        keep = true;
+                        reasons
+                            .push("newest of its disk set (the next incremental's parent)".into());
+                    }
+                    ForgetDecision {
+                        id: d.id,
+                        vm: d.vm,
+                        created: by_id.get(&d.id).map(|p| created(p)).unwrap_or_default(),
+                        keep,
+                        reasons,
+                    }
+                })
+                .collect())
+        }
+    }
+}
+
+/// Runs `forget`: decides, then (unless a dry run) deletes the manifests of removed points one by
+/// one.
+pub async fn forget(repo: Arc<Repository>, opts: ForgetOptions) -> Result<ForgetReport> {
+    let before = repo.storage().stats();
+    let (points, unreadable) = repo.list_points().await?;
+    let protected = repo.protected_points().await?;
+    let decisions = decide(
+        &points,
+        &protected,
+        &opts.target,
+        OffsetDateTime::now_utc(),
+        opts.tz,
+    )?;
+    let mut report = ForgetReport {
+        dry_run: opts.dry_run,
+        unreadable: unreadable.iter().map(|(id, _)| *id).collect(),
+        ..Default::default()
+    };
+    for d in &decisions {
+        if d.keep {
+            report.kept += 1;
+        } else {
+            report.removed += 1;
+            if !opts.dry_run {
+                repo.delete_point(&d.id).await?;
+            }
+        }
+    }
+    report.decisions = decisions;
+    let after = repo.storage().stats();
+    report.storage = StorageStats {
+        requests: after.requests - before.requests,
+        bytes_uploaded: after.bytes_uploaded - before.bytes_uploaded,
+        bytes_downloaded: after.bytes_downloaded - before.bytes_downloaded,
+    };
+    Ok(report)
+}

@@ -1,0 +1,399 @@
+//! `prune`: reclaims the space of packs no restore point needs, in two phases with a grace
+//! period between them, safely while other hosts back up into the same repository.
+//!
+//! One run n:
+//! 1. claims epoch n (a second prune fails with "prune already running");
+//! 2. reads the previous plan's condemned packs and splits them by the sweep rules (`gc.rs`);
+//! 3. lists packs, then every restore point, and marks the live chunk set (every manifest and
+//!    its chunk-map pages). Any list or read error stops the run here, before any deletion;
+//! 4. takes back eligible condemned packs that hold a live chunk, deletes the rest;
+//! 5. condemns dead packs (older than the grace period and than every live lease);
+//! 6. publishes plan n, then deletes the index segments it retired.
+//!
+//! Killed at any step, the repository stays consistent: a condemned pack is already invisible to
+//! dedup, so deleting it needs no further announcement; the next prune takes over the dead claim
+//! and finishes the work.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockvault_repo::{
+    ChunkId, Condemned, LeaseKind, ObjectKind, ObjectName, PackId, Plan, PointId, PointManifest,
+    Repository, SegmentId, StorageStats, SLOTS_PER_PAGE,
+};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use crate::gc::{self, LeaseFact, PackFact, Wait};
+use crate::{Error, Result};
+
+/// How `prune` runs.
+#[derive(Clone, Debug)]
+pub struct PruneOptions {
+    /// Time between condemning a pack and deleting it.
+    pub grace: Duration,
+    /// Decide and report, change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(24 * 3600),
+            dry_run: false,
+        }
+    }
+}
+
+/// Packs and their bytes.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PackCount {
+    pub packs: u64,
+    pub bytes: u64,
+}
+
+impl PackCount {
+    fn add(&mut self, bytes: u64) {
+        self.packs += 1;
+        self.bytes += bytes;
+    }
+}
+
+/// What a prune did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    /// The epoch claimed (0 for a dry run, which claims nothing).
+    pub epoch: u64,
+    pub dry_run: bool,
+    /// Restore points marked live.
+    pub points: u64,
+    pub live_chunks: u64,
+    /// Packs in the repository when listed, and their bytes.
+    pub packs_listed: PackCount,
+    /// Condemned packs deleted by this run's sweep.
+    pub deleted: PackCount,
+    /// Condemned packs taken back because a restore point needs them again.
+    pub recovered: PackCount,
+    /// Packs condemned by this run.
+    pub condemned: PackCount,
+    /// Condemned packs not deleted yet (this run's and older ones), and when they become
+    /// deletable at the earliest (store time, RFC 3339; absent when none or held by a lease).
+    pub pending: PackCount,
+    pub pending_deletable_at: Option<String>,
+    /// Condemned packs whose deletion waits for a live lease older than their condemnation.
+    pub held_by_leases: PackCount,
+    /// Index segments retired (every pack they list is deleted).
+    pub segments_retired: u64,
+    /// Object-store requests this run made.
+    pub storage: StorageStats,
+    pub duration_ms: u64,
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+/// Objects read at once while marking.
+const PARALLEL: usize = 16;
+
+/// The live chunk set: every chunk, page and file blob any of `points` references. Any read
+/// error is returned: a prune must not decide with a partial mark.
+pub async fn mark(repo: &Arc<Repository>, points: &[PointManifest]) -> Result<HashSet<ChunkId>> {
+    let mut live = HashSet::new();
+    let mut pages = Vec::new();
+    for p in points {
+        for c in &p.configs {
+            live.extend(c.blobs.iter().map(|b| b.0));
+        }
+        for d in &p.disks {
+            let chunks = d.size.div_ceil(p.chunk_size as u64);
+            for (n, page) in d.pages.iter().enumerate() {
+                let Some(page) = page else { continue };
+                if live.insert(page.0) {
+                    let first = n as u64 * SLOTS_PER_PAGE as u64;
+                    let slots = chunks.saturating_sub(first).min(SLOTS_PER_PAGE as u64) as usize;
+                    pages.push((page.0, slots));
+                }
+            }
+        }
+    }
+    // Pages are content-addressed and shared between points: each is read once.
+    let loaded: Vec<Vec<ChunkId>> = futures::stream::iter(pages)
+        .map(|(id, slots)| {
+            let repo = repo.clone();
+            async move {
+                let page = repo.load_page(&id, slots).await?;
+                Ok::<_, Error>(page.slots.into_iter().flatten().collect())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect()
+        .await?;
+    for ids in loaded {
+        live.extend(ids);
+    }
+    Ok(live)
+}
+
+/// Every listed pack's chunk ids, from the index segments and, for packs no segment covers, from
+/// the pack's own table of contents. Authoritative (every copy of a chunk counts), unlike the
+/// local index, which keeps one location per chunk.
+async fn pack_contents(
+    repo: &Arc<Repository>,
+    listed: &HashSet<PackId>,
+) -> Result<(
+    HashMap<PackId, Vec<ChunkId>>,
+    HashMap<SegmentId, Vec<PackId>>,
+)> {
+    let segments = repo.list_segments().await?;
+    let read: Vec<(SegmentId, Vec<blockvault_repo::PackRecord>)> = futures::stream::iter(segments)
+        .map(|id| {
+            let repo = repo.clone();
+            async move { Ok::<_, Error>((id, repo.read_segment(&id).await?)) }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect()
+        .await?;
+    let mut contents: HashMap<PackId, Vec<ChunkId>> = HashMap::new();
+    let mut by_segment = HashMap::new();
+    for (sid, records) in read {
+        by_segment.insert(sid, records.iter().map(|r| r.id).collect());
+        for r in records {
+            if listed.contains(&r.id) {
+                contents
+                    .entry(r.id)
+                    .or_insert_with(|| r.entries.iter().map(|e| e.id).collect());
+            }
+        }
+    }
+    let uncovered: Vec<PackId> = listed
+        .iter()
+        .filter(|p| !contents.contains_key(p))
+        .copied()
+        .collect();
+    let tocs: Vec<(PackId, Vec<ChunkId>)> = futures::stream::iter(uncovered)
+        .map(|id| {
+            let repo = repo.clone();
+            async move {
+                let toc = repo.read_toc(&id).await?;
+                Ok::<_, Error>((id, toc.iter().map(|e| e.id).collect()))
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect()
+        .await?;
+    contents.extend(tocs);
+    Ok((contents, by_segment))
+}
+
+/// Runs one prune. See the module documentation for the steps and their guarantees.
+pub async fn prune(repo: Arc<Repository>, opts: PruneOptions) -> Result<PruneReport> {
+    let started = std::time::Instant::now();
+    let before = repo.storage().stats();
+    let grace_ms = opts.grace.as_millis() as u64;
+    let mut report = PruneReport {
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    let claim = if opts.dry_run {
+        None
+    } else {
+        Some(repo.claim_prune().await?)
+    };
+    if claim.is_some() {
+        blockvault_repo::test_hold("prune-after-claim").await;
+    }
+    let result = run(&repo, claim.as_ref(), grace_ms, &mut report).await;
+    if let Some(c) = claim {
+        c.release().await;
+    }
+    result?;
+    let after = repo.storage().stats();
+    report.storage = StorageStats {
+        requests: after.requests - before.requests,
+        bytes_uploaded: after.bytes_uploaded - before.bytes_uploaded,
+        bytes_downloaded: after.bytes_downloaded - before.bytes_downloaded,
+    };
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+async fn run(
+    repo: &Arc<Repository>,
+    claim: Option<&blockvault_repo::PruneClaim>,
+    grace_ms: u64,
+    report: &mut PruneReport,
+) -> Result<()> {
+    repo.refresh_plans().await?;
+    let previous = match repo.maintenance_epoch() {
+        0 => None,
+        e => repo.read_plan(e).await?,
+    };
+    let now_ms = match claim {
+        Some(c) => {
+            report.epoch = c.epoch;
+            repo.claim_now(c).await?
+        }
+        None => repo.clock().await?,
+    };
+    let leases: Vec<LeaseFact> = repo
+        .leases(now_ms)
+        .await?
+        .into_iter()
+        // A prune's short clock lease guards nothing.
+        .filter(|l| l.record.kind != LeaseKind::Prune)
+        .map(|l| LeaseFact {
+            started_ms: l.started_ms,
+            live: l.live,
+        })
+        .collect();
+
+    // Sweep rules on what the previous plan left condemned.
+    let pending: Vec<Condemned> = previous
+        .as_ref()
+        .map(|p| p.condemned.clone())
+        .unwrap_or_default();
+    let mut graces = BTreeMap::new();
+    for e in pending.iter().map(|c| c.epoch).collect::<HashSet<_>>() {
+        if let Some(p) = repo.read_plan(e).await? {
+            graces.insert(e, p.grace_ms);
+        }
+    }
+    let times = repo.plan_times();
+    let choice = gc::sweepable(&pending, &times, &graces, grace_ms, now_ms, &leases);
+
+    // Packs first, then points: a pack written after this listing is not a candidate, and a
+    // point committed after the points listing is caught by the next run's re-mark.
+    let packs = repo.list_objects(ObjectKind::Pack).await?;
+    let listed: HashSet<PackId> = packs
+        .iter()
+        .filter_map(|l| match l.name {
+            ObjectName::Pack(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    for l in &packs {
+        report.packs_listed.add(l.size);
+    }
+    let (points, unreadable) = repo.list_points().await?;
+    if let Some((id, e)) = unreadable.first() {
+        return Err(Error::Invalid(format!(
+            "prune stopped before deleting anything: restore point {id} cannot be read ({e}); \
+             run 'blockvault verify' and remove or repair it first"
+        )));
+    }
+    report.points = points.len() as u64;
+    let live = mark(repo, &points).await?;
+    report.live_chunks = live.len() as u64;
+    let (contents, by_segment) = pack_contents(repo, &listed).await?;
+    let live_packs: HashSet<PackId> = contents
+        .iter()
+        .filter(|(_, ids)| ids.iter().any(|id| live.contains(id)))
+        .map(|(p, _)| *p)
+        .collect();
+
+    let (to_delete, recovered) = gc::split_by_remark(&choice.eligible, &live_packs);
+    let already: HashSet<PackId> = pending.iter().map(|c| c.pack).collect();
+    let facts: Vec<PackFact> = packs
+        .iter()
+        .filter_map(|l| match l.name {
+            ObjectName::Pack(id) => Some(PackFact {
+                id,
+                size: l.size,
+                modified_ms: l.modified_ms,
+                live: live_packs.contains(&id),
+            }),
+            _ => None,
+        })
+        .collect();
+    let condemn = gc::choose_condemned(&facts, &already, now_ms, grace_ms, &leases);
+
+    for c in &to_delete {
+        report.deleted.add(c.size);
+    }
+    for c in &recovered {
+        report.recovered.add(c.size);
+    }
+    for p in &condemn {
+        report.condemned.add(p.size);
+    }
+    let mut earliest: Option<i64> = None;
+    for (c, w) in &choice.waiting {
+        report.pending.add(c.size);
+        match w {
+            Wait::Grace { deletable_at_ms } => {
+                earliest = Some(earliest.map_or(*deletable_at_ms, |e| e.min(*deletable_at_ms)))
+            }
+            Wait::Lease => report.held_by_leases.add(c.size),
+        }
+    }
+    for p in &condemn {
+        report.pending.add(p.size);
+    }
+
+    let Some(claim) = claim else {
+        if !condemn.is_empty() {
+            let at = now_ms.saturating_add(grace_ms as i64);
+            earliest = Some(earliest.map_or(at, |e| e.min(at)));
+        }
+        report.pending_deletable_at = earliest.map(rfc3339_ms);
+        return Ok(());
+    };
+
+    let deleted_ids: Vec<PackId> = to_delete.iter().map(|c| c.pack).collect();
+    repo.delete_packs(claim, &deleted_ids).await?;
+
+    let gone: HashSet<PackId> = deleted_ids.iter().copied().collect();
+    let retired: Vec<SegmentId> = by_segment
+        .iter()
+        .filter(|(_, ps)| {
+            !ps.is_empty()
+                && ps
+                    .iter()
+                    .all(|p| gone.contains(p) || (!listed.contains(p) && repo.is_deleted(p)))
+        })
+        .map(|(s, _)| *s)
+        .collect();
+    let recovered_ids: HashSet<PackId> = recovered.iter().map(|c| c.pack).collect();
+    let mut still: Vec<Condemned> = choice.waiting.iter().map(|(c, _)| c.clone()).collect();
+    still.extend(condemn.iter().map(|p| Condemned {
+        pack: p.id,
+        size: p.size,
+        epoch: claim.epoch,
+    }));
+    debug_assert!(still
+        .iter()
+        .all(|c| !gone.contains(&c.pack) && !recovered_ids.contains(&c.pack)));
+    let mut live_points: Vec<PointId> = points.iter().map(|p| p.id).collect();
+    live_points.sort();
+    let plan = Plan {
+        version: 1,
+        epoch: claim.epoch,
+        host: claim.record().host.clone(),
+        created: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        grace_ms,
+        condemned: still,
+        deleted: deleted_ids,
+        recovered: recovered_ids.into_iter().collect(),
+        retired_segments: retired.clone(),
+        live_points,
+    };
+    let published = repo.publish_plan(claim, plan).await?;
+    if !condemn.is_empty() {
+        let at = published.published_ms.saturating_add(grace_ms as i64);
+        earliest = Some(earliest.map_or(at, |e| e.min(at)));
+    }
+    report.pending_deletable_at = earliest.map(rfc3339_ms);
+    repo.delete_segments(claim, &retired).await?;
+    report.segments_retired = retired.len() as u64;
+    Ok(())
+}

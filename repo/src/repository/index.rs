@@ -1,0 +1,198 @@
+//! Keeping the local index in step with the repository: index segments, pack tables of contents,
+//! packs that are gone.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use super::{blocking, Repository, SyncReport, SYNC_PARALLELISM, TOC_PROBE};
+use crate::format::PACK_TRAILER_LEN;
+use crate::objects::{ObjectKind, ObjectName};
+use crate::segment::{self, PackRecord};
+use crate::storage::Write;
+use crate::{Error, IndexStats, PackEntry, PackId, Result, SegmentId};
+
+impl Repository {
+    /// Writes an index segment listing `packs` (already stored).
+    pub async fn write_segment(&self, packs: &[PackRecord]) -> Result<SegmentId> {
+        let id = SegmentId::random();
+        let sealed = segment::seal(&self.keys, &id, packs);
+        self.put_object(
+            ObjectName::Segment(id),
+            Bytes::from(sealed),
+            Write::CreateUnique,
+        )
+        .await?;
+        let index = self.index.clone();
+        blocking(move || index.insert_segment(id)).await??;
+        Ok(id)
+    }
+
+    /// lists every pack, reads the tables of contents of packs no segment covered (a backup killed
+    /// before writing its segment) and forgets packs that are gone.
+    pub async fn sync_index(&self, full: bool) -> Result<SyncReport> {
+        let _guard = self.sync_lock.lock().await;
+        let index = self.index.clone();
+        blocking(move || index.catch_up()).await?;
+        let mut report = SyncReport::default();
+
+        let mut unseen = Vec::new();
+        for l in self.list_objects(ObjectKind::Segment).await? {
+            let ObjectName::Segment(id) = l.name else {
+                continue;
+            };
+            if !self.index.has_segment(&id)? {
+                unseen.push(id);
+            }
+        }
+        let loaded: Vec<(SegmentId, Vec<PackRecord>)> = futures::stream::iter(unseen)
+            .map(|id| async move {
+                let bytes = self.storage.get(&ObjectName::Segment(id).path()).await?;
+                let keys = self.keys.clone();
+                let packs = blocking(move || segment::open(&keys, &id, &bytes)).await??;
+                Ok::<_, Error>((id, packs))
+            })
+            .buffer_unordered(SYNC_PARALLELISM)
+            .try_collect()
+            .await?;
+        for (id, packs) in loaded {
+            let index = self.index.clone();
+            let deleted = self
+                .maint
+                .read()
+                .expect("maintenance state lock")
+                .deleted
+                .clone();
+            blocking(move || -> Result<()> {
+                for p in &packs {
+                    // A pack a plan recorded as deleted stays out, whatever an old or replayed
+                    // segment says.
+                    if !deleted.contains(&p.id) {
+                        index.insert_pack(p.id, p.size, &p.entries)?;
+                    }
+                }
+                index.insert_segment(id)
+            })
+            .await??;
+            report.segments_loaded += 1;
+        }
+
+        if full {
+            let listed = self.list_packs().await?;
+            let index = self.index.clone();
+            let known = blocking(move || index.packs()).await??;
+            let listed_ids: HashSet<PackId> = listed.iter().map(|(id, _)| *id).collect();
+            let missing: Vec<(PackId, u64)> = listed
+                .into_iter()
+                .filter(|(id, _)| !known.contains(id))
+                .collect();
+            let results: Vec<(PackId, Result<Vec<PackEntry>>, u64)> =
+                futures::stream::iter(missing)
+                    .map(|(id, size)| async move { (id, self.read_toc(&id).await, size) })
+                    .buffer_unordered(SYNC_PARALLELISM)
+                    .collect()
+                    .await;
+            for (id, r, size) in results {
+                match r {
+                    Ok(entries) => {
+                        let index = self.index.clone();
+                        blocking(move || index.insert_pack(id, size, &entries)).await??;
+                        report.packs_read += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pack = %id, error = %e, "pack table of contents unreadable");
+                        report.unreadable_packs.push(format!("pack {id}: {e}"));
+                    }
+                }
+            }
+            let gone: HashSet<PackId> = known.difference(&listed_ids).copied().collect();
+            report.packs_forgotten = gone.len() as u64;
+            let index = self.index.clone();
+            blocking(move || index.remove_packs(&gone)).await??;
+        }
+        Ok(report)
+    }
+
+    /// Throws the local index away and reads it back from the repository.
+    pub async fn rebuild_index(&self) -> Result<SyncReport> {
+        {
+            let _guard = self.sync_lock.lock().await;
+            let index = self.index.clone();
+            let id = self.config.id.clone();
+            blocking(move || index.clear(&id)).await??;
+        }
+        self.sync_index(true).await
+    }
+
+    pub async fn index_stats(&self) -> Result<IndexStats> {
+        let index = self.index.clone();
+        blocking(move || index.stats()).await?
+    }
+
+    /// Every pack in the repository with its size.
+    pub async fn list_packs(&self) -> Result<Vec<(PackId, u64)>> {
+        Ok(self
+            .list_objects(ObjectKind::Pack)
+            .await?
+            .into_iter()
+            .filter_map(|l| match l.name {
+                ObjectName::Pack(id) => Some((id, l.size)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Reads a pack's table of contents from its tail.
+    pub async fn read_toc(&self, id: &PackId) -> Result<Vec<PackEntry>> {
+        let path = ObjectName::Pack(*id).path();
+        let (tail, size) = self.storage.get_suffix(&path, TOC_PROBE).await?;
+        if (tail.len() as u64) < (PACK_TRAILER_LEN as u64).min(size)
+            || tail.len() < PACK_TRAILER_LEN
+        {
+            return Err(Error::malformed(
+                format!("pack {id}"),
+                format!("{size} bytes is too short"),
+            ));
+        }
+        let toc_len =
+            crate::pack::parse_trailer(id, size, &tail[tail.len() - PACK_TRAILER_LEN..])? as u64;
+        let need = toc_len + PACK_TRAILER_LEN as u64;
+        let sealed = if need <= tail.len() as u64 {
+            tail.slice(tail.len() - need as usize..tail.len() - PACK_TRAILER_LEN)
+        } else {
+            let end = size - PACK_TRAILER_LEN as u64;
+            self.storage.get_range(&path, end - toc_len..end).await?
+        };
+        let keys = self.keys.clone();
+        let id = *id;
+        blocking(move || crate::pack::open_toc(&keys, &id, size, &sealed)).await?
+    }
+}
+
+impl Repository {
+    /// Reads one index segment: the packs it lists with their full tables of contents.
+    pub async fn read_segment(&self, id: &SegmentId) -> Result<Vec<PackRecord>> {
+        let name = ObjectName::Segment(*id);
+        let bytes = self
+            .get_object(name)
+            .await?
+            .ok_or_else(|| Error::malformed(name.to_string(), "listed but gone"))?;
+        let keys = self.keys.clone();
+        let id = *id;
+        blocking(move || segment::open(&keys, &id, &bytes)).await?
+    }
+
+    /// Every index segment's id.
+    pub async fn list_segments(&self) -> Result<Vec<SegmentId>> {
+        Ok(self
+            .list_objects(ObjectKind::Segment)
+            .await?
+            .into_iter()
+            .filter_map(|l| match l.name {
+                ObjectName::Segment(id) => Some(id),
+                _ => None,
+            })
+            .collect())
+    }
+}

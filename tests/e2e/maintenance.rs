@@ -1,0 +1,660 @@
+//! Maintenance while others work: forget and prune beside running backups (local directory and
+//! S3), a backup paused across a whole grace period, an RCT incremental whose parent is forgotten
+//! mid-run, two prunes at once, and kill -9 at every step of forget and prune.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::s3_support::{S3Server, S3World};
+
+/// Short lease intervals so stale leases and claims are judged in about two seconds.
+const REFRESH: &str = "0.3";
+/// The grace period of the concurrency tests: long enough for a held backup to commit within it
+/// (store times are compared with one second of slack), short enough for a quick test.
+const GRACE: &str = "3s";
+/// Grace plus the one-second slack plus a margin.
+const OLDER_THAN_GRACE: Duration = Duration::from_millis(4300);
+/// The slack alone plus a margin: what "--grace 0s" waits.
+const SLACK: Duration = Duration::from_millis(1150);
+
+/// One repository, on a local directory or behind the S3 server, driven through the binary.
+struct Repo {
+    make: Box<dyn Fn(&[&str]) -> Command>,
+    dir: PathBuf,
+    _keep: Box<dyn std::any::Any>,
+}
+
+impl Repo {
+    fn local() -> Self {
+        let w = World::with_repo("64KiB");
+        let dir = w.dir.path().to_path_buf();
+        let (repo, cache, pw) = (w.repo.clone(), w.cache.clone(), w.password_file.clone());
+        let make = move |args: &[&str]| {
+            let mut c = Command::new(BIN);
+            c.args(args)
+                .arg("--repo")
+                .arg(&repo)
+                .arg("--cache-dir")
+                .arg(&cache)
+                .arg("--password-file")
+                .arg(&pw)
+                .env_remove("BLOCKVAULT_PASSWORD")
+                .env_remove("BLOCKVAULT_REPO")
+                .env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH)
+                .stdin(Stdio::null());
+            c
+        };
+        Self {
+            make: Box::new(make),
+            dir,
+            _keep: Box::new(w),
+        }
+    }
+
+    fn s3(server: &S3Server, prefix: &str) -> Self {
+        let w = S3World::new(&server.endpoint(), prefix);
+        w.init();
+        let dir = w.dir.path().to_path_buf();
+        let w = std::rc::Rc::new(w);
+        let w2 = w.clone();
+        let make = move |args: &[&str]| {
+            let mut c = w2.cmd_in("cache", args);
+            c.env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH);
+            c
+        };
+        Self {
+            make: Box::new(make),
+            dir,
+            _keep: Box::new(w),
+        }
+    }
+
+    fn path(&self, n: &str) -> PathBuf {
+        self.dir.join(n)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        (self.make)(args)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running blockvault")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        succeeded(args, self.run(args))
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        json_of(args, |a| self.ok(a))
+    }
+
+    fn backup(&self, vm: &str, img: &Path, extra: &[&str]) -> Value {
+        let spec = format!("d0={}", img.display());
+        let mut args = vec!["backup", "--vm", vm, "--pack-size", "1MiB", "--disk", &spec];
+        args.extend_from_slice(extra);
+        self.json(&args)
+    }
+
+    /// Starts a backup that stops right before its manifest, while `hold` exists; returns once
+    /// it is there.
+    fn backup_held(&self, vm: &str, img: &Path, hold: &Path, extra: &[&str]) -> Child {
+        std::fs::write(hold, b"").unwrap();
+        let spec = format!("d0={}", img.display());
+        let mut args = vec!["backup", "--vm", vm, "--pack-size", "1MiB", "--disk", &spec];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        let mut child = self
+            .cmd(&args)
+            .env(
+                "BLOCKVAULT_TEST_HOLD",
+                format!("backup-before-commit:{}", hold.display()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_reached(hold, &mut child);
+        child
+    }
+
+    fn prune(&self, grace: &str) -> Value {
+        self.json(&["prune", "--grace", grace])
+    }
+
+    fn verify_read_data(&self) {
+        let v = self.json(&["verify", "--read-data"]);
+        assert_eq!(v["problems"], json!([]), "{v}");
+    }
+
+    fn restores(&self, point: &str, img: &Path) {
+        let out = self.path(&format!("restore-{point}.raw"));
+        self.ok(&[
+            "restore",
+            "export",
+            point,
+            "--disk",
+            "d0",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(same_content(img, &out), "point {point} restores exactly");
+        std::fs::remove_file(out).unwrap();
+    }
+
+    fn points(&self) -> Vec<String> {
+        self.json(&["points", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+fn wait_reached(hold: &Path, child: &mut Child) {
+    let mut reached = hold.as_os_str().to_owned();
+    reached.push(".reached");
+    let reached = PathBuf::from(reached);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !reached.exists() {
+        if let Some(s) = child.try_wait().unwrap() {
+            let out = child.stderr.take().map(std::io::read_to_string);
+            panic!("the held process ended ({s}) before reaching its hold: {out:?}");
+        }
+        assert!(Instant::now() < deadline, "hold not reached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().unwrap()
+}
+
+fn num(v: &Value, path: &[&str]) -> u64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_u64().unwrap_or_else(|| panic!("{path:?} in {v}"))
+}
+
+fn id(v: &Value) -> String {
+    v["point"].as_str().unwrap().to_string()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Two VMs' worth of history; `a` is forgotten by the scenario, `b` stays.
+fn history(r: &Repo) -> (PathBuf, PathBuf, String, String) {
+    let (a, b) = (r.path("a.raw"), r.path("b.raw"));
+    make_random_image(&a, 3 << 20, 1);
+    make_random_image(&b, 2 << 20, 2);
+    let pa = id(&r.backup("vma", &a, &[]));
+    let pb = id(&r.backup("vmb", &b, &[]));
+    (a, b, pa, pb)
+}
+
+/// A backup that started before forget + prune and commits after them, within the grace period:
+/// it commits, the next sweep takes back what it needs, and everything restores.
+fn spanning(r: &Repo) {
+    let (a, b, pa, pb) = history(r);
+    // A second copy of VM a's disk, backed up as another VM: every chunk deduplicates against
+    // point `pa`, which is forgotten while this backup runs.
+    // Store times are compared with a second of slack: the backup starts clearly after the
+    // packs it deduplicates against were written.
+    std::thread::sleep(SLACK);
+    let hold = r.path("hold");
+    let child = r.backup_held("vmc", &a, &hold, &[]);
+    r.ok(&["forget", &pa]);
+    std::thread::sleep(OLDER_THAN_GRACE);
+    let p1 = r.prune(GRACE);
+    assert!(num(&p1, &["condemned", "packs"]) > 0, "{p1}");
+    assert_eq!(num(&p1, &["deleted", "packs"]), 0, "{p1}");
+    std::fs::remove_file(&hold).unwrap();
+    let out = finish(child);
+    let c = serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pc = id(&c);
+    std::thread::sleep(OLDER_THAN_GRACE);
+    let p2 = r.prune(GRACE);
+    assert!(
+        num(&p2, &["recovered", "packs"]) > 0,
+        "the sweep takes back what pc needs: {p2}"
+    );
+    r.verify_read_data();
+    r.restores(&pc, &a);
+    r.restores(&pb, &b);
+    assert_eq!(r.points().len(), 2);
+}
+
+/// A backup SIGSTOPped across a whole grace period while its data is condemned and swept: it
+/// fails clearly and leaves no point; the next backup commits a point that restores exactly.
+fn paused(r: &Repo) {
+    let (a, b, pa, pb) = history(r);
+    // Store times are compared with a second of slack: the backup starts clearly after the
+    // packs it deduplicates against were written.
+    std::thread::sleep(SLACK);
+    let hold = r.path("hold");
+    let child = r.backup_held("vmc", &a, &hold, &[]);
+    signal(&child, "-STOP");
+    std::fs::remove_file(&hold).unwrap();
+    r.ok(&["forget", &pa]);
+    std::thread::sleep(OLDER_THAN_GRACE);
+    let p1 = r.prune(GRACE);
+    assert!(num(&p1, &["condemned", "packs"]) > 0, "{p1}");
+    // Grace passes and the stopped backup's lease goes stale (3 x 0.3 s + 1 s slack).
+    std::thread::sleep(OLDER_THAN_GRACE);
+    let p2 = r.prune(GRACE);
+    assert!(num(&p2, &["deleted", "packs"]) > 0, "{p2}");
+    signal(&child, "-CONT");
+    let out = finish(child);
+    assert!(!out.status.success(), "the paused backup must not commit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("condemned data this backup relies on")
+            && err.contains("run the backup again"),
+        "{err}"
+    );
+    assert_eq!(r.points(), vec![pb.clone()], "no point was left behind");
+    r.verify_read_data();
+    let pc = id(&r.backup("vmc", &a, &[]));
+    r.verify_read_data();
+    r.restores(&pc, &a);
+    r.restores(&pb, &b);
+}
+
+#[test]
+fn backup_spanning_forget_and_prune_local() {
+    spanning(&Repo::local());
+}
+
+#[test]
+fn backup_paused_across_the_grace_period_local() {
+    paused(&Repo::local());
+}
+
+#[test]
+fn backup_spanning_forget_and_prune_s3() {
+    let server = S3Server::start();
+    spanning(&Repo::s3(&server, "span"));
+}
+
+#[test]
+fn backup_paused_across_the_grace_period_s3() {
+    let server = S3Server::start();
+    paused(&Repo::s3(&server, "pause"));
+}
+
+/// A changed-ranges document covering the whole disk in one query.
+fn rct_doc(size: u64, limit: Option<&str>, new: &str, full: bool, changed: &[(u64, u64)]) -> Value {
+    json!({"format": "hyperv-rct-changes", "version": 1, "vm_id": "vm-rct",
+        "disk": {"path": "D:\\VMs\\rct\\d0.vhdx", "virtual_size": size, "logical_sector_size": 512},
+        "limit_id": limit, "new_rct_id": new, "full": full,
+        "queries": [{"byte_offset": 0, "byte_length": size, "processed_byte_length": size,
+            "changed_byte_offsets": changed.iter().map(|c| c.0).collect::<Vec<_>>(),
+            "changed_byte_lengths": changed.iter().map(|c| c.1).collect::<Vec<_>>()}]})
+}
+
+/// An RCT incremental whose parent is forgotten and pruned while it runs commits a point that
+/// restores exactly (the parent's data is taken back by the sweep).
+fn rct_parent_forgotten(r: &Repo) {
+    let img = r.path("rct.raw");
+    let size = 4u64 << 20;
+    make_random_image(&img, size, 7);
+    let doc0 = r.path("rct0.json");
+    std::fs::write(&doc0, rct_doc(size, None, "rct:0", true, &[]).to_string()).unwrap();
+    let spec0 = format!("d0={}", doc0.display());
+    let full = r.backup("rct", &img, &["--changes", &spec0]);
+    let parent = id(&full);
+    // Change 2 % of the disk: one 80 KiB range.
+    let (off, len) = (1u64 << 20, 80u64 << 10);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&vec![0x5a; len as usize], off).unwrap();
+    }
+    let doc1 = r.path("rct1.json");
+    std::fs::write(
+        &doc1,
+        rct_doc(size, Some("rct:0"), "rct:1", false, &[(off, len)]).to_string(),
+    )
+    .unwrap();
+    let spec1 = format!("d0={}", doc1.display());
+    // S3 servers may keep whole seconds: two slacks apart, the parent's packs are clearly older
+    // than the incremental's lease.
+    std::thread::sleep(2 * SLACK);
+    let hold = r.path("hold");
+    let child = r.backup_held("rct", &img, &hold, &["--changes", &spec1]);
+    r.ok(&["forget", &parent]);
+    std::thread::sleep(OLDER_THAN_GRACE);
+    let p1 = r.prune(GRACE);
+    assert!(num(&p1, &["condemned", "packs"]) > 0, "{p1}");
+    std::fs::remove_file(&hold).unwrap();
+    let out = finish(child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inc["disks"][0]["kind"], "incremental", "{inc}");
+    assert!(inc["disks"][0]["stats"]["bytes_read"].as_u64().unwrap() < size / 4);
+    let pi = id(&inc);
+    std::thread::sleep(OLDER_THAN_GRACE);
+    let p2 = r.prune(GRACE);
+    assert!(num(&p2, &["recovered", "packs"]) > 0, "{p2}");
+    r.verify_read_data();
+    r.restores(&pi, &img);
+}
+
+#[test]
+fn rct_incremental_whose_parent_is_forgotten_mid_run_local() {
+    rct_parent_forgotten(&Repo::local());
+}
+
+#[test]
+fn rct_incremental_whose_parent_is_forgotten_mid_run_s3() {
+    let server = S3Server::start();
+    rct_parent_forgotten(&Repo::s3(&server, "rct"));
+}
+
+#[test]
+fn prune_reclaims_in_two_phases_and_reports() {
+    let r = Repo::local();
+    let (_a, b, pa, pb) = history(&r);
+    let before = r.json(&["repo", "info"]);
+    let dry = r.json(&["prune", "--dry-run", "--grace", "0s"]);
+    assert_eq!(dry["dry_run"], true);
+    r.ok(&["forget", &pa]);
+    std::thread::sleep(SLACK);
+    let dry = r.json(&["prune", "--dry-run", "--grace", "0s"]);
+    assert!(num(&dry, &["condemned", "packs"]) > 0, "{dry}");
+    let p1 = r.prune("0s");
+    assert_eq!(p1["epoch"], 1);
+    assert!(num(&p1, &["condemned", "bytes"]) > 0);
+    assert_eq!(
+        num(&p1, &["deleted", "packs"]),
+        0,
+        "phase one deletes nothing"
+    );
+    assert!(p1["pending_deletable_at"].is_string(), "{p1}");
+    let info = r.json(&["repo", "info"]);
+    assert_eq!(info["maintenance"]["last_prune"]["epoch"], 1, "{info}");
+    assert!(num(&info, &["maintenance", "pending_packs"]) > 0, "{info}");
+    r.verify_read_data();
+    std::thread::sleep(SLACK);
+    let p2 = r.prune("0s");
+    assert_eq!(p2["epoch"], 2);
+    assert_eq!(
+        num(&p2, &["deleted", "packs"]),
+        num(&p1, &["condemned", "packs"]),
+        "{p2}"
+    );
+    assert_eq!(num(&p2, &["pending", "packs"]), 0);
+    assert!(num(&p2, &["storage", "requests"]) > 0);
+    let after = r.json(&["repo", "info"]);
+    assert!(num(&after, &["bytes_stored"]) < num(&before, &["bytes_stored"]));
+    r.verify_read_data();
+    r.restores(&pb, &b);
+    // Text output says the same.
+    let text = r.ok(&["prune", "--grace", "0s"]);
+    assert!(text.contains("prune epoch 3"), "{text}");
+}
+
+#[test]
+fn two_prunes_at_once_and_a_dead_prune_is_taken_over() {
+    let r = Repo::local();
+    let (_a, _b, pa, _pb) = history(&r);
+    r.ok(&["forget", &pa]);
+    let hold = r.path("hold-prune");
+    std::fs::write(&hold, b"").unwrap();
+    let mut first = r
+        .cmd(&["prune", "--grace", "0s", "--json"])
+        .env(
+            "BLOCKVAULT_TEST_HOLD",
+            format!("prune-after-claim:{}", hold.display()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_reached(&hold, &mut first);
+    let second = r.run(&["prune", "--grace", "0s"]);
+    assert_eq!(code(&second), 9, "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("prune already running (epoch 1"),
+        "{}",
+        stderr(&second)
+    );
+    std::fs::remove_file(&hold).unwrap();
+    let out = finish(first);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A prune stopped after its claim stops refreshing it; another takes over and the stopped
+    // one, woken up, deletes and publishes nothing.
+    std::fs::remove_file(r.path("hold-prune.reached")).unwrap();
+    std::fs::write(&hold, b"").unwrap();
+    let mut stopped = r
+        .cmd(&["prune", "--grace", "0s", "--json"])
+        .env(
+            "BLOCKVAULT_TEST_HOLD",
+            format!("prune-after-claim:{}", hold.display()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_reached(&hold, &mut stopped);
+    signal(&stopped, "-STOP");
+    std::fs::remove_file(&hold).unwrap();
+    std::thread::sleep(Duration::from_millis(2300));
+    let takeover = r.prune("0s");
+    assert_eq!(takeover["epoch"], 3, "{takeover}");
+    signal(&stopped, "-CONT");
+    let out = finish(stopped);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("taken over by epoch 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    r.verify_read_data();
+}
+
+#[test]
+fn protected_and_newest_points_are_kept_by_policies() {
+    let r = Repo::local();
+    let img = r.path("p.raw");
+    make_random_image(&img, 1 << 20, 3);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        mutate_image(&img, 100 + i, 2, 4096);
+        ids.push(id(&r.backup("vm", &img, &[])));
+    }
+    r.ok(&["points", "protect", &ids[0]]);
+    let refused = r.run(&["forget", &ids[0]]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("protected"),
+        "{}",
+        stderr(&refused)
+    );
+    let empty = r.run(&["forget", "--vm", "vm"]);
+    assert!(!empty.status.success(), "an empty policy is refused");
+    let dry = r.json(&["forget", "--vm", "vm", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(dry["removed"], 2, "{dry}");
+    assert_eq!(r.points().len(), 4, "a dry run removes nothing");
+    let f = r.json(&["forget", "--vm", "vm", "--keep-last", "1"]);
+    let kept: Vec<&str> = f["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == true)
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert!(kept.contains(&ids[0].as_str()), "protected kept: {f}");
+    assert!(kept.contains(&ids[3].as_str()), "newest kept: {f}");
+    assert_eq!(kept.len(), 2, "{f}");
+    assert_eq!(r.points().len(), 2);
+    r.ok(&["points", "unprotect", &ids[0]]);
+    r.ok(&["forget", &ids[0]]);
+    assert_eq!(r.points(), vec![ids[3].clone()]);
+    r.restores(&ids[3], &img);
+}
+
+/// Copies a directory tree (repository or cache) for a fresh run of the crash scenario.
+fn copy_tree(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// The crash scenario on a copy of `base`: forget, prune, prune (grace 0), with a kill -9 before
+/// the `k`-th object write or delete of command `victim`. Returns whether the kill happened.
+fn crash_run(base: &World, victim: usize, k: u64, img: &Path, keep: &str, old: &[String]) -> bool {
+    let w = World::new();
+    copy_tree(&base.repo, &w.repo);
+    copy_tree(&base.cache, &w.cache);
+    let mut forget = vec!["forget"];
+    forget.extend(old.iter().map(String::as_str));
+    let steps: [&[&str]; 3] = [
+        &forget,
+        &["prune", "--grace", "0s"],
+        &["prune", "--grace", "0s"],
+    ];
+    let mut killed = false;
+    for (i, args) in steps.iter().enumerate() {
+        if i == 2 {
+            std::thread::sleep(SLACK);
+        }
+        let mut c = w.cmd(args);
+        c.env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH);
+        if i == victim {
+            c.env("BLOCKVAULT_TEST_KILL_AT_STEP", k.to_string());
+        }
+        let out = c.output().unwrap();
+        if i == victim && !out.status.success() {
+            assert!(
+                stderr(&out).contains("test hook: stopping"),
+                "{args:?} failed otherwise: {}",
+                stderr(&out)
+            );
+            killed = true;
+            break;
+        }
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let verify = |what: &str| {
+        let mut c = w.cmd(&["verify", "--read-data", "--json"]);
+        c.env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "verify after {what} (victim {victim}, step {k}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    verify("the kill");
+    // The dead prune's claim goes stale; then the rest of the work is finished.
+    if victim > 0 {
+        std::thread::sleep(Duration::from_millis(2000));
+    }
+    // Forget what is still there (a killed forget may have removed some already).
+    let listed: Value = serde_json::from_str(&w.ok(&["points", "list", "--json"])).unwrap();
+    let mut forget = vec!["forget".to_string()];
+    for p in listed.as_array().unwrap() {
+        let id = p["id"].as_str().unwrap();
+        if id != keep {
+            forget.push(id.to_string());
+        }
+    }
+    let forget: Vec<&str> = forget.iter().map(String::as_str).collect();
+    let finishing: Vec<&[&str]> = if forget.len() > 1 {
+        vec![
+            &forget,
+            &["prune", "--grace", "0s"],
+            &["prune", "--grace", "0s"],
+        ]
+    } else {
+        vec![&["prune", "--grace", "0s"], &["prune", "--grace", "0s"]]
+    };
+    let n = finishing.len();
+    for (i, args) in finishing.into_iter().enumerate() {
+        if i == n - 1 {
+            std::thread::sleep(SLACK);
+        }
+        let mut c = w.cmd(args);
+        c.env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} after the kill: {}",
+            stderr(&out)
+        );
+    }
+    let mut c = w.cmd(&["prune", "--grace", "0s", "--json"]);
+    c.env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH);
+    let last: Value = serde_json::from_slice(&c.output().unwrap().stdout).unwrap();
+    assert_eq!(
+        num(&last, &["pending", "packs"]),
+        0,
+        "work finished: {last}"
+    );
+    assert_eq!(
+        num(&last, &["packs_listed", "packs"]),
+        1,
+        "only the kept point's pack: {last}"
+    );
+    verify("finishing");
+    let out = w.path("r.raw");
+    w.export(keep, "d0", &out);
+    assert!(same_content(img, &out));
+    killed
+}
+
+#[test]
+fn kill_at_every_step_of_forget_and_prune() {
+    let base = World::with_repo("64KiB");
+    let img = base.path("k.raw");
+    make_random_image(&img, 1 << 20, 5);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        // Unrelated contents: each point has a pack of its own.
+        make_random_image(&img, 1 << 20, 200 + i);
+        ids.push(id(&base.backup("vm", &[("d0", &img)])));
+    }
+    let last = ids.pop().unwrap();
+    std::thread::sleep(SLACK);
+    for victim in 0..3 {
+        let mut k = 1;
+        while crash_run(&base, victim, k, &img, &last, &ids) {
+            k += 1;
+            assert!(k < 50, "command {victim} never finished");
+        }
+        assert!(k > 1, "command {victim} wrote or deleted nothing");
+    }
+}
