@@ -5,6 +5,7 @@ mod common;
 mod backup_restore;
 mod crash_and_concurrency;
 mod damage;
+mod files;
 mod mount;
 mod s3;
 mod s3_support;
