@@ -4,6 +4,7 @@
 //! side by side mean anything.
 
 mod disk;
+mod files;
 mod measure;
 mod nbd;
 mod report;

@@ -151,7 +151,8 @@ pub async fn files(g: &Global, a: FilesArgs) -> Result<()> {
         v["disk"] = json!(a.disk);
         v["storage"] = serde_json::to_value(repo.storage().stats())?;
         v["blob_cache"] = serde_json::to_value(repo.blob_cache_stats())?;
-        v["chunk_cache"] = json!({"hits": rr.cache_stats().hits, "misses": rr.cache_stats().misses});
+        let c = rr.cache_stats();
+        v["chunk_cache"] = json!({"chunks": c.chunks, "bytes": c.bytes});
         crate::commands::print_json(&v);
     }
     Ok(())
@@ -299,7 +300,9 @@ fn get(
         return Ok(json!({"streamed": paths[0], "size": size}));
     }
     let Some(to) = to else {
-        bail!(InputError("get needs --to DIR (or --out - for one file)".into()));
+        bail!(InputError(
+            "get needs --to DIR (or --out - for one file)".into()
+        ));
     };
     for spec in paths {
         let loc = parse_location(spec)?;
@@ -311,12 +314,8 @@ fn get(
             volumes.insert(part.clone(), open_volume(dev, table, &part)?);
         }
         let vol = volumes.get_mut(&part).expect("inserted");
-        let report = blockvault_restore::extract(
-            vol.as_mut(),
-            &loc.path,
-            &to,
-            &ExtractOptions::default(),
-        )?;
+        let report =
+            blockvault_restore::extract(vol.as_mut(), &loc.path, &to, &ExtractOptions::default())?;
         if !quiet {
             eprintln!(
                 "{spec}: {} files, {} directories, {} symlinks, {} to {}",

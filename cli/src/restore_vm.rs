@@ -40,7 +40,8 @@ pub async fn export_qcow2(
             layout.chunk_size()
         );
     }
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = Qcow2Writer::new(file, layout.disk_size())
         .with_context(|| format!("writing {}", path.display()))?;
     let parallel = reader.options().parallel.max(1);
@@ -58,7 +59,11 @@ pub async fn export_qcow2(
         let len = layout.chunk_len(slot) as u64;
         match data {
             Ok(Some(d)) => {
-                if tx.send((slot * layout.chunk_size() as u64, d)).await.is_err() {
+                if tx
+                    .send((slot * layout.chunk_size() as u64, d))
+                    .await
+                    .is_err()
+                {
                     break; // the writer stopped; its error is reported below
                 }
             }
@@ -68,7 +73,9 @@ pub async fn export_qcow2(
                 break;
             }
         }
-        Progress::add(&progress.bytes_done, len);
+        progress
+            .bytes_done
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
     }
     drop(tx);
     let written = tokio::task::spawn_blocking(move || writer.join())
@@ -90,7 +97,8 @@ pub async fn export_qcow2_file(
 ) -> Result<()> {
     if out == "-" {
         bail!(input(
-            "--format qcow2 needs a file: a qcow2 image cannot be written to standard output".into()
+            "--format qcow2 needs a file: a qcow2 image cannot be written to standard output"
+                .into()
         ));
     }
     let reader = Arc::new(DiskReader::open(
@@ -122,10 +130,7 @@ pub async fn export_qcow2_file(
 
 /// A plain file name: no separators, not `.`/`..`, not hidden (temporary names start with `.`).
 fn plain_name(n: &str) -> bool {
-    !n.is_empty()
-        && !n.starts_with('.')
-        && !n.contains(['/', '\\', '\0'])
-        && n.len() <= 200
+    !n.is_empty() && !n.starts_with('.') && !n.contains(['/', '\\', '\0']) && n.len() <= 200
 }
 
 /// The file name for a disk: the original image's name (Hyper-V's configuration refers to its
@@ -229,7 +234,10 @@ pub async fn restore_vm(g: &Global, a: VmArgs) -> Result<()> {
     std::fs::File::open(&a.to)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing {}", a.to.display()))?;
-    let outputs: Vec<_> = plan.iter().map(|p| json!({"what": p.what, "path": p.dest})).collect();
+    let outputs: Vec<_> = plan
+        .iter()
+        .map(|p| json!({"what": p.what, "path": p.dest}))
+        .collect();
     let how = bring_up(&m, &plan, &a);
     if g.json {
         crate::commands::print_json(&json!({
@@ -286,8 +294,9 @@ async fn write_all(
                     )))
                 } else {
                     let opts = VhdxExportOptions {
-                        block_size: u32::try_from(block)
-                            .map_err(|_| input(format!("--vhdx-block-size {block} is too large")))?,
+                        block_size: u32::try_from(block).map_err(|_| {
+                            input(format!("--vhdx-block-size {block} is too large"))
+                        })?,
                         logical_sector_size: lss,
                     };
                     export_vhdx(reader, &p.tmp, &opts, progress)
@@ -314,10 +323,15 @@ async fn write_all(
 /// The command that brings the restored VM up: Hyper-V's Import-VM when the point holds a .vmcx
 /// configuration (a new VM id, so the original can keep running), else a virt-install line.
 fn bring_up(m: &PointManifest, plan: &[Planned], a: &VmArgs) -> String {
-    let disks: Vec<&Planned> = plan.iter().filter(|p| p.what.starts_with("disk ")).collect();
-    let vmcx = plan
+    let disks: Vec<&Planned> = plan
         .iter()
-        .find(|p| p.dest.extension().is_some_and(|e| e.eq_ignore_ascii_case("vmcx")));
+        .filter(|p| p.what.starts_with("disk "))
+        .collect();
+    let vmcx = plan.iter().find(|p| {
+        p.dest
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("vmcx"))
+    });
     if let Some(cfg) = vmcx {
         let mut s = String::new();
         if a.format != "vhdx" {
@@ -355,8 +369,7 @@ fn bring_up(m: &PointManifest, plan: &[Planned], a: &VmArgs) -> String {
 /// Quotes a word for a POSIX shell when it needs it.
 fn shell_word(w: &str) -> String {
     if !w.is_empty()
-        && w
-            .chars()
+        && w.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c))
     {
         w.to_string()

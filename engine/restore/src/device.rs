@@ -171,7 +171,8 @@ impl Write for Window {
 
 impl ext4_view::Ext4Read for Window {
     fn read(&mut self, start_byte: u64, dst: &mut [u8]) -> Result<(), BoxedError> {
-        self.read_exact_at(start_byte, dst).map_err(|e| Box::new(e) as BoxedError)
+        self.read_exact_at(start_byte, dst)
+            .map_err(|e| Box::new(e) as BoxedError)
     }
 }
 

@@ -183,7 +183,10 @@ impl Volume for Ext4Volume {
         guarded(&self.what, || {
             let pp = ext4_view::Path::try_from(p.as_slice())
                 .map_err(|e| Error::Invalid(format!("{}: {e}", display_path(path))))?;
-            let meta = self.fs.symlink_metadata(pp).map_err(|e| self.err(path, e))?;
+            let meta = self
+                .fs
+                .symlink_metadata(pp)
+                .map_err(|e| self.err(path, e))?;
             if !meta.file_type().is_regular_file() {
                 return Err(Error::NotAFile(display_path(path)));
             }
@@ -211,7 +214,11 @@ impl Volume for Ext4Volume {
             }
             if off != size {
                 return Err(Error::Corrupt {
-                    what: format!("{} in the ext4 file system of {}", display_path(path), self.what),
+                    what: format!(
+                        "{} in the ext4 file system of {}",
+                        display_path(path),
+                        self.what
+                    ),
                     detail: format!("{off} bytes could be read of its {size}"),
                 });
             }

@@ -225,7 +225,8 @@ pub fn extract(
                         .map_err(|e| exists_or(&shown, e))?;
                         let file = File::from(fd);
                         let size = write_file(vol, &path, &file, &shown)?;
-                        rustix::fs::fchmod(&file, mode_of(&entry)).map_err(|e| out_err(&shown, e))?;
+                        rustix::fs::fchmod(&file, mode_of(&entry))
+                            .map_err(|e| out_err(&shown, e))?;
                         rustix::fs::futimens(&file, &timestamps(&entry))
                             .map_err(|e| out_err(&shown, e))?;
                         report.files += 1;
@@ -305,10 +306,25 @@ fn list_into(
 /// Copies one file's data; all-zero pieces are left as holes (the size is set at the end).
 fn write_file(vol: &mut dyn Volume, path: &[Vec<u8>], file: &File, shown: &PathBuf) -> Result<u64> {
     let size = vol.read_file(path, 1 << 20, &mut |off, data| {
-        if data.iter().all(|b| *b == 0) {
-            return Ok(());
+        // Write runs of 4 KiB blocks that hold data; all-zero blocks stay holes.
+        let mut run: Option<usize> = None;
+        for (i, b) in data.chunks(4096).enumerate() {
+            let zero = b.iter().all(|x| *x == 0);
+            match (zero, run) {
+                (false, None) => run = Some(i * 4096),
+                (true, Some(start)) => {
+                    file.write_all_at(&data[start..i * 4096], off + start as u64)
+                        .map_err(|e| out_err(shown, e))?;
+                    run = None;
+                }
+                _ => {}
+            }
         }
-        file.write_all_at(data, off).map_err(|e| out_err(shown, e))
+        if let Some(start) = run {
+            file.write_all_at(&data[start..], off + start as u64)
+                .map_err(|e| out_err(shown, e))?;
+        }
+        Ok(())
     })?;
     file.set_len(size).map_err(|e| out_err(shown, e))?;
     Ok(size)

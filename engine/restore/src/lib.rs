@@ -11,7 +11,8 @@ mod device;
 mod error;
 mod ext4fs;
 mod extract;
-mod lznt1;
+pub mod lznt1;
+#[cfg(feature = "ntfs")]
 mod ntfsfs;
 mod partitions;
 pub mod qcow2;

@@ -17,6 +17,7 @@
 
 const CHUNK: usize = 4096;
 
+/// A compressed buffer that does not decode.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Lznt1Error(pub String);
 

@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 
-use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::attribute_value::NtfsAttributeValue;
+use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::{Ntfs, NtfsAttributeFlags, NtfsFile, NtfsReadSeek};
 
 use crate::detect::FsKind;
@@ -154,13 +154,22 @@ impl NtfsVolume {
                 found: "EFS-encrypted data".into(),
             });
         }
-        let value = attr.value(&mut self.fs).map_err(|e| self.corrupt(path, e))?;
+        let value = attr
+            .value(&mut self.fs)
+            .map_err(|e| self.corrupt(path, e))?;
         let piece = piece.clamp(4096, 8 << 20);
         if flags.contains(NtfsAttributeFlags::COMPRESSED) {
             let runs = match &value {
                 NtfsAttributeValue::NonResident(v) => v
                     .data_runs()
-                    .map(|r| r.map(|r| (r.data_position().value().map(|p| p.get()), r.allocated_size())))
+                    .map(|r| {
+                        r.map(|r| {
+                            (
+                                r.data_position().value().map(|p| p.get()),
+                                r.allocated_size(),
+                            )
+                        })
+                    })
                     .collect::<std::result::Result<Vec<_>, _>>()
                     .map_err(|e| self.corrupt(path, e))?,
                 _ => {
@@ -241,7 +250,10 @@ impl NtfsVolume {
                     raw.resize(l + (take * cluster) as usize, 0);
                     self.fs
                         .read_exact_at(at, &mut raw[l..])
-                        .map_err(|e| Error::Read { offset: at, source: e })?;
+                        .map_err(|e| Error::Read {
+                            offset: at,
+                            source: e,
+                        })?;
                     allocated += take;
                 }
                 c += take;
@@ -253,8 +265,9 @@ impl NtfsVolume {
                 out(off, &raw[..want])?;
             } else {
                 decoded.clear();
-                crate::lznt1::decompress(&raw, &mut decoded, unit as usize)
-                    .map_err(|e| self.corrupt(path, format!("compression unit at byte {off}: {e}")))?;
+                crate::lznt1::decompress(&raw, &mut decoded, unit as usize).map_err(|e| {
+                    self.corrupt(path, format!("compression unit at byte {off}: {e}"))
+                })?;
                 decoded.resize(unit as usize, 0);
                 out(off, &decoded[..want])?;
             }

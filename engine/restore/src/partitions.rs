@@ -1,8 +1,7 @@
-//! The partitions of a disk: GPT (through the `gpt` crate), MBR with logical partitions (through
-//! `mbrman`), or one file system spanning the whole disk. A partition that runs past the end of
+//! The partitions of a disk: GPT (through the `gpt` crate), MBR with logical partitions, or one
+//! file system spanning the whole disk. A partition that runs past the end of
 //! the disk is listed with its problem and cannot be opened.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -50,8 +49,8 @@ pub struct PartitionTable {
 
 /// GPT tables with more entries than this are refused (the standard minimum is 128; tools use 128).
 const MAX_GPT_ENTRIES: u32 = 4096;
-/// MBR logical partitions are a linked list of EBRs on the disk; a hostile chain is cut here.
-const MAX_EBR_READS: u64 = 1024;
+/// MBR logical partitions are a linked list of EBRs on the disk; a longer chain is refused.
+const MAX_EBR_READS: u64 = 128;
 
 /// Reads the partition table of `dev`.
 pub fn partitions(dev: &Arc<dyn ReadAt>) -> Result<PartitionTable> {
@@ -193,47 +192,115 @@ fn gpt_table(dev: &Arc<dyn ReadAt>) -> Result<PartitionTable> {
     })
 }
 
+/// One 16-byte MBR/EBR partition entry: boot flag, CHS start, type, CHS end, start LBA (u32 LE),
+/// sector count (u32 LE).
+fn mbr_entry(sector: &[u8], i: usize) -> (u8, u64, u64) {
+    let e = &sector[446 + 16 * i..446 + 16 * (i + 1)];
+    let start = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes")) as u64;
+    let count = u32::from_le_bytes(e[12..16].try_into().expect("4 bytes")) as u64;
+    (e[4], start, count)
+}
+
+fn is_extended(t: u8) -> bool {
+    matches!(t, 0x05 | 0x0f | 0x85)
+}
+
+/// The MBR: four primary entries, and logical partitions in the chain of extended boot records
+/// (EBRs) inside an extended partition. Each EBR's first entry is a logical partition, its start
+/// relative to that EBR; its second entry points to the next EBR, relative to the extended
+/// partition's start. Read here rather than with a crate: the MBR crates pull in serde features
+/// that would rebuild most of the workspace, and this is the whole of the format.
 fn mbr_table(dev: &Arc<dyn ReadAt>) -> Result<PartitionTable> {
     let size = dev.size();
-    let mut w = Window::new(dev.clone(), 0, size).with_read_budget(MAX_EBR_READS);
-    w.seek(SeekFrom::Start(0)).map_err(|e| Error::Read {
+    let mut w = Window::new(dev.clone(), 0, size);
+    let mut mbr = [0u8; 512];
+    w.read_exact_at(0, &mut mbr).map_err(|e| Error::Read {
         offset: 0,
         source: e,
     })?;
-    let mbr = mbrman::MBR::read_from(&mut w as &mut dyn ReadSeek, 512).map_err(|e| {
-        Error::Corrupt {
-            what: "the MBR partition table".into(),
-            detail: e.to_string(),
-        }
-    })?;
     let mut parts = Vec::new();
-    for (i, p) in mbr.iter() {
-        if p.is_unused() || p.is_extended() {
-            continue;
-        }
+    let mut push = |index: u32, t: u8, start_lba: u64, count: u64| {
         let mut part = Partition {
-            index: i as u32,
-            type_id: format!("0x{:02x}", p.sys),
-            type_name: mbr_type_name(p.sys).into(),
+            index,
+            type_id: format!("0x{t:02x}"),
+            type_name: mbr_type_name(t).into(),
             name: String::new(),
-            start: p.starting_lba as u64 * 512,
-            size: p.sectors as u64 * 512,
+            start: start_lba * 512,
+            size: count * 512,
             filesystem: FsKind::Unknown,
             problem: None,
         };
         finish(dev, &mut part);
         parts.push(part);
+    };
+    let mut extended = None;
+    for i in 0..4 {
+        let (t, start, count) = mbr_entry(&mbr, i);
+        if t == 0 || count == 0 {
+            continue;
+        }
+        if is_extended(t) {
+            extended.get_or_insert((start, count));
+            continue;
+        }
+        push(i as u32 + 1, t, start, count);
     }
-    Ok(PartitionTable {
+    if let Some((ext_start, ext_count)) = extended {
+        let mut rel = 0u64;
+        let mut index = 5u32;
+        let mut ebr = [0u8; 512];
+        for _ in 0..MAX_EBR_READS {
+            let at = (ext_start + rel) * 512;
+            if w.read_exact_at(at, &mut ebr).is_err() || ebr[510..512] != [0x55, 0xaa] {
+                if rel == 0 {
+                    break; // an empty extended partition need not hold an EBR
+                }
+                return Err(Error::Corrupt {
+                    what: "the MBR partition table".into(),
+                    detail: format!(
+                        "the extended boot record at byte {at} is missing or unreadable"
+                    ),
+                });
+            }
+            let (t, start, count) = mbr_entry(&ebr, 0);
+            if t != 0 && count > 0 {
+                push(index, t, ext_start + rel + start, count);
+                index += 1;
+            }
+            let (nt, next, _) = mbr_entry(&ebr, 1);
+            if nt == 0 || next == 0 {
+                return Ok(mbr_result(size, parts));
+            }
+            // Each EBR must lie after the previous one and inside the extended partition, so
+            // the chain cannot loop.
+            if !is_extended(nt) || next <= rel || next >= ext_count {
+                return Err(Error::Corrupt {
+                    what: "the MBR partition table".into(),
+                    detail: format!(
+                        "the extended boot record at byte {at} links to sector {next} of the extended partition, which is not after it and inside it"
+                    ),
+                });
+            }
+            rel = next;
+        }
+        if rel != 0 {
+            return Err(Error::Corrupt {
+                what: "the MBR partition table".into(),
+                detail: format!("more than {MAX_EBR_READS} logical partitions"),
+            });
+        }
+    }
+    Ok(mbr_result(size, parts))
+}
+
+fn mbr_result(size: u64, partitions: Vec<Partition>) -> PartitionTable {
+    PartitionTable {
         scheme: "mbr".into(),
         disk_size: size,
         sector_size: 512,
-        partitions: parts,
-    })
+        partitions,
+    }
 }
-
-trait ReadSeek: Read + Seek {}
-impl<T: Read + Seek> ReadSeek for T {}
 
 fn gpt_type_name(guid: &str) -> &'static str {
     match guid {

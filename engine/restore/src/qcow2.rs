@@ -89,8 +89,7 @@ impl Qcow2Writer {
     /// Writes guest cluster `index` (bytes `index * 64 KiB ..`); `data` is at most one cluster
     /// (a short last cluster is padded with zeros). All-zero data is skipped.
     pub fn write_cluster(&mut self, index: u64, data: &[u8]) -> io::Result<()> {
-        if index < self.next_guest || index * CLUSTER >= self.size || data.len() as u64 > CLUSTER
-        {
+        if index < self.next_guest || index * CLUSTER >= self.size || data.len() as u64 > CLUSTER {
             return Err(invalid(format!(
                 "cluster {index} ({} bytes) out of order or outside the image",
                 data.len()

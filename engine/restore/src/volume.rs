@@ -81,7 +81,12 @@ pub struct Location {
 /// `..` is refused (paths inside a backup are always absolute and plain).
 pub fn parse_location(s: &str) -> Result<Location> {
     let (partition, rest) = match s.split_once(':') {
-        Some((p, r)) if p == "disk" || (p.len() > 1 && p.starts_with('p') && p[1..].bytes().all(|b| b.is_ascii_digit())) => {
+        Some((p, r))
+            if p == "disk"
+                || (p.len() > 1
+                    && p.starts_with('p')
+                    && p[1..].bytes().all(|b| b.is_ascii_digit())) =>
+        {
             (Some(p.to_string()), r)
         }
         _ => (None, s),
@@ -158,7 +163,15 @@ pub fn open_volume(
     }
     let w = Window::new(dev.clone(), p.start, p.size);
     match &p.filesystem {
+        #[cfg(feature = "ntfs")]
         FsKind::Ntfs => Ok(Box::new(crate::ntfsfs::NtfsVolume::open(w, &what)?)),
+        #[cfg(not(feature = "ntfs"))]
+        FsKind::Ntfs => Err(Error::Unsupported {
+            what,
+            found:
+                "NTFS, and this blockvault was built without its NTFS reader (cargo feature `ntfs`)"
+                    .into(),
+        }),
         FsKind::Ext4 => Ok(Box::new(crate::ext4fs::Ext4Volume::open(w, &what)?)),
         other => Err(Error::Unsupported {
             what,

@@ -26,17 +26,43 @@ fn corpus_runs_clean_and_valid_seeds_stay_valid() {
     let mut valid = 0;
     for f in &files {
         let data = std::fs::read(f).unwrap();
-        assert!(data.len() < 256 * 1024, "{} is too large for the corpus", f.display());
+        assert!(
+            data.len() < 256 * 1024,
+            "{} is too large for the corpus",
+            f.display()
+        );
         fuzz_disk_image(&data);
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if !cfg!(feature = "ntfs") && name.contains("ntfs") {
+            // Built without the NTFS reader: the partition is recognised and refused by name.
+            let img = decode_sparse(&data).expect("seeds are sparse-encoded");
+            let dev: Arc<dyn ReadAt> = Arc::new(MemDisk::new(img));
+            let t = partitions(&dev).unwrap();
+            let p = t
+                .partitions
+                .iter()
+                .find(|p| p.filesystem == FsKind::Ntfs)
+                .unwrap();
+            let e = open_volume(&dev, &t, &p.selector()).err().unwrap();
+            assert!(e.to_string().contains("NTFS"), "{e}");
+            continue;
+        }
         if name.starts_with("ok-") {
             let img = decode_sparse(&data).expect("seeds are sparse-encoded");
             let dev: Arc<dyn ReadAt> = Arc::new(MemDisk::new(img));
             let t = partitions(&dev).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let p = t.partitions.iter().find(|p| p.filesystem.readable()).unwrap();
-            let mut v = open_volume(&dev, &t, &p.selector()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let p = t
+                .partitions
+                .iter()
+                .find(|p| p.filesystem.readable())
+                .unwrap();
+            let mut v =
+                open_volume(&dev, &t, &p.selector()).unwrap_or_else(|e| panic!("{name}: {e}"));
             let l = v.list(&[], 100).unwrap();
-            assert!(l.entries.iter().any(|e| e.name == "hello.txt"), "{name}: {l:?}");
+            assert!(
+                l.entries.iter().any(|e| e.name == "hello.txt"),
+                "{name}: {l:?}"
+            );
             let mut got = Vec::new();
             v.read_file(&[b"hello.txt".to_vec()], 4096, &mut |_, b| {
                 got.extend_from_slice(b);
@@ -47,7 +73,7 @@ fn corpus_runs_clean_and_valid_seeds_stay_valid() {
             valid += 1;
         }
     }
-    assert!(valid >= 3);
+    assert!(valid >= if cfg!(feature = "ntfs") { 3 } else { 2 });
 }
 
 /// A deterministic mutation run: byte flips, runs of 0xff and zeroed sectors over the metadata
@@ -92,8 +118,14 @@ fn mutated_seeds_never_panic() {
 }
 
 fn run(c: &mut Command) {
-    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e} (install it with scripts/install-deps.sh)"));
-    assert!(out.status.success(), "{c:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("{c:?}: {e} (install it with scripts/install-deps.sh)"));
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Regenerates the seeds: `BV_WRITE_CORPUS=1 cargo test -p blockvault-restore --test
@@ -120,14 +152,25 @@ fn write_seed_corpus() {
     std::fs::write(content.join("dir/sub/data.bin"), vec![7u8; 5000]).unwrap();
     std::os::unix::fs::symlink("../hello.txt", content.join("dir/link")).unwrap();
     let ext = t("ext.img");
-    std::fs::File::create(&ext).unwrap().set_len(1 << 20).unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-N", "32", "-O", "^has_journal", "-d"]).arg(&content).arg(&ext));
+    std::fs::File::create(&ext)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-N", "32", "-O", "^has_journal", "-d"])
+        .arg(&content)
+        .arg(&ext));
     let ext_img = std::fs::read(&ext).unwrap();
     save("ok-ext4-whole-disk", &ext_img);
 
     let gpt = t("gpt.img");
-    std::fs::File::create(&gpt).unwrap().set_len(3 << 20).unwrap();
-    run(Command::new("sgdisk").args(["-n", "1:2048:+1M", "-t", "1:8300"]).arg(&gpt));
+    std::fs::File::create(&gpt)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:+1M", "-t", "1:8300"])
+        .arg(&gpt));
     let mut g = std::fs::read(&gpt).unwrap();
     g[1 << 20..2 << 20].copy_from_slice(&ext_img);
     save("ok-ext4-in-gpt", &g);
@@ -140,17 +183,37 @@ fn write_seed_corpus() {
     save("gpt-entry-size-256", &bad);
 
     let ntfs = t("ntfs.img");
-    std::fs::File::create(&ntfs).unwrap().set_len(2 << 20).unwrap();
-    run(Command::new("mkntfs").args(["-F", "-Q", "-q", "-c", "4096"]).arg(&ntfs));
-    run(Command::new("ntfscp").arg(&ntfs).arg(content.join("hello.txt")).arg("hello.txt"));
-    run(Command::new("ntfscp").arg(&ntfs).arg(content.join("dir/sub/data.bin")).arg("data.bin"));
+    std::fs::File::create(&ntfs)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    run(Command::new("mkntfs")
+        .args(["-F", "-Q", "-q", "-c", "4096"])
+        .arg(&ntfs));
+    run(Command::new("ntfscp")
+        .arg(&ntfs)
+        .arg(content.join("hello.txt"))
+        .arg("hello.txt"));
+    run(Command::new("ntfscp")
+        .arg(&ntfs)
+        .arg(content.join("dir/sub/data.bin"))
+        .arg("data.bin"));
     let mbr = t("mbr.img");
-    std::fs::File::create(&mbr).unwrap().set_len(4 << 20).unwrap();
+    std::fs::File::create(&mbr)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
     let mut c = Command::new("sfdisk");
-    c.arg(&mbr).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+    c.arg(&mbr)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
     let mut ch = c.spawn().unwrap();
     use std::io::Write;
-    ch.stdin.take().unwrap().write_all(b"label: dos\nstart=2048, size=4096, type=7\n").unwrap();
+    ch.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, size=4096, type=7\n")
+        .unwrap();
     assert!(ch.wait().unwrap().success());
     let mut m = std::fs::read(&mbr).unwrap();
     m[1 << 20..3 << 20].copy_from_slice(&std::fs::read(&ntfs).unwrap());
@@ -170,7 +233,11 @@ fn crc32(data: &[u8]) -> u32 {
     for b in data {
         crc ^= *b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
