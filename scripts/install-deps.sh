@@ -6,9 +6,10 @@ set -euo pipefail
 what="${1:-test}"
 case "$what" in main|test) ;; *) echo "usage: $0 [main|test]" >&2; exit 2 ;; esac
 
-# Building: the rocksdb crate generates its bindings with libclang. The demo makes its disk image
-# with mkfs.ext4 (e2fsprogs).
-main_packages=(libclang-dev e2fsprogs)
+# Building: the rocksdb crate generates its bindings with libclang; the NBD server's TLS links
+# OpenSSL (libssl-dev, found through pkg-config). The demo makes its disk image with mkfs.ext4
+# (e2fsprogs).
+main_packages=(libclang-dev libssl-dev pkg-config e2fsprogs)
 # Testing, each an outside oracle or a real peer:
 #   qemu-utils            qemu-img / qemu-io / qemu-nbd: VHDX and NBD oracles
 #   libnbd-bin, python3-libnbd, nbdkit: real NBD clients and a reference server
@@ -16,8 +17,10 @@ main_packages=(libclang-dev e2fsprogs)
 #   ntfs-3g, fdisk, gdisk mkntfs/ntfscp/ntfscat and partition tables for file-level restore images
 #   gnutls-bin            certtool / psktool: credentials for NBD over TLS
 #   busybox-static        the guest's userland in the VM boot test
+#   syslinux, syslinux-common, mtools, dosfstools, cpio: the VM boot test's disk (a FAT boot
+#                         partition made without mounts, syslinux installed on it, an initramfs)
 test_packages=(qemu-utils libnbd-bin python3-libnbd nbdkit libvhdi-utils ntfs-3g fdisk gdisk
-  gnutls-bin busybox-static)
+  gnutls-bin busybox-static syslinux syslinux-common mtools dosfstools cpio)
 # From bookworm-backports, to match qemu-utils 10.0 there (bookworm's own qemu-system is 7.2 and
 # conflicts): a real VM boots from `restore mount` in the tests.
 backports_packages=(qemu-system-x86)

@@ -3,10 +3,12 @@
 mod common;
 
 mod backup_restore;
+mod boot;
 mod crash_and_concurrency;
 mod damage;
 mod files;
 mod mount;
+mod mount_security;
 mod s3;
 mod s3_support;
 mod vhdx;
