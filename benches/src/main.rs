@@ -5,6 +5,7 @@
 
 mod boot;
 mod disk;
+mod files;
 mod measure;
 mod nbd;
 mod report;

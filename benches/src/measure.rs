@@ -135,6 +135,7 @@ pub struct Results {
     /// The same ranges rounded outward to 256 KiB chunks, each chunk compressed.
     pub changed_chunks_zstd_bytes: Option<u64>,
     pub s3: Vec<crate::s3::S3Figures>,
+    pub files: Option<crate::files::FilesFigures>,
 }
 
 /// blockvault's zstd level (`repo::OpenOptions::zstd_level` as the CLI sets it).
@@ -160,8 +161,16 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
     out.push(s);
     let point = latest_point(args, &repo, &cache)?;
     let mut c = bv(args, &repo, &cache);
-    c.args(["restore", "export", &point, "--disk", "d", "--out"])
-        .arg(&restore);
+    c.args([
+        "restore",
+        "export",
+        &point,
+        "--disk",
+        "d",
+        "--overwrite",
+        "--out",
+    ])
+    .arg(&restore);
     out.push(timed("restore to a file", "blockvault", c, None, None)?);
     check_same(&r.raw, &restore)?;
     let mut c = bv(args, &repo, &cache);
@@ -189,6 +198,9 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
     if args.runs(Part::Boot) {
         out.extend(crate::boot::run_all(args, &repo, &cache)?);
     }
+    let (samples, figures) = crate::files::run_all(|| bv(args, &repo, &cache), w, r, &point)?;
+    out.extend(samples);
+    res.files = Some(figures.clone());
     if args.runs(Part::Nbd) {
         let mount = || bv(args, &repo, &cache);
         out.extend(crate::nbd::run_all(r, mount, &point)?);
@@ -236,7 +248,8 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
 
     if args.runs(Part::S3) {
         for &kind in &args.s3_server {
-            let (samples, figures) = crate::s3::run_all(&args.blockvault, w, r, kind)?;
+            let (samples, figures) =
+                crate::s3::run_all(&args.blockvault, w, r, kind, res.files.as_ref())?;
             out.extend(samples);
             res.s3.push(figures);
         }

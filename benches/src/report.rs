@@ -40,6 +40,18 @@ const TARGETS: &[Target] = &[
     ),
     t("export to VHDX", "export to VHDX", "qemu-img", 1.0),
     t(
+        "files: extract a tree",
+        "files: extract a tree",
+        "debugfs rdump",
+        1.5,
+    ),
+    t(
+        "whole VM as qcow2",
+        "whole VM as qcow2",
+        "qemu-img convert",
+        1.5,
+    ),
+    t(
         "NBD nbdcopy whole disk",
         "NBD nbdcopy whole disk",
         "qemu-nbd",
@@ -217,6 +229,34 @@ pub fn print(res: &Results, r: &Reference) {
             bound,
             x.peak_rss_mib - bound
         );
+    }
+    if let (Some(f), Some(tree), Some(disk)) = (
+        &res.files,
+        find(s, "files: extract a tree", "blockvault"),
+        find(s, "restore to a file", "blockvault"),
+    ) {
+        println!(
+            "extracting {} ({:.0} MiB) took {:.2} s, {:.3} x exporting the whole disk",
+            f.tree,
+            f.tree_bytes as f64 / 1048576.0,
+            tree.wall_s,
+            tree.wall_s / disk.wall_s.max(1e-9)
+        );
+    }
+    for f in &res.s3 {
+        if f.file_bytes > 0 {
+            println!(
+                "file restore from S3 ({}), cold cache: list the root {} requests / {:.2} MiB; one \
+                 {:.1} MiB file {} requests / {:.2} MiB fetched ({:.2} x the file)",
+                f.server,
+                f.files_ls_requests,
+                f.files_ls_bytes as f64 / 1048576.0,
+                f.file_bytes as f64 / 1048576.0,
+                f.files_get_requests,
+                f.files_get_bytes as f64 / 1048576.0,
+                f.files_get_bytes as f64 / f.file_bytes.max(1) as f64
+            );
+        }
     }
     for f in &res.s3 {
         let tool = format!("blockvault, {}", f.server);

@@ -163,6 +163,13 @@ pub struct S3Figures {
     pub bytes_uploaded: u64,
     pub stored_gib: f64,
     pub disk_gib: f64,
+    /// File restore from a cold cache: bytes and requests to list the root, and to extract one
+    /// file of `file_bytes` (the file of FilesFigures).
+    pub files_ls_bytes: u64,
+    pub files_ls_requests: u64,
+    pub files_get_bytes: u64,
+    pub files_get_requests: u64,
+    pub file_bytes: u64,
 }
 
 fn num(v: &serde_json::Value, path: &[&str]) -> u64 {
@@ -174,6 +181,7 @@ pub fn run_all(
     work: &Path,
     r: &Reference,
     kind: ServerKind,
+    files: Option<&crate::files::FilesFigures>,
 ) -> Result<(Vec<Sample>, S3Figures)> {
     let server = Server::start(kind, work)?;
     let tool = format!("blockvault, {}", kind.name());
@@ -206,14 +214,56 @@ pub fn run_all(
         .context("no point in summary")?
         .to_string();
     out[0].repo_bytes = Some(num(&b, &["bytes_stored"]));
-    let figures = S3Figures {
+    let mut figures = S3Figures {
         server: kind.name().into(),
         server_requests: server.requests()?,
         client_requests: num(&b, &["storage", "requests"]),
         bytes_uploaded: num(&b, &["storage", "bytes_uploaded"]),
         stored_gib: num(&b, &["bytes_stored"]) as f64 / (1u64 << 30) as f64,
         disk_gib: r.size as f64 / (1u64 << 30) as f64,
+        ..Default::default()
     };
+    if let Some(f) = files {
+        // Cold cache: every chunk the file system touches comes from S3.
+        let report = work.join("s3-files.json");
+        remove_blob_caches(&cache)?;
+        let mut c = bv();
+        c.args([
+            "restore", "files", &point, "--disk", "d", "--json", "ls", "/",
+        ]);
+        out.push(timed(
+            "files: list the root from S3, cold cache",
+            &tool,
+            c,
+            None,
+            Some(&report),
+        )?);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+        figures.files_ls_bytes = num(&v, &["storage", "bytes_downloaded"]);
+        figures.files_ls_requests = num(&v, &["storage", "requests"]);
+        remove_blob_caches(&cache)?;
+        let to = work.join("s3-files-out");
+        let _ = std::fs::remove_dir_all(&to);
+        let mut c = bv();
+        c.args([
+            "restore", "files", &point, "--disk", "d", "--json", "get", &f.file, "--to",
+        ])
+        .arg(&to);
+        out.push(timed(
+            "files: extract one file from S3, cold cache",
+            &tool,
+            c,
+            None,
+            Some(&report),
+        )?);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+        figures.files_get_bytes = num(&v, &["storage", "bytes_downloaded"]);
+        figures.files_get_requests = num(&v, &["storage", "requests"]);
+        figures.file_bytes = f.file_bytes;
+        let name = Path::new(&f.file).file_name().context("file name")?;
+        crate::measure::check_same(Path::new(&f.file), &to.join(name))?;
+        std::fs::remove_dir_all(&to)?;
+    }
 
     for (label, clear) in [("cold cache", true), ("warm cache", false)] {
         if clear {

@@ -197,7 +197,15 @@ pub fn run_blockvault(
     // The incremental must hold the changed disk, read only through the RCT ranges.
     let check = work.join("check.raw");
     run(bv()
-        .args(["restore", "export", &inc, "--disk", "d", "--out"])
+        .args([
+            "restore",
+            "export",
+            &inc,
+            "--disk",
+            "d",
+            "--overwrite",
+            "--out",
+        ])
         .arg(&check))?;
     crate::measure::check_same(&c.raw, &check)?;
     std::fs::remove_file(&check)?;

@@ -43,6 +43,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Restore(RestoreCmd::Mount(a)) => crate::mount::mount(g, a).await,
         Command::Restore(RestoreCmd::Sessions) => crate::mount::sessions(g),
         Command::Restore(RestoreCmd::Unmount(a)) => crate::mount::unmount(g, a).await,
+        Command::Restore(RestoreCmd::Files(a)) => crate::files::files(g, a).await,
+        Command::Restore(RestoreCmd::Vm(a)) => crate::restore_vm::restore_vm(g, a).await,
         Command::Verify(a) => run_verify(g, a).await,
         Command::Disk(DiskCmd::Info(a)) => crate::disk::disk_info(g, &a),
         Command::Agent(a) => crate::agent::agent(g, a).await,
@@ -440,8 +442,14 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
             "restore export needs --disk NAME and --out FILE".into()
         ));
     };
+    if out != "-" {
+        crate::disk::check_overwrite(Path::new(&out), a.overwrite)?;
+    }
     if a.format == "vhdx" {
         return crate::disk::export_vhdx_file(g, repo, &m, &disk, &out, &a).await;
+    }
+    if a.format == "qcow2" {
+        return crate::restore_vm::export_qcow2_file(g, repo, &m, &disk, &out, a.parallel).await;
     }
     let reader = Arc::new(DiskReader::open(
         repo,

@@ -41,6 +41,39 @@ pub fn open_options(maps: &[String]) -> Result<VhdxOpenOptions> {
     Ok(o)
 }
 
+/// The contents of a stored configuration file, checked against its recorded size.
+pub async fn read_config(
+    repo: &Repository,
+    m: &PointManifest,
+    c: &blockvault_repo::ConfigFile,
+) -> Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(c.size as usize);
+    for b in &c.blobs {
+        data.extend_from_slice(&repo.read_blob(&b.0, Some(BlobKind::File)).await?);
+    }
+    if data.len() as u64 != c.size {
+        bail!(blockvault_repo::Error::Tampered {
+            object: format!("config file '{}' of restore point {}", c.name, m.id),
+            detail: format!("{} bytes stored, {} recorded", data.len(), c.size),
+        });
+    }
+    Ok(data)
+}
+
+/// Refuses to replace an existing file unless `--overwrite` (block and character devices, the
+/// usual targets of a raw export to a disk, are written in place).
+pub fn check_overwrite(path: &Path, overwrite: bool) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => Ok(()),
+        Ok(_) if !overwrite => Err(input(format!(
+            "{} already exists; pass --overwrite to replace it",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// `restore export --config NAME --out FILE` or `--configs-to DIR`.
 pub async fn export_configs(
     g: &Global,
@@ -68,16 +101,7 @@ pub async fn export_configs(
     };
     let mut written = Vec::new();
     for c in chosen {
-        let mut data = Vec::with_capacity(c.size as usize);
-        for b in &c.blobs {
-            data.extend_from_slice(&repo.read_blob(&b.0, Some(BlobKind::File)).await?);
-        }
-        if data.len() as u64 != c.size {
-            bail!(blockvault_repo::Error::Tampered {
-                object: format!("config file '{}' of restore point {}", c.name, m.id),
-                detail: format!("{} bytes stored, {} recorded", data.len(), c.size),
-            });
-        }
+        let data = read_config(repo, m, c).await?;
         let target = match (&a.configs_to, &a.out) {
             (Some(dir), _) => {
                 // Names come from the authenticated manifest, but never let one leave the directory.
@@ -94,6 +118,7 @@ pub async fn export_configs(
             (None, Some(out)) => PathBuf::from(out),
             (None, None) => bail!(InputError("--config needs --out FILE".into())),
         };
+        check_overwrite(&target, a.overwrite)?;
         std::fs::write(&target, &data).with_context(|| format!("writing {}", target.display()))?;
         written.push(json!({"name": c.name, "size": c.size, "out": target}));
         if !g.json {
@@ -128,6 +153,7 @@ pub async fn export_vhdx_file(
             "--format vhdx needs a file: a VHDX cannot be written to standard output".into()
         ));
     }
+    check_overwrite(Path::new(out), a.overwrite)?;
     let block = parse_size(&a.vhdx_block_size).map_err(input)?;
     let lss = m
         .disk(disk)

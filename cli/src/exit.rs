@@ -60,6 +60,19 @@ pub fn classify(err: &anyhow::Error) -> u8 {
                 _ => FAILURE,
             };
         }
+        if let Some(e) = cause.downcast_ref::<blockvault_restore::Error>() {
+            use blockvault_restore::Error as R;
+            return match e {
+                R::NotFound(_) | R::NoSuchPartition { .. } => NOT_FOUND,
+                R::Unsupported { .. }
+                | R::Exists { .. }
+                | R::Invalid(_)
+                | R::Limit(_)
+                | R::NotADirectory(_)
+                | R::NotAFile(_) => BAD_INPUT,
+                _ => FAILURE,
+            };
+        }
         if cause.downcast_ref::<InputError>().is_some() {
             return BAD_INPUT;
         }

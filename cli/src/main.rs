@@ -4,10 +4,12 @@ mod agent;
 mod commands;
 mod disk;
 mod exit;
+mod files;
 mod maintenance;
 mod mount;
 mod password;
 mod progress;
+mod restore_vm;
 mod size;
 mod socket;
 mod store_opts;
@@ -336,6 +338,78 @@ pub enum RestoreCmd {
     Sessions,
     /// Stop a running mount.
     Unmount(UnmountArgs),
+    /// List and extract files of a disk (NTFS, ext4; GPT, MBR or whole disk) without mounting it.
+    Files(FilesArgs),
+    /// Write every disk and configuration file of a point into a directory, ready to import.
+    Vm(VmArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FilesArgs {
+    /// Point id or unique prefix.
+    pub point: String,
+    /// Which disk of the point.
+    #[arg(long)]
+    pub disk: String,
+    #[command(subcommand)]
+    pub action: FilesAction,
+    /// Memory for decoded chunks.
+    #[arg(long, default_value = "128MiB", value_name = "SIZE")]
+    pub memory_cache: String,
+    /// Chunks fetched at once.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// Chunks read ahead of a file being extracted.
+    #[arg(long, default_value_t = 4)]
+    pub readahead: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FilesAction {
+    /// Without PATH: the partitions and their file systems. With PATH (`p2:/Users/ann`, or `/etc`
+    /// on a disk with one file system): the directory's entries, or the file's own.
+    Ls {
+        path: Option<String>,
+        /// Entries shown at most.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
+    /// Extract files and directory trees into --to DIR (times and permissions kept where the
+    /// file system records them), or stream one file with --out -.
+    Get {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Directory to extract into (created if missing); existing files are never replaced.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// `-` to write one file to standard output.
+        #[arg(long)]
+        out: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// Point id or unique prefix.
+    pub point: String,
+    /// Directory to write the disks and configuration files into (created if missing).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Image format of the disks.
+    #[arg(long, default_value = "raw", value_parser = ["raw", "vhdx", "qcow2"])]
+    pub format: String,
+    /// Only these disks (default: all); repeatable.
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// Replace files that already exist in --to.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Block size of exported VHDX disks.
+    #[arg(long, default_value = "32MiB")]
+    pub vhdx_block_size: String,
+    /// Chunks fetched at once.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
 }
 
 #[derive(Args, Debug)]
@@ -425,8 +499,11 @@ pub struct ExportArgs {
     #[arg(long, required_unless_present = "configs_to")]
     pub out: Option<String>,
     /// Image format of the exported disk.
-    #[arg(long, default_value = "raw", value_parser = ["raw", "vhdx"])]
+    #[arg(long, default_value = "raw", value_parser = ["raw", "vhdx", "qcow2"])]
     pub format: String,
+    /// Replace an existing output file (refused otherwise).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Block size of an exported VHDX.
     #[arg(long, default_value = "32MiB")]
     pub vhdx_block_size: String,

@@ -7,6 +7,7 @@ mod backup_restore;
 mod boot;
 mod crash_and_concurrency;
 mod damage;
+mod files;
 mod maintenance;
 mod mount;
 mod mount_security;

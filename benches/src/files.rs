@@ -1,0 +1,175 @@
+//! File-level and whole-VM restore on the reference disk (ext4 on the whole disk): listing the
+//! root, extracting a directory tree of about 500 MiB beside `debugfs rdump` of the same tree from
+//! the raw image (and beside the whole-disk export measured earlier), and `restore vm --format
+//! qcow2` beside `qemu-img convert -O qcow2` of the raw image. Every output is checked against
+//! the reference tool's.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::disk::{run, Reference};
+use crate::measure::{dir_bytes, timed, Sample};
+
+/// What the runs extracted, for the report.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct FilesFigures {
+    pub tree: String,
+    pub tree_bytes: u64,
+    pub file: String,
+    pub file_bytes: u64,
+}
+
+/// The directory of the image closest to 500 MiB among the staged ones, and a regular file
+/// closest to 10 MiB (both chosen on the host, checked in the image with debugfs).
+pub fn choose(r: &Reference) -> Result<FilesFigures> {
+    let mut best_dir: Option<(String, u64)> = None;
+    let mut best_file: Option<(String, u64)> = None;
+    let mut stack = vec![std::path::PathBuf::from("/usr")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let p = e.path();
+            if ft.is_dir() && p.components().count() <= 5 {
+                stack.push(p);
+            } else if ft.is_file() {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                let d = len.abs_diff(10 << 20);
+                if len >= 4 << 20
+                    && best_file
+                        .as_ref()
+                        .is_none_or(|(_, b)| d < b.abs_diff(10 << 20))
+                {
+                    best_file = Some((p.display().to_string(), len));
+                }
+            }
+        }
+    }
+    for cand in [
+        "/usr/share",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib",
+        "/usr/share/doc",
+        "/usr/share/locale",
+    ] {
+        let n = in_image_bytes(r, cand)?;
+        if n > 0
+            && best_dir
+                .as_ref()
+                .is_none_or(|(_, b)| n.abs_diff(500 << 20) < b.abs_diff(500 << 20))
+        {
+            best_dir = Some((cand.to_string(), n));
+        }
+    }
+    let (tree, tree_bytes) = best_dir.context("no staged directory found in the reference disk")?;
+    let (file, file_bytes) = best_file.context("no file of several MiB under /usr")?;
+    if !in_image(r, &file)? {
+        bail!("{file} is not in the reference disk");
+    }
+    Ok(FilesFigures {
+        tree,
+        tree_bytes,
+        file,
+        file_bytes,
+    })
+}
+
+fn in_image(r: &Reference, path: &str) -> Result<bool> {
+    let o = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("stat {path}"))
+        .arg(&r.raw)
+        .output()?;
+    Ok(String::from_utf8_lossy(&o.stdout).contains("Inode:"))
+}
+
+/// Bytes of the host directory `path` as staged (an estimate: staging stops at a budget).
+fn in_image_bytes(r: &Reference, path: &str) -> Result<u64> {
+    if !in_image(r, path)? {
+        return Ok(0);
+    }
+    Ok(dir_bytes(Path::new(path)))
+}
+
+pub fn run_all(
+    bv: impl Fn() -> Command,
+    work: &Path,
+    r: &Reference,
+    point: &str,
+) -> Result<(Vec<Sample>, FilesFigures)> {
+    let mut out = Vec::new();
+    let mut fig = choose(r)?;
+    let mut c = bv();
+    c.args(["restore", "files", point, "--disk", "d", "ls", "/"]);
+    out.push(timed("files: list the root", "blockvault", c, None, None)?);
+
+    let mine = work.join("files-tree");
+    let theirs = work.join("files-tree-debugfs");
+    for d in [&mine, &theirs] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    std::fs::create_dir_all(&theirs)?;
+    let mut c = bv();
+    c.args([
+        "restore", "files", point, "--disk", "d", "get", &fig.tree, "--to",
+    ])
+    .arg(&mine);
+    out.push(timed("files: extract a tree", "blockvault", c, None, None)?);
+    let mut c = Command::new("debugfs");
+    c.arg("-R")
+        .arg(format!("rdump {} {}", fig.tree, theirs.display()))
+        .arg(&r.raw);
+    out.push(timed(
+        "files: extract a tree",
+        "debugfs rdump",
+        c,
+        None,
+        None,
+    )?);
+    fig.tree_bytes = dir_bytes(&mine);
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&mine)
+        .arg(&theirs))
+    .context("the extracted tree differs from debugfs rdump's")?;
+    for d in [&mine, &theirs] {
+        std::fs::remove_dir_all(d)?;
+    }
+
+    let vm = work.join("vm-qcow2");
+    let _ = std::fs::remove_dir_all(&vm);
+    let mut c = bv();
+    c.args(["restore", "vm", point, "--format", "qcow2", "--to"])
+        .arg(&vm);
+    out.push(timed("whole VM as qcow2", "blockvault", c, None, None)?);
+    let theirs = work.join("qemu-img.qcow2");
+    let mut c = Command::new("qemu-img");
+    c.args(["convert", "-O", "qcow2"]).arg(&r.raw).arg(&theirs);
+    out.push(timed(
+        "whole VM as qcow2",
+        "qemu-img convert",
+        c,
+        None,
+        None,
+    )?);
+    let ours = std::fs::read_dir(&vm)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .context("restore vm wrote no qcow2 image")?;
+    run(Command::new("qemu-img")
+        .args(["check", "-q", "-f", "qcow2"])
+        .arg(&ours))?;
+    run(Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+        .arg(&ours)
+        .arg(&r.raw))?;
+    std::fs::remove_dir_all(&vm)?;
+    std::fs::remove_file(&theirs)?;
+    Ok((out, fig))
+}
