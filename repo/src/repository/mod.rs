@@ -7,6 +7,7 @@ mod index;
 mod maintenance;
 mod objects;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,7 +23,7 @@ use crate::plan::MaintState;
 use crate::storage::Write;
 use crate::{
     BlobCacheStats, BlobKind, ChunkId, ChunkMapPage, EncodedBlob, Error, KdfParams, Location,
-    PackBuilder, PackEntry, PackId, Result, SealedPack, Storage,
+    PackBuilder, PackEntry, PackId, PointId, Result, SealedPack, Storage,
 };
 
 pub use maintenance::PruneClaim;
