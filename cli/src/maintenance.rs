@@ -30,7 +30,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         u => return Err(format!("'{s}': unknown unit '{u}' (use s, m, h, d or w)")),
     };
     let v = n * secs;
-    if !v.is_finite() || v < 0.0 || v > 100.0 * 365.0 * 86400.0 {
+    if !v.is_finite() || !(0.0..=100.0 * 365.0 * 86400.0).contains(&v) {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(std::time::Duration::from_secs_f64(v))

@@ -34,7 +34,7 @@ pub async fn export_qcow2(
     progress
         .bytes_total
         .store(layout.disk_size(), std::sync::atomic::Ordering::Relaxed);
-    if (layout.chunk_size() as u64) % Qcow2Writer::cluster_size() != 0 {
+    if !(layout.chunk_size() as u64).is_multiple_of(Qcow2Writer::cluster_size()) {
         bail!(
             "chunk size {} is not a multiple of the qcow2 cluster size",
             layout.chunk_size()

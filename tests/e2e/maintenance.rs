@@ -21,9 +21,12 @@ const OLDER_THAN_GRACE: Duration = Duration::from_millis(4300);
 /// The slack alone plus a margin: what "--grace 0s" waits.
 const SLACK: Duration = Duration::from_millis(1150);
 
+/// Makes a `blockvault` command with the repository's settings and the given arguments.
+type MakeCommand = Box<dyn Fn(&[&str]) -> Command>;
+
 /// One repository, on a local directory or behind the S3 server, driven through the binary.
 struct Repo {
-    make: Box<dyn Fn(&[&str]) -> Command>,
+    make: MakeCommand,
     dir: PathBuf,
     _keep: Box<dyn std::any::Any>,
 }

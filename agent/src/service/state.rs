@@ -22,6 +22,9 @@ pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
         .map(|d| d.with_timezone(&Utc))
 }
 
+/// A job's last and next run times, as the schedules table keeps them.
+pub type LastAndNext = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// One job run.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunRecord {
@@ -197,7 +200,8 @@ impl State {
         })
     }
 
-    pub fn schedule(&self, job: &str) -> Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+    /// A job's last and next run times.
+    pub fn schedule(&self, job: &str) -> Result<LastAndNext> {
         self.with(|c| {
             let r: Option<(Option<String>, Option<String>)> = c
                 .query_row(

@@ -27,6 +27,6 @@ mod tests {
             merge(vec![10..20, 0..5, 5..7, 15..30, 40..40, 50..60]),
             vec![0..7, 10..30, 50..60]
         );
-        assert!(merge(vec![3..3]).is_empty());
+        assert!(merge(vec![3..3, 8..8]).is_empty());
     }
 }

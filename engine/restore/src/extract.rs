@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
@@ -304,7 +304,7 @@ fn list_into(
 }
 
 /// Copies one file's data; all-zero pieces are left as holes (the size is set at the end).
-fn write_file(vol: &mut dyn Volume, path: &[Vec<u8>], file: &File, shown: &PathBuf) -> Result<u64> {
+fn write_file(vol: &mut dyn Volume, path: &[Vec<u8>], file: &File, shown: &Path) -> Result<u64> {
     let size = vol.read_file(path, 1 << 20, &mut |off, data| {
         // Write runs of 4 KiB blocks that hold data; all-zero blocks stay holes.
         let mut run: Option<usize> = None;

@@ -119,7 +119,7 @@ impl Qcow2Writer {
 
     /// Writes guest bytes at `offset` (a multiple of the cluster size), cluster by cluster.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        if offset % CLUSTER != 0 {
+        if !offset.is_multiple_of(CLUSTER) {
             return Err(invalid(format!("offset {offset} is not cluster-aligned")));
         }
         for (i, c) in data.chunks(CLUSTER as usize).enumerate() {

@@ -72,7 +72,7 @@ impl Repository {
                 }
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.sort_by_key(|a| a.name);
         Ok(out)
     }
 
