@@ -16,8 +16,8 @@ mod verify;
 
 pub use backup::{backup, BackupOptions, BackupOutcome, DiskJob, ReadPlan};
 pub use cache::CacheStats;
-pub use error::{Error, Result};
-pub use export::{export_raw, ExportTarget};
+pub use error::{format_ranges, Error, Result};
+pub use export::{export_raw, export_raw_with, ExportTarget};
 pub use hydrate::{start_hydration, Hydration, HydrationStatus};
 pub use mounted::{MountedDisk, StatusRun};
 pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
@@ -25,4 +25,7 @@ pub use progress::Progress;
 pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
-pub use verify::{verify, VerifyOptions, VerifyReport};
+pub use verify::{
+    describe_state, parse_duration, verify, PointDamage, Problem, Selection, Verdict, VerifyOptions,
+    VerifyReport,
+};

@@ -15,6 +15,7 @@ mod ids;
 mod index;
 mod manifest;
 mod pack;
+mod pack_check;
 mod pack_window;
 mod page;
 mod repository;
@@ -23,6 +24,7 @@ mod s3;
 mod segment;
 mod storage;
 mod throttle;
+mod verify_record;
 
 pub use blob::{BlobKind, EncodedBlob};
 pub use blob_cache::BlobCacheStats;
@@ -35,8 +37,13 @@ pub use manifest::{
     BackupKind, ChunkIdHex, ConfigFile, DiskManifest, DiskStats, PointManifest, SourceInfo,
 };
 pub use pack::{PackBuilder, PackEntry, SealedPack};
+pub use pack_check::{by_pack, Unchecked};
 pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
 pub use repository::{OpenOptions, PackDamage, Repository, SyncReport, VerifiedPack};
 pub use s3::{S3Location, StoreOptions};
 pub use segment::PackRecord;
 pub use storage::{Storage, StorageStats, Write};
+pub use verify_record::{
+    ByteRange, DamagedBlob, DiskDamage, PackOutcome, PackResult, PointStatus, PointVerifyState,
+    RecordListing, RecordName, VerifyRecord, VERIFY_DIR,
+};

@@ -190,6 +190,9 @@ impl Repository {
             blob_cache,
             windows: crate::pack_window::PackWindows::new(),
         });
+        // Damage found by any host's verification first: it decides which copy of a chunk the
+        // index keeps while segments are loaded.
+        repo.sync_verify_records().await?;
         repo.sync_index(fresh).await?;
         Ok(repo)
     }
@@ -224,9 +227,27 @@ impl Repository {
         blob::encode(&self.keys, kind, id, data, self.zstd_level)
     }
 
-    /// Where a blob is stored, per the local index. A quick RocksDB read: call from a blocking thread.
+    /// Where a blob is stored, per the local index; `None` also when the only copy known was found
+    /// damaged by verification, so a backup stores the chunk again instead of deduplicating
+    /// against it. A quick RocksDB read: call from a blocking thread.
     pub fn lookup(&self, id: &ChunkId) -> Result<Option<Location>> {
+        Ok(self
+            .index
+            .get(id)?
+            .filter(|l| !self.index.is_damaged(&l.pack, l.offset)))
+    }
+
+    /// Where a blob is stored, damaged or not (verification reads and reports both).
+    pub fn lookup_any(&self, id: &ChunkId) -> Result<Option<Location>> {
         self.index.get(id)
+    }
+
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub(crate) fn local_index(&self) -> Arc<LocalIndex> {
+        self.index.clone()
     }
 
     /// Closes a pack (appends its encrypted table of contents). CPU-bound but small.
@@ -616,6 +637,7 @@ impl Repository {
             let id = self.config.id.clone();
             blocking(move || index.clear(&id)).await??;
         }
+        self.sync_verify_records().await?;
         self.sync_index(true).await
     }
 

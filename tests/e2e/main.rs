@@ -8,5 +8,6 @@ mod damage;
 mod mount;
 mod s3;
 mod s3_support;
+mod verify;
 mod vhdx;
 mod vhdx_builder;
