@@ -26,6 +26,6 @@ pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
 pub use verify::{
-    describe_state, parse_duration, verify, PointDamage, Problem, Selection, Verdict, VerifyOptions,
-    VerifyReport,
+    describe_state, parse_duration, verify, PointDamage, Problem, Selection, Verdict,
+    VerifyOptions, VerifyReport,
 };

@@ -209,7 +209,9 @@ async fn decode_all(
 }
 
 /// Groups locations by pack (for point-scoped reads).
-pub fn by_pack(locs: impl IntoIterator<Item = (ChunkId, Location)>) -> HashMap<PackId, Vec<(ChunkId, Location)>> {
+pub fn by_pack(
+    locs: impl IntoIterator<Item = (ChunkId, Location)>,
+) -> HashMap<PackId, Vec<(ChunkId, Location)>> {
     let mut m: HashMap<PackId, Vec<(ChunkId, Location)>> = HashMap::new();
     for (id, l) in locs {
         m.entry(l.pack).or_default().push((id, l));

@@ -35,9 +35,7 @@ impl RecordName {
     pub fn new(unix_secs: i64) -> Self {
         let t = time::OffsetDateTime::from_unix_timestamp(unix_secs)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let fmt = time::macros::format_description!(
-            "[year][month][day]T[hour][minute][second]Z"
-        );
+        let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
         let stamp = t.format(&fmt).unwrap_or_default();
         let mut r = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut r);

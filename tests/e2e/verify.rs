@@ -249,7 +249,11 @@ fn damage_kinds(p: &Place, seed: u64) {
     flip(&pack, 24 + 3 * BLOB + 100);
     let (c, v) = p.verify(&["--read-data"]);
     assert_eq!(c, 7, "{v}");
-    assert_eq!(ranges_of(&v, &point, "d"), vec![(3 * CHUNK, 4 * CHUNK)], "{v}");
+    assert_eq!(
+        ranges_of(&v, &point, "d"),
+        vec![(3 * CHUNK, 4 * CHUNK)],
+        "{v}"
+    );
     assert_eq!(state_of(&v, &point)["state"], "damaged");
     std::fs::write(&pack, &pristine).unwrap();
 
@@ -263,7 +267,11 @@ fn damage_kinds(p: &Place, seed: u64) {
     std::fs::write(&pack, &b).unwrap();
     let (c, v) = p.verify(&["--read-data"]);
     assert_eq!(c, 7, "{v}");
-    assert_eq!(ranges_of(&v, &point, "d"), vec![(5 * CHUNK, 7 * CHUNK)], "{v}");
+    assert_eq!(
+        ranges_of(&v, &point, "d"),
+        vec![(5 * CHUNK, 7 * CHUNK)],
+        "{v}"
+    );
     std::fs::write(&pack, &pristine).unwrap();
 
     // 3. A flipped byte in the table of contents: reported, but no data is lost.
@@ -274,16 +282,26 @@ fn damage_kinds(p: &Place, seed: u64) {
     let problems = v["problems"].as_array().unwrap();
     assert_eq!(problems.len(), 1, "{v}");
     assert!(
-        problems[0]["detail"].as_str().unwrap().contains("table of contents"),
+        problems[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("table of contents"),
         "{v}"
     );
-    assert!(problems[0]["affected_points"].as_array().unwrap().is_empty());
+    assert!(problems[0]["affected_points"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     assert!(ranges_of(&v, &point, "d").is_empty());
     std::fs::write(&pack, &pristine).unwrap();
 
     // 4. A flipped byte in the chunk-map page (the pack's last blob, right before the table):
     //    the whole disk's map is lost.
-    let toc_len = u32::from_le_bytes(pristine[pristine.len() - 12..pristine.len() - 8].try_into().unwrap()) as u64;
+    let toc_len = u32::from_le_bytes(
+        pristine[pristine.len() - 12..pristine.len() - 8]
+            .try_into()
+            .unwrap(),
+    ) as u64;
     flip(&pack, n - 12 - toc_len - 40);
     let (c, v) = p.verify(&["--read-data"]);
     assert_eq!(c, 7, "{v}");
@@ -297,7 +315,12 @@ fn damage_kinds(p: &Place, seed: u64) {
     assert_eq!(c, 7, "{v}");
     // Chunks 10..15 and the page (which names every chunk: the whole disk).
     assert_eq!(ranges_of(&v, &point, "d"), vec![(0, DISK)], "{v}");
-    let chunk_problems: Vec<_> = v["problems"].as_array().unwrap().iter().filter(|p| p["object"].as_str().unwrap().starts_with("pack")).collect();
+    let chunk_problems: Vec<_> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["object"].as_str().unwrap().starts_with("pack"))
+        .collect();
     assert!(!chunk_problems.is_empty(), "{v}");
     std::fs::write(&pack, &pristine).unwrap();
 
@@ -314,7 +337,10 @@ fn damage_kinds(p: &Place, seed: u64) {
     flip(&manifest, m.len() as u64 / 2);
     let (c, v) = p.verify(&[]);
     assert_eq!(c, 7, "{v}");
-    assert_eq!(v["problems"][0]["object"], format!("restore point {point} manifest"));
+    assert_eq!(
+        v["problems"][0]["object"],
+        format!("restore point {point} manifest")
+    );
     assert_eq!(state_of(&v, &point)["state"], "damaged");
     std::fs::write(&manifest, &m).unwrap();
 
@@ -354,7 +380,10 @@ fn verify_records_are_seen_by_every_host_and_list_point_states() {
         serde_json::json!([2 * CHUNK, 3 * CHUNK])
     );
     let text = String::from_utf8(p.run_in("cache2", &["points", "list"]).stdout).unwrap();
-    assert!(text.contains("damaged: d (65536 bytes in 1 ranges)"), "{text}");
+    assert!(
+        text.contains("damaged: d (65536 bytes in 1 ranges)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -366,14 +395,21 @@ fn verify_subset_rotation_reads_everything_within_its_runs() {
     let point = p.backup("vm1", "d", &img);
     let packs = p.packs().len();
     assert!(packs >= 6, "{packs}");
-    let total: u64 = p.packs().iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+    let total: u64 = p
+        .packs()
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
     // 25 %: every pack within 4 runs, about a quarter each run.
     for run in 1..=4 {
         let (c, v) = p.verify(&["--read-data-subset", "25%"]);
         assert_eq!(c, 0, "{v}");
         assert_eq!(v["run"], run);
         let bytes = v["bytes_read"].as_u64().unwrap();
-        assert!(bytes >= total / 4 && bytes <= total / 4 + (2 << 20), "run {run}: {bytes} of {total}");
+        assert!(
+            bytes >= total / 4 && bytes <= total / 4 + (2 << 20),
+            "run {run}: {bytes} of {total}"
+        );
         let state = &state_of(&v, &point)["state"];
         if run == 1 {
             assert_eq!(state, "partly", "{v}");
@@ -450,7 +486,11 @@ fn heal(p: &Place) {
     std::fs::copy(&img, &copy).unwrap();
     let p2 = p.backup("vm1", "d", &img);
     let p3 = p.backup("vm2", "sys", &copy);
-    assert_eq!(p.packs().len(), 1, "the later points deduplicate everything");
+    assert_eq!(
+        p.packs().len(),
+        1,
+        "the later points deduplicate everything"
+    );
     // Another host has seen the repository (its index has the chunk's only copy).
     p.run_in("host2", &["points", "list"]);
 
@@ -465,7 +505,11 @@ fn heal(p: &Place) {
     let out = p.path("out.raw");
     let o = p.export(&p1, "d", &out, &[]);
     assert_eq!(code(&o), 6, "{}", stderr(&o));
-    assert!(stderr(&o).contains(&format!("{}-{}", 4 * CHUNK, 5 * CHUNK)), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("{}-{}", 4 * CHUNK, 5 * CHUNK)),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.exists(), "a partial export must not be left behind");
     // With --allow-damaged: zeros exactly there, everything else exact.
     let o = p.export(&p1, "d", &out, &["--allow-damaged"]);
@@ -482,7 +526,18 @@ fn heal(p: &Place) {
     let spec = format!("d={}", img.display());
     let o = p.run_in(
         "host2",
-        &["backup", "--vm", "vm1", "--pack-size", "1MiB", "--workers", "1", "--disk", &spec, "--json"],
+        &[
+            "backup",
+            "--vm",
+            "vm1",
+            "--pack-size",
+            "1MiB",
+            "--workers",
+            "1",
+            "--disk",
+            &spec,
+            "--json",
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let b: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -502,7 +557,15 @@ fn heal(p: &Place) {
     }
     let o = p.run_in(
         "host3",
-        &["restore", "export", &p3, "--disk", "sys", "--out", out.to_str().unwrap()],
+        &[
+            "restore",
+            "export",
+            &p3,
+            "--disk",
+            "sys",
+            "--out",
+            out.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(same_content(&img, &out));

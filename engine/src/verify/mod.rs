@@ -15,8 +15,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use blockvault_repo::{
-    ChunkId, ChunkMapPage, DiskDamage, Location, PackId, PackResult, PointId,
-    PointManifest, PointStatus, Repository, VerifyRecord, SLOTS_PER_PAGE,
+    ChunkId, ChunkMapPage, DiskDamage, Location, PackId, PackResult, PointId, PointManifest,
+    PointStatus, Repository, VerifyRecord, SLOTS_PER_PAGE,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -268,7 +268,13 @@ pub async fn verify(
     history.apply(&results, finished);
 
     // Damage, from this run and from earlier records.
-    attribute(&refs, &listed_ids, &history, &unreadable_manifests, &mut report);
+    attribute(
+        &refs,
+        &listed_ids,
+        &history,
+        &unreadable_manifests,
+        &mut report,
+    );
     report.point_states = point_states(&refs, &listed_ids, &history, &unreadable_manifests);
     report.verdict = if !report.problems.is_empty() {
         Verdict::Damaged
@@ -445,32 +451,37 @@ fn attribute(
 ) {
     let mut problems: Vec<Problem> = Vec::new();
     let mut by_object: HashMap<String, usize> = HashMap::new();
-    let mut add = |object: String, detail: String, point: &PointId, disk: &str, range: Option<(u64, u64)>| {
-        let i = *by_object.entry(object.clone()).or_insert_with(|| {
-            problems.push(Problem {
-                object,
-                detail,
-                affected_points: Vec::new(),
-                damage: Vec::new(),
+    let mut add =
+        |object: String, detail: String, point: &PointId, disk: &str, range: Option<(u64, u64)>| {
+            let i = *by_object.entry(object.clone()).or_insert_with(|| {
+                problems.push(Problem {
+                    object,
+                    detail,
+                    affected_points: Vec::new(),
+                    damage: Vec::new(),
+                });
+                problems.len() - 1
             });
-            problems.len() - 1
-        });
-        let p = &mut problems[i];
-        let ph = point.to_hex();
-        if !p.affected_points.contains(&ph) {
-            p.affected_points.push(ph.clone());
-        }
-        if let Some(r) = range {
-            match p.damage.iter_mut().find(|d| d.point == ph && d.disk == disk) {
-                Some(d) => d.ranges.push(r),
-                None => p.damage.push(PointDamage {
-                    point: ph,
-                    disk: disk.to_string(),
-                    ranges: vec![r],
-                }),
+            let p = &mut problems[i];
+            let ph = point.to_hex();
+            if !p.affected_points.contains(&ph) {
+                p.affected_points.push(ph.clone());
             }
-        }
-    };
+            if let Some(r) = range {
+                match p
+                    .damage
+                    .iter_mut()
+                    .find(|d| d.point == ph && d.disk == disk)
+                {
+                    Some(d) => d.ranges.push(r),
+                    None => p.damage.push(PointDamage {
+                        point: ph,
+                        disk: disk.to_string(),
+                        ranges: vec![r],
+                    }),
+                }
+            }
+        };
     for (id, e) in unreadable_manifests {
         add(
             format!("restore point {id} manifest"),
@@ -487,7 +498,13 @@ fn attribute(
                 if let Some((obj, why)) = chunk_damage(&b.0, refs, listed, history) {
                     let start = i as u64 * cs;
                     let range = (start, (start + cs).min(c.size));
-                    add(obj, why, &point.id, &format!("config {}", c.name), Some(range));
+                    add(
+                        obj,
+                        why,
+                        &point.id,
+                        &format!("config {}", c.name),
+                        Some(range),
+                    );
                 }
             }
         }
@@ -520,7 +537,13 @@ fn attribute(
                     let Some(id) = slot else { continue };
                     if let Some((obj, why)) = chunk_damage(id, refs, listed, history) {
                         let s = (first + i as u64) * cs;
-                        add(obj, why, &point.id, &disk.name, Some((s, (s + cs).min(disk.size))));
+                        add(
+                            obj,
+                            why,
+                            &point.id,
+                            &disk.name,
+                            Some((s, (s + cs).min(disk.size))),
+                        );
                     }
                 }
             }
@@ -579,7 +602,11 @@ fn point_states(
             }
             let loc = refs.chunks.get(&id).copied().flatten();
             let damaged = chunk_damage(&id, refs, listed, history).is_some();
-            tally.add(loc.map_or(0, |l| l.len as u64), damaged, loc.and_then(|l| history.verified_at(&l)));
+            tally.add(
+                loc.map_or(0, |l| l.len as u64),
+                damaged,
+                loc.and_then(|l| history.verified_at(&l)),
+            );
         });
         let mut damage: Vec<DiskDamage> = Vec::new();
         if tally.damaged {
@@ -618,7 +645,10 @@ fn point_states(
                 }
             }
             for c in &point.configs {
-                if c.blobs.iter().any(|b| chunk_damage(&b.0, refs, listed, history).is_some()) {
+                if c.blobs
+                    .iter()
+                    .any(|b| chunk_damage(&b.0, refs, listed, history).is_some())
+                {
                     damage.push(DiskDamage {
                         disk: format!("config {}", c.name),
                         ranges: vec![(0, c.size)],
@@ -654,7 +684,10 @@ pub fn describe_state(s: &PointStatus) -> String {
                 })
                 .collect();
             if disks.is_empty() {
-                format!("damaged: {}", s.detail.as_deref().unwrap_or("manifest unreadable"))
+                format!(
+                    "damaged: {}",
+                    s.detail.as_deref().unwrap_or("manifest unreadable")
+                )
             } else {
                 format!("damaged: {}", disks.join(", "))
             }

@@ -146,7 +146,10 @@ pub fn select(
             out
         }
     };
-    if matches!(selection, Selection::All | Selection::Slice { .. } | Selection::Packs(_)) {
+    if matches!(
+        selection,
+        Selection::All | Selection::Slice { .. } | Selection::Packs(_)
+    ) {
         order.sort_by_key(|p| p.id);
     }
     let mut chosen = Chosen::default();
@@ -245,14 +248,40 @@ mod tests {
     fn reverify_reads_only_old_and_unread_packs_oldest_first_within_the_cap() {
         let now = 1_000_000;
         let packs = vec![
-            PackState { id: pid(1), size: 10, base: 0, last_read: Some(now - 10) },
-            PackState { id: pid(2), size: 10, base: 0, last_read: Some(now - 100) },
-            PackState { id: pid(3), size: 10, base: 0, last_read: None },
-            PackState { id: pid(4), size: 10, base: 0, last_read: Some(now - 50) },
+            PackState {
+                id: pid(1),
+                size: 10,
+                base: 0,
+                last_read: Some(now - 10),
+            },
+            PackState {
+                id: pid(2),
+                size: 10,
+                base: 0,
+                last_read: Some(now - 100),
+            },
+            PackState {
+                id: pid(3),
+                size: 10,
+                base: 0,
+                last_read: None,
+            },
+            PackState {
+                id: pid(4),
+                size: 10,
+                base: 0,
+                last_read: Some(now - 50),
+            },
         ];
         let c = select(&packs, &Selection::ReverifyAfter { secs: 40 }, 1, now, None);
         assert_eq!(c.packs, vec![pid(3), pid(2), pid(4)]);
-        let c = select(&packs, &Selection::ReverifyAfter { secs: 40 }, 1, now, Some(25));
+        let c = select(
+            &packs,
+            &Selection::ReverifyAfter { secs: 40 },
+            1,
+            now,
+            Some(25),
+        );
         assert_eq!(c.packs, vec![pid(3), pid(2)]);
         assert_eq!(c.bytes, 20);
     }
@@ -322,7 +351,8 @@ mod tests {
             }
         }
         // And the rotation reads about its share, not everything every time.
-        let bound = (runs / n + 2) * max_total + runs * 2 * max_total * (percent.ceil() as u64) / 100;
+        let bound =
+            (runs / n + 2) * max_total + runs * 2 * max_total * (percent.ceil() as u64) / 100;
         prop_assert!(
             bytes_read <= bound.max(1),
             "read {bytes_read} bytes in {runs} runs; bound {bound}"
@@ -348,7 +378,12 @@ mod tests {
     #[test]
     fn a_static_repository_is_read_once_per_rotation() {
         let mut packs: Vec<PackState> = (0..100)
-            .map(|i| PackState { id: pid(i), size: 100, base: 0, last_read: None })
+            .map(|i| PackState {
+                id: pid(i),
+                size: 100,
+                base: 0,
+                last_read: None,
+            })
             .collect();
         let mut count: HashMap<PackId, u32> = HashMap::new();
         for run in 1..=20 {
@@ -368,9 +403,20 @@ mod tests {
     #[test]
     fn a_cap_reports_what_is_overdue() {
         let packs: Vec<PackState> = (0..10)
-            .map(|i| PackState { id: pid(i), size: 100, base: 0, last_read: None })
+            .map(|i| PackState {
+                id: pid(i),
+                size: 100,
+                base: 0,
+                last_read: None,
+            })
             .collect();
-        let c = select(&packs, &Selection::Rotation { percent: 50.0 }, 2, 0, Some(300));
+        let c = select(
+            &packs,
+            &Selection::Rotation { percent: 50.0 },
+            2,
+            0,
+            Some(300),
+        );
         assert_eq!(c.packs.len(), 3);
         assert_eq!(c.overdue.len(), 7);
     }

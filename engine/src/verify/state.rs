@@ -202,7 +202,12 @@ impl PointTally {
         }
     }
 
-    pub fn finish(self, point: PointId, damage: Vec<DiskDamage>, detail: Option<String>) -> PointStatus {
+    pub fn finish(
+        self,
+        point: PointId,
+        damage: Vec<DiskDamage>,
+        detail: Option<String>,
+    ) -> PointStatus {
         let state = if self.damaged || detail.is_some() {
             PointVerifyState::Damaged
         } else if !self.unverified {
