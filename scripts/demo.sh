@@ -4,10 +4,10 @@
 # restores both points and checks them byte for byte, then verifies the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
+bash scripts/install-deps.sh main
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/blockvault-target}"
-# Build the whole workspace so the dependency features (and the compiled RocksDB) match the tests.
-cargo build --locked --workspace --bins
+# Only the binary: the demo needs no test tool, server or benchmark harness.
+cargo build --locked -p blockvault-cli --bin blockvault
 bv="$CARGO_TARGET_DIR/debug/blockvault"
 
 work=$(mktemp -d /tmp/blockvault-demo.XXXXXX)

@@ -49,7 +49,9 @@ impl BlockDevice for MountDevice {
     fn block_sizes(&self) -> BlockSizes {
         let chunk = self.disk.reader().layout().chunk_size();
         BlockSizes {
-            // The overlay keeps whole 4 KiB blocks; clients do read-modify-write for less.
+            // The overlay keeps whole 4 KiB blocks. Clients that ask for block sizes
+            // read-modify-write smaller writes themselves; for clients that do not, the NBD
+            // server adapts their requests (protocol defaults), so the disk only sees whole blocks.
             minimum: if self.disk.writable() {
                 OVERLAY_BLOCK as u32
             } else {

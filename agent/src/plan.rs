@@ -3,7 +3,7 @@
 //!
 //! An incremental stores the parent's chunk map with the changed chunks replaced, so it is only
 //! correct when the changes really are relative to that parent. Every doubt therefore becomes a
-//! full backup with a reason (RCT.md), never an incremental on a guess.
+//! full backup with a reason (docs/changed-ranges.md), never an incremental on a guess.
 
 use blockvault_chunker::{ChunkId, RangeSet};
 use blockvault_engine::ReadPlan;

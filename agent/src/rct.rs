@@ -1,4 +1,4 @@
-//! The changed-ranges file (RCT.md): one JSON document per disk mirroring
+//! The changed-ranges file (docs/changed-ranges.md): one JSON document per disk mirroring
 //! `Msvm_ImageManagementService.GetVirtualDiskChanges` output.
 
 use std::ops::Range;
@@ -9,7 +9,7 @@ pub const FORMAT: &str = "hyperv-rct-changes";
 pub const VERSION: u64 = 1;
 
 /// Why a changed-ranges document was refused. Each variant is one rule of
-/// RCT.md; the job falls back to a full backup on any of them.
+/// docs/changed-ranges.md; the job falls back to a full backup on any of them.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RctError {
@@ -146,7 +146,7 @@ fn merge(v: Vec<Range<u64>>) -> Vec<Range<u64>> {
         .to_vec()
 }
 
-/// Parses and validates a changed-ranges document against every rule of RCT.md.
+/// Parses and validates a changed-ranges document against every rule of docs/changed-ranges.md.
 pub fn parse_changes(json: &[u8]) -> Result<ChangedRanges, RctError> {
     let doc: RawDoc = serde_json::from_slice(json)?;
     if doc.format != FORMAT {

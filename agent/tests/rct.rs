@@ -1,4 +1,4 @@
-//! Every rule of RCT.md for the changed-ranges file.
+//! Every rule of docs/changed-ranges.md for the changed-ranges file.
 #![allow(clippy::single_range_in_vec_init)] // single ranges are the data here
 
 use blockvault_agent::rct::{parse_changes, RctError};

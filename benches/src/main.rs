@@ -1,4 +1,4 @@
-//! Benchmark harness: builds the reference disk of `shared/design/BENCHMARKS.md` (size
+//! Benchmark harness: builds the reference disk of `docs/BENCHMARKS.md` (size
 //! configurable), then measures blockvault and the reference tools (restic, borg) on it in one run
 //! and prints a table of ratios against targets. Machines here are noisy, so only ratios measured
 //! side by side mean anything.

@@ -7,6 +7,7 @@ mod mount;
 mod password;
 mod progress;
 mod size;
+mod socket;
 mod store_opts;
 
 use std::path::PathBuf;
@@ -218,9 +219,31 @@ pub struct MountArgs {
     /// TCP address to listen on.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Listen on a unix socket instead of TCP.
+    /// Listen on a unix socket instead of TCP (created readable and writable by the owner
+    /// only).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Require TLS with this X.509 directory (qemu's tls-creds-x509 layout): server-cert.pem,
+    /// server-key.pem, and ca-cert.pem to require client certificates signed by that CA.
+    #[arg(long, value_name = "DIR", conflicts_with = "tls_psk")]
+    pub tls_certs: Option<PathBuf>,
+    /// Require TLS with pre-shared keys from this psktool file (`identity:hexkey` lines, as
+    /// qemu's tls-creds-psk keys.psk and libnbd's tls-psk-file).
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+    /// Accept TCP clients only from this address or ADDR/PREFIX block; repeat for several.
+    #[arg(long = "allow-from", value_name = "CIDR")]
+    pub allow_from: Vec<String>,
+    /// Clients served at once.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub max_connections: usize,
+    /// Seconds a client gets to finish the NBD handshake (TLS included).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub handshake_timeout: u64,
+    /// Seconds without requests after which a client may be disconnected, but only to make room
+    /// for a new client when all --max-connections slots are taken.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub idle_timeout: u64,
     /// Export name (single disk only; default: the disk name).
     #[arg(long)]
     pub export_name: Option<String>,

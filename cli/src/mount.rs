@@ -14,7 +14,7 @@ use blockvault_engine::{
     start_hydration, DiskReader, Hydration, MountedDisk, Overlay, RandomReadOptions, RandomReader,
     ReaderOptions,
 };
-use blockvault_nbd::{Export, Listener, Server, ServerConfig};
+use blockvault_nbd::{Cidr, Export, Listener, Security, Server, ServerConfig, TlsConfig};
 use serde_json::json;
 
 use crate::commands::{cache_dir, open_repo, print_json};
@@ -59,6 +59,15 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
     let cache = parse_size(&a.memory_cache).map_err(|e| input(format!("--memory-cache: {e}")))?;
     let per_disk = (cache / a.disks.len() as u64) as usize;
 
+    let security = security(&a)?;
+    let config = ServerConfig {
+        max_connections: a.max_connections,
+        handshake_timeout_secs: a.handshake_timeout,
+        idle_timeout_secs: a.idle_timeout,
+        ..ServerConfig::default()
+    };
+    config.validate().map_err(|e| input(e.to_string()))?;
+
     let repo = open_repo(g).await?;
     let id = repo.resolve_point(&a.point).await?;
     let point = repo.load_point(&id).await?;
@@ -73,9 +82,12 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                     path.display()
                 )));
             }
-            tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("binding unix socket {}", path.display()))?
-                .into()
+            if !a.allow_from.is_empty() {
+                return Err(input(
+                    "--allow-from applies to TCP clients; a unix socket is limited by its file permissions (owner only)".into(),
+                ));
+            }
+            crate::socket::bind_private(path)?.into()
         }
         (listen, None) => {
             let addr = listen.as_deref().unwrap_or("127.0.0.1:10809");
@@ -85,12 +97,22 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                 .into()
         }
     };
+    listener
+        .check_security(&security)
+        .map_err(|e| input(e.to_string()))?;
+    let scheme = if security.tls.is_some() {
+        "nbds"
+    } else {
+        "nbd"
+    };
     let base_uri = |export: &str| match (&listener, &a.socket) {
         (Listener::Tcp(l), _) => l
             .local_addr()
-            .map(|addr| format!("nbd://{addr}/{export}"))
+            .map(|addr| format!("{scheme}://{addr}/{export}"))
             .unwrap_or_default(),
-        (Listener::Unix(_), Some(p)) => format!("nbd+unix:///{export}?socket={}", p.display()),
+        (Listener::Unix(_), Some(p)) => {
+            format!("{scheme}+unix:///{export}?socket={}", p.display())
+        }
         (Listener::Unix(_), None) => String::new(),
     };
 
@@ -144,7 +166,8 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
         });
     }
 
-    let server = Server::new(ServerConfig::default())?;
+    let tls_kind = security.tls.as_ref().map(|t| t.kind().clone());
+    let server = Server::with_security(config, security)?;
     for d in &disks {
         server.add_export(
             Export::new(&d.export, Arc::new(MountDevice::new(d.disk.clone())))
@@ -218,6 +241,19 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             human(cache),
             std::process::id()
         );
+        match &tls_kind {
+            Some(blockvault_nbd::TlsKind::X509 { client_ca: Some(_) }) => eprintln!(
+                "TLS required (X.509); clients need a certificate signed by the CA in {}",
+                a.tls_certs.as_deref().unwrap_or(Path::new("?")).display()
+            ),
+            Some(blockvault_nbd::TlsKind::X509 { client_ca: None }) => {
+                eprintln!("TLS required (X.509, no client certificates)")
+            }
+            Some(blockvault_nbd::TlsKind::Psk { identities }) => {
+                eprintln!("TLS required (PSK); identities: {}", identities.join(", "))
+            }
+            None => {}
+        }
     }
     use std::io::Write;
     std::io::stdout().flush().ok();
@@ -268,6 +304,27 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
     }
     let _ = std::fs::remove_file(&status_path);
     result
+}
+
+/// TLS credentials and `--allow-from` blocks, checked before anything else is opened.
+fn security(a: &MountArgs) -> Result<Security> {
+    let tls = match (&a.tls_certs, &a.tls_psk) {
+        (Some(dir), None) => Some(TlsConfig::from_x509_dir(dir).map_err(|e| input(e.to_string()))?),
+        (None, Some(file)) => {
+            Some(TlsConfig::from_psk_file(file).map_err(|e| input(e.to_string()))?)
+        }
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err(input("give either --tls-certs or --tls-psk".into())),
+    };
+    let allow_from = a
+        .allow_from
+        .iter()
+        .map(|s| {
+            s.parse::<Cidr>()
+                .map_err(|e| input(format!("--allow-from {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Security { tls, allow_from })
 }
 
 fn write_status(path: &Path, v: &serde_json::Value) -> Result<()> {

@@ -11,6 +11,7 @@ mod overlay;
 mod progress;
 mod random_read;
 mod reader;
+pub mod retention;
 mod source;
 mod verify;
 

@@ -213,6 +213,16 @@ impl OptionCodec {
     }
 }
 
+impl OptionCodec {
+    /// A decoder for the options that follow a TLS upgrade (no client flags come again).
+    pub fn after_starttls() -> Self {
+        OptionCodec {
+            state: OptionState::Header,
+            max_option_len: proto::MAX_OPTION_LEN,
+        }
+    }
+}
+
 impl Default for OptionCodec {
     fn default() -> Self {
         OptionCodec::new(proto::MAX_OPTION_LEN)

@@ -193,6 +193,10 @@ pub struct Export {
     pub name: String,
     pub description: String,
     pub device: Arc<dyn BlockDevice>,
+    /// Orders read-modify-write cycles against every other change to the device: a cycle holds
+    /// it exclusively, plain writes hold it shared (see `unaligned`). Shared by all connections
+    /// (and by clones of the export), because multi-conn clients write through several.
+    pub(crate) write_order: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Export {
@@ -201,6 +205,7 @@ impl Export {
             name: name.into(),
             description: String::new(),
             device,
+            write_order: Arc::new(tokio::sync::RwLock::new(())),
         }
     }
 

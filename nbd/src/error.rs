@@ -141,6 +141,10 @@ pub enum Error {
     Protocol(#[from] CodecError),
     #[error("client violated the handshake: {0}")]
     Handshake(String),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(String),
     #[error("handshake did not finish within {0:?}")]
     HandshakeTimeout(std::time::Duration),
     #[error("flushing export {export:?} failed: {source}")]

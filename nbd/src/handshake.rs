@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::FramedRead;
 use tracing::{debug, trace};
 
@@ -25,13 +25,40 @@ pub(crate) struct Negotiated {
     /// Context id of `base:allocation` if the client selected it for this export.
     pub base_allocation: Option<u32>,
     pub flags: u16,
+    /// Constraints requests are validated against: the device's when the client asked for them
+    /// with `NBD_INFO_BLOCK_SIZE` on `GO`, else the protocol defaults.
     pub sizes: BlockSizes,
+    /// Set when the client did not negotiate sizes and the device's are stricter than the
+    /// defaults: requests are then adapted to the device (see `unaligned`).
+    pub adapt: Option<BlockSizes>,
 }
 
 pub(crate) enum Outcome {
     Transmission(Negotiated),
+    /// The client asked for TLS and got `ACK`: the caller runs the TLS handshake and then
+    /// resumes negotiation over TLS with [`Resume`].
+    StartTls(Resume),
     /// The client aborted or hung up, or must be dropped; nothing more to do.
     Closed,
+}
+
+/// How TLS applies to a negotiation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsMode {
+    /// The server offers no TLS: `STARTTLS` gets `ERR_POLICY`.
+    Off,
+    /// TLS is configured and not yet running: every option but `STARTTLS` and `ABORT` gets
+    /// `ERR_TLS_REQD` (the protocol's FORCEDTLS mode).
+    Required,
+    /// The session runs over TLS.
+    Active,
+}
+
+/// What survives `STARTTLS`: only the client flags (all other state is discarded, as the
+/// protocol asks).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resume {
+    client_flags: u32,
 }
 
 /// Transmission flags for `export`, truthful to what the device and the negotiation allow.
@@ -63,55 +90,40 @@ struct State {
     meta_export: Option<Arc<Export>>,
 }
 
-struct Handshake<'a, W> {
-    out: &'a mut BufWriter<W>,
+struct Handshake<'a> {
     exports: &'a ExportTable,
     allow_list: bool,
+    tls: TlsMode,
+    client_flags: u32,
     state: State,
     buf: BytesMut,
 }
 
-/// Runs the negotiation. `framed` must be fresh (it starts by decoding client flags).
-pub(crate) async fn negotiate<R, W>(
-    framed: &mut FramedRead<R, OptionCodec>,
-    out: &mut BufWriter<W>,
+/// Runs the negotiation over `framed`'s stream. A fresh negotiation starts with the greeting
+/// and client flags; after `STARTTLS`, `resume` carries on with options (the codec must then
+/// start at an option header: `OptionCodec::after_starttls`).
+pub(crate) async fn negotiate<S>(
+    framed: &mut FramedRead<S, OptionCodec>,
     exports: &ExportTable,
     allow_list: bool,
+    tls: TlsMode,
+    resume: Option<Resume>,
 ) -> Result<Outcome, Error>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut greeting = BytesMut::with_capacity(proto::GREETING_LEN);
-    greeting.put_u64(proto::NBDMAGIC);
-    greeting.put_u64(proto::IHAVEOPT);
-    greeting.put_u16(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
-    out.write_all(&greeting)
-        .await
-        .map_err(|e| Error::io("sending greeting", e))?;
-    out.flush()
-        .await
-        .map_err(|e| Error::io("sending greeting", e))?;
-
-    let client_flags = match framed.next().await {
-        Some(Ok(HandshakeFrame::ClientFlags(f))) => f,
-        None => return Ok(Outcome::Closed),
-        Some(Err(CodecError::Truncated)) => return Ok(Outcome::Closed),
-        Some(Err(e)) => return Err(e.into()),
-        Some(Ok(_)) => return Err(Error::Handshake("expected client flags".into())),
+    let client_flags = match resume {
+        Some(r) => r.client_flags,
+        None => match greet(framed).await? {
+            Some(flags) => flags,
+            None => return Ok(Outcome::Closed),
+        },
     };
-    if client_flags & !proto::KNOWN_CLIENT_FLAGS != 0 {
-        // The protocol requires dropping the connection on unknown client flags.
-        return Err(Error::Handshake(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
-    }
-    trace!(client_flags, "client flags");
-
     let mut hs = Handshake {
-        out,
         exports,
         allow_list,
+        tls,
+        client_flags,
         state: State {
             structured: false,
             no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
@@ -128,10 +140,14 @@ where
         };
         let outcome = match frame {
             HandshakeFrame::Option { code, data } => match ClientOption::parse(code, &data) {
-                Ok(option) => hs.handle(option).await?,
+                Ok(option) => hs.handle(option)?,
                 Err(err) if code == proto::OPT_EXPORT_NAME => {
                     // EXPORT_NAME cannot carry an error reply: the session must end.
                     return Err(Error::Handshake(format!("bad EXPORT_NAME: {err}")));
+                }
+                Err(_) if hs.tls == TlsMode::Required && code != proto::OPT_STARTTLS => {
+                    hs.tls_required(code);
+                    None
                 }
                 Err(err) => {
                     debug!(code, %err, "malformed option");
@@ -151,22 +167,54 @@ where
             }
             HandshakeFrame::ClientFlags(_) => None,
         };
-        hs.send().await?;
+        hs.send(framed.get_mut()).await?;
         if let Some(outcome) = outcome {
             return Ok(outcome);
         }
     }
 }
 
-impl<W: AsyncWrite + Unpin> Handshake<'_, W> {
-    async fn send(&mut self) -> Result<(), Error> {
+/// Sends the greeting and reads the client flags; `None` if the client left.
+async fn greet<S>(framed: &mut FramedRead<S, OptionCodec>) -> Result<Option<u32>, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut greeting = BytesMut::with_capacity(proto::GREETING_LEN);
+    greeting.put_u64(proto::NBDMAGIC);
+    greeting.put_u64(proto::IHAVEOPT);
+    greeting.put_u16(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+    let out = framed.get_mut();
+    out.write_all(&greeting)
+        .await
+        .map_err(|e| Error::io("sending greeting", e))?;
+    out.flush()
+        .await
+        .map_err(|e| Error::io("sending greeting", e))?;
+
+    let client_flags = match framed.next().await {
+        Some(Ok(HandshakeFrame::ClientFlags(f))) => f,
+        None => return Ok(None),
+        Some(Err(CodecError::Truncated)) => return Ok(None),
+        Some(Err(e)) => return Err(e.into()),
+        Some(Ok(_)) => return Err(Error::Handshake("expected client flags".into())),
+    };
+    if client_flags & !proto::KNOWN_CLIENT_FLAGS != 0 {
+        // The protocol requires dropping the connection on unknown client flags.
+        return Err(Error::Handshake(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    trace!(client_flags, "client flags");
+    Ok(Some(client_flags))
+}
+
+impl Handshake<'_> {
+    async fn send<W: AsyncWrite + Unpin>(&mut self, out: &mut W) -> Result<(), Error> {
         if !self.buf.is_empty() {
-            self.out
-                .write_all(&self.buf)
+            out.write_all(&self.buf)
                 .await
                 .map_err(|e| Error::io("sending option reply", e))?;
-            self.out
-                .flush()
+            out.flush()
                 .await
                 .map_err(|e| Error::io("sending option reply", e))?;
             self.buf.clear();
@@ -182,16 +230,39 @@ impl<W: AsyncWrite + Unpin> Handshake<'_, W> {
         self.reply(option, reply, message.as_bytes());
     }
 
+    fn tls_required(&mut self, code: u32) {
+        self.reply_error(
+            code,
+            proto::REP_ERR_TLS_REQD,
+            "TLS is required: send NBD_OPT_STARTTLS first",
+        );
+    }
+
     /// Handles one option, queueing replies in `buf`; returns an outcome when negotiation ends.
-    async fn handle(&mut self, option: ClientOption) -> Result<Option<Outcome>, Error> {
+    fn handle(&mut self, option: ClientOption) -> Result<Option<Outcome>, Error> {
         let code = option.code();
         debug!(?option, "option");
+        if self.tls == TlsMode::Required {
+            match option {
+                ClientOption::StartTls | ClientOption::Abort => {}
+                ClientOption::ExportName(_) => {
+                    // No error reply is possible here; the protocol says to end the session.
+                    return Err(Error::Handshake(
+                        "EXPORT_NAME before STARTTLS on a server that requires TLS".into(),
+                    ));
+                }
+                _ => {
+                    self.tls_required(code);
+                    return Ok(None);
+                }
+            }
+        }
         match option {
             ClientOption::ExportName(name) => {
                 let Some(export) = self.exports.find(&name) else {
                     return Err(Error::Handshake(format!("unknown export {name:?}")));
                 };
-                let negotiated = self.finish(export);
+                let negotiated = self.finish(export, false);
                 self.buf.put_u64(negotiated.export.device.size());
                 self.buf.put_u16(negotiated.flags);
                 if !self.state.no_zeroes {
@@ -201,7 +272,6 @@ impl<W: AsyncWrite + Unpin> Handshake<'_, W> {
             }
             ClientOption::Abort => {
                 self.reply(code, proto::REP_ACK, &[]);
-                self.send().await?;
                 return Ok(Some(Outcome::Closed));
             }
             ClientOption::List => {
@@ -218,19 +288,30 @@ impl<W: AsyncWrite + Unpin> Handshake<'_, W> {
                 }
                 self.reply(code, proto::REP_ACK, &[]);
             }
-            ClientOption::StartTls => {
-                self.reply_error(
+            ClientOption::StartTls => match self.tls {
+                TlsMode::Off => self.reply_error(
                     code,
                     proto::REP_ERR_POLICY,
                     "TLS is not offered by this server",
-                );
-            }
+                ),
+                TlsMode::Active => {
+                    self.reply_error(code, proto::REP_ERR_INVALID, "TLS is already running")
+                }
+                TlsMode::Required => {
+                    self.reply(code, proto::REP_ACK, &[]);
+                    return Ok(Some(Outcome::StartTls(Resume {
+                        client_flags: self.client_flags,
+                    })));
+                }
+            },
             ClientOption::Info(req) => {
                 self.info(code, &req);
             }
             ClientOption::Go(req) => {
                 if let Some(export) = self.info(code, &req) {
-                    return Ok(Some(Outcome::Transmission(self.finish(export))));
+                    let sizes_requested = req.info_requests.contains(&proto::INFO_BLOCK_SIZE);
+                    let negotiated = self.finish(export, sizes_requested);
+                    return Ok(Some(Outcome::Transmission(negotiated)));
                 }
             }
             ClientOption::StructuredReply => {
@@ -253,7 +334,22 @@ impl<W: AsyncWrite + Unpin> Handshake<'_, W> {
         Ok(None)
     }
 
-    fn finish(&self, export: Arc<Export>) -> Negotiated {
+    /// Ends negotiation on `export`. A client that asked for block sizes with `GO` must honour
+    /// them; any other client is served the protocol's defaults (minimum 1, maximum payload
+    /// 32 MiB), and the server adapts its requests to a stricter device.
+    fn finish(&self, export: Arc<Export>, sizes_requested: bool) -> Negotiated {
+        let device_sizes = export.device.block_sizes().effective();
+        let (sizes, adapt) = if sizes_requested {
+            (device_sizes, None)
+        } else {
+            let defaults = BlockSizes {
+                minimum: 1,
+                preferred: device_sizes.preferred,
+                maximum: proto::MAX_WRITE_PAYLOAD,
+            };
+            let stricter = device_sizes.minimum > 1 || device_sizes.maximum < defaults.maximum;
+            (defaults, stricter.then_some(device_sizes))
+        };
         let base_allocation = match &self.state.meta_export {
             Some(e) if self.state.structured && Arc::ptr_eq(e, &export) => {
                 Some(proto::BASE_ALLOCATION_ID)
@@ -262,7 +358,8 @@ impl<W: AsyncWrite + Unpin> Handshake<'_, W> {
         };
         Negotiated {
             flags: transmission_flags(&export, self.state.structured),
-            sizes: export.device.block_sizes().effective(),
+            sizes,
+            adapt,
             structured: self.state.structured,
             base_allocation,
             export,
@@ -288,12 +385,8 @@ impl<W: AsyncWrite + Unpin> Handshake<'_, W> {
                 wanted.push(info);
             }
         }
-        // Constraints stricter than the protocol defaults must be advertised even to a client
-        // that did not ask (it would otherwise get EINVAL for requests it thinks are valid).
-        let strict = sizes.minimum > 1 || sizes.maximum < proto::MAX_WRITE_PAYLOAD;
-        if strict && !wanted.contains(&proto::INFO_BLOCK_SIZE) {
-            wanted.push(proto::INFO_BLOCK_SIZE);
-        }
+        // Block sizes go only to a client that asks: one that does not is served the protocol's
+        // defaults (see `finish`), so for it there are no stricter constraints to announce.
         for info in wanted {
             let mut p = BytesMut::new();
             match info {

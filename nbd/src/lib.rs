@@ -21,7 +21,9 @@
 //!
 //! See `docs/nbd-server.md` for what is supported, limits and error mapping.
 
+mod access;
 pub mod codec;
+mod conn;
 mod device;
 mod error;
 pub mod fuzzing;
@@ -30,12 +32,16 @@ mod memory;
 pub mod proto;
 mod server;
 mod stats;
+mod tls;
 mod transmission;
+mod unaligned;
 
 pub use async_trait::async_trait;
 
+pub use crate::access::Cidr;
 pub use crate::device::{BlockDevice, BlockSizes, Export, Extent, ReadSegment};
 pub use crate::error::{DeviceError, DeviceErrorKind, Error};
 pub use crate::memory::MemoryDevice;
-pub use crate::server::{Listener, Server, ServerConfig};
+pub use crate::server::{Listener, Security, Server, ServerConfig};
 pub use crate::stats::{ServerStats, SessionSnapshot, StatsSnapshot};
+pub use crate::tls::{TlsConfig, TlsKind, CA_CERT, SERVER_CERT, SERVER_KEY};

@@ -1,6 +1,7 @@
 //! Listeners, connection admission, export table and graceful shutdown.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -12,13 +13,22 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
+use crate::access::Cidr;
 use crate::codec::{OptionCodec, RequestCodec};
+use crate::conn::{Conn, Plain};
 use crate::device::Export;
 use crate::error::Error;
-use crate::handshake::{self, Outcome};
+use crate::handshake::{self, Outcome, TlsMode};
 use crate::proto;
 use crate::stats::{ServerStats, SessionGuard};
+use crate::tls::TlsConfig;
 use crate::transmission::{self, Limits};
+
+/// A connection still negotiating this long may be closed when a new client needs its slot
+/// (real clients finish in milliseconds, TLS included).
+const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
+/// How long a client admitted by closing an idle connection waits for that slot to free.
+const EVICTION_WAIT: Duration = Duration::from_secs(5);
 
 /// Server limits and policies. Memory held for one connection is bounded by
 /// `max_bytes_per_connection` plus one WRITE payload (at most 32 MiB) being received.
@@ -32,8 +42,17 @@ pub struct ServerConfig {
     /// READ/WRITE payload bytes in flight per connection (at least 32 MiB, so any valid request
     /// fits).
     pub max_bytes_per_connection: usize,
-    /// Time a client gets to finish option haggling; 0 disables the limit.
+    /// Time a client gets to finish option haggling, TLS handshake included; 0 disables the
+    /// limit.
     pub handshake_timeout_secs: u64,
+    /// A connection in transmission with no request in flight for this long may be closed
+    /// when a new client finds every slot taken (so idle clients cannot lock others out); 0
+    /// makes every idle connection eligible at once. Connections are never closed for being
+    /// idle while slots are free: a quiet guest must not lose its disk.
+    pub idle_timeout_secs: u64,
+    /// Whether a full server closes idle connections (see `idle_timeout_secs`) to admit new
+    /// clients; when false, clients beyond `max_connections` are always turned away.
+    pub evict_idle: bool,
     /// On shutdown, time connections get to answer in-flight requests before being cut off.
     pub shutdown_grace_secs: u64,
     /// Whether `NBD_OPT_LIST` reveals the export names.
@@ -46,7 +65,9 @@ impl Default for ServerConfig {
             max_connections: 32,
             max_requests_per_connection: 64,
             max_bytes_per_connection: 64 << 20,
-            handshake_timeout_secs: 30,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            evict_idle: true,
             shutdown_grace_secs: 30,
             allow_list: true,
         }
@@ -106,6 +127,18 @@ impl ExportTable {
     }
 }
 
+/// Who may connect and how: TLS credentials and client address blocks.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// When set, every client must upgrade with `NBD_OPT_STARTTLS` before anything else
+    /// (other options get `NBD_REP_ERR_TLS_REQD`; `NBD_OPT_EXPORT_NAME` closes the connection).
+    /// Required for a TCP listener that is not on a loopback address.
+    pub tls: Option<TlsConfig>,
+    /// TCP clients must come from one of these blocks; empty allows every address. Unix socket
+    /// clients are governed by the socket file's permissions instead.
+    pub allow_from: Vec<Cidr>,
+}
+
 /// A socket the server accepts connections from.
 pub enum Listener {
     Tcp(TcpListener),
@@ -124,11 +157,9 @@ impl From<UnixListener> for Listener {
     }
 }
 
-type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
-
 impl Listener {
-    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+    /// Accepts a connection: the stream, a printable peer and the peer's IP address (TCP).
+    async fn accept(&self) -> std::io::Result<(Plain, String, Option<IpAddr>)> {
         match self {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
@@ -136,8 +167,7 @@ impl Listener {
                 if let Err(e) = stream.set_nodelay(true) {
                     debug!(error = %e, "could not set TCP_NODELAY");
                 }
-                let (r, w) = stream.into_split();
-                Ok((Box::new(r), Box::new(w), peer.to_string()))
+                Ok((Plain::Tcp(stream), peer.to_string(), Some(peer.ip())))
             }
             Listener::Unix(l) => {
                 let (stream, peer) = l.accept().await?;
@@ -145,15 +175,33 @@ impl Listener {
                     Some(p) => format!("unix:{}", p.display()),
                     None => "unix".to_owned(),
                 };
-                let (r, w) = stream.into_split();
-                Ok((Box::new(r), Box::new(w), peer))
+                Ok((Plain::Unix(stream), peer, None))
             }
         }
+    }
+
+    /// Refuses to serve plaintext TCP beyond the loopback interface. `Server::serve` checks
+    /// this too; callers may check earlier to fail before doing other work.
+    pub fn check_security(&self, security: &Security) -> Result<(), Error> {
+        if let Listener::Tcp(l) = self {
+            let addr = l
+                .local_addr()
+                .map_err(|e| Error::io("reading the listener address", e))?;
+            if !addr.ip().is_loopback() && security.tls.is_none() {
+                return Err(Error::InvalidConfig(format!(
+                    "listening on {addr}, which other hosts can reach, needs TLS \
+                     (X.509 certificates or a PSK file); without TLS listen on 127.0.0.1 \
+                     or a unix socket"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
 struct Inner {
     config: ServerConfig,
+    security: Security,
     exports: ExportTable,
     stats: ServerStats,
     slots: Arc<Semaphore>,
@@ -168,10 +216,16 @@ pub struct Server {
 
 impl Server {
     pub fn new(config: ServerConfig) -> Result<Server, Error> {
+        Self::with_security(config, Security::default())
+    }
+
+    /// A server with TLS and/or client address restrictions.
+    pub fn with_security(config: ServerConfig, security: Security) -> Result<Server, Error> {
         config.validate()?;
         Ok(Server {
             inner: Arc::new(Inner {
                 slots: Arc::new(Semaphore::new(config.max_connections)),
+                security,
                 config,
                 exports: ExportTable::default(),
                 stats: ServerStats::default(),
@@ -181,6 +235,44 @@ impl Server {
 
     pub fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    pub fn security(&self) -> &Security {
+        &self.inner.security
+    }
+
+    /// Whether a TCP client at `ip` may connect.
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let allow = &self.inner.security.allow_from;
+        allow.is_empty() || allow.iter().any(|c| c.contains(ip))
+    }
+
+    /// With every slot taken, closes the longest-idle connection (a client still negotiating
+    /// after `HANDSHAKE_GRACE`, or one in transmission with nothing in flight for
+    /// `idle_timeout_secs`); false when every connection is busy.
+    fn make_room(&self) -> bool {
+        if !self.inner.config.evict_idle {
+            return false;
+        }
+        let idle = Duration::from_secs(self.inner.config.idle_timeout_secs);
+        self.inner.stats.evict_idle(HANDSHAKE_GRACE, idle)
+    }
+
+    /// Waits for the slot a closed idle connection gives back.
+    async fn wait_for_slot(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout(EVICTION_WAIT, self.inner.slots.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// A free slot, or one made by closing an idle connection.
+    async fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        match self.inner.slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) if self.make_room() => self.wait_for_slot().await,
+            Err(_) => None,
+        }
     }
 
     /// Adds an export; clients connecting from now on can select it.
@@ -232,6 +324,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), Error> {
         let listener = listener.into();
+        listener.check_security(&self.inner.security)?;
         let token = CancellationToken::new();
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -241,7 +334,7 @@ impl Server {
                 _ = &mut shutdown => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 accepted = listener.accept() => {
-                    let (r, w, peer) = match accepted {
+                    let (stream, peer, ip) = match accepted {
                         Ok(a) => a,
                         Err(e) => {
                             // Usually fd exhaustion; back off instead of spinning.
@@ -250,15 +343,37 @@ impl Server {
                             continue;
                         }
                     };
-                    let Ok(slot) = self.inner.slots.clone().try_acquire_owned() else {
-                        debug!(%peer, "connection limit reached, closing");
-                        self.inner.stats.rejected();
+                    if let Some(ip) = ip.filter(|&ip| !self.allowed(ip)) {
+                        info!(%peer, %ip, "client address is not allowed, closing");
+                        self.inner.stats.denied();
                         continue;
+                    }
+                    let slot = match self.inner.slots.clone().try_acquire_owned() {
+                        Ok(slot) => Some(slot),
+                        Err(_) if self.make_room() => None,
+                        Err(_) => {
+                            debug!(%peer, "connection limit reached, closing");
+                            self.inner.stats.rejected();
+                            continue;
+                        }
                     };
                     let server = self.clone();
                     let token = token.child_token();
                     connections.spawn(async move {
-                        let _ = server.connection(r, w, peer, slot, token).await;
+                        // A full server makes room by closing an idle connection; the wait for
+                        // its slot runs here, not in the accept loop.
+                        let slot = match slot {
+                            Some(slot) => slot,
+                            None => match server.wait_for_slot().await {
+                                Some(slot) => slot,
+                                None => {
+                                    debug!(%peer, "connection limit reached, closing");
+                                    server.inner.stats.rejected();
+                                    return;
+                                }
+                            },
+                        };
+                        let _ = server.connection(stream, peer, slot, token).await;
                     });
                 }
             }
@@ -293,15 +408,15 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), Error>
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let Ok(slot) = self.inner.slots.clone().try_acquire_owned() else {
+        let Some(slot) = self.admit().await else {
             self.inner.stats.rejected();
             return Err(Error::ConnectionLimit(self.inner.config.max_connections));
         };
-        let (r, w) = tokio::io::split(stream);
         let token = CancellationToken::new();
-        let conn = self.connection(Box::new(r), Box::new(w), peer.into(), slot, token.clone());
+        let stream = Plain::Other(Box::new(stream));
+        let conn = self.connection(stream, peer.into(), slot, token.clone());
         tokio::pin!(conn);
         tokio::pin!(shutdown);
         tokio::select! {
@@ -315,14 +430,17 @@ impl Server {
 
     async fn connection(
         &self,
-        r: BoxRead,
-        w: BoxWrite,
+        stream: Plain,
         peer: String,
         slot: OwnedSemaphorePermit,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        let session = Arc::new(self.inner.stats.open_session(peer.clone()));
-        let result = self.run_connection(r, w, &peer, session, shutdown).await;
+        let session = Arc::new(
+            self.inner
+                .stats
+                .open_session(peer.clone(), shutdown.clone()),
+        );
+        let result = self.run_connection(stream, &peer, session, shutdown).await;
         drop(slot);
         result
     }
@@ -334,13 +452,12 @@ impl Server {
     )]
     async fn run_connection(
         &self,
-        r: BoxRead,
-        w: BoxWrite,
+        stream: Plain,
         peer: &str,
         session: Arc<SessionGuard>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        let result = self.negotiate_and_transmit(r, w, session, shutdown).await;
+        let result = self.negotiate_and_transmit(stream, session, shutdown).await;
         match &result {
             Ok(()) => debug!("connection closed"),
             // Client misbehaviour is routine on a network service: info, not warn.
@@ -351,22 +468,14 @@ impl Server {
 
     async fn negotiate_and_transmit(
         &self,
-        r: BoxRead,
-        w: BoxWrite,
+        stream: Plain,
         session: Arc<SessionGuard>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
         let config = &self.inner.config;
-        let mut framed = FramedRead::new(r, OptionCodec::default());
-        let mut out = BufWriter::with_capacity(256 * 1024, w);
-        let negotiation = handshake::negotiate(
-            &mut framed,
-            &mut out,
-            &self.inner.exports,
-            config.allow_list,
-        );
+        let negotiation = self.negotiate(stream);
         let timeout = Duration::from_secs(config.handshake_timeout_secs);
-        let outcome = tokio::select! {
+        let (framed, neg) = tokio::select! {
             r = async {
                 if config.handshake_timeout_secs == 0 {
                     Ok(negotiation.await)
@@ -374,22 +483,80 @@ impl Server {
                     tokio::time::timeout(timeout, negotiation).await
                 }
             } => match r {
-                Ok(outcome) => outcome?,
+                Ok(result) => match result? {
+                    Some(done) => done,
+                    None => return Ok(()),
+                },
                 Err(_) => return Err(Error::HandshakeTimeout(timeout)),
             },
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        let Outcome::Transmission(neg) = outcome else {
-            return Ok(());
+            _ = shutdown.cancelled() => {
+                if session.was_evicted() {
+                    debug!("closed while negotiating to make room for a new client");
+                }
+                return Ok(());
+            }
         };
         tracing::Span::current().record("export", neg.export.name.as_str());
         session.set_export(&neg.export.name);
-        let framed = framed.map_decoder(|_| RequestCodec::default());
+        // The read buffer may already hold pipelined requests: it moves to the request decoder.
+        let parts = framed.into_parts();
+        let (r, w) = parts.io.into_split();
+        let mut framed = FramedRead::new(r, RequestCodec::default());
+        framed.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let out = BufWriter::with_capacity(256 * 1024, w);
         let limits = Limits {
             max_requests: config.max_requests_per_connection,
             max_bytes: config.max_bytes_per_connection,
         };
         transmission::run(framed, out, neg, limits, session, shutdown).await
+    }
+
+    /// Option haggling, with the TLS upgrade when the client asks for it; `None` when the
+    /// client left without choosing an export.
+    async fn negotiate(
+        &self,
+        stream: Plain,
+    ) -> Result<Option<(FramedRead<Conn, OptionCodec>, handshake::Negotiated)>, Error> {
+        let security = &self.inner.security;
+        let allow_list = self.inner.config.allow_list;
+        let mut mode = match security.tls {
+            Some(_) => TlsMode::Required,
+            None => TlsMode::Off,
+        };
+        let mut framed = FramedRead::new(Conn::Plain(stream), OptionCodec::default());
+        let mut resume = None;
+        loop {
+            let outcome =
+                handshake::negotiate(&mut framed, &self.inner.exports, allow_list, mode, resume)
+                    .await?;
+            match outcome {
+                Outcome::Transmission(neg) => return Ok(Some((framed, neg))),
+                Outcome::Closed => return Ok(None),
+                Outcome::StartTls(r) => {
+                    let Some(tls) = &security.tls else {
+                        return Err(Error::Handshake("STARTTLS without TLS configured".into()));
+                    };
+                    // The client must wait for the ACK before starting TLS; bytes already
+                    // buffered would be plaintext injected into the secure session.
+                    if !framed.read_buffer().is_empty() {
+                        return Err(Error::Handshake(
+                            "client sent data between STARTTLS and the TLS handshake".into(),
+                        ));
+                    }
+                    let Conn::Plain(plain) = framed.into_inner() else {
+                        return Err(Error::Handshake("STARTTLS twice".into()));
+                    };
+                    let secured = tls.accept(plain).await?;
+                    debug!("TLS established");
+                    framed = FramedRead::new(
+                        Conn::Tls(Box::new(secured)),
+                        OptionCodec::after_starttls(),
+                    );
+                    mode = TlsMode::Active;
+                    resume = Some(r);
+                }
+            }
+        }
     }
 
     async fn flush_all(&self) -> Result<(), Error> {

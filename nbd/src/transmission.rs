@@ -27,6 +27,7 @@ use crate::error::{DeviceError, Error};
 use crate::handshake::Negotiated;
 use crate::proto;
 use crate::stats::SessionGuard;
+use crate::unaligned::Adapter;
 
 /// Static zeroes for holes in simple (unstructured) read replies.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -372,6 +373,12 @@ struct Ctx {
     /// the write side, so it waits for every write that was received before it.
     barrier: Arc<RwLock<()>>,
     modified: AtomicBool,
+    /// Set when this client was promised the protocol's default block sizes but the device
+    /// has stricter ones.
+    adapter: Option<Adapter>,
+    /// Whether changes must take the export's write order (the device has blocks larger than
+    /// a byte, so some connection may be running read-modify-write cycles).
+    ordered: bool,
 }
 
 /// Runs the transmission phase until the client disconnects, a framing error, or shutdown.
@@ -401,10 +408,12 @@ where
         "transmission"
     );
     let ctx = Arc::new(Ctx {
-        export: neg.export,
         session,
         barrier: Arc::new(RwLock::new(())),
         modified: AtomicBool::new(false),
+        adapter: neg.adapt.map(|sizes| Adapter::new(sizes, params.size)),
+        ordered: neg.export.device.block_sizes().minimum > 1,
+        export: neg.export,
     });
     let max_requests = limits.max_requests.clamp(1, Semaphore::MAX_PERMITS);
     let requests = Arc::new(Semaphore::new(max_requests));
@@ -464,12 +473,15 @@ where
             Err(rej) => {
                 debug!(cookie = req.cookie, errno = rej.errno, message = %rej.message, "rejected");
                 ctx.session.record(0, 0, true);
+                ctx.session.request_started();
                 let reply = Reply {
                     cookie: req.cookie,
                     body: Body::Error(rej),
                     _permits: Permits::default(),
                 };
-                if tx.send(reply).await.is_err() {
+                let sent = tx.send(reply).await;
+                ctx.session.request_finished();
+                if sent.is_err() {
                     break;
                 }
                 continue;
@@ -499,6 +511,7 @@ where
             _request: Some(request_permit),
             _bytes: byte_permit,
         };
+        ctx.session.request_started();
         let task = execute(ctx.clone(), tx.clone(), cookie, op, guard, permits);
         tokio::spawn(task.in_current_span());
     }
@@ -580,15 +593,29 @@ async fn execute(
     };
     // A closed channel means the connection is going away; the reply has nowhere to go.
     let _ = tx.send(reply).await;
+    ctx.session.request_finished();
 }
 
 /// Runs one validated request against the device; returns the reply body and the bytes read
 /// and written for the statistics.
 async fn perform(ctx: &Ctx, op: Op, guard: Option<OwnedRwLockReadGuard<()>>) -> (Body, u64, u64) {
-    let dev = &ctx.export.device;
+    let dev = &*ctx.export.device;
     let done = |r: Result<(), DeviceError>| match r {
         Ok(()) => Body::Ok,
         Err(e) => Body::Error(e.into()),
+    };
+    // Changes take the export's write order when read-modify-write cycles may be running:
+    // exclusively for a cycle of this connection, shared otherwise (see `unaligned`).
+    let rmw = match (&op, &ctx.adapter) {
+        (Op::Write { offset, data, .. }, Some(a)) => a.needs_rmw(*offset, data.len() as u64),
+        (Op::WriteZeroes { offset, len, .. }, Some(a)) => a.needs_rmw(*offset, u64::from(*len)),
+        _ => false,
+    };
+    let order = &ctx.export.write_order;
+    let (_shared, _exclusive) = match (ctx.ordered && op.modifies(), rmw) {
+        (false, _) => (None, None),
+        (true, false) => (Some(order.read().await), None),
+        (true, true) => (None, Some(order.write().await)),
     };
     match op {
         Op::Read { offset, len, df } => {
@@ -602,11 +629,12 @@ async fn perform(ctx: &Ctx, op: Op, guard: Option<OwnedRwLockReadGuard<()>>) -> 
                     0,
                 );
             }
-            let result = dev
-                .read(offset, len)
-                .await
-                .map_err(Rejection::from)
-                .and_then(|segs| normalize_read(segs, len, df));
+            let result = match &ctx.adapter {
+                Some(a) => a.read(dev, offset, len).await,
+                None => dev.read(offset, len).await,
+            }
+            .map_err(Rejection::from)
+            .and_then(|segs| normalize_read(segs, len, df));
             match result {
                 Ok(segments) => (Body::Read { offset, segments }, u64::from(len), 0),
                 Err(rej) => (Body::Error(rej), 0, 0),
@@ -617,7 +645,11 @@ async fn perform(ctx: &Ctx, op: Op, guard: Option<OwnedRwLockReadGuard<()>>) -> 
             if n == 0 {
                 return (Body::Ok, 0, 0);
             }
-            let body = done(dev.write(offset, data, fua).await);
+            let r = match &ctx.adapter {
+                Some(a) => a.write(dev, offset, data, fua).await,
+                None => dev.write(offset, data, fua).await,
+            };
+            let body = done(r);
             drop(guard);
             let written = if matches!(body, Body::Ok) { n } else { 0 };
             (body, 0, written)
@@ -631,7 +663,11 @@ async fn perform(ctx: &Ctx, op: Op, guard: Option<OwnedRwLockReadGuard<()>>) -> 
             if len == 0 {
                 return (Body::Ok, 0, 0);
             }
-            let body = done(dev.write_zeroes(offset, len, fua, may_trim).await);
+            let r = match &ctx.adapter {
+                Some(a) => a.write_zeroes(dev, offset, len, fua, may_trim).await,
+                None => dev.write_zeroes(offset, len, fua, may_trim).await,
+            };
+            let body = done(r);
             drop(guard);
             (body, 0, 0)
         }
@@ -639,7 +675,10 @@ async fn perform(ctx: &Ctx, op: Op, guard: Option<OwnedRwLockReadGuard<()>>) -> 
             if len == 0 {
                 return (Body::Ok, 0, 0);
             }
-            let mut r = dev.trim(offset, len).await;
+            let mut r = match &ctx.adapter {
+                Some(a) => a.trim(dev, offset, len).await,
+                None => dev.trim(offset, len).await,
+            };
             if r.is_ok() && fua {
                 // The trait's trim has no FUA parameter; a flush gives the same guarantee.
                 r = dev.flush().await;
@@ -657,7 +696,11 @@ async fn perform(ctx: &Ctx, op: Op, guard: Option<OwnedRwLockReadGuard<()>>) -> 
             if len == 0 {
                 return (Body::Ok, 0, 0);
             }
-            (done(dev.cache(offset, len).await), 0, 0)
+            let r = match &ctx.adapter {
+                Some(a) => a.cache(dev, offset, len).await,
+                None => dev.cache(offset, len).await,
+            };
+            (done(r), 0, 0)
         }
         Op::BlockStatus {
             offset,
@@ -665,11 +708,12 @@ async fn perform(ctx: &Ctx, op: Op, guard: Option<OwnedRwLockReadGuard<()>>) -> 
             req_one,
             context,
         } => {
-            let result = dev
-                .block_status(offset, len)
-                .await
-                .map_err(Rejection::from)
-                .and_then(|ext| normalize_extents(ext, len, req_one));
+            let result = match &ctx.adapter {
+                Some(a) => a.block_status(dev, offset, len).await,
+                None => dev.block_status(offset, len).await,
+            }
+            .map_err(Rejection::from)
+            .and_then(|ext| normalize_extents(ext, len, req_one));
             match result {
                 Ok(extents) => (Body::BlockStatus { context, extents }, 0, 0),
                 Err(rej) => (Body::Error(rej), 0, 0),

@@ -55,3 +55,82 @@ async fn libnbd_error_paths() {
     srv.stop().await.unwrap();
     assert_eq!(panics(), 0, "the server panicked");
 }
+
+/// Clients that negotiate no block size (EXPORT_NAME, or GO without INFO_BLOCK_SIZE) are
+/// served the protocol defaults on a 4 KiB-block device: 512-byte and byte-granular reads,
+/// writes and zeroes at odd offsets, checked against an oracle; then qemu-io (which negotiates
+/// and honours the 4 KiB minimum) writes at odd offsets too, and nbdcopy reads it all back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_without_block_sizes_get_the_protocol_defaults() {
+    let python = require_python_nbd();
+    let qemu_io = require_tool("qemu-io", "qemu-utils");
+    let nbdcopy = require_tool("nbdcopy", "libnbd-bin");
+    count_panics();
+    // A multiple of 4 KiB: qemu will not open a writable export whose size is not a multiple of
+    // the minimum block (the short last block is covered by the unit tests).
+    let size = 4 * MIB + 3 * 4096;
+    let mem = MemoryDevice::new(size);
+    let init: Vec<u8> = (0..size).map(|i| ((i * 7 + 3) % 251) as u8).collect();
+    mem.write_at(0, &init);
+    let dev = Arc::new(StrictDevice::new(
+        mem,
+        BlockSizes {
+            minimum: 4096,
+            preferred: 65536,
+            maximum: MIB as u32,
+        },
+    ));
+    let srv = TestServer::start(ServerConfig::default(), vec![export("d", dev.clone())]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let oracle_path = dir.path().join("oracle");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/scripts/nbd_default_sizes.py"
+    );
+    let out = run(Command::new(&python)
+        .arg(script)
+        .arg(srv.uri("d"))
+        .arg(size.to_string())
+        .arg("11")
+        .arg(&oracle_path))
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "default-size checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    let mut oracle = std::fs::read(&oracle_path).unwrap();
+    assert_eq!(dev.inner.contents(), oracle, "device equals the oracle");
+
+    // qemu negotiates the 4 KiB minimum and does its own read-modify-write.
+    for (off, len, pat) in [(1536u64, 2560u64, 0x5a_u8), (5 * 4096 + 512, 7 * 512, 0xc3)] {
+        run_ok(Command::new(&qemu_io).args([
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {pat} {off} {len}"),
+            "-c",
+            &format!("read -P {pat} {off} {len}"),
+            &srv.uri("d"),
+        ]))
+        .await;
+        oracle[off as usize..(off + len) as usize].fill(pat);
+    }
+    let copy = dir.path().join("copy.raw");
+    run_ok(Command::new(&nbdcopy).arg(srv.uri("d")).arg(&copy)).await;
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        oracle,
+        "nbdcopy equals the oracle"
+    );
+    assert_eq!(dev.inner.contents(), oracle);
+    assert_eq!(
+        dev.violations.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the server passed a request breaking the device constraints"
+    );
+    srv.stop().await.unwrap();
+    assert_eq!(panics(), 0, "the server panicked");
+}

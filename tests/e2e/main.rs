@@ -6,6 +6,7 @@ mod backup_restore;
 mod crash_and_concurrency;
 mod damage;
 mod mount;
+mod mount_security;
 mod s3;
 mod s3_support;
 mod verify;

@@ -27,14 +27,14 @@ fn require(tool: &str) {
 }
 
 /// A running `restore mount`, killed by pid when dropped (also when a test fails).
-struct Mount {
+pub(crate) struct Mount {
     child: Option<Child>,
-    uris: Vec<String>,
+    pub(crate) uris: Vec<String>,
     stderr: PathBuf,
 }
 
 impl Mount {
-    fn start(w: &World, args: &[&str], disks: usize) -> Mount {
+    pub(crate) fn start(w: &World, args: &[&str], disks: usize) -> Mount {
         let stderr = w.path(&format!("mount-{}.log", rand::random::<u32>()));
         let mut all = vec!["restore", "mount"];
         all.extend_from_slice(args);
@@ -71,7 +71,7 @@ impl Mount {
         self.child.as_ref().unwrap().id()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
@@ -92,7 +92,7 @@ impl Mount {
         }
     }
 
-    fn sigterm(&mut self) -> bool {
+    pub(crate) fn sigterm(&mut self) -> bool {
         let st = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
@@ -111,7 +111,7 @@ impl Drop for Mount {
     }
 }
 
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     require(cmd);
     Command::new(cmd)
         .args(args)
@@ -120,7 +120,7 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
 }
 
-fn ok(cmd: &str, args: &[&str]) -> String {
+pub(crate) fn ok(cmd: &str, args: &[&str]) -> String {
     let o = run(cmd, args);
     assert!(
         o.status.success(),
@@ -147,7 +147,7 @@ fn compare(a: &Path, b: &Path) {
 }
 
 /// An 8 MiB image backed up as one point of 64 KiB chunks; returns (world, image, point).
-fn setup(seed: u64) -> (World, PathBuf, String) {
+pub(crate) fn setup(seed: u64) -> (World, PathBuf, String) {
     let w = World::with_repo("64KiB");
     let img = w.path("disk.raw");
     make_image(&img, 8 << 20, seed, 6);

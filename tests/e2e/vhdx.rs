@@ -73,7 +73,7 @@ fn qemu_to_raw(vhdx: &Path, raw: &Path) {
     );
 }
 
-/// A changed-ranges document in RCT.md's format. The disk is covered by `queries` successive
+/// A changed-ranges document in docs/changed-ranges.md's format. The disk is covered by `queries` successive
 /// queries (as a host answering in pieces would); each range is split at query boundaries.
 fn rct_doc(size: u64, limit: Option<&str>, new: &str, full: bool, ranges: &[Range<u64>]) -> Value {
     let queries = 3u64;

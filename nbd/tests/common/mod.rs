@@ -34,7 +34,15 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: ServerConfig, exports: Vec<Export>) -> TestServer {
-        let server = Server::new(config).expect("valid config");
+        Self::start_secure(config, blockvault_nbd::Security::default(), exports).await
+    }
+
+    pub async fn start_secure(
+        config: ServerConfig,
+        security: blockvault_nbd::Security,
+        exports: Vec<Export>,
+    ) -> TestServer {
+        let server = Server::with_security(config, security).expect("valid config");
         for e in exports {
             server.add_export(e).expect("valid export");
         }
@@ -361,5 +369,91 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
             "timed out waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A memory device with 4 KiB blocks that fails (and counts) any request breaking its
+/// constraints, so a test sees whether the server ever passes one through.
+pub struct StrictDevice {
+    pub inner: MemoryDevice,
+    pub sizes: BlockSizes,
+    pub violations: AtomicUsize,
+}
+
+impl StrictDevice {
+    pub fn new(inner: MemoryDevice, sizes: BlockSizes) -> StrictDevice {
+        StrictDevice {
+            inner,
+            sizes,
+            violations: AtomicUsize::new(0),
+        }
+    }
+
+    fn check(&self, what: &str, offset: u64, len: u64, payload: bool) -> Result<(), DeviceError> {
+        let min = u64::from(self.sizes.minimum);
+        let end = offset + len;
+        let bad = !offset.is_multiple_of(min)
+            || (!end.is_multiple_of(min) && end != self.inner.size())
+            || (payload && len > u64::from(self.sizes.maximum));
+        if bad {
+            self.violations.fetch_add(1, Ordering::SeqCst);
+            return Err(DeviceError::invalid(format!(
+                "{what} {offset}+{len} breaks the device constraints"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDevice for StrictDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        self.sizes
+    }
+    fn supports_trim(&self) -> bool {
+        true
+    }
+    fn supports_fast_zero(&self) -> bool {
+        true
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadSegment>, DeviceError> {
+        self.check("read", offset, u64::from(len), true)?;
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        self.check("write", offset, data.len() as u64, true)?;
+        // Widen the window in which a read-modify-write could be undone by another.
+        tokio::task::yield_now().await;
+        self.inner.write(offset, data, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+    ) -> Result<(), DeviceError> {
+        self.check("zero", offset, u64::from(len), false)?;
+        self.inner.write_zeroes(offset, len, fua, may_trim).await
+    }
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+        self.check("trim", offset, u64::from(len), false)?;
+        self.inner.trim(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush().await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
+        self.check("status", offset, 0, false)?;
+        self.inner.block_status(offset, len).await
     }
 }
