@@ -4,7 +4,7 @@
 //! a create-only put, and never modified; a verification run writes nothing else. A run killed
 //! before its record is written leaves the repository exactly as it was.
 //!
-//! The name starts with the run's finishing time (`verify/<YYYYMMDDTHHMMSSZ>-<16 hex digits>`), so
+//! The name starts with the run's finishing time (`verify/<YYYYMMDDTHHMMSSmmmZ>-<16 hex digits>`), so
 //! the newest record is the last name of a listing and readers that want only the latest point
 //! states fetch one object. Layout in `docs/FORMAT.md`.
 
@@ -31,11 +31,12 @@ const MAX_RECORD_JSON: usize = 1 << 30;
 pub struct RecordName(String);
 
 impl RecordName {
-    /// A fresh name for a run finishing at `unix_secs`.
-    pub fn new(unix_secs: i64) -> Self {
-        let t = time::OffsetDateTime::from_unix_timestamp(unix_secs)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    /// A fresh name for a run finishing at `t` (millisecond resolution, so that runs in one
+    /// second still sort by time).
+    pub fn new(t: time::OffsetDateTime) -> Self {
+        let fmt = time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second][subsecond digits:3]Z"
+        );
         let stamp = t.format(&fmt).unwrap_or_default();
         let mut r = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut r);
@@ -45,9 +46,11 @@ impl RecordName {
     /// Parses the leaf of an object name; `None` for anything that is not a record name.
     pub fn parse(leaf: &str) -> Option<Self> {
         let (stamp, rand) = leaf.split_once('-')?;
-        let ok = stamp.len() == 16
+        let ok = stamp.len() == 19
             && stamp.as_bytes()[8] == b'T'
             && stamp.ends_with('Z')
+            && stamp[..8].bytes().all(|b| b.is_ascii_digit())
+            && stamp[9..18].bytes().all(|b| b.is_ascii_digit())
             && rand.len() == 16
             && rand.bytes().all(|b| b.is_ascii_hexdigit());
         ok.then(|| Self(leaf.to_string()))
@@ -225,13 +228,7 @@ const LOAD_PARALLELISM: usize = 8;
 impl Repository {
     /// Stores a verify record under a fresh name (create-only). Returns the name.
     pub async fn save_verify_record(&self, record: &VerifyRecord) -> Result<RecordName> {
-        let finished = time::OffsetDateTime::parse(
-            &record.finished,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .map(|t| t.unix_timestamp())
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc().unix_timestamp());
-        let name = RecordName::new(finished);
+        let name = RecordName::new(time::OffsetDateTime::now_utc());
         let sealed = record.seal(self.keys(), &name);
         self.storage()
             .put(&name.path(), Bytes::from(sealed), Write::CreateUnique)
@@ -397,11 +394,12 @@ mod tests {
     fn seal_open_and_bound_to_name() {
         let keys = Keys::derive(&random_master_key());
         let r = record();
-        let name = RecordName::new(1_800_000_000);
-        assert!(RecordName::parse(name.as_str()).is_some());
+        let t = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let name = RecordName::new(t);
+        assert!(RecordName::parse(name.as_str()).is_some(), "{name}");
         let sealed = r.seal(&keys, &name);
         assert_eq!(VerifyRecord::open(&keys, &name, &sealed).unwrap(), r);
-        let other = RecordName::new(1_800_000_000);
+        let other = RecordName::new(t);
         assert!(matches!(
             VerifyRecord::open(&keys, &other, &sealed),
             Err(Error::Tampered { .. })
@@ -414,9 +412,11 @@ mod tests {
 
     #[test]
     fn names_sort_by_time() {
-        let a = RecordName::new(1_800_000_000);
-        let b = RecordName::new(1_800_000_001);
+        let t = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let a = RecordName::new(t);
+        let b = RecordName::new(t + time::Duration::milliseconds(1));
         assert!(a < b);
+        assert!(RecordName::parse(a.as_str()).is_some());
         assert!(RecordName::parse("20261129T170000Z-zz").is_none());
         assert!(RecordName::parse("x").is_none());
     }
