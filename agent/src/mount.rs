@@ -109,6 +109,7 @@ impl BlockDevice for MountDevice {
         }
         self.disk
             .write_zeroes(offset, u64::from(len))
+            .await
             .map_err(to_device)?;
         if fua {
             self.disk.flush().await.map_err(to_device)?;
@@ -123,6 +124,7 @@ impl BlockDevice for MountDevice {
         }
         self.disk
             .write_zeroes(offset, u64::from(len))
+            .await
             .map_err(to_device)
     }
 

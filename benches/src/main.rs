@@ -3,6 +3,7 @@
 //! and prints a table of ratios against targets. Machines here are noisy, so only ratios measured
 //! side by side mean anything.
 
+mod boot;
 mod disk;
 mod measure;
 mod nbd;
@@ -43,7 +44,7 @@ pub struct Args {
     /// S3-protocol servers to run the S3 part against (repeatable).
     #[arg(long, value_enum, default_values_t = [s3::ServerKind::Moto, s3::ServerKind::S3sFs])]
     pub s3_server: Vec<s3::ServerKind>,
-    /// Parts to leave out of this run (repeatable): nbd, vhdx, s3.
+    /// Parts to leave out of this run (repeatable): nbd, vhdx, s3, boot.
     #[arg(long, value_enum)]
     pub skip: Vec<Part>,
     /// Alignment of the incremental's 640 scattered 256 KiB writes (4096: file-system blocks;
@@ -60,6 +61,7 @@ pub enum Part {
     Nbd,
     Vhdx,
     S3,
+    Boot,
 }
 
 impl Args {

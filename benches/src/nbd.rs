@@ -34,6 +34,18 @@ impl Served {
     pub fn id(&self) -> u32 {
         self.0.id()
     }
+
+    /// Waits for the process to exit by itself (after a signal), at most `limit`.
+    pub fn wait_exit(mut self, limit: Duration) -> Result<()> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if self.0.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("process {} did not exit within {limit:?}", self.0.id())
+    }
 }
 
 impl Drop for Served {

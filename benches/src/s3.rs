@@ -16,7 +16,7 @@ use crate::disk::Reference;
 use crate::measure::{timed, Sample, PASSWORD};
 use crate::nbd::nbdcopy;
 
-const BUCKET: &str = "bench";
+pub(crate) const BUCKET: &str = "bench";
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServerKind {
@@ -33,12 +33,12 @@ impl ServerKind {
     }
 }
 
-const ACCESS_KEY: &str = "AKIABENCHBLOCKVAULT1";
-const SECRET_KEY: &str = "bench-secret";
+pub(crate) const ACCESS_KEY: &str = "AKIABENCHBLOCKVAULT1";
+pub(crate) const SECRET_KEY: &str = "bench-secret";
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     /// moto's access log (requests by method); s3s-fs keeps none.
     log: Option<PathBuf>,
 }
@@ -51,7 +51,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start(kind: ServerKind, work: &Path) -> Result<Self> {
+    pub(crate) fn start(kind: ServerKind, work: &Path) -> Result<Self> {
         let port = crate::nbd::free_port()?;
         let m = match kind {
             ServerKind::Moto => {

@@ -378,8 +378,20 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
     let id = repo.resolve_point(text).await?;
     let m = repo.load_point(&id).await?;
     let verify = VerifyStates::load(&repo).await;
+    let trace = repo.load_boot_trace(&id).await?;
+    let trace_summary = trace.as_ref().map(|t| {
+        serde_json::json!({
+            "recorded": t.recorded,
+            "disks": t.disks.iter().map(|d| serde_json::json!({
+                "name": d.name,
+                "chunks": d.slots.len(),
+                "span_ms": d.span_ms,
+            })).collect::<Vec<_>>(),
+        })
+    });
     if g.json {
         let mut v = serde_json::to_value(&m)?;
+        v["boot_trace"] = trace_summary.unwrap_or(serde_json::Value::Null);
         v["verify"] = verify.json(&m.id);
         print_json(&v);
         return Ok(());
@@ -431,6 +443,24 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
         for d in &s.damage {
             println!("  damaged {}: bytes {}", d.disk, format_ranges(&d.ranges));
         }
+    }
+    match &trace {
+        Some(t) => {
+            let disks: Vec<String> = t
+                .disks
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{} {} chunks over {:.1}s",
+                        d.name,
+                        d.slots.len(),
+                        d.span_ms as f64 / 1000.0
+                    )
+                })
+                .collect();
+            println!("boot trace  recorded {}: {}", t.recorded, disks.join(", "));
+        }
+        None => println!("boot trace  none (the next mount records one)"),
     }
     Ok(())
 }

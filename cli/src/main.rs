@@ -244,6 +244,10 @@ pub struct MountArgs {
     /// for a new client when all --max-connections slots are taken.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub idle_timeout: u64,
+    /// Disconnect any client that has had no request in flight for SECS, even with slots free
+    /// (0, the default: never; a quiet guest would lose its disk).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    pub idle_disconnect: u64,
     /// Export name (single disk only; default: the disk name).
     #[arg(long)]
     pub export_name: Option<String>,
@@ -266,6 +270,10 @@ pub struct MountArgs {
     /// Chunks read ahead of a sequential reader.
     #[arg(long, default_value_t = 8)]
     pub readahead: u64,
+    /// Fetch the chunks the point's first boot read (its boot trace, or that of the VM's newest
+    /// earlier point that has one), in that order, from the start.
+    #[arg(long)]
+    pub prefetch_boot: bool,
 }
 
 #[derive(Args, Debug)]
@@ -333,39 +341,9 @@ pub struct VerifyArgs {
     pub parallel: usize,
 }
 
-/// glibc setting that keeps a long-running mount's memory at its cache bound plus a fixed overhead.
-const MMAP_THRESHOLD_ENV: &str = "MALLOC_MMAP_THRESHOLD_";
-
-/// `restore mount` holds a cache of 256 KiB decoded chunks that it keeps replacing. glibc's
-/// allocator raises its mmap threshold after the first such buffer is freed and from then on
-/// serves them from heap arenas, where churn leaves fragments: measured on the reference disk, the
-/// process grew to the cache bound plus 13-19 % plus 40 MiB. With a fixed 128 KiB threshold every
-/// chunk buffer is its own mapping, returned whole when evicted, and the peak stays at the bound
-/// plus about 45 MiB (docs/BENCHMARKS.md). glibc reads the setting only at start-up, so the mount
-/// re-executes itself once with it set (same pid, same arguments).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn reexec_with_fixed_mmap_threshold(cli: &Cli) {
-    use std::os::unix::process::CommandExt;
-    let mounting = matches!(&cli.command, Command::Restore(RestoreCmd::Mount(_)));
-    if !mounting || std::env::var_os(MMAP_THRESHOLD_ENV).is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env(MMAP_THRESHOLD_ENV, "131072")
-        .exec();
-    // Still here: the exec failed; serve anyway, with the allocator's defaults.
-    tracing::debug!("re-executing with a fixed mmap threshold failed: {err}");
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.global.verbose);
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    reexec_with_fixed_mmap_threshold(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

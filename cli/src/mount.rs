@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use blockvault_agent::mount::MountDevice;
+use blockvault_engine::PrefetchReport;
 use blockvault_engine::{
     start_hydration, DiskReader, Hydration, MountedDisk, Overlay, RandomReadOptions, RandomReader,
     ReaderOptions,
 };
 use blockvault_nbd::{Cidr, Export, Listener, Security, Server, ServerConfig, TlsConfig};
+use blockvault_repo::{BootTrace, DiskTrace};
 use serde_json::json;
 
 use crate::commands::{cache_dir, open_repo, print_json};
@@ -36,6 +38,74 @@ struct Mounted {
     uri: String,
     disk: Arc<MountedDisk>,
     hydration: Option<Arc<Hydration>>,
+    prefetch: Arc<std::sync::Mutex<Option<PrefetchReport>>>,
+}
+
+/// How long after its first read a mount records the boot trace.
+const BOOT_TRACE_WINDOW: Duration = Duration::from_secs(60);
+
+/// The boot trace to replay for `point`: its own, else that of the newest earlier point of the
+/// same VM that has one (a successor boots much like its predecessor did).
+async fn boot_trace_for(
+    repo: &Arc<blockvault_repo::Repository>,
+    point: &blockvault_repo::PointManifest,
+    traced: &std::collections::HashSet<blockvault_repo::PointId>,
+) -> Result<Option<BootTrace>> {
+    if traced.contains(&point.id) {
+        return Ok(repo.load_boot_trace(&point.id).await?);
+    }
+    let (points, _) = repo.list_points().await?;
+    let mut earlier: Vec<_> = points
+        .iter()
+        .filter(|p| p.vm == point.vm && p.created < point.created && traced.contains(&p.id))
+        .collect();
+    earlier.sort_by(|a, b| b.created.cmp(&a.created));
+    for p in earlier {
+        match repo.load_boot_trace(&p.id).await {
+            Ok(Some(t)) => return Ok(Some(t)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(point = %p.id, error = %e, "unreadable boot trace skipped"),
+        }
+    }
+    Ok(None)
+}
+
+/// Stores what the disks recorded as the point's boot trace (once; later calls do nothing).
+async fn save_boot_trace(
+    repo: &Arc<blockvault_repo::Repository>,
+    point: &blockvault_repo::PointManifest,
+    disks: &[(String, Arc<MountedDisk>)],
+) {
+    let mut traces = Vec::new();
+    for (name, d) in disks {
+        if let Some(r) = d.reader().take_recording() {
+            if !r.slots.is_empty() {
+                traces.push(DiskTrace {
+                    name: name.clone(),
+                    disk_size: d.size(),
+                    chunk_size: point.chunk_size,
+                    slots: r.slots,
+                    span_ms: r.span_ms,
+                });
+            }
+        }
+    }
+    if traces.is_empty() {
+        return;
+    }
+    let trace = BootTrace {
+        version: blockvault_repo::format::BOOT_TRACE_VERSION,
+        point: point.id.to_hex(),
+        recorded: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        disks: traces,
+    };
+    match repo.save_boot_trace(&point.id, &trace).await {
+        Ok(true) => tracing::info!(point = %point.id, "boot trace stored"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot store the boot trace"),
+    }
 }
 
 pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
@@ -64,6 +134,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
         max_connections: a.max_connections,
         handshake_timeout_secs: a.handshake_timeout,
         idle_timeout_secs: a.idle_timeout,
+        idle_close_secs: a.idle_disconnect,
         ..ServerConfig::default()
     };
     config.validate().map_err(|e| input(e.to_string()))?;
@@ -72,6 +143,23 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
     let id = repo.resolve_point(&a.point).await?;
     let point = repo.load_point(&id).await?;
     let point_hex = point.id.to_hex();
+    // Boot traces: this point's first mount records one; --prefetch-boot replays the newest.
+    let traced = repo.boot_trace_points().await?;
+    let recording = !traced.contains(&point.id);
+    let replay = if a.prefetch_boot {
+        let t = boot_trace_for(&repo, &point, &traced).await?;
+        if let Some(t) = &t {
+            eprintln!("prefetching the boot trace recorded on point {}", t.point);
+        } else {
+            eprintln!(
+                "no boot trace for point {point_hex} or an earlier point of VM {}: nothing to prefetch (this mount records one)",
+                point.vm
+            );
+        }
+        t
+    } else {
+        None
+    };
 
     let listener: Listener = match (&a.listen, &a.socket) {
         (Some(_), Some(_)) => return Err(input("give either --listen or --socket".into())),
@@ -139,30 +227,91 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             Some(dir) => Some(Overlay::open(dir, name, &point_hex, random.size())?),
             None => None,
         };
-        let hydration = match &a.hydrate_to {
+        let hydrate_file = match &a.hydrate_to {
+            Some(p) if a.disks.len() == 1 => Some(absolute(p)?),
             Some(p) => {
-                let file = if a.disks.len() == 1 {
-                    p.clone()
-                } else {
-                    std::fs::create_dir_all(p)
-                        .with_context(|| format!("creating {}", p.display()))?;
-                    p.join(format!("{name}.raw"))
-                };
-                Some(start_hydration(
-                    random.clone(),
-                    file,
-                    a.parallel.clamp(1, 4),
-                )?)
+                std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+                Some(absolute(&p.join(format!("{name}.raw")))?)
             }
             None => None,
         };
+        // An overlay an earlier mount merged into its hydrated file: that file is the disk now.
+        let merged = match &overlay {
+            Some(o) => o.merged_into()?,
+            None => None,
+        };
+        let (disk, hydration) = match (overlay, merged) {
+            (Some(o), Some(file)) => {
+                if hydrate_file.as_ref().is_some_and(|h| *h != file) {
+                    return Err(input(format!(
+                        "the overlay of disk '{name}' was merged into {}; mount with --hydrate-to {} (or without --hydrate-to)",
+                        file.display(),
+                        file.display()
+                    )));
+                }
+                let part = PathBuf::from(format!("{}.part", file.display()));
+                if !file.exists() && part.exists() {
+                    // Stopped between recording the merge and the rename: finish it.
+                    std::fs::rename(&part, &file).with_context(|| {
+                        format!("renaming {} to {}", part.display(), file.display())
+                    })?;
+                    let _ = std::fs::remove_file(format!("{}.done", part.display()));
+                }
+                if !file.exists() {
+                    return Err(input(format!(
+                        "the overlay of disk '{name}' was merged into {}, which is gone; the guest's later writes are only there",
+                        file.display()
+                    )));
+                }
+                eprintln!(
+                    "disk {name}: serving the hydrated file {} (the overlay was merged into it)",
+                    file.display()
+                );
+                (Arc::new(MountedDisk::new_local(random, o, &file)?), None)
+            }
+            (overlay, _) => {
+                let disk = Arc::new(MountedDisk::new(random, overlay)?);
+                let hydration = match hydrate_file {
+                    Some(file) => {
+                        Some(start_hydration(disk.clone(), file, a.parallel.clamp(1, 4))?)
+                    }
+                    None => None,
+                };
+                (disk, hydration)
+            }
+        };
+        if recording {
+            disk.reader().start_recording(BOOT_TRACE_WINDOW);
+        }
+        let prefetch = Arc::new(std::sync::Mutex::new(None));
+        if let Some(slots) = replay
+            .as_ref()
+            .and_then(|t| t.disk(name))
+            .filter(|t| t.chunk_size == point.chunk_size)
+            .map(|t| t.slots.clone())
+        {
+            let (reader, done) = (disk.reader().clone(), prefetch.clone());
+            tokio::spawn(async move {
+                let r = reader.prefetch(&slots).await;
+                tracing::info!(
+                    chunks = r.chunks,
+                    bytes = r.bytes,
+                    ms = r.millis,
+                    "boot prefetch done"
+                );
+                *done
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+            });
+        }
         let export = a.export_name.clone().unwrap_or_else(|| name.clone());
         disks.push(Mounted {
             name: name.clone(),
             uri: base_uri(&export),
             export,
-            disk: Arc::new(MountedDisk::new(random, overlay)?),
+            disk,
             hydration,
+            prefetch,
         });
     }
 
@@ -193,6 +342,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                         d.uri.clone(),
                         d.disk.clone(),
                         d.hydration.clone(),
+                        d.prefetch.clone(),
                     )
                 })
                 .collect::<Vec<_>>(),
@@ -210,16 +360,19 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
                 "total_connections": s.total_connections,
                 "bytes_served": s.bytes_read,
                 "bytes_written": s.bytes_written,
-                "disks": disks.iter().map(|(name, export, uri, disk, hyd)| json!({
+                "boot_trace": if recording { "recording" } else { "present" },
+                "disks": disks.iter().map(|(name, export, uri, disk, hyd, pre)| json!({
                     "name": name,
                     "export": export,
                     "uri": uri,
                     "size": disk.size(),
                     "writable": disk.writable(),
                     "overlay_bytes": disk.overlay().map(|o| o.changed_bytes()),
+                    "local_file": disk.local_path(),
                     "cache": disk.reader().cache_stats(),
                     "connections": s.sessions.iter().filter(|x| x.export.as_deref() == Some(export.as_str())).count(),
                     "hydration": hyd.as_ref().map(|h| h.status()),
+                    "boot_prefetch": *pre.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
                 })).collect::<Vec<_>>(),
             })
         }
@@ -279,24 +432,33 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             }
         })
     };
+    let traced_disks: Vec<(String, Arc<MountedDisk>)> = disks
+        .iter()
+        .map(|d| (d.name.clone(), d.disk.clone()))
+        .collect();
+    // The trace is stored when its window ends, or at the stop if that comes first.
+    let (stop_recording, stopped) = tokio::sync::oneshot::channel::<()>();
+    let trace_saver = recording.then(|| {
+        let (repo, point, traced_disks) = (repo.clone(), point.clone(), traced_disks.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(BOOT_TRACE_WINDOW) => {}
+                _ = stopped => {}
+            }
+            save_boot_trace(&repo, &point, &traced_disks).await;
+        })
+    });
     // serve() answers in-flight requests and flushes every writable export before returning.
     let served = server.serve(listener, shutdown).await;
     ticker.abort();
+    let _ = stop_recording.send(());
+    if let Some(t) = trace_saver {
+        let _ = t.await;
+    }
     let mut result = served.map_err(anyhow::Error::from);
     for d in &disks {
         if let Err(e) = d.disk.flush().await {
             result = result.and(Err(anyhow::Error::from(e)));
-        }
-        if let Some(h) = d.hydration.as_ref().filter(|h| h.is_complete()) {
-            match d.disk.fold_into(h.path()).await {
-                Ok(n) if n > 0 => eprintln!(
-                    "wrote {} of overlay changes into {}",
-                    human(n),
-                    h.path().display()
-                ),
-                Ok(_) => {}
-                Err(e) => result = result.and(Err(anyhow::Error::from(e))),
-            }
         }
     }
     if let Some(p) = &a.socket {
@@ -304,6 +466,12 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
     }
     let _ = std::fs::remove_file(&status_path);
     result
+}
+
+/// `p` made absolute (without resolving links), so that a merge record names the file wherever
+/// the next mount is started from.
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
 /// TLS credentials and `--allow-from` blocks, checked before anything else is opened.

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::mpsc;
 
+use crate::mounted::MountedDisk;
 use crate::random_read::RandomReader;
 use crate::{Error, Result};
 
@@ -132,12 +133,22 @@ impl Journal {
     }
 }
 
-/// Starts hydrating `reader`'s disk into `path`; returns at once with the progress handle.
+/// Starts hydrating `disk` into `path`; returns at once with the progress handle. A writable
+/// disk's overlay is merged into the copy once every chunk is in it, and the disk is served from
+/// `path` from then on (`MountedDisk::switch_to_local`), so the guest's writes, earlier and later,
+/// all end up in the file.
 pub fn start_hydration(
-    reader: Arc<RandomReader>,
+    disk: Arc<MountedDisk>,
     path: PathBuf,
     workers: usize,
 ) -> Result<Arc<Hydration>> {
+    let reader = disk.reader().clone();
+    if path.exists() {
+        return Err(Error::Invalid(format!(
+            "{} already exists (a finished hydration, perhaps in use by a VM); remove it or choose another path",
+            path.display()
+        )));
+    }
     let count = reader.layout().chunk_count();
     let total = (0..count)
         .filter(|s| reader.is_allocated(*s))
@@ -244,6 +255,26 @@ pub fn start_hydration(
                 let (j, f, c) = (journal.clone(), file.clone(), copied.clone());
                 let _ = tokio::task::spawn_blocking(move || record_once(&j, &f, &c)).await;
                 Err(e)
+            }
+            None if disk.writable() => {
+                // Every chunk is durable: record it, so that a stop during the merge resumes
+                // straight into the merge.
+                let (j, f, c) = (journal.clone(), file.clone(), copied.clone());
+                let recorded = tokio::task::spawn_blocking(move || record_once(&j, &f, &c))
+                    .await
+                    .map_err(Error::task)
+                    .and_then(|r| r.map_err(werr(&part)));
+                match recorded {
+                    Ok(()) => match disk.switch_to_local(&part, &path).await {
+                        Ok(n) => {
+                            journal.remove();
+                            tracing::info!(path = %path.display(), bytes = n, "overlay merged into the hydrated file; serving from it");
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
             }
             None => {
                 let (f, part, path) = (file.clone(), part.clone(), path.clone());

@@ -2,6 +2,7 @@
 //! points back (export, random access), and verify what is stored.
 
 mod backup;
+mod buffers;
 mod cache;
 mod error;
 mod export;
@@ -23,7 +24,9 @@ pub use hydrate::{start_hydration, Hydration, HydrationStatus};
 pub use mounted::{MountedDisk, StatusRun};
 pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
 pub use progress::Progress;
-pub use random_read::{MapRun, RandomReadOptions, RandomReader, Segment};
+pub use random_read::{
+    MapRun, PrefetchReport, RandomReadOptions, RandomReader, Recording, Segment,
+};
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
 pub use verify::{

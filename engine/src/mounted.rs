@@ -2,7 +2,7 @@
 //! overlay. Every connection of an export shares one `MountedDisk`, so all see the same data.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,7 +22,48 @@ pub struct StatusRun {
 pub struct MountedDisk {
     reader: Arc<RandomReader>,
     overlay: Option<Overlay>,
+    /// The hydrated local file once the overlay has been merged into it: from then on every read
+    /// and write goes there. Requests hold the read side for their whole duration, so the switch
+    /// (which takes the write side) sees no request half done.
+    local: tokio::sync::RwLock<Option<Arc<LocalFile>>>,
 }
+
+/// A complete local copy of the disk, serving reads and writes after the switch-over.
+pub struct LocalFile {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl LocalFile {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| Error::Output {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    fn err(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Output {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(Error::task)?
+}
+
+/// Bytes of zeroes written at once by write-zeroes on the local file and by merges.
+const ZERO_STEP: u64 = 1 << 20;
 
 impl MountedDisk {
     pub fn new(reader: Arc<RandomReader>, overlay: Option<Overlay>) -> Result<Self> {
@@ -35,7 +76,27 @@ impl MountedDisk {
                 )));
             }
         }
-        Ok(Self { reader, overlay })
+        Ok(Self {
+            reader,
+            overlay,
+            local: tokio::sync::RwLock::new(None),
+        })
+    }
+
+    /// A disk whose overlay was merged into `file` by an earlier mount: served from the file.
+    pub fn new_local(reader: Arc<RandomReader>, overlay: Overlay, file: &Path) -> Result<Self> {
+        let local = LocalFile::open(file)?;
+        let len = local.file.metadata().map_err(local.err())?.len();
+        if len != reader.size() {
+            return Err(Error::Invalid(format!(
+                "{} holds {len} bytes; the disk has {}",
+                file.display(),
+                reader.size()
+            )));
+        }
+        let d = Self::new(reader, Some(overlay))?;
+        *d.local.try_write().expect("not shared yet") = Some(Arc::new(local));
+        Ok(d)
     }
 
     pub fn size(&self) -> u64 {
@@ -54,7 +115,27 @@ impl MountedDisk {
         self.overlay.as_ref()
     }
 
+    /// The local file the disk is served from, once switched over.
+    pub fn local_path(&self) -> Option<PathBuf> {
+        self.local
+            .try_read()
+            .ok()
+            .and_then(|g| g.as_ref().map(|l| l.path.clone()))
+    }
+
     pub async fn read_at(&self, offset: u64, len: u64) -> Result<Vec<Segment>> {
+        let local = self.local.read().await;
+        if let Some(l) = local.as_ref() {
+            self.reader.check(offset, len)?;
+            let l = l.clone();
+            let buf = blocking(move || {
+                let mut buf = vec![0u8; len as usize];
+                l.file.read_exact_at(&mut buf, offset).map_err(l.err())?;
+                Ok(buf)
+            })
+            .await?;
+            return Ok(vec![Segment::Data(Bytes::from(buf))]);
+        }
         let Some(o) = &self.overlay else {
             return self.reader.read_at(offset, len).await;
         };
@@ -78,22 +159,53 @@ impl MountedDisk {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
-        self.overlay_mut()?.write(offset, data).await
+        let o = self.overlay_mut()?;
+        let local = self.local.read().await;
+        match local.as_ref() {
+            Some(l) => {
+                self.reader.check(offset, data.len() as u64)?;
+                let l = l.clone();
+                blocking(move || l.file.write_all_at(&data, offset).map_err(l.err())).await
+            }
+            None => o.write(offset, data).await,
+        }
     }
 
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.overlay_mut()?.zero(offset, len)
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let o = self.overlay_mut()?;
+        let local = self.local.read().await;
+        match local.as_ref() {
+            Some(l) => {
+                self.reader.check(offset, len)?;
+                let l = l.clone();
+                blocking(move || write_zeroes(&l.file, offset, len).map_err(l.err())).await
+            }
+            None => o.zero(offset, len),
+        }
     }
 
     pub async fn flush(&self) -> Result<()> {
-        match &self.overlay {
-            Some(o) => o.flush().await,
-            None => Ok(()),
+        let local = self.local.read().await;
+        match (local.as_ref(), &self.overlay) {
+            (Some(l), _) => {
+                let l = l.clone();
+                blocking(move || l.file.sync_data().map_err(l.err())).await
+            }
+            (None, Some(o)) => o.flush().await,
+            (None, None) => Ok(()),
         }
     }
 
     /// Allocation status from `offset`, covering `len` bytes.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>> {
+        if self.local_path().is_some() {
+            self.reader.check(offset, len)?;
+            return Ok(vec![StatusRun {
+                length: len,
+                hole: false,
+                zero: false,
+            }]);
+        }
         let backup = |from: u64, n: u64| -> Result<Vec<StatusRun>> {
             Ok(self
                 .reader
@@ -138,48 +250,100 @@ impl MountedDisk {
         Ok(merged)
     }
 
-    /// Writes the overlay's blocks (data and zeroes) into `file`, a complete copy of the restore
-    /// point (a finished hydration), making it the disk as the guest last flushed it.
-    pub async fn fold_into(&self, file: &Path) -> Result<u64> {
+    /// Merges the overlay into `part`, a complete copy of the restore point (a hydration whose
+    /// every chunk is durable), renames it to `file` and serves the disk from it from then on.
+    /// The guest keeps reading and writing meanwhile: a first pass copies the overlay while
+    /// remembering what the guest changes; then requests are held for a second pass over just
+    /// those changes, the part file is synced, the overlay directory records that `file` now holds
+    /// the disk (`<disk>.local`), and the rename happens. Returns the bytes merged.
+    pub async fn switch_to_local(&self, part: &Path, file: &Path) -> Result<u64> {
         let Some(o) = &self.overlay else {
-            return Ok(0);
+            return Err(Error::Invalid(
+                "a read-only mount has nothing to merge".into(),
+            ));
         };
-        o.flush().await?;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(file)
-            .map_err(|source| Error::Output {
-                path: file.to_owned(),
+        let target = Arc::new(LocalFile::open(part)?);
+        o.track_changes();
+        let everything: Vec<(u64, u64)> = o
+            .runs(0, o.size())
+            .into_iter()
+            .filter(|r| r.2 != BlockState::Backup)
+            .map(|r| (r.0, r.1))
+            .collect();
+        let mut merged = self.merge(o, &target, &everything).await?;
+        let mut local = self.local.write().await;
+        let changed = o.take_changes();
+        merged += self.merge(o, &target, &changed).await?;
+        let t = target.clone();
+        blocking(move || t.file.sync_all().map_err(t.err())).await?;
+        o.record_merged_into(file)?;
+        let (from, to) = (part.to_owned(), file.to_owned());
+        blocking(move || {
+            std::fs::rename(&from, &to).map_err(|source| Error::Output {
+                path: to.clone(),
                 source,
             })?;
-        let mut folded = 0;
-        let zeros = vec![0u8; 1 << 20];
-        for (from, n, st) in o.runs(0, o.size()) {
-            let mut pos = from;
-            while pos < from + n {
-                let step = (from + n - pos).min(1 << 20);
-                let werr = |source: std::io::Error| Error::Output {
-                    path: file.to_owned(),
-                    source,
-                };
-                match st {
-                    BlockState::Backup => break,
-                    BlockState::Data => {
-                        let buf = o.read_data(pos, step).await?;
-                        f.write_all_at(&buf, pos).map_err(werr)?;
+            sync_parent(&to)
+        })
+        .await?;
+        *local = Some(Arc::new(LocalFile::open(file)?));
+        Ok(merged)
+    }
+
+    /// Copies the overlay's view of `runs` (data and zeroes; blocks still on the backup are
+    /// skipped) into `target`.
+    async fn merge(
+        &self,
+        o: &Overlay,
+        target: &Arc<LocalFile>,
+        runs: &[(u64, u64)],
+    ) -> Result<u64> {
+        let mut merged = 0;
+        for &(offset, len) in runs {
+            for (from, n, st) in o.runs(offset, len) {
+                let mut pos = from;
+                while pos < from + n {
+                    let step = (from + n - pos).min(ZERO_STEP);
+                    let t = target.clone();
+                    match st {
+                        BlockState::Backup => break,
+                        BlockState::Data => {
+                            let buf = o.read_data(pos, step).await?;
+                            blocking(move || t.file.write_all_at(&buf, pos).map_err(t.err()))
+                                .await?;
+                        }
+                        BlockState::Zero => {
+                            blocking(move || write_zeroes(&t.file, pos, step).map_err(t.err()))
+                                .await?;
+                        }
                     }
-                    BlockState::Zero => {
-                        f.write_all_at(&zeros[..step as usize], pos).map_err(werr)?;
-                    }
+                    merged += step;
+                    pos += step;
                 }
-                folded += step;
-                pos += step;
             }
         }
-        f.sync_all().map_err(|source| Error::Output {
-            path: file.to_owned(),
-            source,
-        })?;
-        Ok(folded)
+        Ok(merged)
     }
+}
+
+fn write_zeroes(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; len.min(ZERO_STEP) as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(ZERO_STEP) as usize;
+        f.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Makes a rename into `path`'s directory durable.
+fn sync_parent(path: &Path) -> Result<()> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_owned(),
+        None => PathBuf::from("."),
+    };
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Output { path: dir, source })
 }

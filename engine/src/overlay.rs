@@ -33,6 +33,8 @@ const VERSION: u32 = 1;
 const HEADER: u64 = 4096;
 /// The map is written back in pages of this many entries.
 const MAP_PAGE: usize = 4096;
+/// First words of `<disk>.local`, followed by the restore point id, a space and the file's path.
+const LOCAL_RECORD: &str = "blockvault overlay merged v1 ";
 
 /// State of one overlay block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,11 +67,17 @@ pub struct Overlay {
     map_file: Arc<File>,
     data_path: PathBuf,
     map_path: PathBuf,
+    /// `<disk>.local`: written when the overlay has been merged into a hydrated local file.
+    local_path: PathBuf,
+    point: String,
     size: u64,
     map: RwLock<MapState>,
     /// Serialises flushes so two snapshots never race to the map file.
     flushing: tokio::sync::Mutex<()>,
     dirty_data: Mutex<bool>,
+    /// Blocks written or zeroed since `track_changes` was called (for merging the overlay into a
+    /// local copy while the guest keeps writing).
+    tracked: Mutex<Option<BTreeSet<u64>>>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -193,6 +201,8 @@ impl Overlay {
             map_file: Arc::new(map_file),
             data_path,
             map_path,
+            local_path: dir.join(format!("{disk}.local")),
+            point: point.to_owned(),
             size,
             map: RwLock::new(MapState {
                 blocks,
@@ -200,6 +210,7 @@ impl Overlay {
             }),
             flushing: tokio::sync::Mutex::new(()),
             dirty_data: Mutex::new(false),
+            tracked: Mutex::new(None),
         })
     }
 
@@ -209,6 +220,53 @@ impl Overlay {
 
     pub fn data_path(&self) -> &Path {
         &self.data_path
+    }
+
+    /// The local file this overlay was merged into, if it was (`<disk>.local`, see
+    /// `MountedDisk::switch_to_local`). A record for another restore point is an error.
+    pub fn merged_into(&self) -> Result<Option<PathBuf>> {
+        let text = match std::fs::read_to_string(&self.local_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&self.local_path)(e)),
+        };
+        let bad = || {
+            Error::Invalid(format!(
+            "{} is not a blockvault merge record; remove it only if the disk's local file is not in use",
+            self.local_path.display()
+        ))
+        };
+        let line = text.strip_prefix(LOCAL_RECORD).ok_or_else(bad)?;
+        let (point, file) = line
+            .trim_end_matches('\n')
+            .split_once(' ')
+            .ok_or_else(bad)?;
+        if point != self.point {
+            return Err(Error::Invalid(format!(
+                "{} says the overlay of restore point {point} was merged, not {}",
+                self.local_path.display(),
+                self.point
+            )));
+        }
+        Ok(Some(PathBuf::from(file)))
+    }
+
+    /// Records, durably, that the overlay has been merged into `file`, which holds the disk from
+    /// now on.
+    pub fn record_merged_into(&self, file: &Path) -> Result<()> {
+        let tmp = self.local_path.with_extension("local.tmp");
+        let body = format!("{LOCAL_RECORD}{} {}\n", self.point, file.display());
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, body.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.local_path)?;
+            if let Some(dir) = self.local_path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(io(&self.local_path))
     }
 
     /// Runs of equal block state over `offset..offset+len` (both 4 KiB aligned).
@@ -233,6 +291,14 @@ impl Overlay {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
         let first = (offset / OVERLAY_BLOCK) as usize;
         let last = (offset + len).div_ceil(OVERLAY_BLOCK) as usize;
+        if let Some(t) = self
+            .tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            t.extend(first as u64..last as u64);
+        }
         for b in first..last {
             if map.blocks[b] != st as u8 {
                 map.blocks[b] = st as u8;
@@ -336,6 +402,31 @@ impl Overlay {
                 .unwrap_or_else(PoisonError::into_inner) = true;
         }
         res.map(|_| ())
+    }
+
+    /// From now on, remembers which blocks are written or zeroed.
+    pub fn track_changes(&self) {
+        *self.tracked.lock().unwrap_or_else(PoisonError::into_inner) = Some(BTreeSet::new());
+    }
+
+    /// The blocks changed since `track_changes` (or the last call), as `(offset, len)` runs of
+    /// adjacent blocks; tracking goes on.
+    pub fn take_changes(&self) -> Vec<(u64, u64)> {
+        let set = self
+            .tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in set {
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l == b * OVERLAY_BLOCK => *l += OVERLAY_BLOCK,
+                _ => runs.push((b * OVERLAY_BLOCK, OVERLAY_BLOCK)),
+            }
+        }
+        runs
     }
 
     /// Bytes of the disk the overlay holds (data or zeroes).

@@ -4,6 +4,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use blockvault_repo::MAX_TRACE_SLOTS;
 
 use blockvault_chunker::ChunkLayout;
 use bytes::Bytes;
@@ -73,6 +76,33 @@ pub struct RandomReader {
     last_end: AtomicU64,
     /// Chunks the guest asked for, so hydration can copy them first.
     demand: Mutex<Option<mpsc::Sender<u64>>>,
+    /// The boot trace being recorded, if any.
+    recorder: Mutex<Option<Recorder>>,
+}
+
+/// Records data chunks in the order of their first read, for a window of time from the first.
+struct Recorder {
+    seen: Vec<bool>,
+    order: Vec<u64>,
+    window: Duration,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+/// What a boot-trace recording saw.
+#[derive(Debug, Clone, Default)]
+pub struct Recording {
+    pub slots: Vec<u64>,
+    pub span_ms: u64,
+}
+
+/// What a prefetch did.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PrefetchReport {
+    pub chunks: u64,
+    pub bytes: u64,
+    pub failed: u64,
+    pub millis: u64,
 }
 
 impl RandomReader {
@@ -91,6 +121,7 @@ impl RandomReader {
             fetches: Arc::new(Semaphore::new(opts.parallel)),
             last_end: AtomicU64::new(u64::MAX),
             demand: Mutex::new(None),
+            recorder: Mutex::new(None),
             opts,
         })
     }
@@ -126,7 +157,7 @@ impl RandomReader {
         self.cache.get(slot).await
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.size()) {
             return Err(Error::Invalid(format!(
                 "read of {len} bytes at offset {offset} runs past the end of the {}-byte disk",
@@ -145,6 +176,7 @@ impl RandomReader {
         let end = offset + len;
         let slots = self.layout.chunks_of(offset..end);
         let sequential = self.last_end.swap(end, Ordering::Relaxed) == offset;
+        self.record(slots.clone());
         if let Some(tx) = self
             .demand
             .lock()
@@ -186,6 +218,84 @@ impl RandomReader {
             }
         }
         Ok(out)
+    }
+
+    /// Starts recording a boot trace: the data chunks read from now on, in the order of their
+    /// first read, until `window` after the first one.
+    pub fn start_recording(&self, window: Duration) {
+        *self.recorder.lock().unwrap_or_else(PoisonError::into_inner) = Some(Recorder {
+            seen: vec![false; self.layout.chunk_count() as usize],
+            order: Vec::new(),
+            window,
+            first: None,
+            last: None,
+        });
+    }
+
+    /// Ends the recording and returns it (`None` if none was started).
+    pub fn take_recording(&self) -> Option<Recording> {
+        let r = self
+            .recorder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        let span_ms = match (r.first, r.last) {
+            (Some(f), Some(l)) => l.duration_since(f).as_millis() as u64,
+            _ => 0,
+        };
+        Some(Recording {
+            slots: r.order,
+            span_ms,
+        })
+    }
+
+    fn record(&self, slots: std::ops::Range<u64>) {
+        let mut g = self.recorder.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(r) = g.as_mut() else { return };
+        let now = Instant::now();
+        let first = *r.first.get_or_insert(now);
+        if now.duration_since(first) > r.window || r.order.len() >= MAX_TRACE_SLOTS {
+            return;
+        }
+        for s in slots.filter(|s| self.is_allocated(*s)) {
+            if !std::mem::replace(&mut r.seen[s as usize], true) {
+                r.order.push(s);
+                r.last = Some(now);
+            }
+        }
+    }
+
+    /// Fetches `slots` into the memory cache in that order (a boot trace), at most half the fetch
+    /// slots at a time so the guest's own reads are never starved, and no more than three
+    /// quarters of the cache, so the chunks fetched first are not evicted by the last.
+    pub async fn prefetch(&self, slots: &[u64]) -> PrefetchReport {
+        let started = Instant::now();
+        let budget = (self.opts.cache_bytes as u64) / 4 * 3;
+        let mut report = PrefetchReport::default();
+        let wanted = slots
+            .iter()
+            .copied()
+            .filter(|s| *s < self.layout.chunk_count() && self.is_allocated(*s));
+        let mut fetches = std::pin::pin!(stream::iter(wanted)
+            .map(|s| async move { (s, self.chunk(s).await) })
+            .buffered((self.opts.parallel / 2).max(1)));
+        while let Some((s, r)) = fetches.next().await {
+            match r {
+                Ok(b) => {
+                    report.chunks += 1;
+                    report.bytes += b.len() as u64;
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    tracing::debug!(slot = s, error = %e, "boot prefetch failed");
+                }
+            }
+            if report.bytes >= budget {
+                break;
+            }
+        }
+        report.millis = started.elapsed().as_millis() as u64;
+        report
     }
 
     /// Starts fetching the chunks after `next` in the background, only with spare fetch

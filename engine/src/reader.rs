@@ -10,6 +10,7 @@ use blockvault_repo::{
 };
 use bytes::Bytes;
 
+use crate::buffers::BufferPool;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -33,7 +34,12 @@ pub struct DiskReader {
     /// keeping every touched page costs 1/2000 of the data it describes.
     pages: Mutex<HashMap<u64, Arc<ChunkMapPage>>>,
     opts: ReaderOptions,
+    /// Chunk buffers, recycled when the last view of a chunk is dropped.
+    buffers: Arc<BufferPool>,
 }
+
+/// Idle chunk buffers a reader keeps for reuse, in bytes (at least four buffers).
+const IDLE_BUFFER_BYTES: usize = 16 << 20;
 
 impl DiskReader {
     pub fn open(
@@ -76,6 +82,10 @@ impl DiskReader {
             layout,
             pages: Mutex::new(HashMap::new()),
             opts,
+            buffers: BufferPool::new(
+                point.chunk_size as usize,
+                (IDLE_BUFFER_BYTES / point.chunk_size.max(1) as usize).max(4),
+            ),
         })
     }
 
@@ -130,7 +140,7 @@ impl DiskReader {
         };
         let data = self
             .repo
-            .read_blob(&id, Some(BlobKind::Data))
+            .read_blob_into(&id, Some(BlobKind::Data), self.buffers.take())
             .await
             .map_err(|source| Error::Chunk {
                 disk: self.disk.name.clone(),
@@ -149,7 +159,7 @@ impl DiskReader {
                 ),
             });
         }
-        Ok(Some(Bytes::from(data)))
+        Ok(Some(self.buffers.share(data)))
     }
 
     /// Every chunk of the disk in slot order, `options().parallel` fetched at once. Each fetch is a

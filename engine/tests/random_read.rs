@@ -167,11 +167,11 @@ fn overlay_merges_over_the_backup_and_hydration_copies_everything() {
     rt().block_on(async {
         let (r, point) = mounted(dir.path(), &data, 8 * CHUNK).await;
         let o = Overlay::open(&dir.path().join("ov"), "d", &point, r.size()).unwrap();
-        let disk = MountedDisk::new(r.clone(), Some(o)).unwrap();
+        let disk = std::sync::Arc::new(MountedDisk::new(r.clone(), Some(o)).unwrap());
         disk.write(8192, bytes::Bytes::from(vec![0xee; 12288]))
             .await
             .unwrap();
-        disk.write_zeroes(3 * CHUNK as u64, 4096).unwrap();
+        disk.write_zeroes(3 * CHUNK as u64, 4096).await.unwrap();
         let mut expect = data.clone();
         expect[8192..20480].fill(0xee);
         expect[3 * CHUNK..3 * CHUNK + 4096].fill(0);
@@ -182,7 +182,7 @@ fn overlay_merges_over_the_backup_and_hydration_copies_everything() {
         assert!(st.last().unwrap().hole && st.last().unwrap().zero);
 
         let file = dir.path().join("hydrated.raw");
-        let h = start_hydration(r.clone(), file.clone(), 3).unwrap();
+        let h = start_hydration(disk.clone(), file.clone(), 3).unwrap();
         for _ in 0..500 {
             if h.is_complete() || h.status().error.is_some() {
                 break;
@@ -192,14 +192,28 @@ fn overlay_merges_over_the_backup_and_hydration_copies_everything() {
         let s = h.status();
         assert!(s.complete, "{s:?}");
         assert_eq!(s.bytes_done, s.bytes_total);
-        assert!(
-            std::fs::read(&file).unwrap() == data,
-            "hydrated copy differs"
-        );
-        disk.fold_into(&file).await.unwrap();
+        // The overlay was merged in, and the disk is now served from the file.
         assert!(
             std::fs::read(&file).unwrap() == expect,
-            "folded copy differs"
+            "hydrated copy differs from the point plus the overlay"
+        );
+        assert_eq!(disk.local_path().as_deref(), Some(file.as_path()));
+        disk.write(4 * CHUNK as u64, bytes::Bytes::from(vec![0x11; 4096]))
+            .await
+            .unwrap();
+        disk.write_zeroes(0, 4096).await.unwrap();
+        disk.flush().await.unwrap();
+        expect[4 * CHUNK..4 * CHUNK + 4096].fill(0x11);
+        expect[..4096].fill(0);
+        assert!(
+            std::fs::read(&file).unwrap() == expect,
+            "a write after the switch-over did not reach the file"
+        );
+        let got = flatten(disk.read_at(0, data.len() as u64).await.unwrap());
+        assert!(got == expect, "reads after the switch-over differ");
+        assert!(
+            disk.overlay().unwrap().merged_into().unwrap().as_deref() == Some(file.as_path()),
+            "no merge record"
         );
     });
 }

@@ -50,6 +50,10 @@ pub struct ServerConfig {
     /// makes every idle connection eligible at once. Connections are never closed for being
     /// idle while slots are free: a quiet guest must not lose its disk.
     pub idle_timeout_secs: u64,
+    /// Closes any connection in transmission that has had no request in flight for this long,
+    /// whether or not slots are scarce; 0 (the default) never does. Beware that a guest's disk
+    /// then fails when the guest has been quiet that long, unless its client reconnects.
+    pub idle_close_secs: u64,
     /// Whether a full server closes idle connections (see `idle_timeout_secs`) to admit new
     /// clients; when false, clients beyond `max_connections` are always turned away.
     pub evict_idle: bool,
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             handshake_timeout_secs: 10,
             idle_timeout_secs: 60,
             evict_idle: true,
+            idle_close_secs: 0,
             shutdown_grace_secs: 30,
             allow_list: true,
         }
@@ -507,6 +512,8 @@ impl Server {
         let limits = Limits {
             max_requests: config.max_requests_per_connection,
             max_bytes: config.max_bytes_per_connection,
+            idle_close: (config.idle_close_secs > 0)
+                .then_some(Duration::from_secs(config.idle_close_secs)),
         };
         transmission::run(framed, out, neg, limits, session, shutdown).await
     }

@@ -246,6 +246,15 @@ impl SessionGuard {
         self.session.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// How long the connection has had no request in flight; `None` while one is.
+    pub(crate) fn idle_for(&self) -> Option<Duration> {
+        if self.session.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = self.session.active_ms.load(Ordering::Acquire);
+        Some(Duration::from_millis(now_ms().saturating_sub(since)))
+    }
+
     /// Whether the connection was closed to make room for another.
     pub(crate) fn was_evicted(&self) -> bool {
         self.session.evicted.load(Ordering::Relaxed)

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedRwLockReadGuard, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, trace, warn, Instrument};
+use tracing::{debug, info, trace, warn, Instrument};
 
 use crate::codec::{
     put_chunk_header, put_simple_reply, truncate_message, CodecError, Command, Request,
@@ -37,6 +37,8 @@ static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 pub(crate) struct Limits {
     pub max_requests: usize,
     pub max_bytes: usize,
+    /// Close the connection after this long with no request in flight (`None`: never).
+    pub idle_close: Option<std::time::Duration>,
 }
 
 /// What the validator needs to know about the connection; plain data so it can be fuzzed.
@@ -430,6 +432,9 @@ where
 
     let mut result = Ok(());
     let mut shutting_down = false;
+    let idle_close = limits.idle_close;
+    let idle_timer = tokio::time::sleep(idle_close.unwrap_or(std::time::Duration::MAX / 4));
+    tokio::pin!(idle_timer);
     loop {
         let next = tokio::select! {
             biased;
@@ -438,6 +443,23 @@ where
                 break;
             }
             _ = writer_failed.cancelled() => break,
+            _ = &mut idle_timer, if idle_close.is_some() => {
+                let limit = idle_close.unwrap_or_default();
+                match ctx.session.idle_for() {
+                    Some(idle) if idle >= limit => {
+                        info!(idle_secs = idle.as_secs(), "closing a connection idle for too long");
+                        break;
+                    }
+                    // Busy, or idle for less: look again when the limit could be reached.
+                    idle => {
+                        let wait = limit.saturating_sub(idle.unwrap_or_default());
+                        idle_timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + wait.max(std::time::Duration::from_millis(10)));
+                        continue;
+                    }
+                }
+            }
             next = framed.next() => next,
         };
         let req = match next {

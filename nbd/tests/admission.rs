@@ -165,3 +165,31 @@ async fn idle_transmission_clients_make_room_but_busy_ones_do_not() {
     srv.stop().await.unwrap();
     assert_eq!(panics(), 0);
 }
+
+/// With `idle_close_secs`, a connection with nothing in flight for that long is closed even
+/// when slots are free; one that keeps working is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_close_drops_quiet_connections_only() {
+    count_panics();
+    let dev = Arc::new(MemoryDevice::new(MIB));
+    let srv = TestServer::start(
+        ServerConfig {
+            idle_close_secs: 1,
+            ..ServerConfig::default()
+        },
+        vec![export("d", dev)],
+    )
+    .await;
+    let (mut quiet, _, _) = RawClient::negotiate(srv.addr, "d", STRUCTURED).await;
+    let (mut busy, _, _) = RawClient::negotiate(srv.addr, "d", STRUCTURED).await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (data, _) = busy.read_structured(0, 4096, 0).await.unwrap();
+        assert_eq!(data.len(), 4096);
+    }
+    assert!(quiet.closed().await, "the quiet connection was closed");
+    let (data, _) = busy.read_structured(0, 4096, 0).await.unwrap();
+    assert_eq!(data.len(), 4096);
+    srv.stop().await.unwrap();
+    assert_eq!(panics(), 0);
+}

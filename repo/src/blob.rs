@@ -66,16 +66,6 @@ fn compress(level: i32, data: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-fn decompress(data: &[u8], raw_len: usize) -> Option<Vec<u8>> {
-    DECOMPRESSOR.with(|d| {
-        let mut slot = d.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new().ok()?);
-        }
-        slot.as_mut()?.decompress(data, raw_len).ok()
-    })
-}
-
 /// Compresses (when it pays) and seals `plaintext` whose id is `id`.
 pub(crate) fn encode(
     keys: &Keys,
@@ -105,15 +95,13 @@ pub(crate) fn encode(
     }
 }
 
-/// Opens a blob and returns its plaintext. `what` names the blob in errors.
-pub(crate) fn decode(
-    keys: &Keys,
-    id: &ChunkId,
-    expected_kind: Option<BlobKind>,
+/// Checks a blob's header and length before anything is decrypted; returns the header.
+fn check_header(
+    id_kind: Option<BlobKind>,
     raw_len: u32,
     bytes: &[u8],
     what: &dyn Fn() -> String,
-) -> Result<Vec<u8>> {
+) -> Result<[u8; BLOB_HEADER_LEN]> {
     if bytes.len() < BLOB_HEADER_LEN {
         return Err(Error::malformed(what(), "blob shorter than its header"));
     }
@@ -126,10 +114,10 @@ pub(crate) fn decode(
     }
     let kind = BlobKind::from_code(header[1])
         .ok_or_else(|| Error::malformed(what(), format!("blob kind {}", header[1])))?;
-    if expected_kind.is_some_and(|k| k != kind) {
+    if id_kind.is_some_and(|k| k != kind) {
         return Err(Error::tampered(
             what(),
-            format!("blob is a {kind:?}, expected {expected_kind:?}"),
+            format!("blob is a {kind:?}, expected {id_kind:?}"),
         ));
     }
     if raw_len > MAX_BLOB_RAW_LEN {
@@ -138,26 +126,91 @@ pub(crate) fn decode(
             format!("raw length {raw_len} too large"),
         ));
     }
-    let payload = keys
-        .data
-        .open(
-            &aad(AAD_BLOB, &[id.as_bytes(), &header]),
-            &bytes[BLOB_HEADER_LEN..],
-        )
-        .ok_or_else(|| Error::tampered(what(), "authentication failed"))?;
-    let plain = match header[2] {
-        COMPRESSION_NONE => payload,
-        COMPRESSION_ZSTD => decompress(&payload, raw_len as usize)
-            .ok_or_else(|| Error::malformed(what(), "zstd data does not decompress"))?,
-        c => return Err(Error::malformed(what(), format!("compression {c}"))),
-    };
-    if plain.len() != raw_len as usize {
+    if !matches!(header[2], COMPRESSION_NONE | COMPRESSION_ZSTD) {
         return Err(Error::malformed(
             what(),
-            format!("decoded {} bytes, expected {raw_len}", plain.len()),
+            format!("compression {}", header[2]),
         ));
     }
-    Ok(plain)
+    Ok(header)
+}
+
+/// Opens a blob and returns its plaintext. `what` names the blob in errors.
+pub(crate) fn decode(
+    keys: &Keys,
+    id: &ChunkId,
+    expected_kind: Option<BlobKind>,
+    raw_len: u32,
+    bytes: &[u8],
+    what: &dyn Fn() -> String,
+) -> Result<Vec<u8>> {
+    let mut sealed = bytes.to_vec();
+    let mut out = Vec::new();
+    decode_into(
+        keys,
+        id,
+        expected_kind,
+        raw_len,
+        &mut sealed,
+        &mut out,
+        what,
+    )?;
+    Ok(out)
+}
+
+/// Opens a blob into `out` (cleared first), decrypting `sealed` where it lies: no allocation when
+/// `out` already has room for `raw_len` bytes, so a caller that keeps its buffers decodes chunk
+/// after chunk without touching the allocator. `sealed` is left holding garbage.
+pub(crate) fn decode_into(
+    keys: &Keys,
+    id: &ChunkId,
+    expected_kind: Option<BlobKind>,
+    raw_len: u32,
+    sealed: &mut [u8],
+    out: &mut Vec<u8>,
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    let header = check_header(expected_kind, raw_len, sealed, what)?;
+    out.clear();
+    out.reserve(raw_len as usize);
+    let payload = keys
+        .data
+        .open_in_place(
+            &aad(AAD_BLOB, &[id.as_bytes(), &header]),
+            &mut sealed[BLOB_HEADER_LEN..],
+        )
+        .ok_or_else(|| Error::tampered(what(), "authentication failed"))?;
+    match header[2] {
+        COMPRESSION_ZSTD => {
+            if !decompress_into(payload, out) {
+                return Err(Error::malformed(what(), "zstd data does not decompress"));
+            }
+        }
+        _ => out.extend_from_slice(payload),
+    }
+    if out.len() != raw_len as usize {
+        return Err(Error::malformed(
+            what(),
+            format!("decoded {} bytes, expected {raw_len}", out.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Decompresses into the spare capacity of `out` (never more than that: a blob that claims a
+/// smaller raw length than it holds fails here instead of growing the buffer).
+fn decompress_into(data: &[u8], out: &mut Vec<u8>) -> bool {
+    DECOMPRESSOR.with(|d| {
+        let mut slot = d.borrow_mut();
+        if slot.is_none() {
+            match zstd::bulk::Decompressor::new() {
+                Ok(z) => *slot = Some(z),
+                Err(_) => return false,
+            }
+        }
+        slot.as_mut()
+            .is_some_and(|z| z.decompress_to_buffer(data, out).is_ok())
+    })
 }
 
 #[cfg(test)]

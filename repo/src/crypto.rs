@@ -1,7 +1,7 @@
 //! Keys and authenticated encryption. AES-256-GCM with a fresh random 96-bit nonce per object; every
 //! object binds its kind and name as associated data.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
 use zeroize::Zeroizing;
@@ -76,6 +76,26 @@ impl SealKey {
         self.0
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
             .ok()
+    }
+
+    /// Decrypts `nonce || ciphertext || tag` where it lies, without allocating; returns the
+    /// plaintext (a part of `sealed`), or `None` when authentication fails (then `sealed` holds
+    /// garbage).
+    pub(crate) fn open_in_place<'a>(&self, aad: &[u8], sealed: &'a mut [u8]) -> Option<&'a [u8]> {
+        if sealed.len() < NONCE_LEN + 16 {
+            return None;
+        }
+        let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+        let (ct, tag) = rest.split_at_mut(rest.len() - 16);
+        self.0
+            .decrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                aad,
+                ct,
+                aes_gcm::Tag::from_slice(tag),
+            )
+            .ok()?;
+        Some(ct)
     }
 }
 

@@ -43,6 +43,7 @@ pub const AAD_BLOB: &[u8] = b"blockvault/v1/blob";
 pub const AAD_TOC: &[u8] = b"blockvault/v1/pack-toc";
 pub const AAD_SEGMENT: &[u8] = b"blockvault/v1/index-segment";
 pub const AAD_MANIFEST: &[u8] = b"blockvault/v1/point";
+pub const AAD_BOOT_TRACE: &[u8] = b"blockvault/v1/boot-trace";
 
 /// BLAKE3 `derive_key` contexts for the subkeys of the master key.
 pub const KDF_CONTEXT_ID: &str = "blockvault 2026-11-21 chunk id key v1";
@@ -55,3 +56,5 @@ pub const CONFIG_PATH: &str = "config";
 pub const PACKS_DIR: &str = "packs";
 pub const INDEX_DIR: &str = "index";
 pub const POINTS_DIR: &str = "points";
+pub const BOOT_TRACES_DIR: &str = "boot-traces";
+pub const BOOT_TRACE_VERSION: u32 = 1;

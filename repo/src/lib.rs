@@ -7,6 +7,7 @@
 
 mod blob;
 mod blob_cache;
+mod boot_trace;
 mod config;
 mod crypto;
 mod error;
@@ -29,6 +30,7 @@ mod verify_record;
 pub use blob::{BlobKind, EncodedBlob};
 pub use blob_cache::BlobCacheStats;
 pub use blockvault_chunker::{ChunkHasher, ChunkId};
+pub use boot_trace::{BootTrace, DiskTrace, MAX_TRACE_SLOTS};
 pub use config::{KdfParams, RepoConfig};
 pub use error::{Error, Result};
 pub use ids::{PackId, PointId, SegmentId};

@@ -301,6 +301,82 @@ impl Repository {
         self.read_blob_at(id, kind, &loc).await
     }
 
+    /// Reads a blob into `out` (cleared first) and gives it back: the decoding allocates nothing
+    /// when `out` has room for the blob, so a reader that recycles its buffers decodes chunk after
+    /// chunk without the allocator (see `blob::decode_into`).
+    pub async fn read_blob_into(
+        &self,
+        id: &ChunkId,
+        kind: Option<BlobKind>,
+        out: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let loc = match self.locate(id).await? {
+            Some(l) => l,
+            None => {
+                self.sync_index(true).await?;
+                self.locate(id)
+                    .await?
+                    .ok_or_else(|| Error::ChunkMissing { chunk: id.to_hex() })?
+            }
+        };
+        let raw = self.fetch_blob_bytes(&loc).await?;
+        match self.decode_blob_into(id, kind, &loc, raw, out).await {
+            Err(e) if self.blob_cache.is_some() => {
+                // As in `read_blob_at`: a damaged local copy is dropped and the store judges.
+                if let Some(c) = &self.blob_cache {
+                    c.remove(&loc);
+                }
+                tracing::debug!(
+                    "blob in pack {} failed to decode ({e}); refetching",
+                    loc.pack
+                );
+                let raw = self.fetch_blob_bytes_uncached(&loc).await?;
+                self.decode_blob_into(id, kind, &loc, raw, Vec::new()).await
+            }
+            r => r,
+        }
+    }
+
+    /// Decrypts fetched bytes where they lie (they are normally this reader's own buffer; a
+    /// shared one, such as a slice of a pack window, is copied into a per-thread scratch buffer
+    /// first) and decompresses them into `out`, on a blocking thread.
+    async fn decode_blob_into(
+        &self,
+        id: &ChunkId,
+        kind: Option<BlobKind>,
+        loc: &Location,
+        raw: Bytes,
+        mut out: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (keys, id, loc) = (self.keys.clone(), *id, *loc);
+        blocking(move || {
+            let what = || {
+                format!(
+                    "chunk {} in pack {} at offset {}",
+                    id.short(),
+                    loc.pack,
+                    loc.offset
+                )
+            };
+            match raw.try_into_mut() {
+                Ok(mut own) => {
+                    blob::decode_into(&keys, &id, kind, loc.raw_len, &mut own, &mut out, &what)
+                }
+                Err(shared) => SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    s.clear();
+                    s.extend_from_slice(&shared);
+                    blob::decode_into(&keys, &id, kind, loc.raw_len, &mut s, &mut out, &what)
+                }),
+            }
+            .map(|()| out)
+        })
+        .await?
+    }
+
     async fn locate(&self, id: &ChunkId) -> Result<Option<Location>> {
         let (index, id) = (self.index.clone(), *id);
         blocking(move || index.get(&id)).await?
@@ -484,6 +560,49 @@ impl Repository {
         let keys = self.keys.clone();
         let id = *id;
         blocking(move || PointManifest::open(&keys, &id, &bytes)).await?
+    }
+
+    /// Stores the boot trace of `point` (create-only: the first boot's trace stays). Returns
+    /// false when the point already has one.
+    pub async fn save_boot_trace(&self, point: &PointId, trace: &crate::BootTrace) -> Result<bool> {
+        let sealed = trace.seal(&self.keys, point);
+        let path = crate::boot_trace::path(point);
+        match self
+            .storage
+            .put(&path, Bytes::from(sealed), Write::CreateChecked)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Error::Store {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The boot trace of `point`, if it has one.
+    pub async fn load_boot_trace(&self, point: &PointId) -> Result<Option<crate::BootTrace>> {
+        let bytes = match self.storage.get(&crate::boot_trace::path(point)).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let (keys, id) = (self.keys.clone(), *point);
+        blocking(move || crate::BootTrace::open(&keys, &id, &bytes))
+            .await?
+            .map(Some)
+    }
+
+    /// The points that have a boot trace.
+    pub async fn boot_trace_points(&self) -> Result<HashSet<PointId>> {
+        Ok(self
+            .storage
+            .list(crate::format::BOOT_TRACES_DIR)
+            .await?
+            .into_iter()
+            .filter_map(|(name, _)| crate::boot_trace::parse_path(&name))
+            .collect())
     }
 
     pub async fn delete_point(&self, id: &PointId) -> Result<()> {

@@ -3,6 +3,7 @@
 mod common;
 
 mod backup_restore;
+mod boot;
 mod crash_and_concurrency;
 mod damage;
 mod mount;

@@ -12,7 +12,7 @@ use crate::common::*;
 
 const CHUNK: u64 = 64 << 10;
 
-fn require(tool: &str) {
+pub(crate) fn require(tool: &str) {
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {tool}"))
@@ -38,8 +38,12 @@ impl Mount {
         let stderr = w.path(&format!("mount-{}.log", rand::random::<u32>()));
         let mut all = vec!["restore", "mount"];
         all.extend_from_slice(args);
-        let mut child = w
-            .cmd(&all)
+        Mount::spawn(w.cmd(&all), stderr, disks)
+    }
+
+    /// Starts `cmd` (a complete `restore mount` command line) and waits for its URIs.
+    pub(crate) fn spawn(mut cmd: Command, stderr: PathBuf, disks: usize) -> Mount {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -67,7 +71,7 @@ impl Mount {
         m
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
 
@@ -76,7 +80,7 @@ impl Mount {
     }
 
     /// Waits for the process to end by itself; returns whether it exited successfully.
-    fn wait(&mut self, limit: Duration) -> bool {
+    pub(crate) fn wait(&mut self, limit: Duration) -> bool {
         let mut c = self.child.take().unwrap();
         let t = Instant::now();
         loop {
@@ -131,7 +135,7 @@ pub(crate) fn ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn compare(a: &Path, b: &Path) {
+pub(crate) fn compare(a: &Path, b: &Path) {
     ok(
         "qemu-img",
         &[
@@ -490,38 +494,62 @@ fn two_disks_over_a_unix_socket() {
 }
 
 #[test]
-fn hydration_makes_a_complete_local_copy_with_the_overlay_folded_in() {
-    let (w, img, point) = setup(61);
+fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    make_random_image(&img, 8 << 20, 61);
+    let point = w.backup("vm", &[("sys", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let hyd = w.path("hydrated.raw");
     let overlay = w.path("ov");
-    let mut m = Mount::start(
+    let args = [
+        point.as_str(),
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--writable",
+        "--overlay",
+        overlay.to_str().unwrap(),
+        "--hydrate-to",
+        hyd.to_str().unwrap(),
+    ];
+    // Slowed to 2 MiB/s (4 s for the disk) so the first writes land while it runs.
+    let m = Mount::start(
         &w,
-        &[
-            &point,
-            "--disk",
-            "sys",
-            "--listen",
-            "127.0.0.1:0",
-            "--writable",
-            "--overlay",
-            overlay.to_str().unwrap(),
-            "--hydrate-to",
-            hyd.to_str().unwrap(),
-        ],
+        &[&args[..], &["--limit-download", "2MiB/s"]].concat(),
         1,
     );
     ok(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x77 2m 64k", &m.uris[0]],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 2m 64k",
+            "-c",
+            "write -z 5m 8k",
+            "-c",
+            "flush",
+            &m.uris[0],
+        ],
     );
+    let s = sessions(&w);
+    assert_eq!(
+        s[0]["disks"][0]["hydration"]["complete"], false,
+        "hydration finished before the first writes: {s}"
+    );
+    assert!(s[0]["disks"][0]["local_file"].is_null(), "{s}");
     let t = Instant::now();
     loop {
         let s = sessions(&w);
-        let h = &s[0]["disks"][0]["hydration"];
-        assert!(h.is_object(), "{s}");
-        assert!(h["error"].is_null(), "{s}");
-        if h["complete"] == true {
-            assert_eq!(h["bytes_done"], h["bytes_total"]);
+        let d = &s[0]["disks"][0];
+        assert!(d["hydration"]["error"].is_null(), "{s}");
+        if d["hydration"]["complete"] == true {
+            assert_eq!(d["hydration"]["bytes_done"], d["hydration"]["bytes_total"]);
+            assert_eq!(d["local_file"], hyd.to_str().unwrap(), "{s}");
             break;
         }
         assert!(
@@ -530,14 +558,71 @@ fn hydration_makes_a_complete_local_copy_with_the_overlay_folded_in() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Until the mount stops, the hydrated file is the restore point itself.
-    compare(&img, &hyd);
-    let session = m.pid().to_string();
-    w.ok(&["restore", "unmount", &session]);
-    assert!(m.wait(Duration::from_secs(10)), "log:\n{}", m.log());
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    // Once complete, the file is the point plus the guest's writes, while the mount runs.
+    let expect = w.path("expect.raw");
+    std::fs::copy(&img, &expect).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&expect)
+        .unwrap();
     f.write_all_at(&vec![0x77; 64 << 10], 2 << 20).unwrap();
-    compare(&img, &hyd);
+    f.write_all_at(&vec![0; 8 << 10], 5 << 20).unwrap();
+    compare(&expect, &hyd);
+    assert!(w.path("ov/sys.local").exists(), "no merge record");
+
+    // Later writes go to the file itself; a flushed one survives SIGKILL of the mount.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3e 6m 12k",
+            "-c",
+            "flush",
+            &m.uris[0],
+        ],
+    );
+    f.write_all_at(&vec![0x3e; 12 << 10], 6 << 20).unwrap();
+    let killed = m.pid();
+    drop(m); // SIGKILL
+    assert!(!hyd.with_extension("raw.part").exists());
+    compare(&expect, &hyd);
+
+    // Mounting again serves the hydrated file (the overlay is history now).
+    let m = Mount::start(&w, &args, 1);
+    assert_ne!(m.pid(), killed);
+    let out = w.path("out.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &m.uris[0],
+            out.to_str().unwrap(),
+        ],
+    );
+    compare(&expect, &out);
+    drop(m);
+
+    // A hydration target that exists without a merge record is never overwritten.
+    let o = w.run(&[
+        "restore",
+        "mount",
+        &point,
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--hydrate-to",
+        hyd.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    compare(&expect, &hyd);
 }
 
 #[test]
