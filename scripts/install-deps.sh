@@ -19,8 +19,9 @@ main_packages=(libclang-dev libssl-dev pkg-config e2fsprogs)
 #   busybox-static        the guest's userland in the VM boot test
 #   syslinux, syslinux-common, mtools, dosfstools, cpio: the VM boot test's disk (a FAT boot
 #                         partition made without mounts, syslinux installed on it, an initramfs)
+#   openssl               an independent HMAC-SHA256 to check the agent's webhook signatures
 test_packages=(qemu-utils libnbd-bin python3-libnbd nbdkit libvhdi-utils ntfs-3g fdisk gdisk
-  gnutls-bin busybox-static syslinux syslinux-common mtools dosfstools cpio)
+  gnutls-bin busybox-static syslinux syslinux-common mtools dosfstools cpio openssl)
 # From bookworm-backports, to match qemu-utils 10.0 there (bookworm's own qemu-system is 7.2 and
 # conflicts): a real VM boots from `restore mount` in the tests.
 backports_packages=(qemu-system-x86)

@@ -4,11 +4,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use blockvault_engine::{
-    backup, parse_duration, verify, BackupOptions, DiskReader, ExportTarget, Progress,
-    ReaderOptions, Selection, Verdict, VerifyOptions, VerifyReport,
-};
+use blockvault_agent::vm_backup::{self, BackupRequest};
+use blockvault_agent::Error as AgentError;
 use blockvault_engine::{export_raw_with, format_ranges};
+use blockvault_engine::{
+    parse_duration, verify, DiskReader, ExportTarget, Progress, ReaderOptions, Selection, Verdict,
+    VerifyOptions, VerifyReport,
+};
 use blockvault_repo::{KdfParams, OpenOptions, PointManifest, Repository, Storage};
 use serde_json::json;
 
@@ -37,6 +39,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Restore(RestoreCmd::Unmount(a)) => crate::mount::unmount(g, a).await,
         Command::Verify(a) => run_verify(g, a).await,
         Command::Disk(DiskCmd::Info(a)) => crate::disk::disk_info(g, &a),
+        Command::Agent(a) => crate::agent::agent(g, a).await,
+        Command::Runs(r) => crate::agent::runs(g, r),
     }
 }
 
@@ -215,11 +219,7 @@ fn parse_disk_arg(s: &str) -> Result<(String, PathBuf)> {
     let (name, path) = s
         .split_once('=')
         .ok_or_else(|| anyhow!(InputError(format!("--disk '{s}': expected NAME=PATH"))))?;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
+    if !vm_backup::valid_disk_name(name) {
         bail!(InputError(format!(
             "--disk '{s}': a disk name uses letters, digits, '.', '_' and '-'"
         )));
@@ -227,51 +227,61 @@ fn parse_disk_arg(s: &str) -> Result<(String, PathBuf)> {
     Ok((name.to_string(), PathBuf::from(path)))
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// Turns the library's error into the CLI's, keeping the exit-code classification.
+pub(crate) fn lift(e: AgentError) -> anyhow::Error {
+    match e {
+        AgentError::Input(m) => anyhow!(InputError(m)),
+        AgentError::Repo(e) => anyhow!(e),
+        AgentError::Engine(e) => anyhow!(e),
+        other => anyhow!(other),
+    }
 }
 
 async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
-    // Disks and files are checked before the password is asked for.
-    let disks = crate::disk::open_disks(&a, parse_disk_arg)?;
-    let configs = crate::disk::read_configs(&a.configs)?;
-    let repo = open_repo(g).await?;
-    let jobs = crate::disk::plan_jobs(&repo, &a.vm, disks, a.consistency.clone()).await?;
-    let mut opts = BackupOptions::new(&a.vm);
-    opts.tags = a.tags.clone();
-    opts.host = hostname();
-    opts.pack_size = parse_size(&a.pack_size).map_err(|e| anyhow!(InputError(e)))? as usize;
-    opts.packs_per_segment = a.packs_per_segment;
-    opts.configs = configs;
-    if let Some(w) = a.workers {
-        opts.workers = w.max(1);
+    let mut req = BackupRequest {
+        vm: a.vm.clone(),
+        tags: a.tags.clone(),
+        configs: a.configs.clone(),
+        consistency: a.consistency.clone(),
+        host: vm_backup::hostname(),
+        workers: a.workers,
+        pack_size: Some(parse_size(&a.pack_size).map_err(|e| anyhow!(InputError(e)))? as usize),
+        packs_per_segment: Some(a.packs_per_segment),
+        ..BackupRequest::default()
+    };
+    for d in &a.disks {
+        req.disks.push(parse_disk_arg(d)?);
     }
-    let storage = repo.storage().clone();
+    for c in &a.changes {
+        let (name, path) = c
+            .split_once('=')
+            .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+            .ok_or_else(|| anyhow!(InputError(format!("--changes '{c}': expected NAME=PATH"))))?;
+        req.changes.push((name.into(), path.into()));
+    }
+    for m in &a.parent_path_maps {
+        let (from, to) = crate::disk::parse_path_map(m)?;
+        req.parent_path_maps.push((from, to));
+    }
+    // Disks and files are checked before the password is asked for.
+    let prepared = vm_backup::prepare(req).map_err(lift)?;
+    let repo = open_repo(g).await?;
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
-    let outcome = backup(repo, jobs, opts, progress).await;
+    let outcome = vm_backup::run(repo, prepared, progress).await;
     bar.finish();
-    let m = outcome?.manifest;
-    let t = m.total_stats();
+    let r = outcome.map_err(lift)?;
     if g.json {
-        print_json(&json!({
-            "point": m.id, "vm": m.vm, "created": m.created,
-            "bytes_read": t.bytes_read, "bytes_new": t.bytes_new, "bytes_stored": t.bytes_stored,
-            "duration_ms": m.duration_ms, "storage": storage.stats(),
-            "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "kind": d.kind, "full_reason": d.full_reason, "parent": d.parent, "rct_id": d.rct_id, "consistency": d.consistency, "source": d.source, "stats": d.stats})).collect::<Vec<_>>(),
-            "configs": m.configs.iter().map(|c| json!({"name": c.name, "size": c.size})).collect::<Vec<_>>(),
-        }));
+        print_json(&serde_json::to_value(&r)?);
     } else {
         println!(
             "restore point {} of VM {}: read {}, new {}, stored {} in {:.1}s",
-            m.id,
-            m.vm,
-            human(t.bytes_read),
-            human(t.bytes_new),
-            human(t.bytes_stored),
-            m.duration_ms as f64 / 1000.0
+            r.point,
+            r.vm,
+            human(r.bytes_read),
+            human(r.bytes_new),
+            human(r.bytes_stored),
+            r.duration_ms as f64 / 1000.0
         );
     }
     Ok(())
@@ -562,7 +572,7 @@ async fn run_verify(g: &Global, a: VerifyArgs) -> Result<()> {
     opts.vms = a.vms.clone();
     opts.max_bytes = max_bytes;
     opts.parallel = a.parallel.max(1);
-    opts.host = hostname();
+    opts.host = vm_backup::hostname();
     let report = verify(repo, opts, progress).await;
     bar.finish();
     let report = report?;

@@ -2,153 +2,43 @@
 //! changed-ranges files, VM configuration files, `restore export --format vhdx|--config`, and
 //! `disk info`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use blockvault_agent::export_vhdx::{export_vhdx, VhdxExportOptions};
-use blockvault_agent::plan::plan_disk;
-use blockvault_agent::source::{detect_format, open_disk, DiskFormat};
+use blockvault_agent::source::{detect_format, DiskFormat};
 use blockvault_agent::{VhdxDisk, VhdxOpenOptions};
-use blockvault_engine::{DiskJob, DiskReader, DiskSource, Progress, ReaderOptions};
+use blockvault_engine::{DiskReader, DiskSource, Progress, ReaderOptions};
 use blockvault_repo::{BlobKind, PointManifest, Repository};
 use serde_json::json;
 
 use crate::exit::InputError;
 use crate::progress::Bar;
 use crate::size::{human, parse_size};
-use crate::{BackupArgs, DiskInfoArgs, ExportArgs, Global};
+use crate::{DiskInfoArgs, ExportArgs, Global};
 
 fn input(msg: String) -> anyhow::Error {
     anyhow!(InputError(msg))
+}
+
+/// Parses one `FROM=TO` parent path map.
+pub fn parse_path_map(m: &str) -> Result<(String, String)> {
+    let (from, to) = m
+        .split_once('=')
+        .filter(|(f, t)| !f.is_empty() && !t.is_empty())
+        .ok_or_else(|| input(format!("--parent-path-map '{m}': expected FROM=TO")))?;
+    Ok((from.to_string(), to.to_string()))
 }
 
 /// Parses `FROM=TO` pairs into reader options.
 pub fn open_options(maps: &[String]) -> Result<VhdxOpenOptions> {
     let mut o = VhdxOpenOptions::default();
     for m in maps {
-        let (from, to) = m
-            .split_once('=')
-            .filter(|(f, t)| !f.is_empty() && !t.is_empty())
-            .ok_or_else(|| input(format!("--parent-path-map '{m}': expected FROM=TO")))?;
-        o = o.map_parent_path(from, to);
+        let (from, to) = parse_path_map(m)?;
+        o = o.map_parent_path(&from, &to);
     }
     Ok(o)
-}
-
-/// A disk opened for backup, before planning.
-pub struct OpenedDisk {
-    pub name: String,
-    pub source: Arc<dyn DiskSource>,
-    pub changes: Option<Vec<u8>>,
-}
-
-/// Opens every `--disk` (VHDX or raw, by content) and reads its `--changes` file. Any disk that
-/// cannot be opened fails the whole point, naming the disk.
-pub fn open_disks(
-    a: &BackupArgs,
-    parse_disk_arg: impl Fn(&str) -> Result<(String, PathBuf)>,
-) -> Result<Vec<OpenedDisk>> {
-    let opts = open_options(&a.parent_path_maps)?;
-    let mut changes: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for c in &a.changes {
-        let (name, path) = c
-            .split_once('=')
-            .filter(|(n, p)| !n.is_empty() && !p.is_empty())
-            .ok_or_else(|| input(format!("--changes '{c}': expected NAME=PATH")))?;
-        if changes.insert(name.into(), path.into()).is_some() {
-            bail!(InputError(format!(
-                "--changes: disk '{name}' is given more than once"
-            )));
-        }
-    }
-    let mut out: Vec<OpenedDisk> = Vec::new();
-    for d in &a.disks {
-        let (name, path) = parse_disk_arg(d)?;
-        if out.iter().any(|o| o.name == name) {
-            bail!(InputError(format!(
-                "--disk: disk '{name}' is given more than once"
-            )));
-        }
-        let source = open_disk(&path, &opts).map_err(|e| {
-            input(format!(
-                "disk '{name}': cannot open {}: {e}",
-                path.display()
-            ))
-        })?;
-        if source.size() == 0 {
-            bail!(InputError(format!(
-                "disk '{name}': {} is empty",
-                path.display()
-            )));
-        }
-        let changes = match changes.remove(&name) {
-            Some(p) => Some(std::fs::read(&p).map_err(|e| {
-                input(format!(
-                    "disk '{name}': cannot read the changed-ranges file {}: {e}",
-                    p.display()
-                ))
-            })?),
-            None => None,
-        };
-        out.push(OpenedDisk {
-            name,
-            source,
-            changes,
-        });
-    }
-    if let Some(name) = changes.keys().next() {
-        bail!(InputError(format!(
-            "--changes names disk '{name}', which no --disk gives"
-        )));
-    }
-    Ok(out)
-}
-
-/// Reads the `--config` files: (file name, contents).
-pub fn read_configs(files: &[PathBuf]) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
-    for f in files {
-        let name = f
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| input(format!("--config {}: not a file name", f.display())))?;
-        if out.iter().any(|(n, _)| *n == name) {
-            bail!(InputError(format!(
-                "--config: two configuration files are named '{name}'"
-            )));
-        }
-        let data = std::fs::read(f)
-            .map_err(|e| input(format!("--config {}: cannot read: {e}", f.display())))?;
-        out.push((name, data));
-    }
-    Ok(out)
-}
-
-/// Turns opened disks into jobs: incremental where the changed-ranges file allows it, full (with
-/// the reason) otherwise.
-pub async fn plan_jobs(
-    repo: &Repository,
-    vm: &str,
-    disks: Vec<OpenedDisk>,
-    consistency: Option<String>,
-) -> Result<Vec<DiskJob>> {
-    let mut jobs = Vec::new();
-    for d in disks {
-        let p = plan_disk(repo, vm, &d.name, d.source.size(), d.changes.as_deref()).await?;
-        if let Some(r) = p.full_reason() {
-            tracing::warn!(disk = %d.name, "full backup: {r}");
-        }
-        jobs.push(DiskJob {
-            name: d.name,
-            source: d.source,
-            plan: p.plan,
-            rct_id: p.rct_id,
-            consistency: consistency.clone(),
-        });
-    }
-    Ok(jobs)
 }
 
 /// `restore export --config NAME --out FILE` or `--configs-to DIR`.

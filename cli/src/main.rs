@@ -1,5 +1,6 @@
 //! `blockvault`: back up VM disks into an encrypted, deduplicating repository and restore them.
 
+mod agent;
 mod commands;
 mod disk;
 mod exit;
@@ -94,6 +95,72 @@ pub enum Command {
     /// Inspect disk images (VHDX or raw).
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// The backup agent: scheduled jobs with history, webhooks and metrics (docs/AGENT.md).
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// The agent's run history.
+    #[command(subcommand)]
+    Runs(RunsCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCmd {
+    /// Run the agent in the foreground (under systemd: agent/systemd/blockvault-agent.service).
+    Run(AgentConfigArg),
+    /// Check a configuration and print the next run time of every job.
+    CheckConfig(AgentConfigArg),
+    /// Ask the running agent what it is doing.
+    Status(AgentConfigArg),
+    /// Start a run of a job now.
+    RunNow {
+        #[command(flatten)]
+        config: AgentConfigArg,
+        /// The job's name.
+        job: String,
+    },
+    /// Cancel a queued or running run.
+    Cancel {
+        #[command(flatten)]
+        config: AgentConfigArg,
+        /// The run id (as `agent status` or `runs list` show it).
+        run: i64,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AgentConfigArg {
+    /// The agent's configuration file.
+    #[arg(
+        long,
+        default_value = "/etc/blockvault/agent.toml",
+        env = "BLOCKVAULT_AGENT_CONFIG"
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RunsCmd {
+    /// List VM backups of the agent's runs, newest first.
+    List {
+        #[command(flatten)]
+        config: AgentConfigArg,
+        /// Only runs of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one run with each of its VMs.
+    Show {
+        #[command(flatten)]
+        config: AgentConfigArg,
+        /// The run id.
+        run: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -343,7 +410,9 @@ pub struct VerifyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.global.verbose);
+    // The agent logs what it does by default; commands stay quiet unless asked.
+    let agent = matches!(&cli.command, Command::Agent(AgentCmd::Run(_)));
+    init_tracing(cli.global.verbose + u8::from(agent));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -29,7 +29,7 @@ fn input(msg: String) -> anyhow::Error {
 }
 
 fn sessions_dir(g: &Global) -> PathBuf {
-    cache_dir(g).join("sessions")
+    blockvault_agent::sessions::sessions_dir(&cache_dir(g))
 }
 
 struct Mounted {
@@ -503,46 +503,13 @@ fn write_status(path: &Path, v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-/// Whether `pid` is a live process (a zombie counts as gone: it will serve nothing more).
 fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
+    blockvault_agent::sessions::alive(pid)
 }
 
 /// Status of live mounts; files of dead processes are removed.
 fn live_sessions(g: &Global) -> Vec<(PathBuf, serde_json::Value)> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(sessions_dir(g)) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let path = e.path();
-        let Some(pid) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !alive(pid) {
-            let _ = std::fs::remove_file(&path);
-            continue;
-        }
-        if let Some(v) = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        {
-            out.push((path, v));
-        }
-    }
-    out.sort_by_key(|(_, v)| v["pid"].as_u64());
-    out
+    blockvault_agent::sessions::live_sessions(&sessions_dir(g))
 }
 
 pub fn sessions(g: &Global) -> Result<()> {

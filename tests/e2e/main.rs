@@ -2,6 +2,7 @@
 
 mod common;
 
+mod agent;
 mod backup_restore;
 mod boot;
 mod crash_and_concurrency;

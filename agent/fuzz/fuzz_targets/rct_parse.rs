@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(c) = blockvault_agent::rct::parse_changes(data) {
+    if let Ok(c) = blockvault_vhdx::rct::parse_changes(data) {
         let _ = c.check_against(c.limit_id.as_deref(), c.disk.virtual_size);
     }
 });

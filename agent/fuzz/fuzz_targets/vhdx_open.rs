@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    blockvault_agent::vhdx::fuzz_vhdx_input(data);
+    blockvault_vhdx::fuzz_vhdx_input(data);
 });

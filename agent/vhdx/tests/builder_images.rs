@@ -10,8 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use blockvault_agent::vhdx::testing::*;
-use blockvault_agent::vhdx::*;
+use blockvault_vhdx::testing::*;
+use blockvault_vhdx::*;
 use common::*;
 use rand::Rng;
 

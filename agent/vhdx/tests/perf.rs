@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
-use blockvault_agent::vhdx::{VhdxDisk, VhdxOpenOptions, VhdxWriter};
+use blockvault_vhdx::{VhdxDisk, VhdxOpenOptions, VhdxWriter};
 use rand::RngCore;
 
 #[test]

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use blockvault_agent::vhdx::VhdxDisk;
+use blockvault_vhdx::VhdxDisk;
 use rand::{Rng, SeedableRng};
 
 pub type TestRng = rand::rngs::StdRng;

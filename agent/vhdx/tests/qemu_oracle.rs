@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 
-use blockvault_agent::vhdx::{VhdxDisk, VhdxOpenOptions};
+use blockvault_vhdx::{VhdxDisk, VhdxOpenOptions};
 use common::*;
 use rand::Rng;
 

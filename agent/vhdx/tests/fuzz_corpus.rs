@@ -7,12 +7,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use blockvault_agent::vhdx::testing::*;
-use blockvault_agent::vhdx::*;
+use blockvault_vhdx::testing::*;
+use blockvault_vhdx::*;
 
 fn corpus(target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("../fuzz/corpus")
         .join(target);
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -58,7 +58,7 @@ fn rct_corpus_runs_clean() {
     assert!(files.len() >= 4, "seed corpus missing");
     for f in &files {
         let data = std::fs::read(f).unwrap();
-        if let Ok(c) = blockvault_agent::rct::parse_changes(&data) {
+        if let Ok(c) = blockvault_vhdx::rct::parse_changes(&data) {
             let _ = c.check_against(c.limit_id.as_deref(), c.disk.virtual_size);
         }
     }
@@ -88,7 +88,7 @@ fn write_seed_corpus() {
     if std::env::var("BV_WRITE_CORPUS").is_err() {
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let vd = root.join("vhdx_open");
     std::fs::create_dir_all(&vd).unwrap();
     let save = |name: &str, img: &[u8]| {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use blockvault_agent::vhdx::{VhdxDisk, VhdxOpenOptions, VhdxWriter};
+use blockvault_vhdx::{VhdxDisk, VhdxOpenOptions, VhdxWriter};
 use common::*;
 use rand::seq::SliceRandom;
 use rand::Rng;

@@ -1,12 +1,21 @@
 //! VHDX (MS-VHDX v8.0): a read-only reader with in-memory log replay and
 //! parent-chain resolution, a streaming writer of dynamic VHDX files, and a
-//! builder for test images. See `docs/vhdx.md`.
+//! builder for test images (`docs/vhdx.md`); and the Hyper-V changed-ranges
+//! document ([`rct`], `docs/changed-ranges.md`).
+//!
+//! A crate of its own that depends on no other blockvault crate, so its fuzz
+//! targets link neither RocksDB nor the S3 client.
+
+// The workspace's rust-version (1.85) predates `u64::is_multiple_of` (1.87).
+#![allow(clippy::manual_is_multiple_of)]
 
 mod error;
 mod format;
 mod guid;
 mod log;
 mod parent;
+mod ranges;
+pub mod rct;
 mod reader;
 mod source;
 pub mod testing;
@@ -19,6 +28,7 @@ pub use format::{
     PAYLOAD_BLOCK_ZERO, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT,
 };
 pub use guid::Guid;
+pub use rct::{parse_changes, ChangedRanges, RctError};
 pub use reader::{BatStats, LogInfo, RegionInfo, VhdxDisk, VhdxInfo, VhdxOpenOptions};
 pub use source::ReadAt;
 pub use writer::VhdxWriter;

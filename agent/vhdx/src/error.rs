@@ -106,12 +106,7 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(
-        file: &str,
-        structure: impl Into<String>,
-        offset: u64,
-        source: io::Error,
-    ) -> Error {
+    pub fn io(file: &str, structure: impl Into<String>, offset: u64, source: io::Error) -> Error {
         Error::Io {
             file: file.to_string(),
             structure: structure.into(),

@@ -3,6 +3,8 @@
 
 use std::fs::File;
 use std::ops::Range;
+
+use crate::ranges::merge;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -857,13 +859,6 @@ fn attach_parent(
         linkage: linkage_text,
         tried: cands,
     })
-}
-
-/// Sorted, merged, non-empty ranges (the chunker's range algebra).
-fn merge(v: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    blockvault_chunker::RangeSet::from_ranges(v)
-        .ranges()
-        .to_vec()
 }
 
 fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {

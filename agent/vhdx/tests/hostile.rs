@@ -6,8 +6,8 @@ mod common;
 
 use std::sync::Arc;
 
-use blockvault_agent::vhdx::testing::*;
-use blockvault_agent::vhdx::*;
+use blockvault_vhdx::testing::*;
+use blockvault_vhdx::*;
 use proptest::prelude::*;
 
 const MIB: u64 = 1 << 20;
@@ -255,9 +255,7 @@ fn bad_parent_locators() {
     let img = b.build();
     let mut bad = img.clone();
     let at = (0..img.len() - 16)
-        .find(|&i| {
-            img[i..i + 16] == blockvault_agent::vhdx::testing::parent_locator_bytes(&[])[..16]
-        })
+        .find(|&i| img[i..i + 16] == blockvault_vhdx::testing::parent_locator_bytes(&[])[..16])
         .unwrap();
     put(&mut bad, at + 20, &0xFFFF_0000u32.to_le_bytes());
     assert!(err(bad).contains("outside the item"));
@@ -326,6 +324,6 @@ proptest! {
             img[at] ^= v;
         }
         reseal(&mut img);
-        blockvault_agent::vhdx::fuzz_open_bytes(&img);
+        blockvault_vhdx::fuzz_open_bytes(&img);
     }
 }

@@ -3,6 +3,8 @@
 
 use std::ops::Range;
 
+use crate::ranges::merge;
+
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub const FORMAT: &str = "hyperv-rct-changes";
@@ -137,13 +139,6 @@ pub struct ChangedRanges {
     pub full: bool,
     /// Changed byte ranges, sorted and merged; the whole disk when `full`.
     pub ranges: Vec<Range<u64>>,
-}
-
-/// Sorted, merged, non-empty ranges (the chunker's range algebra).
-fn merge(v: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    blockvault_chunker::RangeSet::from_ranges(v)
-        .ranges()
-        .to_vec()
 }
 
 /// Parses and validates a changed-ranges document against every rule of docs/changed-ranges.md.

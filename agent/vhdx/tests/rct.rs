@@ -1,7 +1,7 @@
 //! Every rule of docs/changed-ranges.md for the changed-ranges file.
 #![allow(clippy::single_range_in_vec_init)] // single ranges are the data here
 
-use blockvault_agent::rct::{parse_changes, RctError};
+use blockvault_vhdx::rct::{parse_changes, RctError};
 use serde_json::{json, Value};
 
 const SIZE: u64 = 137_438_953_472;
@@ -21,7 +21,7 @@ fn doc() -> Value {
              "changed_byte_offsets": [SIZE - 4096], "changed_byte_lengths": [4096]}]})
 }
 
-fn parse(v: &Value) -> Result<blockvault_agent::ChangedRanges, RctError> {
+fn parse(v: &Value) -> Result<blockvault_vhdx::rct::ChangedRanges, RctError> {
     parse_changes(serde_json::to_vec(v).unwrap().as_slice())
 }
 

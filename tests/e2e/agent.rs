@@ -1,0 +1,729 @@
+//! The agent as a user runs it: the real binary with schedules every few seconds, hooks that fail,
+//! a VM whose disk is missing, a webhook receiver and a metrics scrape on 127.0.0.1, SIGTERM,
+//! `kill -9` and an S3 outage.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const WEBHOOK_SECRET: &str = "whsec-Zq81-never-in-any-output";
+
+/// One delivered webhook: event header, signature header, body.
+#[derive(Clone, Debug)]
+struct Delivery {
+    event: String,
+    signature: String,
+    body: String,
+}
+
+/// An HTTP server on 127.0.0.1 that records every POST and answers 200 (or 500 while `fail`).
+struct Receiver {
+    port: u16,
+    got: Arc<Mutex<Vec<Delivery>>>,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let got: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut headers = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let line = line.trim_end().to_string();
+                    if line.is_empty() {
+                        break;
+                    }
+                    headers.push(line);
+                }
+                let h = |name: &str| {
+                    headers
+                        .iter()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                        })
+                        .unwrap_or_default()
+                };
+                let len: usize = h("content-length").parse().unwrap_or(0);
+                let mut body = vec![0u8; len];
+                if r.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                g.lock().unwrap().push(Delivery {
+                    event: h("x-blockvault-event"),
+                    signature: h("x-blockvault-signature"),
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        Self { port, got }
+    }
+
+    fn events(&self) -> Vec<Delivery> {
+        self.got.lock().unwrap().clone()
+    }
+
+    fn wait_for(
+        &self,
+        event: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for d in self.events() {
+                if d.event == event {
+                    let v: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {event} webhook; got {:?}",
+                self.events()
+                    .iter()
+                    .map(|d| d.event.clone())
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// HMAC-SHA256 by openssl, an implementation independent of the agent's.
+fn openssl_hmac(key: &str, body: &str) -> String {
+    let mut c = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", key, "-r"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl is needed for the signature check (scripts/install-deps.sh)");
+    c.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    let s = String::from_utf8(out.stdout).unwrap();
+    format!("sha256={}", s.split_whitespace().next().unwrap())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+struct Agent {
+    child: Child,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut c = Command::new(BIN);
+        c.args(["agent", "run", "--config"])
+            .arg(config)
+            .env_remove("BLOCKVAULT_PASSWORD")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c.spawn().unwrap();
+        let a = Self {
+            child,
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        // Up when the control socket answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.cli(&["agent", "status"]).status.code() != Some(0) {
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start: {}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        a
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `runs list` has a row for which `pred` holds.
+    fn wait_row(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let rows = self.json(&["runs", "list"]);
+            if let Some(r) = rows.as_array().unwrap().iter().find(|r| pred(r)) {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; rows {rows:#}; log {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn toml_str(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
+/// The main flow: scheduled runs, hooks, a retried capture, a missing disk, webhooks, metrics,
+/// status, run-now, history, and no secret anywhere.
+#[test]
+fn agent_runs_jobs_on_schedule_with_history_webhooks_and_metrics() {
+    let w = World::with_repo("64KiB");
+    let recv = Receiver::start();
+    let secret = w.path("hook.secret");
+    std::fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).unwrap();
+    let good = w.path("good.raw");
+    make_image(&good, 4 << 20, 1, 6);
+    let flaky = w.path("flaky.raw");
+    make_image(&flaky, 4 << 20, 2, 6);
+    let counter = w.path("flaky.count");
+    let released = w.path("released.txt");
+    let metrics = free_port();
+    let config = w.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"state = {state}
+socket = {sock}
+metrics_listen = "127.0.0.1:{metrics}"
+
+[repository]
+location = {repo}
+password_file = {pw}
+cache_dir = {cache}
+
+[limits]
+max_concurrent_runs = 2
+
+[alerts]
+no_good_backup_hours = 0.0008
+
+[[webhooks]]
+url = "http://127.0.0.1:{port}/hook"
+secret_file = {secret}
+
+[[jobs]]
+name = "frequent"
+schedule = "*/3 * * * * *"
+source = "files"
+concurrency = 3
+tags = ["agent"]
+[jobs.retries]
+attempts = 2
+backoff_secs = 0.2
+
+[[jobs.vms]]
+name = "good"
+disks = {{ disk0 = {good} }}
+release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS $BLOCKVAULT_POINT\" >> {released}"
+
+[[jobs.vms]]
+name = "flaky"
+disks = {{ disk0 = {flaky} }}
+capture = "n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; if [ $n -eq 0 ]; then echo snapshot failed >&2; exit 4; fi"
+
+[[jobs.vms]]
+name = "gone"
+disks = {{ disk0 = {missing} }}
+release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS\" >> {released}"
+"#,
+            state = toml_str(&w.path("state/agent.db")),
+            sock = toml_str(&w.path("agent.sock")),
+            repo = toml_str(&w.repo),
+            pw = toml_str(&w.password_file),
+            cache = toml_str(&w.cache),
+            port = recv.port,
+            secret = toml_str(&secret),
+            good = toml_str(&good),
+            flaky = toml_str(&flaky),
+            missing = toml_str(&w.path("no-such-disk.raw")),
+            counter = counter.display(),
+            released = released.display(),
+        ),
+    )
+    .unwrap();
+
+    let check = Command::new(BIN)
+        .args(["agent", "check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.contains("frequent") && text.contains("next run 20"),
+        "{text}"
+    );
+
+    let mut agent = Agent::start(&config, &w.path("agent.log"), &[]);
+    // The socket is the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(w.path("agent.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "socket mode {mode:o}");
+
+    // Run 1 is the first: its "gone" VM ends last (two attempts).
+    agent.wait_row("the first run's failing VM", |r| {
+        r["run"] == 1 && r["vm"] == "gone" && r["status"] == "failed"
+    });
+    let run = 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let shown = loop {
+        let s = agent.json(&["runs", "show", "1"]);
+        if s["status"] != "running" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "run 1 did not end: {s:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let vms = shown["vms"].as_array().unwrap();
+    let by = |n: &str| vms.iter().find(|v| v["vm"] == n).unwrap().clone();
+    let (g, f, x) = (by("good"), by("flaky"), by("gone"));
+    assert_eq!(shown["status"], "partial", "{shown:#}");
+    assert_eq!(g["attempts"], 1);
+    assert!(g["point"].as_str().unwrap().len() == 16);
+    assert!(g["bytes_read"].as_u64().unwrap() > 0);
+    // The capture hook failed once; the retry succeeded.
+    assert_eq!(f["status"], "success", "{f:#}");
+    assert_eq!(f["attempts"], 2);
+    assert!(
+        f["log_tail"].as_str().unwrap().contains("snapshot failed"),
+        "{f:#}"
+    );
+    // The missing disk fails its VM after every attempt, naming the disk; the others went on.
+    assert_eq!(x["status"], "failed");
+    assert_eq!(x["attempts"], 2);
+    assert!(
+        x["error"].as_str().unwrap().contains("no-such-disk.raw"),
+        "{x:#}"
+    );
+    // Release ran for both, with the outcome.
+    let rel = std::fs::read_to_string(&released).unwrap();
+    assert!(
+        rel.contains(&format!("good success {}", g["point"].as_str().unwrap())),
+        "{rel}"
+    );
+    assert!(rel.contains("gone failed"), "{rel}");
+    // The repository holds the point, as the CLI sees it.
+    let points = w.json(&["points", "list", "--vm", "good"]);
+    assert!(points
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["id"] == g["point"]));
+
+    // Webhooks: started, vm.failed, finished; signed with the secret (checked by openssl).
+    recv.wait_for("run.started", |v| v["run"] == run);
+    let failed = recv.wait_for("vm.failed", |v| v["vm"] == "gone");
+    assert_eq!(failed["job"], "frequent");
+    recv.wait_for("run.finished", |v| {
+        v["run"] == run && v["status"] == "partial"
+    });
+    recv.wait_for("vm.no_good_backup", |v| v["vm"] == "gone");
+    for d in recv.events() {
+        assert_eq!(d.signature, openssl_hmac(WEBHOOK_SECRET, &d.body), "{d:?}");
+    }
+
+    // run-now on a job that is idle or busy: either a new run id or the refusal saying why.
+    let out = agent.cli(&["agent", "run-now", "frequent", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+    assert!(
+        out.status.success() || text.contains("never overlaps itself"),
+        "{text}"
+    );
+    let st = agent.json(&["agent", "status"]);
+    assert_eq!(st["jobs"][0]["job"], "frequent");
+    assert!(st["jobs"][0]["next_run"].as_str().is_some());
+
+    // Metrics.
+    let m = scrape(metrics);
+    assert!(
+        m.contains("blockvault_agent_runs_total{job=\"frequent\",status=\"partial\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("blockvault_agent_last_success_timestamp_seconds{vm=\"good\"}"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("last_success_timestamp_seconds{vm=\"gone\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("blockvault_agent_bytes_read_total{job=\"frequent\",vm=\"good\"}"),
+        "{m}"
+    );
+    assert!(m.contains("blockvault_repository_size_bytes "), "{m}");
+    assert!(m.contains("blockvault_mount_sessions 0"), "{m}");
+
+    // A later scheduled run: the job ran again without overlapping itself.
+    agent.wait_row("a second run", |r| {
+        r["vm"] == "good" && r["run"].as_i64().unwrap() > run
+    });
+
+    agent.signal("-TERM");
+    let st = agent.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{st:?}: {}", agent.log_text());
+
+    // No secret in the log, the history, the webhooks or the metrics.
+    let pw = std::fs::read_to_string(&w.password_file).unwrap();
+    let pw = pw.trim();
+    let db = std::fs::read(w.path("state/agent.db")).unwrap();
+    let db = String::from_utf8_lossy(&db);
+    for (what, s) in [
+        ("log", agent.log_text()),
+        ("state", db.to_string()),
+        ("metrics", m),
+        (
+            "webhooks",
+            recv.events()
+                .iter()
+                .map(|d| d.body.clone())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+    ] {
+        assert!(!s.contains(WEBHOOK_SECRET), "webhook secret in the {what}");
+        assert!(!s.contains(pw), "repository password in the {what}");
+    }
+}
+
+/// A bad configuration is refused with the file, line and key, and the agent does not start.
+#[test]
+fn agent_refuses_a_bad_config_naming_file_line_and_key() {
+    let w = World::new();
+    let config = w.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state = {}\nsocket = {}\n[repository]\nlocation = {}\npassword_file = {}\n\n[[jobs]]\nname = \"j\"\nschedule = \"daily\"\nsource = \"files\"\nretention_days = 3\n[[jobs.vms]]\nname = \"v\"\ndisks = {{ d = \"/x\" }}\n",
+            toml_str(&w.path("s.db")),
+            toml_str(&w.path("sock")),
+            toml_str(&w.repo),
+            toml_str(&w.password_file)
+        ),
+    )
+    .unwrap();
+    for cmd in ["run", "check-config"] {
+        let out = Command::new(BIN)
+            .args(["agent", cmd, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 5, "{cmd}: {}", stderr(&out));
+        let e = stderr(&out);
+        assert!(
+            e.contains("agent.toml:11:") && e.contains("retention_days"),
+            "{e}"
+        );
+    }
+    assert!(!w.path("sock").exists() && !w.path("s.db").exists());
+    let bad_schedule = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("retention_days = 3\n", "")
+        .replace("\"daily\"", "\"Mon..Fri 25:00\"");
+    std::fs::write(&config, bad_schedule).unwrap();
+    let out = Command::new(BIN)
+        .args(["agent", "check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let e = stderr(&out);
+    assert_eq!(code(&out), 5, "{e}");
+    assert!(
+        e.contains("agent.toml:9:") && e.contains("jobs.schedule") && e.contains("hour 25"),
+        "{e}"
+    );
+}
+
+fn slow_job_config(w: &World, schedule: &str, flag: &Path, released: &Path) -> PathBuf {
+    let disk = w.path("vm.raw");
+    if !disk.exists() {
+        make_image(&disk, 4 << 20, 7, 6);
+    }
+    let config = w.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"state = {state}
+socket = {sock}
+[repository]
+location = {repo}
+password_file = {pw}
+cache_dir = {cache}
+[[jobs]]
+name = "slow"
+schedule = "{schedule}"
+source = "files"
+[[jobs.vms]]
+name = "vm"
+disks = {{ disk0 = {disk} }}
+capture = "if [ -e {flag} ]; then sleep 20; fi"
+release = "echo released $BLOCKVAULT_STATUS >> {released}"
+"#,
+            state = toml_str(&w.path("agent.db")),
+            sock = toml_str(&w.path("agent.sock")),
+            repo = toml_str(&w.repo),
+            pw = toml_str(&w.password_file),
+            cache = toml_str(&w.cache),
+            disk = toml_str(&disk),
+            flag = flag.display(),
+            released = released.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// kill -9 mid-run: the run is recorded as interrupted at the next start, the missed run runs
+/// once at start, the repository stays consistent; SIGTERM cancels a run cleanly and records it.
+#[test]
+fn agent_survives_kill_9_runs_missed_runs_and_cancels_on_sigterm() {
+    let w = World::with_repo("64KiB");
+    let flag = w.path("slow.flag");
+    let released = w.path("released.txt");
+    std::fs::write(&flag, "").unwrap();
+    let config = slow_job_config(&w, "*/2 * * * * *", &flag, &released);
+    let log = w.path("agent.log");
+    let mut a = Agent::start(&config, &log, &[]);
+    let row = a.wait_row("a running VM", |r| r["status"] == "running");
+    let first = row["run"].as_i64().unwrap();
+    a.signal("-KILL");
+    a.wait_exit(Duration::from_secs(10));
+    drop(a);
+    // Past the stored next run while the agent is down.
+    std::fs::remove_file(&flag).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // Restart on a schedule that will not fire during the test: only the missed run can run.
+    let config = slow_job_config(&w, "0 0 1 1 *", &flag, &released);
+    let mut a = Agent::start(&config, &log, &[]);
+    let shown = a.json(&["runs", "show", &first.to_string()]);
+    assert_eq!(shown["status"], "interrupted", "{shown:#}");
+    assert_eq!(shown["vms"][0]["status"], "interrupted");
+    let ok = a.wait_row("the missed run", |r| {
+        r["status"] == "success" && r["run"].as_i64().unwrap() > first
+    });
+    let missed = a.json(&["runs", "show", &ok["run"].to_string()]);
+    assert_eq!(missed["trigger"], "missed", "{missed:#}");
+    // Exactly one catch-up run.
+    let runs = a.json(&["runs", "list"]);
+    assert_eq!(runs.as_array().unwrap().len(), 2, "{runs:#}");
+    // The repository is consistent after the kill.
+    w.ok(&["verify"]);
+
+    // SIGTERM during a run: cancelled, release ran, recorded.
+    std::fs::write(&flag, "").unwrap();
+    let now = a.json(&["agent", "run-now", "slow"]);
+    let run = now["run"].as_i64().unwrap();
+    a.wait_row("the manual run", |r| {
+        r["run"] == run && r["status"] == "running"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    a.signal("-TERM");
+    let st = a.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "{st:?}: {}", a.log_text());
+    let rows = Command::new(BIN)
+        .args(["runs", "show", &run.to_string(), "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&rows.stdout).unwrap();
+    assert_eq!(shown["status"], "cancelled", "{shown:#}");
+    assert_eq!(shown["vms"][0]["status"], "cancelled");
+    assert!(std::fs::read_to_string(&released)
+        .unwrap()
+        .contains("released failed"));
+}
+
+/// An S3 outage in the middle of a run fails that run (recorded, and reported by webhook), never
+/// the agent; the next run succeeds once the store is back, and the repository is consistent.
+#[test]
+fn agent_records_an_s3_outage_mid_run_and_recovers() {
+    use crate::s3_support::{FaultProxy, Mode, S3Server, S3World, ACCESS_KEY, SECRET_KEY};
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.port);
+    let s3 = S3World::new(&proxy.endpoint(), "agent");
+    s3.init();
+    let recv = Receiver::start();
+    let secret = s3.path("hook.secret");
+    std::fs::write(&secret, WEBHOOK_SECRET).unwrap();
+    let disk = s3.path("vm.raw");
+    make_image(&disk, 6 << 20, 11, 8);
+    let started = s3.path("capture.started");
+    let config = s3.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"state = {state}
+socket = {sock}
+[repository]
+location = "{location}"
+password_file = {pw}
+cache_dir = {cache}
+s3_endpoint = "{endpoint}"
+s3_allow_http = true
+[[webhooks]]
+url = "http://127.0.0.1:{port}/"
+secret_file = {secret}
+[[jobs]]
+name = "offsite"
+schedule = "0 0 1 1 *"
+source = "files"
+[jobs.retries]
+attempts = 1
+[[jobs.vms]]
+name = "vm"
+disks = {{ disk0 = {disk} }}
+capture = "touch {started}; sleep 1"
+"#,
+            state = toml_str(&s3.path("agent.db")),
+            sock = toml_str(&s3.path("agent.sock")),
+            location = s3.location,
+            pw = toml_str(&s3.password_file),
+            cache = toml_str(&s3.path("agent-cache")),
+            endpoint = proxy.endpoint(),
+            port = recv.port,
+            secret = toml_str(&secret),
+            disk = toml_str(&disk),
+            started = started.display(),
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        ("AWS_REGION", "us-east-1"),
+        ("BLOCKVAULT_S3_RETRY_TIMEOUT_SECS", "3"),
+        ("BLOCKVAULT_S3_REQUEST_TIMEOUT_SECS", "5"),
+    ];
+    let mut a = Agent::start(&config, &s3.path("agent.log"), &env);
+    let first = a.json(&["agent", "run-now", "offsite"])["run"]
+        .as_i64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "capture never ran: {}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.set(Mode::Down);
+    let failed = recv.wait_for("run.failed", |v| v["run"] == first);
+    assert!(failed["error"].as_str().is_some(), "{failed:#}");
+    let shown = a.json(&["runs", "show", &first.to_string()]);
+    assert_eq!(shown["status"], "failed", "{shown:#}");
+    assert_eq!(shown["vms"][0]["status"], "failed");
+    assert!(!shown["vms"][0]["error"].as_str().unwrap().is_empty());
+    // The store is back: the next run succeeds.
+    proxy.set(Mode::Pass);
+    let second = a.json(&["agent", "run-now", "offsite"])["run"]
+        .as_i64()
+        .unwrap();
+    let done = recv.wait_for("run.finished", |v| v["run"] == second);
+    assert_eq!(done["status"], "success", "{done:#}");
+    a.signal("-TERM");
+    assert!(a.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        !a.log_text().contains(SECRET_KEY),
+        "S3 secret in the agent log"
+    );
+    s3.ok(&["verify"]);
+    let points = s3.json(&["points", "list"]);
+    assert_eq!(points.as_array().unwrap().len(), 1, "{points:#}");
+}
