@@ -240,14 +240,23 @@ pub async fn verify(
         .bytes_total
         .store(chosen.bytes, std::sync::atomic::Ordering::Relaxed);
     let mut results: Vec<PackResult> = Vec::new();
-    let jobs = chosen.packs.iter().map(|id| {
-        let repo = repo.clone();
-        let part = only.as_ref().map(|o| o[id].clone());
-        let (id, size) = (*id, listed_ids[id]);
-        let charged = sizes[&id];
-        async move { (charged, repo.check_pack(id, size, part).await) }
-    });
-    let mut stream = futures::stream::iter(jobs).buffer_unordered(opts.parallel.max(1));
+    // Owned job descriptions: the stream must not borrow locals (the future stays `Send` for
+    // callers that spawn it).
+    let jobs: Vec<(PackId, u64, u64, Option<Vec<(ChunkId, Location)>>)> = chosen
+        .packs
+        .iter()
+        .map(|id| {
+            let part = only.as_ref().map(|o| o[id].clone());
+            (*id, listed_ids[id], sizes[id], part)
+        })
+        .collect();
+    let reader = repo.clone();
+    let mut stream = futures::stream::iter(jobs)
+        .map(move |(id, size, charged, part)| {
+            let repo = reader.clone();
+            async move { (charged, repo.check_pack(id, size, part).await) }
+        })
+        .buffer_unordered(opts.parallel.max(1));
     while let Some((charged, r)) = stream.next().await {
         Progress::add(&progress.bytes_done, charged);
         match r {
@@ -323,10 +332,11 @@ async fn load_references(repo: &Arc<Repository>, points: Vec<PointManifest>) -> 
             }
         }
     }
+    let pager = repo.clone();
     let loaded: Vec<(ChunkId, std::result::Result<ChunkMapPage, String>)> =
         futures::stream::iter(wanted)
-            .map(|(id, slots)| {
-                let repo = repo.clone();
+            .map(move |(id, slots)| {
+                let repo = pager.clone();
                 async move {
                     let r = repo.load_page(&id, slots).await.map_err(|e| e.to_string());
                     (id, r)
