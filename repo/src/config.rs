@@ -8,6 +8,19 @@ use crate::crypto::{aad, derive_kek, Keys, MasterKey, SealKey};
 use crate::format::{AAD_KEY_WRAP, CONFIG_FORMAT, CONFIG_PATH, REPO_VERSION};
 use crate::{Error, Result};
 
+/// Largest Argon2id memory cost accepted, in KiB (1 GiB).
+pub const KDF_MAX_MEMORY_KIB: u32 = 1 << 20;
+/// Smallest memory cost accepted (8 MiB; the tests use it, real repositories use 64 MiB).
+pub const KDF_MIN_MEMORY_KIB: u32 = 8 * 1024;
+pub const KDF_MAX_ITERATIONS: u32 = 64;
+pub const KDF_MAX_PARALLELISM: u32 = 16;
+/// Bound of memory x passes, in KiB: 8 GiB, a few seconds to a minute on any machine that has the
+/// memory at all.
+pub const KDF_MAX_COST_KIB: u64 = 8 << 20;
+/// Salt length bounds in bytes.
+pub const KDF_MIN_SALT: usize = 16;
+pub const KDF_MAX_SALT: usize = 64;
+
 /// Argon2id cost parameters and salt.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +49,54 @@ impl KdfParams {
             parallelism: 1,
             salt: hex::encode(salt),
         }
+    }
+
+    /// Checks the parameters against the bounds this build accepts, before any of them is used:
+    /// `config` is plaintext and anyone with write access to the bucket can edit it, so a forged
+    /// `memory_kib` or `iterations` must not make opening a repository take gigabytes of memory
+    /// or hours. The bounds are far above the defaults (64 MiB, 3 passes).
+    pub fn check_bounds(&self) -> std::result::Result<(), String> {
+        if self.algorithm != "argon2id" {
+            return Err(format!(
+                "kdf.algorithm '{}' is not supported (only argon2id)",
+                self.algorithm.chars().take(32).collect::<String>()
+            ));
+        }
+        let p = self.parallelism;
+        if !(1..=KDF_MAX_PARALLELISM).contains(&p) {
+            return Err(format!(
+                "kdf.parallelism {p} is outside 1..={KDF_MAX_PARALLELISM}"
+            ));
+        }
+        let m = self.memory_kib;
+        if m < KDF_MIN_MEMORY_KIB.max(8 * p) || m > KDF_MAX_MEMORY_KIB {
+            return Err(format!(
+                "kdf.memory_kib {m} is outside {}..={KDF_MAX_MEMORY_KIB} (1 GiB)",
+                KDF_MIN_MEMORY_KIB.max(8 * p)
+            ));
+        }
+        let t = self.iterations;
+        if !(1..=KDF_MAX_ITERATIONS).contains(&t) {
+            return Err(format!(
+                "kdf.iterations {t} is outside 1..={KDF_MAX_ITERATIONS}"
+            ));
+        }
+        if u64::from(m) * u64::from(t) > KDF_MAX_COST_KIB {
+            return Err(format!(
+                "kdf.memory_kib x kdf.iterations = {} exceeds {KDF_MAX_COST_KIB} (8 GiB of \
+                 memory passes)",
+                u64::from(m) * u64::from(t)
+            ));
+        }
+        let salt_hex = self.salt.len();
+        if !(KDF_MIN_SALT * 2..=KDF_MAX_SALT * 2).contains(&salt_hex) {
+            return Err(format!(
+                "kdf.salt has {salt_hex} hex digits, not {}..={}",
+                KDF_MIN_SALT * 2,
+                KDF_MAX_SALT * 2
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn salt_bytes(&self) -> Result<Vec<u8>> {
@@ -124,7 +185,17 @@ impl RepoConfig {
                 supported: REPO_VERSION,
             });
         }
-        serde_json::from_value(value).map_err(|e| Error::malformed(CONFIG_PATH, e.to_string()))
+        let cfg: Self = serde_json::from_value(value)
+            .map_err(|e| Error::malformed(CONFIG_PATH, e.to_string()))?;
+        // Before anything derives a key with them (the MAC that would reveal a forgery can only
+        // be checked after the derivation).
+        cfg.kdf.check_bounds().map_err(|detail| {
+            Error::tampered(
+                CONFIG_PATH,
+                format!("{detail} (tampering, or parameters this build does not support)"),
+            )
+        })?;
+        Ok(cfg)
     }
 
     /// Unwraps the master key with the password and checks the MAC over the parameters.
@@ -230,6 +301,87 @@ mod tests {
         assert_eq!(*new.unlock(b"new").unwrap().0, *m);
         assert!(new.unlock(b"old").is_err());
         assert_eq!(new.id, cfg.id);
+    }
+
+    /// A config edited to demand absurd Argon2id costs is refused at parse time, before any key
+    /// derivation could allocate or spin (the MAC that would catch the edit needs the key).
+    #[test]
+    fn forged_kdf_costs_are_refused_before_use() {
+        let m = random_master_key();
+        let cfg = RepoConfig::create(b"pw", 1 << 20, cheap(), &m).unwrap();
+        let forge = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = serde_json::to_value(&cfg).unwrap();
+            f(&mut v);
+            RepoConfig::parse("x", &serde_json::to_vec(&v).unwrap())
+        };
+        type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| v["kdf"]["memory_kib"] = u32::MAX.into()),
+                "memory_kib",
+            ),
+            (
+                Box::new(|v| v["kdf"]["memory_kib"] = (2u32 << 20).into()),
+                "memory_kib",
+            ),
+            (
+                Box::new(|v| v["kdf"]["memory_kib"] = 8.into()),
+                "memory_kib",
+            ),
+            (
+                Box::new(|v| v["kdf"]["iterations"] = u32::MAX.into()),
+                "iterations",
+            ),
+            (
+                Box::new(|v| v["kdf"]["iterations"] = 0.into()),
+                "iterations",
+            ),
+            (
+                Box::new(|v| v["kdf"]["parallelism"] = 1000.into()),
+                "parallelism",
+            ),
+            (
+                Box::new(|v| v["kdf"]["algorithm"] = "scrypt".into()),
+                "algorithm",
+            ),
+            (
+                Box::new(|v| v["kdf"]["salt"] = "ab".repeat(1000).into()),
+                "salt",
+            ),
+            (
+                Box::new(|v| {
+                    v["kdf"]["memory_kib"] = (1u32 << 20).into();
+                    v["kdf"]["iterations"] = 64.into();
+                }),
+                "exceeds",
+            ),
+        ];
+        for (edit, says) in cases {
+            let t = std::time::Instant::now();
+            match forge(&*edit) {
+                Err(Error::Tampered { object, detail }) => {
+                    assert_eq!(object, CONFIG_PATH);
+                    assert!(
+                        detail.contains(says) && detail.contains("tampering"),
+                        "{detail}"
+                    );
+                }
+                other => panic!("{says}: {other:?}"),
+            }
+            assert!(t.elapsed() < std::time::Duration::from_millis(100));
+        }
+        // The largest accepted single parameters still parse (and the defaults, of course).
+        forge(&|v| {
+            v["kdf"]["memory_kib"] = (1u32 << 20).into();
+            v["kdf"]["iterations"] = 8.into();
+        })
+        .unwrap();
+        RepoConfig::parse("x", &serde_json::to_vec(&cfg).unwrap()).unwrap();
+        // Creating or re-wrapping with out-of-bounds parameters is refused too.
+        let e = cfg
+            .rewrap(&m, b"new", KdfParams::with_memory(4 << 20))
+            .unwrap_err();
+        assert!(e.to_string().contains("memory_kib"), "{e}");
     }
 
     #[test]

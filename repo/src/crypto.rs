@@ -23,6 +23,9 @@ pub(crate) fn random_master_key() -> MasterKey {
 
 /// Derives the key-encryption key from the password with Argon2id.
 pub(crate) fn derive_kek(password: &[u8], kdf: &KdfParams) -> Result<Zeroizing<[u8; 32]>> {
+    // Every derivation is bounded, whatever the parameters' origin (config, command line).
+    kdf.check_bounds()
+        .map_err(|e| Error::Invalid(format!("Argon2id parameters: {e}")))?;
     let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32))
         .map_err(|e| Error::Invalid(format!("Argon2id parameters: {e}")))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);

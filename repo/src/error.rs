@@ -34,6 +34,20 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// The object store refused the request for a reason that retrying cannot fix (plain HTTP
+    /// not allowed, bad credentials, a missing bucket, access denied). One line: what is wrong and
+    /// what to change; the service's own error document is not repeated.
+    #[error("{location}: {problem}; {fix}")]
+    Remote {
+        location: String,
+        kind: RemoteProblem,
+        problem: String,
+        fix: String,
+    },
+    /// A compare-and-swap lost: another writer replaced the object since it was read. Nothing
+    /// was written; running the operation again starts from the new version.
+    #[error("{object} was changed by another writer meanwhile ({detail}); nothing was written, run the command again")]
+    Conflict { object: String, detail: String },
     #[error("local index at {path}: {detail}")]
     Index { path: PathBuf, detail: String },
     #[error("I/O error on {path}: {source}")]
@@ -44,6 +58,19 @@ pub enum Error {
     },
     #[error("invalid argument: {0}")]
     Invalid(String),
+}
+
+/// Why an object store refused a request for good (see [`Error::Remote`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteProblem {
+    /// A plain `http://` endpoint without `--s3-allow-http`.
+    PlainHttp,
+    /// Unknown access key, wrong secret, expired session token, skewed clock.
+    Credentials,
+    /// The credentials are valid but may not do this.
+    AccessDenied,
+    /// The bucket does not exist.
+    NoBucket,
 }
 
 impl Error {
@@ -84,6 +111,18 @@ impl Error {
             ),
             _ => false,
         }
+    }
+
+    /// True when a conditional update failed because the object is no longer the version it
+    /// was read as (another writer replaced it).
+    pub fn is_precondition_failed(&self) -> bool {
+        matches!(
+            self,
+            Error::Store {
+                source: object_store::Error::Precondition { .. },
+                ..
+            }
+        )
     }
 
     /// True when the store said the object does not exist.

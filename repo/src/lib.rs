@@ -15,6 +15,7 @@ pub mod format;
 mod ids;
 mod index;
 mod manifest;
+mod paced_http;
 mod pack;
 mod pack_check;
 mod pack_window;
@@ -32,7 +33,7 @@ pub use blob_cache::BlobCacheStats;
 pub use blockvault_chunker::{ChunkHasher, ChunkId};
 pub use boot_trace::{BootTrace, DiskTrace, MAX_TRACE_SLOTS};
 pub use config::{KdfParams, RepoConfig};
-pub use error::{Error, Result};
+pub use error::{Error, RemoteProblem, Result};
 pub use ids::{PackId, PointId, SegmentId};
 pub use index::{IndexStats, Location};
 pub use manifest::{
@@ -44,7 +45,7 @@ pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
 pub use repository::{OpenOptions, PackDamage, Repository, SyncReport, VerifiedPack};
 pub use s3::{S3Location, StoreOptions};
 pub use segment::PackRecord;
-pub use storage::{Storage, StorageStats, Write};
+pub use storage::{ObjectVersion, Storage, StorageStats, Write};
 pub use verify_record::{
     ByteRange, DamagedBlob, DiskDamage, PackOutcome, PackResult, PointStatus, PointVerifyState,
     RecordListing, RecordName, VerifyRecord, VERIFY_DIR,

@@ -843,17 +843,38 @@ impl Repository {
     }
 
     /// Re-wraps the master key under a new password.
+    /// The update is a compare-and-swap of `config` against the version this call reads, which
+    /// must still be the one the repository was opened with: of two concurrent changes (two
+    /// hosts), one wins and the other fails with [`Error::Conflict`], never silently lost.
     pub async fn change_password(&self, old: &[u8], new: &[u8], kdf: KdfParams) -> Result<()> {
-        let (cfg, old, new) = (self.config.clone(), old.to_vec(), new.to_vec());
+        let (bytes, version) = self.storage.get_versioned(CONFIG_PATH).await?;
+        let current = RepoConfig::parse(self.storage.location(), &bytes)?;
+        let conflict = |detail: &str| Error::Conflict {
+            object: format!("{} config", self.storage.location()),
+            detail: detail.into(),
+        };
+        if current.wrapped_key != self.config.wrapped_key || current.mac != self.config.mac {
+            return Err(conflict(
+                "its key was re-wrapped since this command opened it",
+            ));
+        }
+        let (old, new) = (old.to_vec(), new.to_vec());
         let updated = blocking(move || {
-            let (master, _) = cfg.unlock(&old)?;
-            cfg.rewrap(&master, &new, kdf)
+            let (master, _) = current.unlock(&old)?;
+            current.rewrap(&master, &new, kdf)
         })
         .await??;
         let json = serde_json::to_vec_pretty(&updated).expect("config serialises");
-        self.storage
-            .put(CONFIG_PATH, Bytes::from(json), Write::Overwrite)
+        match self
+            .storage
+            .update(CONFIG_PATH, Bytes::from(json), &version)
             .await
+        {
+            Err(e) if e.is_precondition_failed() => Err(conflict(
+                "another password change was stored first; use the password now in force",
+            )),
+            r => r,
+        }
     }
 
     /// Largest plaintext a blob may have.

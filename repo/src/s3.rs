@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
+use object_store::aws::AmazonS3ConfigKey;
 use object_store::path::Path as ObjPath;
 use object_store::prefix::PrefixStore;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ClientOptions, ObjectStore, RetryConfig};
 
-use crate::{Error, Result};
+use crate::paced_http::PacedConnector;
+use crate::throttle::TokenBucket;
+use crate::{Error, RemoteProblem, Result};
 
 /// How a remote object store is reached. Defaults suit Amazon S3 itself.
 #[derive(Clone, Debug)]
@@ -32,7 +35,9 @@ pub struct StoreOptions {
     /// The store's own per-request retry budget (server errors, timeouts, resets).
     pub max_retries: usize,
     pub retry_timeout: Duration,
-    /// A request that makes no progress for this long is abandoned (and retried).
+    /// A request that makes no progress for this long is abandoned (and retried): no body bytes
+    /// taken by the connection, no answer after the body, or no answer bytes. Not a deadline for
+    /// the whole request, so slow links still carry whole packs.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
 }
@@ -120,8 +125,29 @@ pub fn open_s3(loc: &S3Location, opts: &StoreOptions) -> Result<Arc<dyn ObjectSt
     if !region_set {
         b = b.with_region("us-east-1");
     }
+    // `AWS_ALLOW_HTTP=true` (object_store's own variable) counts like --s3-allow-http; the
+    // client options set below would otherwise silently replace it.
+    let allow_http = opts.s3_allow_http
+        || b.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
+            .is_some_and(|v| truthy(&v));
+    if let Some(ep) = b.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+        if ep.trim().to_ascii_lowercase().starts_with("http://") && !allow_http {
+            // The client would refuse every request (and retry each for minutes): say it once.
+            return Err(Error::Remote {
+                location: loc.display(),
+                kind: RemoteProblem::PlainHttp,
+                problem: format!(
+                    "the S3 endpoint {} is plain HTTP, which is refused unless allowed",
+                    without_userinfo(&ep)
+                ),
+                fix: "use an https:// endpoint, or pass --s3-allow-http (or set \
+                      AWS_ALLOW_HTTP=true) for a service on a trusted network"
+                    .into(),
+            });
+        }
+    }
     b = b
-        .with_allow_http(opts.s3_allow_http)
+        .with_allow_http(allow_http)
         // Every object is sealed with AES-256-GCM and checked on read, so hashing each body for
         // the request signature would cost a SHA-256 pass over every uploaded byte and protect
         // nothing more (HTTPS covers transport; the signature still covers the request itself).
@@ -137,10 +163,17 @@ pub fn open_s3(loc: &S3Location, opts: &StoreOptions) -> Result<Arc<dyn ObjectSt
         })
         .with_client_options(
             ClientOptions::new()
-                .with_allow_http(opts.s3_allow_http)
-                .with_timeout(opts.request_timeout)
+                .with_allow_http(allow_http)
                 .with_connect_timeout(opts.connect_timeout),
-        );
+        )
+        // Our own HTTP client: uploads paced as they are sent, and timeouts on progress rather
+        // than one whole-request deadline (see paced_http).
+        .with_http_connector(PacedConnector {
+            upload: opts.limit_upload.map(|r| Arc::new(TokenBucket::new(r))),
+            idle: opts.request_timeout,
+            connect: opts.connect_timeout,
+            allow_http,
+        });
     // The builder's own errors name configuration keys, never their values.
     let s3 = b
         .build()
@@ -152,6 +185,124 @@ pub fn open_s3(loc: &S3Location, opts: &StoreOptions) -> Result<Arc<dyn ObjectSt
             s3,
             ObjPath::from(loc.prefix.as_str()),
         )))
+    }
+}
+
+/// True for the values object_store reads as true in its boolean settings.
+fn truthy(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "on" | "yes" | "y"
+    )
+}
+
+/// An endpoint as shown in messages: any `user:secret@` part removed.
+fn without_userinfo(ep: &str) -> String {
+    match (ep.find("://"), ep.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}{}", &ep[..s + 3], &ep[at + 1..]),
+        _ => ep.to_string(),
+    }
+}
+
+/// The S3 error code in an error response body (`<Code>NoSuchBucket</Code>`), if any.
+fn error_code(text: &str) -> Option<&str> {
+    let start = text.find("<Code>")? + "<Code>".len();
+    let len = text[start..].find("</Code>")?;
+    Some(&text[start..start + len])
+}
+
+/// Classifies an object-store error that no retry can fix into one line naming the cause and the
+/// fix; `None` for everything else (transient errors, a missing object, a failed condition).
+/// `location` is the repository as shown to users, `object` the object's full name.
+pub(crate) fn permanent_problem(
+    location: &str,
+    bucket: &str,
+    object: &str,
+    e: &object_store::Error,
+) -> Option<Error> {
+    use object_store::Error as E;
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    let code = error_code(&text).unwrap_or_default().to_string();
+    let remote = |kind, problem: String, fix: &str| {
+        Some(Error::Remote {
+            location: match kind {
+                RemoteProblem::NoBucket | RemoteProblem::PlainHttp => location.to_string(),
+                _ => object.to_string(),
+            },
+            kind,
+            problem,
+            fix: fix.to_string(),
+        })
+    };
+    let check_keys = "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN \
+                      for temporary credentials)";
+    match (e, code.as_str()) {
+        (_, "NoSuchBucket") => remote(
+            RemoteProblem::NoBucket,
+            format!("the bucket '{bucket}' does not exist (NoSuchBucket)"),
+            "create it, or correct the bucket in --repo s3://BUCKET/PREFIX (and the endpoint \
+             in --s3-endpoint)",
+        ),
+        (_, "InvalidAccessKeyId") => remote(
+            RemoteProblem::Credentials,
+            "the service does not know this access key (InvalidAccessKeyId)".into(),
+            check_keys,
+        ),
+        (_, "SignatureDoesNotMatch") => remote(
+            RemoteProblem::Credentials,
+            "the request signature does not match: the secret key is wrong \
+             (SignatureDoesNotMatch)"
+                .into(),
+            "check AWS_SECRET_ACCESS_KEY",
+        ),
+        (_, "ExpiredToken" | "InvalidToken" | "TokenRefreshRequired") => remote(
+            RemoteProblem::Credentials,
+            format!("the session token was refused ({code})"),
+            "renew the temporary credentials (AWS_SESSION_TOKEN) or use long-term ones",
+        ),
+        (_, "RequestTimeTooSkewed") => remote(
+            RemoteProblem::Credentials,
+            "the service refuses this machine's clock (RequestTimeTooSkewed)".into(),
+            "set the system clock right (NTP)",
+        ),
+        (E::Unauthenticated { .. }, _) => remote(
+            RemoteProblem::Credentials,
+            format!(
+                "the credentials were refused (HTTP 401{})",
+                if code.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {code}")
+                }
+            ),
+            check_keys,
+        ),
+        (E::PermissionDenied { .. }, _) => remote(
+            RemoteProblem::AccessDenied,
+            format!(
+                "access denied (HTTP 403{})",
+                if code.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {code}")
+                }
+            ),
+            "allow these credentials s3:ListBucket on the bucket and s3:GetObject, \
+             s3:PutObject and s3:DeleteObject on the prefix (bucket policy or IAM)",
+        ),
+        _ if text.contains("URL scheme is not allowed") => remote(
+            RemoteProblem::PlainHttp,
+            "the S3 endpoint is plain HTTP, which is refused unless allowed".into(),
+            "use an https:// endpoint, or pass --s3-allow-http (or set AWS_ALLOW_HTTP=true) \
+             for a service on a trusted network",
+        ),
+        _ => None,
     }
 }
 

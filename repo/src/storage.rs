@@ -16,7 +16,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload};
 
 use crate::retry::{is_already_exists, RetryPolicy};
-use crate::s3::{open_s3, S3Location, StoreOptions};
+use crate::s3::{open_s3, permanent_problem, S3Location, StoreOptions};
 use crate::throttle::ThrottledStore;
 use crate::{Error, Result};
 
@@ -62,6 +62,8 @@ pub struct Storage {
     retry: RetryPolicy,
     /// For a remote store: the bound of the on-disk blob cache (0: no cache).
     remote_cache_size: Option<u64>,
+    /// For S3: the bucket, to name it when the service says it does not exist.
+    bucket: Option<String>,
     counters: Arc<Counters>,
 }
 
@@ -83,14 +85,23 @@ impl Storage {
         if location.starts_with("s3://") {
             let loc = S3Location::parse(location)?;
             let store = open_s3(&loc, opts)?;
-            let mut s = Self::from_store(Self::wrap(store, opts), loc.display());
+            // The S3 client paces uploads itself, as the bytes are sent.
+            let wrapped = Self::wrap(store, None, opts.limit_download, opts.concurrency);
+            let mut s = Self::from_store(wrapped, loc.display());
             s.retry = RetryPolicy::REMOTE;
             s.remote_cache_size = Some(opts.cache_size);
+            s.bucket = Some(loc.bucket.clone());
             return Ok(s);
         }
         if location == "memory://" || location.starts_with("memory://") {
             let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-            return Ok(Self::from_store(Self::wrap(store, opts), location));
+            let wrapped = Self::wrap(
+                store,
+                opts.limit_upload,
+                opts.limit_download,
+                opts.concurrency,
+            );
+            return Ok(Self::from_store(wrapped, location));
         }
         if location.contains("://") && !location.starts_with("file://") {
             return Err(Error::Invalid(format!(
@@ -116,25 +127,31 @@ impl Storage {
         })?;
         let fs = LocalFileSystem::new_with_prefix(&root)
             .map_err(|e| Error::store(root.display().to_string(), e))?;
-        let mut s = Self::from_store(Self::wrap(Arc::new(fs), opts), root.display().to_string());
+        let wrapped = Self::wrap(
+            Arc::new(fs),
+            opts.limit_upload,
+            opts.limit_download,
+            opts.concurrency,
+        );
+        let mut s = Self::from_store(wrapped, root.display().to_string());
         s.local_root = Some(root);
         Ok(s)
     }
 
     /// Bandwidth limits inside, the concurrency bound outside, so a request waiting for its
     /// bandwidth share holds its slot and the number of connections stays bounded.
-    fn wrap(store: Arc<dyn ObjectStore>, opts: &StoreOptions) -> Arc<dyn ObjectStore> {
-        let store: Arc<dyn ObjectStore> =
-            if opts.limit_upload.is_some() || opts.limit_download.is_some() {
-                Arc::new(ThrottledStore::new(
-                    store,
-                    opts.limit_upload,
-                    opts.limit_download,
-                ))
-            } else {
-                store
-            };
-        Arc::new(LimitStore::new(store, opts.concurrency.max(1)))
+    fn wrap(
+        store: Arc<dyn ObjectStore>,
+        upload: Option<u64>,
+        download: Option<u64>,
+        concurrency: usize,
+    ) -> Arc<dyn ObjectStore> {
+        let store: Arc<dyn ObjectStore> = if upload.is_some() || download.is_some() {
+            Arc::new(ThrottledStore::new(store, upload, download))
+        } else {
+            store
+        };
+        Arc::new(LimitStore::new(store, concurrency.max(1)))
     }
 
     pub fn from_store(store: Arc<dyn ObjectStore>, location: impl Into<String>) -> Self {
@@ -144,6 +161,7 @@ impl Storage {
             local_root: None,
             retry: RetryPolicy::NONE,
             remote_cache_size: None,
+            bucket: None,
             counters: Arc::default(),
         }
     }
@@ -166,13 +184,20 @@ impl Storage {
         }
     }
 
-    /// An error naming the object in full (`s3://bucket/prefix/name` for remote stores).
+    /// An error naming the object in full (`s3://bucket/prefix/name` for remote stores). A
+    /// refusal no retry can fix (credentials, access, a missing bucket) becomes one
+    /// [`Error::Remote`] line with the cause and the fix.
     fn err(&self, name: &str, e: object_store::Error) -> Error {
         if self.local_root.is_some() {
-            Error::store(name, e)
-        } else {
-            Error::store(format!("{}/{name}", self.location), e)
+            return Error::store(name, e);
         }
+        let object = format!("{}/{name}", self.location);
+        if let Some(bucket) = &self.bucket {
+            if let Some(p) = permanent_problem(&self.location, bucket, &object, &e) {
+                return p;
+            }
+        }
+        Error::store(object, e)
     }
 
     fn count(&self, up: u64, down: u64) {
@@ -192,7 +217,7 @@ impl Storage {
         let path = ObjPath::from(name);
         let r = self
             .retry
-            .run(name, |attempt| {
+            .run(name, |_| {
                 let (path, bytes) = (path.clone(), bytes.clone());
                 async move {
                     let opts = PutOptions {
@@ -211,9 +236,10 @@ impl Storage {
                         .await
                     {
                         Ok(_) => Ok(()),
-                        // A create-only put that failed in transit may have reached the store:
-                        // finding our own bytes there means it did.
-                        Err(e) if attempt > 0 && create_only => {
+                        // A create-only put whose earlier try reached the store (its answer
+                        // lost in transit, then retried by us or by the client itself) is
+                        // refused as existing: finding our own bytes there means it landed.
+                        Err(e) if create_only => {
                             let e = self.err(name, e);
                             if is_already_exists(&e) && self.holds(name, &bytes).await? {
                                 Ok(())
@@ -267,6 +293,78 @@ impl Storage {
                 .map_err(|e| Error::Invalid(format!("fsync task: {e}")))??;
         }
         Ok(())
+    }
+
+    /// Reads an object with what [`Storage::update`] needs to replace it only if nobody else has
+    /// meanwhile.
+    pub async fn get_versioned(&self, name: &str) -> Result<(Bytes, ObjectVersion)> {
+        let path = ObjPath::from(name);
+        self.retry
+            .run(name, |_| async {
+                let r = self.store.get(&path).await.map_err(|e| self.err(name, e))?;
+                let (e_tag, version) = (r.meta.e_tag.clone(), r.meta.version.clone());
+                let b = r.bytes().await.map_err(|e| self.err(name, e))?;
+                self.count(0, b.len() as u64);
+                let digest = *blake3::hash(&b).as_bytes();
+                Ok((
+                    b,
+                    ObjectVersion {
+                        e_tag,
+                        version,
+                        digest,
+                    },
+                ))
+            })
+            .await
+    }
+
+    /// Replaces an object only if it is still the version `expected` was read as (compare and
+    /// swap): on S3 a conditional put (`If-Match` with the e-tag read); on a local directory the
+    /// object is locked (`flock`), compared byte for byte and replaced by an fsynced rename. When
+    /// another writer got there first, fails with an error for which
+    /// [`Error::is_precondition_failed`] is true, and nothing is written.
+    pub async fn update(&self, name: &str, bytes: Bytes, expected: &ObjectVersion) -> Result<()> {
+        if let Some(root) = &self.local_root {
+            let (path, digest, b) = (root.join(name), expected.digest, bytes.clone());
+            self.count(bytes.len() as u64, 0);
+            return tokio::task::spawn_blocking(move || local_update(&path, &b, &digest))
+                .await
+                .map_err(|e| Error::Invalid(format!("update task: {e}")))?;
+        }
+        let path = ObjPath::from(name);
+        let version = object_store::UpdateVersion {
+            e_tag: expected.e_tag.clone(),
+            version: expected.version.clone(),
+        };
+        self.retry
+            .run(name, |_| {
+                let (path, bytes, version) = (path.clone(), bytes.clone(), version.clone());
+                async move {
+                    self.count(bytes.len() as u64, 0);
+                    let opts = PutOptions {
+                        mode: PutMode::Update(version),
+                        ..Default::default()
+                    };
+                    match self
+                        .store
+                        .put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts)
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(e) => {
+                            let e = self.err(name, e);
+                            // An earlier try that landed (its answer lost) makes the retry fail
+                            // its condition: our own bytes there mean the update is done.
+                            if e.is_precondition_failed() && self.holds(name, &bytes).await? {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        }
+                    }
+                }
+            })
+            .await
     }
 
     /// True when the object exists with exactly these bytes.
@@ -399,6 +497,80 @@ impl Storage {
                 }
             })
             .await
+    }
+}
+
+/// An object's version as read by [`Storage::get_versioned`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectVersion {
+    pub e_tag: Option<String>,
+    pub version: Option<String>,
+    /// BLAKE3 of the bytes read: what a local directory compares.
+    pub digest: [u8; 32],
+}
+
+/// Compare-and-swap of one file: every updater holds an exclusive `flock` on the file it
+/// compares, and replaces it by renaming a synced temporary file over it. A waiter that then
+/// gets the lock on the replaced file sees that the path names another file now, and starts
+/// again on that one, whose bytes differ from what it expects.
+fn local_update(path: &Path, bytes: &[u8], expected: &[u8; 32]) -> Result<()> {
+    use std::io::{Read, Write as _};
+    use std::os::unix::fs::MetadataExt;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let changed = |detail: &str| Error::Store {
+        object: path.display().to_string(),
+        source: object_store::Error::Precondition {
+            path: path.display().to_string(),
+            source: detail.to_string().into(),
+        },
+    };
+    loop {
+        let mut f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(changed("it was removed"))
+            }
+            Err(e) => return Err(io(e)),
+        };
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io(e.into()))?;
+        let (locked, now) = (f.metadata().map_err(io)?, std::fs::metadata(path));
+        match now {
+            Ok(m) if (m.dev(), m.ino()) == (locked.dev(), locked.ino()) => {}
+            // Replaced (or removed) while we waited for the lock: look again.
+            _ => continue,
+        }
+        let mut current = Vec::new();
+        f.read_to_end(&mut current).map_err(io)?;
+        if blake3::hash(&current).as_bytes() != expected {
+            return Err(changed("another writer replaced it since it was read"));
+        }
+        let mut rnd = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut rnd);
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", hex::encode(rnd)));
+        let written = (|| {
+            let mut t = std::fs::File::create_new(&tmp)?;
+            t.write_all(bytes)?;
+            t.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        return Ok(());
     }
 }
 

@@ -35,6 +35,11 @@ impl TokenBucket {
         }
     }
 
+    /// The rate in bytes per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// Waits until `bytes` may pass.
     pub async fn take(&self, bytes: u64) {
         let wait = {

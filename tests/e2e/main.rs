@@ -10,6 +10,8 @@ mod damage;
 mod mount;
 mod mount_security;
 mod s3;
+mod s3_errors;
+mod s3_slow_link;
 mod s3_support;
 mod verify;
 mod vhdx;

@@ -222,7 +222,15 @@ pub enum Mode {
     Forbidden = 2,
     /// Connections are accepted and closed at once (the server is gone).
     Down = 3,
+    /// The first few PUTs of packs reach the server, but their answers are lost: the client's
+    /// connection is closed instead (what a reset after the server stored the object does).
+    LoseAnswers = 4,
+    /// Requests are read and never answered (a server or network that hangs).
+    Stall = 5,
 }
+
+/// How many pack PUTs [`Mode::LoseAnswers`] loses the answers of.
+pub const LOST_ANSWERS: u64 = 3;
 
 pub struct FaultProxy {
     pub port: u16,
@@ -232,6 +240,8 @@ pub struct FaultProxy {
     pub forwarded: Arc<AtomicU64>,
     pub requests: Arc<AtomicU64>,
     pub faults: Arc<AtomicU64>,
+    /// Pack PUTs whose answers were lost in [`Mode::LoseAnswers`].
+    pub lost: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -246,13 +256,15 @@ impl FaultProxy {
             forwarded: Arc::default(),
             requests: Arc::default(),
             faults: Arc::default(),
+            lost: Arc::default(),
         };
-        let (mode, stop, fwd, reqs, faults) = (
+        let (mode, stop, fwd, reqs, faults, lost) = (
             p.mode.clone(),
             p.stop.clone(),
             p.forwarded.clone(),
             p.requests.clone(),
             p.faults.clone(),
+            p.lost.clone(),
         );
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
@@ -260,9 +272,10 @@ impl FaultProxy {
                     Ok((c, _)) => {
                         let n = reqs.fetch_add(1, Ordering::SeqCst);
                         let m = mode.load(Ordering::SeqCst);
-                        let (fwd, faults) = (fwd.clone(), faults.clone());
+                        let (fwd, faults, lost, stop) =
+                            (fwd.clone(), faults.clone(), lost.clone(), stop.clone());
                         std::thread::spawn(move || {
-                            let _ = handle(c, upstream, m, n, &fwd, &faults);
+                            let _ = handle(c, upstream, m, n, &fwd, &faults, &lost, &stop);
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -322,6 +335,7 @@ fn respond(c: &mut TcpStream, status: &str, code: &str) -> std::io::Result<()> {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn handle(
     mut c: TcpStream,
     upstream: u16,
@@ -329,6 +343,8 @@ fn handle(
     n: u64,
     fwd: &AtomicU64,
     faults: &AtomicU64,
+    lost: &AtomicU64,
+    stop: &AtomicBool,
 ) -> std::io::Result<()> {
     if mode == Mode::Down as u8 {
         return c.shutdown(Shutdown::Both);
@@ -336,6 +352,21 @@ fn handle(
     let head = read_head(&mut c)?;
     let text = String::from_utf8_lossy(&head).into_owned();
     let len = content_length(&text);
+    if mode == Mode::Stall as u8 {
+        faults.fetch_add(1, Ordering::SeqCst);
+        // Hold the connection open, answering nothing, until the proxy is dropped.
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return Ok(());
+    }
+    let lose_answer = mode == Mode::LoseAnswers as u8
+        && text.starts_with("PUT ")
+        && text
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|p| p.contains("/packs/"))
+        && lost.fetch_add(1, Ordering::SeqCst) < LOST_ANSWERS;
     if mode == Mode::Forbidden as u8 || (mode == Mode::Flaky as u8 && matches!(n % 5, 1 | 3)) {
         let mut body = vec![0u8; len];
         c.read_exact(&mut body)?;
@@ -374,8 +405,126 @@ fn handle(
     c.read_exact(&mut body)?;
     up.write_all(&body)?;
     fwd.fetch_add((head.len() + len) as u64, Ordering::SeqCst);
+    if lose_answer {
+        // The server has the whole request and answers; the client never hears of it.
+        let mut answer = Vec::new();
+        up.read_to_end(&mut answer)?;
+        faults.fetch_add(1, Ordering::SeqCst);
+        return c.shutdown(Shutdown::Both);
+    }
     std::io::copy(&mut up, &mut c)?;
     c.shutdown(Shutdown::Both)
+}
+
+/// A TCP relay on 127.0.0.1 that carries client-to-server bytes at most at `rate` bytes per
+/// second (a slow uplink), and records when it received each piece from the client. Like a real
+/// WAN link it advertises an Ethernet-sized segment (MSS 1400) and a small receive buffer, so the
+/// client's kernel cannot hide a whole upload in loopback-sized socket buffers.
+pub struct SlowProxy {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    /// (time, bytes) of every read from a client.
+    pub received: Arc<std::sync::Mutex<Vec<(Instant, usize)>>>,
+}
+
+impl SlowProxy {
+    pub fn start(upstream: u16, rate: Option<u64>) -> Self {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        sock.set_tcp_mss(1400).unwrap();
+        sock.set_recv_buffer_size(16 << 10).unwrap();
+        sock.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        sock.listen(64).unwrap();
+        let l: TcpListener = sock.into();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let p = Self {
+            port,
+            stop: Arc::new(AtomicBool::new(false)),
+            received: Arc::default(),
+        };
+        let (stop, received) = (p.stop.clone(), p.received.clone());
+        // One link for all connections: when the next byte may pass.
+        let due = Arc::new(std::sync::Mutex::new(Instant::now()));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        let (received, due) = (received.clone(), due.clone());
+                        std::thread::spawn(move || {
+                            let _ = relay(c, upstream, rate, &received, &due);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        p
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Bytes received from clients so far.
+    pub fn total(&self) -> u64 {
+        let r = self.received.lock().unwrap();
+        r.iter().map(|(_, n)| *n as u64).sum()
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn relay(
+    mut c: TcpStream,
+    upstream: u16,
+    rate: Option<u64>,
+    received: &std::sync::Mutex<Vec<(Instant, usize)>>,
+    due: &std::sync::Mutex<Instant>,
+) -> std::io::Result<()> {
+    c.set_nonblocking(false)?;
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let (mut c2, mut up2) = (c.try_clone()?, up.try_clone()?);
+    // Answers travel at full speed.
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut up2, &mut c2);
+        let _ = c2.shutdown(Shutdown::Write);
+    });
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        received.lock().unwrap().push((Instant::now(), n));
+        if up.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some(r) = rate {
+            // No credit for idle time: the link never goes faster than `rate`.
+            let until = {
+                let mut d = due.lock().unwrap();
+                *d = (*d).max(Instant::now()) + Duration::from_secs_f64(n as f64 / r as f64);
+                *d
+            };
+            if let Some(wait) = until.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let _ = up.shutdown(Shutdown::Write);
+    let _ = back.join();
+    Ok(())
 }
 
 /// A client world whose repository is `s3://vault/<prefix>` at `endpoint`.
@@ -405,15 +554,16 @@ impl S3World {
 
     /// The command with credentials in the environment and `cache` as the cache directory.
     pub fn cmd_in(&self, cache: &str, args: &[&str]) -> Command {
+        let mut c = self.cmd_plain(cache, args);
+        c.arg("--s3-allow-http");
+        c
+    }
+
+    /// [`S3World::cmd_in`] without `--s3-allow-http` (nor `AWS_ALLOW_HTTP`).
+    pub fn cmd_plain(&self, cache: &str, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args)
-            .args([
-                "--repo",
-                &self.location,
-                "--s3-endpoint",
-                &self.endpoint,
-                "--s3-allow-http",
-            ])
+            .args(["--repo", &self.location, "--s3-endpoint", &self.endpoint])
             .arg("--cache-dir")
             .arg(self.dir.path().join(cache))
             .arg("--password-file")
@@ -426,6 +576,7 @@ impl S3World {
             .env_remove("AWS_ENDPOINT_URL")
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ALLOW_HTTP")
             .env_remove("BLOCKVAULT_PASSWORD")
             .env_remove("BLOCKVAULT_REPO")
             .stdin(Stdio::null());

@@ -1,0 +1,375 @@
+//! The HTTP client under the S3 store: request bodies paced as they are sent, and timeouts that
+//! measure progress instead of a whole-request deadline.
+//!
+//! - **Pacing.** With an upload limit, a body is handed to the connection in small pieces, each
+//!   after its share of the limit (one token bucket for all requests), so a pack leaves at the
+//!   limited rate instead of waiting and then bursting at line rate.
+//! - **Progress timeouts.** A fixed whole-request deadline would kill any upload slower than the
+//!   deadline's naive reading (a 16 MiB pack over a 1 Mbit/s link takes over two minutes). A
+//!   request is abandoned instead when it stops making progress for `idle`: no body bytes taken
+//!   by the connection for that long (time spent waiting for our own pacing does not count), no
+//!   response head within that long after the last body byte, or no response body bytes for that
+//!   long. The connection's send buffer (a few seconds of a slow link at most) is the only slack.
+//!   Connecting has its own timeout.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::BodyExt;
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+    HttpResponseBody, HttpService,
+};
+use object_store::ClientOptions;
+use tokio::time::{Instant, Sleep};
+
+use crate::throttle::TokenBucket;
+
+/// Builds [`PacedService`] clients for object_store's S3 store.
+#[derive(Debug, Clone)]
+pub(crate) struct PacedConnector {
+    pub upload: Option<Arc<TokenBucket>>,
+    pub idle: Duration,
+    pub connect: Duration,
+    pub allow_http: bool,
+}
+
+impl HttpConnector for PacedConnector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let client = reqwest::Client::builder()
+            .https_only(!self.allow_http)
+            .connect_timeout(self.connect)
+            // S3 speaks HTTP/1.1; services close idle connections after about 20 s.
+            .http1_only()
+            .pool_idle_timeout(Duration::from_secs(15))
+            .user_agent(concat!("blockvault/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(PacedService {
+            client,
+            upload: self.upload.clone(),
+            idle: self.idle,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct PacedService {
+    client: reqwest::Client,
+    upload: Option<Arc<TokenBucket>>,
+    idle: Duration,
+}
+
+/// When the request last made progress, and whether it is waiting for its pacing share now.
+#[derive(Debug)]
+struct Progress {
+    last: Mutex<Instant>,
+    pacing: AtomicBool,
+}
+
+impl Progress {
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn stalled_for(&self) -> Duration {
+        if self.pacing.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+}
+
+fn timeout_error(what: String) -> HttpError {
+    HttpError::new(
+        HttpErrorKind::Timeout,
+        std::io::Error::new(std::io::ErrorKind::TimedOut, what),
+    )
+}
+
+/// Size of the pieces a paced body is handed over in: about 1/16 s of the rate, so pacing is
+/// smooth, within 16 KiB .. 256 KiB so slow links still see whole segments and fast ones few
+/// wake-ups.
+fn piece_size(bucket: Option<&TokenBucket>) -> usize {
+    match bucket {
+        Some(b) => ((b.rate() / 16.0) as usize).clamp(16 << 10, 256 << 10),
+        None => 256 << 10,
+    }
+}
+
+#[async_trait]
+impl HttpService for PacedService {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let (parts, mut body) = req.into_parts();
+        let url: reqwest::Url = parts
+            .uri
+            .to_string()
+            .parse()
+            .map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
+        let mut request = reqwest::Request::new(parts.method, url);
+        // object_store sets Content-Length itself, so the streamed body below is still sent with
+        // a known length (S3 refuses chunked transfer encoding).
+        *request.headers_mut() = parts.headers;
+        let progress = Arc::new(Progress {
+            last: Mutex::new(Instant::now()),
+            pacing: AtomicBool::new(false),
+        });
+        // Not `is_empty()`: object_store 0.12 answers it backwards for multi-part payloads.
+        if body.content_length() > 0 {
+            let mut frames = Vec::new();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    frames.push(data);
+                }
+            }
+            let piece = piece_size(self.upload.as_deref());
+            let pieces: Vec<Bytes> = frames
+                .into_iter()
+                .flat_map(|f| {
+                    (0..f.len())
+                        .step_by(piece)
+                        .map(move |at| f.slice(at..(at + piece).min(f.len())))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let (bucket, p) = (self.upload.clone(), progress.clone());
+            let stream = futures::stream::iter(pieces).then(move |piece| {
+                let (bucket, p) = (bucket.clone(), p.clone());
+                async move {
+                    if let Some(b) = bucket {
+                        p.pacing.store(true, Ordering::Relaxed);
+                        b.take(piece.len() as u64).await;
+                        p.pacing.store(false, Ordering::Relaxed);
+                    }
+                    p.touch();
+                    Ok::<_, std::io::Error>(piece)
+                }
+            });
+            *request.body_mut() = Some(reqwest::Body::wrap_stream(stream));
+        }
+        let idle = self.idle;
+        let watchdog = {
+            let p = progress.clone();
+            async move {
+                loop {
+                    let stalled = p.stalled_for();
+                    if stalled >= idle {
+                        return;
+                    }
+                    tokio::time::sleep((idle - stalled).max(Duration::from_millis(50))).await;
+                }
+            }
+        };
+        let response = tokio::select! {
+            r = self.client.execute(request) => r.map_err(reqwest_error)?,
+            () = watchdog => {
+                return Err(timeout_error(format!(
+                    "no progress for {idle:?} (request timeout; sending the body or waiting for \
+                     the answer)"
+                )))
+            }
+        };
+        let response: http::Response<reqwest::Body> = response.into();
+        let (parts, body) = response.into_parts();
+        let body = IdleBody {
+            inner: body,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        };
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// Classifies a client error the way object_store's retry logic expects.
+fn reqwest_error(e: reqwest::Error) -> HttpError {
+    let kind = if e.is_timeout() {
+        HttpErrorKind::Timeout
+    } else if e.is_connect() {
+        HttpErrorKind::Connect
+    } else if e.is_builder() {
+        HttpErrorKind::Unknown
+    } else if e.is_body() || e.is_request() {
+        // The connection broke while the request was sent (reset, closed): safe to send again.
+        HttpErrorKind::Request
+    } else if e.is_decode() {
+        HttpErrorKind::Decode
+    } else {
+        HttpErrorKind::Unknown
+    };
+    HttpError::new(kind, e.without_url())
+}
+
+/// A response body that fails when no bytes arrive for `idle`.
+struct IdleBody {
+    inner: reqwest::Body,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl http_body::Body for IdleBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, HttpError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                let deadline = Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(r.map(|f| f.map_err(reqwest_error)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(timeout_error(format!(
+                    "no response data for {:?} (request timeout)",
+                    this.idle
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::client::HttpRequestBody;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn client(idle: Duration) -> HttpClient {
+        PacedConnector {
+            upload: None,
+            idle,
+            connect: Duration::from_secs(2),
+            allow_http: true,
+        }
+        .connect(&ClientOptions::new())
+        .unwrap()
+    }
+
+    /// A server on 127.0.0.1 that reads each request head and then does `then` with the
+    /// connection.
+    async fn server<F, Fut>(then: F) -> u16
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let then = Arc::new(then);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let then = then.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    then(s).await;
+                });
+            }
+        });
+        port
+    }
+
+    fn get(port: u16) -> HttpRequest {
+        http::Request::builder()
+            .method("GET")
+            .uri(format!("http://127.0.0.1:{port}/x"))
+            .body(HttpRequestBody::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_without_an_answer_times_out_after_the_idle_time() {
+        let port = server(|s| async move {
+            let _hold = s;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let t = std::time::Instant::now();
+        let e = client(Duration::from_millis(400))
+            .execute(get(port))
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(e.kind(), HttpErrorKind::Timeout, "{e}");
+        assert!(e.to_string().contains("no progress"), "{e}");
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_arriving_times_out_but_a_slow_one_does_not() {
+        // 10 pieces 100 ms apart (1 s in all, longer than the idle time), then a stall.
+        let port = server(|mut s| async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                .await;
+            for _ in 0..10 {
+                let _ = s.write_all(&[7u8; 5]).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let r = client(Duration::from_millis(400))
+            .execute(get(port))
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        let mut got = 0;
+        let mut stream = r.into_body().bytes_stream();
+        let err = loop {
+            match stream.next().await {
+                Some(Ok(b)) => got += b.len(),
+                Some(Err(e)) => break e,
+                None => panic!("the body ended"),
+            }
+        };
+        assert_eq!(got, 50, "the slow part was read whole");
+        assert_eq!(err.kind(), HttpErrorKind::Timeout, "{err}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(1200),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn pieces_follow_the_rate() {
+        assert_eq!(piece_size(None), 256 << 10);
+        assert_eq!(piece_size(Some(&TokenBucket::new(1000))), 16 << 10);
+        assert_eq!(piece_size(Some(&TokenBucket::new(1 << 20))), 64 << 10);
+        assert_eq!(piece_size(Some(&TokenBucket::new(1 << 30))), 256 << 10);
+    }
+}
