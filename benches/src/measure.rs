@@ -326,6 +326,13 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
             )?;
             s.repo_bytes = Some(dir_bytes(&rrepo) - before);
             out.push(s);
+            out.push(timed(
+                "verify all data",
+                "restic",
+                restic(&["check", "--read-data"]),
+                None,
+                None,
+            )?);
         }
         std::fs::remove_dir_all(&rrepo)?;
 
@@ -383,6 +390,17 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
             )?;
             s.repo_bytes = Some(dir_bytes(&brepo) - before);
             out.push(s);
+            out.push(timed(
+                "verify all data",
+                "borg",
+                {
+                    let mut c = borg(&["check", "--verify-data"]);
+                    c.arg(&brepo);
+                    c
+                },
+                None,
+                None,
+            )?);
         }
         std::fs::remove_dir_all(&brepo)?;
     }

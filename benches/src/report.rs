@@ -39,6 +39,8 @@ const TARGETS: &[Target] = &[
         0.15,
     ),
     t("export to VHDX", "export to VHDX", "qemu-img", 1.0),
+    t("verify all data", "verify all data", "restic", 0.3),
+    t("verify all data", "verify all data", "borg", 1.0),
     t(
         "files: extract a tree",
         "files: extract a tree",

@@ -229,6 +229,21 @@ pub fn run_blockvault(
         .arg(&out_vhdx);
     out.push(timed("export to VHDX", "qemu-img", cmd, None, None)?);
     std::fs::remove_file(&out_vhdx)?;
+
+    // Verification of the full point and its RCT incremental: everything, then a 5 % subset
+    // (its "repo MiB" column is the bytes it read).
+    let mut cmd = bv();
+    cmd.args(["verify", "--read-data"]);
+    out.push(timed("verify all data", "blockvault", cmd, None, None)?);
+    let report = work.join("verify-subset.json");
+    let mut cmd = bv();
+    cmd.args(["verify", "--json", "--read-data-subset", "5%"]);
+    let mut s = timed("verify 5% subset", "blockvault", cmd, None, Some(&report))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report)?).context("verify --json")?;
+    s.repo_bytes = v["bytes_read"].as_u64();
+    std::fs::remove_file(&report)?;
+    out.push(s);
     Ok(out)
 }
 

@@ -6,13 +6,15 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use blockvault_agent::vm_backup::{self, BackupRequest};
 use blockvault_agent::Error as AgentError;
+use blockvault_engine::{export_raw_with, format_ranges};
 use blockvault_engine::{
-    export_raw, verify, DiskReader, ExportTarget, Progress, ReaderOptions, VerifyOptions,
+    parse_duration, verify, DiskReader, ExportTarget, Progress, ReaderOptions, Selection, Verdict,
+    VerifyOptions, VerifyReport,
 };
 use blockvault_repo::{KdfParams, OpenOptions, PointManifest, Repository, Storage};
 use serde_json::json;
 
-use crate::exit::{InputError, VerifyFailed};
+use crate::exit::{InputError, VerifyFailed, VerifyIncomplete};
 use crate::progress::Bar;
 use crate::size::{human, parse_size};
 use crate::store_opts::store_options;
@@ -298,34 +300,82 @@ async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
     Ok(())
 }
 
-fn point_summary(m: &PointManifest) -> serde_json::Value {
+fn point_summary(m: &PointManifest, verify: &VerifyStates) -> serde_json::Value {
     json!({
         "id": m.id, "vm": m.vm, "host": m.host, "created": m.created, "tags": m.tags,
         "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "kind": d.kind})).collect::<Vec<_>>(),
+        "verify": verify.json(&m.id),
     })
+}
+
+/// Each point's verify state, from the newest verify record (points stored after it have none).
+struct VerifyStates {
+    record: Option<String>,
+    states: std::collections::HashMap<blockvault_repo::PointId, blockvault_repo::PointStatus>,
+}
+
+impl VerifyStates {
+    async fn load(repo: &Repository) -> Self {
+        match repo.latest_verify_record().await {
+            Ok(Some((name, rec))) => Self {
+                record: Some(name.to_string()),
+                states: rec.points.into_iter().map(|p| (p.point, p)).collect(),
+            },
+            Ok(None) => Self {
+                record: None,
+                states: Default::default(),
+            },
+            Err(e) => {
+                eprintln!("blockvault: verify records unreadable: {e}");
+                Self {
+                    record: None,
+                    states: Default::default(),
+                }
+            }
+        }
+    }
+
+    fn json(&self, id: &blockvault_repo::PointId) -> serde_json::Value {
+        match self.states.get(id) {
+            Some(s) => {
+                let mut v = serde_json::to_value(s).expect("status serialises");
+                v["record"] = json!(self.record);
+                v
+            }
+            None => json!({"state": "never", "record": self.record}),
+        }
+    }
+
+    fn text(&self, id: &blockvault_repo::PointId) -> String {
+        match self.states.get(id) {
+            Some(s) => blockvault_engine::describe_state(s),
+            None => "never verified".into(),
+        }
+    }
 }
 
 async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
     let repo = open_repo(g).await?;
     let (points, bad) = repo.list_points().await?;
+    let verify = VerifyStates::load(&repo).await;
     let points: Vec<&PointManifest> = points
         .iter()
         .filter(|p| vm.is_none_or(|v| p.vm == v))
         .collect();
     if g.json {
         print_json(&serde_json::Value::Array(
-            points.iter().map(|p| point_summary(p)).collect(),
+            points.iter().map(|p| point_summary(p, &verify)).collect(),
         ));
     } else {
         println!(
-            "{:<16}  {:<20}  {:<20}  {:>10}  disks / tags",
+            "{:<16}  {:<20}  {:<20}  {:>10}  disks / tags / verify",
             "point", "vm", "created", "size"
         );
         for p in &points {
             let size: u64 = p.disks.iter().map(|d| d.size).sum();
             let disks: Vec<&str> = p.disks.iter().map(|d| d.name.as_str()).collect();
             println!(
-                "{:<16}  {:<20}  {:<20}  {:>10}  {}{}",
+                "{:<16}  {:<20}  {:<20}  {:>10}  {}{}  {}",
                 p.id,
                 p.vm,
                 p.created.get(..19).unwrap_or(&p.created),
@@ -335,7 +385,8 @@ async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
                     String::new()
                 } else {
                     format!(" [{}]", p.tags.join(","))
-                }
+                },
+                verify.text(&p.id)
             );
         }
     }
@@ -349,6 +400,7 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
     let repo = open_repo(g).await?;
     let id = repo.resolve_point(text).await?;
     let m = repo.load_point(&id).await?;
+    let verify = VerifyStates::load(&repo).await;
     let trace = repo.load_boot_trace(&id).await?;
     let trace_summary = trace.as_ref().map(|t| {
         serde_json::json!({
@@ -363,6 +415,7 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
     if g.json {
         let mut v = serde_json::to_value(&m)?;
         v["boot_trace"] = trace_summary.unwrap_or(serde_json::Value::Null);
+        v["verify"] = verify.json(&m.id);
         print_json(&v);
         return Ok(());
     }
@@ -407,6 +460,12 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
     }
     for c in &m.configs {
         println!("config file {} ({})", c.name, human(c.size));
+    }
+    println!("verify    {}", verify.text(&m.id));
+    if let Some(s) = verify.states.get(&m.id) {
+        for d in &s.damage {
+            println!("  damaged {}: bytes {}", d.disk, format_ranges(&d.ranges));
+        }
     }
     match &trace {
         Some(t) => {
@@ -478,12 +537,20 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
         "export",
         !g.quiet && !g.json && !to_stdout,
     );
-    let r = export_raw(reader.clone(), target, progress).await;
+    let r = export_raw_with(reader.clone(), target, progress, a.allow_damaged).await;
     bar.finish();
-    r?;
+    let lost = r?;
+    if !lost.is_empty() {
+        eprintln!(
+            "blockvault: disk {disk} of point {}: data lost, zeros written at bytes {}",
+            m.id,
+            format_ranges(&lost)
+        );
+    }
     if g.json && !to_stdout {
         print_json(
             &json!({"point": m.id, "disk": disk, "size": reader.size(), "out": out,
+            "lost": lost,
             "storage": stats_of.storage().stats(), "blob_cache": stats_of.blob_cache_stats()}),
         );
     } else if !to_stdout {
@@ -499,54 +566,103 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
 }
 
 async fn run_verify(g: &Global, a: VerifyArgs) -> Result<()> {
+    let input = |e: String| anyhow!(InputError(e));
+    let selection = if let Some(s) = &a.read_data_subset {
+        Selection::parse_subset(s).map_err(input)?
+    } else if let Some(d) = &a.reverify_after {
+        Selection::ReverifyAfter {
+            secs: parse_duration(d).map_err(|e| input(format!("--reverify-after {e}")))?,
+        }
+    } else if a.read_data {
+        Selection::All
+    } else {
+        Selection::None
+    };
+    let max_bytes = match &a.max_bytes {
+        Some(m) => Some(parse_size(m).map_err(|e| input(format!("--max-bytes: {e}")))?),
+        None => None,
+    };
     let repo = open_repo(g).await?;
+    let reads = selection != Selection::None || !a.points.is_empty() || !a.vms.is_empty();
     let progress = Arc::new(Progress::default());
-    let bar = Bar::start(
-        progress.clone(),
-        "verify",
-        a.read_data && !g.quiet && !g.json,
-    );
-    let report = verify(
-        repo,
-        VerifyOptions {
-            read_data: a.read_data,
-            parallel: a.parallel,
-        },
-        progress,
-    )
-    .await;
+    let bar = Bar::start(progress.clone(), "verify", reads && !g.quiet && !g.json);
+    let mut opts = VerifyOptions::new(selection);
+    opts.points = a.points.clone();
+    opts.vms = a.vms.clone();
+    opts.max_bytes = max_bytes;
+    opts.parallel = a.parallel.max(1);
+    opts.host = vm_backup::hostname();
+    let report = verify(repo, opts, progress).await;
     bar.finish();
     let report = report?;
     if g.json {
         print_json(&serde_json::to_value(&report)?);
     } else {
+        print_verify_report(&report);
+    }
+    match report.verdict {
+        Verdict::Clean => Ok(()),
+        Verdict::Damaged => bail!(VerifyFailed(report.problems.len())),
+        Verdict::Incomplete => bail!(VerifyIncomplete(report.unchecked.len())),
+    }
+}
+
+fn print_verify_report(r: &VerifyReport) {
+    println!(
+        "checked {} restore points, {} referenced chunks, {} packs ({})",
+        r.points,
+        r.chunks_referenced,
+        r.packs,
+        human(r.bytes_stored)
+    );
+    if let Some(run) = r.run {
         println!(
-            "checked {} restore points, {} referenced chunks, {} packs{}",
-            report.points,
-            report.chunks_referenced,
-            report.packs,
-            if a.read_data {
-                format!(
-                    " ({} read, {})",
-                    report.packs_read,
-                    human(report.bytes_read)
-                )
-            } else {
-                String::new()
-            }
+            "run {run} ({}): read {} packs, {}",
+            r.selection,
+            r.packs_read,
+            human(r.bytes_read)
         );
-        for p in &report.problems {
-            println!("DAMAGED {}: {}", p.object, p.detail);
-            if !p.affected_points.is_empty() {
-                println!("  affects restore points: {}", p.affected_points.join(", "));
-            }
+    }
+    if r.overdue_packs > 0 {
+        println!(
+            "{} packs due in this rotation were left for the next run by --max-bytes",
+            r.overdue_packs
+        );
+    }
+    for p in &r.problems {
+        println!("DAMAGED {}: {}", p.object, p.detail);
+        if !p.affected_points.is_empty() {
+            println!("  affects restore points: {}", p.affected_points.join(", "));
         }
-        if report.is_ok() {
-            println!("no problems found");
+        for d in &p.damage {
+            println!(
+                "  point {} disk {}: bytes {}",
+                d.point,
+                d.disk,
+                format_ranges(&d.ranges)
+            );
         }
     }
-    if !report.is_ok() {
-        bail!(VerifyFailed(report.problems.len()));
+    for u in &r.unchecked {
+        println!("NOT CHECKED {}: {}", u.object, u.detail);
     }
-    Ok(())
+    let count = |s: blockvault_repo::PointVerifyState| {
+        r.point_states.iter().filter(|p| p.state == s).count()
+    };
+    use blockvault_repo::PointVerifyState as S;
+    println!(
+        "points: {} verified, {} partly verified, {} damaged, {} never verified",
+        count(S::Verified),
+        count(S::Partly),
+        count(S::Damaged),
+        count(S::Never)
+    );
+    if let Some(rec) = &r.record {
+        println!("recorded as verify/{rec}");
+    }
+    match r.verdict {
+        Verdict::Clean => println!("no problems found"),
+        Verdict::Damaged => println!("damage found"),
+        Verdict::Incomplete => println!("no damage found, but some objects could not be checked"),
+    }
 }

@@ -14,6 +14,8 @@ pub const VERIFY_FAILED: u8 = 7;
 pub const NOT_FOUND: u8 = 8;
 /// Another prune holds the repository's maintenance claim.
 pub const BUSY: u8 = 9;
+/// Verify could not check everything it was asked to (an unreadable listing, a dead store).
+pub const VERIFY_INCOMPLETE: u8 = 10;
 
 /// A verify run that found damage: the report is printed, and this sets the exit code.
 #[derive(Debug)]
@@ -27,16 +29,32 @@ impl std::fmt::Display for VerifyFailed {
 
 impl std::error::Error for VerifyFailed {}
 
+/// A verify run that found no damage but could not check everything it was asked to.
+#[derive(Debug)]
+pub struct VerifyIncomplete(pub usize);
+
+impl std::fmt::Display for VerifyIncomplete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "verify could not check {} object(s)", self.0)
+    }
+}
+
+impl std::error::Error for VerifyIncomplete {}
+
 pub fn classify(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.downcast_ref::<VerifyFailed>().is_some() {
             return VERIFY_FAILED;
+        }
+        if cause.downcast_ref::<VerifyIncomplete>().is_some() {
+            return VERIFY_INCOMPLETE;
         }
         if let Some(e) = cause.downcast_ref::<EngineError>() {
             match e {
                 EngineError::Source { .. } => return BAD_INPUT,
                 EngineError::NoSuchDisk { .. } => return NOT_FOUND,
                 EngineError::Repo(RepoError::PruneRunning { .. }) => return BUSY,
+                EngineError::Lost { .. } => return TAMPERED,
                 _ => {}
             }
         }

@@ -516,14 +516,33 @@ pub struct ExportArgs {
     /// Chunks fetched at once.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,
+    /// Write zeros where data is damaged or missing (and say where) instead of failing.
+    #[arg(long)]
+    pub allow_damaged: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
     /// Download every pack and check every chunk's content.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["read_data_subset", "reverify_after"])]
     pub read_data: bool,
-    /// Packs checked at once with --read-data.
+    /// Read part of the data: P% (a different P % each run, everything within 100/P runs) or
+    /// n/t (a fixed slice, the packs whose id's first byte is n-1 modulo t).
+    #[arg(long, value_name = "P%|n/t", conflicts_with = "reverify_after")]
+    pub read_data_subset: Option<String>,
+    /// Read only what was not verified within this long (e.g. 30d), oldest first.
+    #[arg(long, value_name = "DURATION")]
+    pub reverify_after: Option<String>,
+    /// Read only what this point needs (id or unique prefix); repeatable.
+    #[arg(long = "point", value_name = "POINT")]
+    pub points: Vec<String>,
+    /// Read only what the points of this VM need; repeatable.
+    #[arg(long = "vm", value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Read at most this much in one run (e.g. 50GiB).
+    #[arg(long, value_name = "SIZE")]
+    pub max_bytes: Option<String>,
+    /// Packs checked at once (each is decoded on every core).
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,
 }
@@ -549,11 +568,12 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = exit::classify(&e);
             // A failed verify has already printed its report; everything else reports here.
-            if json && code != exit::VERIFY_FAILED {
+            let reported = code == exit::VERIFY_FAILED || code == exit::VERIFY_INCOMPLETE;
+            if json && !reported {
                 let v = serde_json::json!({"error": format!("{e:#}"), "exit_code": code});
                 println!("{v}");
             }
-            if code != exit::VERIFY_FAILED || !json {
+            if !reported || !json {
                 eprintln!("blockvault: error: {e:#}");
             }
             ExitCode::from(code)

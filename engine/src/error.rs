@@ -48,10 +48,34 @@ pub enum Error {
          the grace period?); run the backup again"
     )]
     PruneConflict { epoch: u64 },
+    #[error(
+        "restore point {point} disk '{disk}': data lost at bytes {} (damaged or missing in the \
+         repository; first: {first}); 'blockvault verify' names the objects, and \
+         --allow-damaged writes zeros there instead", format_ranges(.ranges)
+    )]
+    Lost {
+        point: String,
+        disk: String,
+        ranges: Vec<(u64, u64)>,
+        first: String,
+    },
 }
 
 impl Error {
     pub(crate) fn task(e: tokio::task::JoinError) -> Self {
         Error::Invalid(format!("background task failed: {e}"))
     }
+}
+
+/// `a-b, c-d` (end exclusive), at most 20 shown.
+pub fn format_ranges(ranges: &[(u64, u64)]) -> String {
+    let mut parts: Vec<String> = ranges
+        .iter()
+        .take(20)
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect();
+    if ranges.len() > 20 {
+        parts.push(format!("and {} more", ranges.len() - 20));
+    }
+    parts.join(", ")
 }

@@ -22,18 +22,74 @@ pub enum ExportTarget {
 }
 
 /// Exports the whole disk. Chunks are fetched `reader.options().parallel` at a time and written in
-/// order.
+/// order. Chunks the repository cannot give back (damaged or missing) fail the export, naming every
+/// lost byte range; the output file is removed.
 pub async fn export_raw(
     reader: Arc<DiskReader>,
     target: ExportTarget,
     progress: Arc<Progress>,
 ) -> Result<()> {
+    export_raw_with(reader, target, progress, false)
+        .await
+        .map(|_| ())
+}
+
+/// True for errors that mean the stored data is damaged or missing (as opposed to a failing store
+/// or output): the chunk is lost, and the rest of the disk can still be exported.
+fn is_data_loss(e: &Error) -> bool {
+    use blockvault_repo::Error as R;
+    let repo = match e {
+        Error::Chunk { source, .. } => Some(&**source),
+        Error::Repo(r) => Some(r),
+        Error::Disk { .. } => return true,
+        _ => None,
+    };
+    matches!(
+        repo,
+        Some(R::Tampered { .. } | R::Malformed { .. } | R::ChunkMissing { .. })
+    )
+}
+
+/// [`export_raw`], and with `allow_damaged` lost chunks are written as zeros instead of failing
+/// the export. Returns the lost byte ranges `[start, end)`.
+pub async fn export_raw_with(
+    reader: Arc<DiskReader>,
+    target: ExportTarget,
+    progress: Arc<Progress>,
+    allow_damaged: bool,
+) -> Result<Vec<(u64, u64)>> {
+    let mut lost: Vec<(u64, u64)> = Vec::new();
+    let mut first_loss: Option<String> = None;
+    let mut note_loss = |slot: u64, e: Error, lost: &mut Vec<(u64, u64)>| -> Result<()> {
+        if !is_data_loss(&e) {
+            return Err(e);
+        }
+        let layout = reader.layout();
+        let start = slot * layout.chunk_size() as u64;
+        let end = start + layout.chunk_len(slot) as u64;
+        match lost.last_mut() {
+            Some(l) if l.1 == start => l.1 = end,
+            _ => lost.push((start, end)),
+        }
+        if first_loss.is_none() {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            first_loss = Some(msg);
+        }
+        Ok(())
+    };
     let layout = *reader.layout();
     progress
         .bytes_total
         .store(layout.disk_size(), std::sync::atomic::Ordering::Relaxed);
     let parallel = reader.options().parallel.max(1);
     let mut chunks = std::pin::pin!(reader.chunks_in_order());
+    let mut created: Option<PathBuf> = None;
     match target {
         ExportTarget::Path(path) => {
             let out_err = |source| Error::Output {
@@ -48,6 +104,9 @@ pub async fn export_raw(
                 .map_err(out_err)?;
             let is_file = file.metadata().map_err(out_err)?.is_file();
             if is_file {
+                created = Some(path.clone());
+            }
+            if is_file {
                 // Truncate to zero first so the old contents cannot show through the holes.
                 file.set_len(0).map_err(out_err)?;
                 file.set_len(layout.disk_size()).map_err(out_err)?;
@@ -57,7 +116,14 @@ pub async fn export_raw(
             while let Some((slot, data)) = chunks.next().await {
                 let offset = slot * layout.chunk_size() as u64;
                 let len = layout.chunk_len(slot) as usize;
-                let data = match data? {
+                let data = match data {
+                    Ok(d) => d,
+                    Err(e) => {
+                        note_loss(slot, e, &mut lost)?;
+                        None
+                    }
+                };
+                let data = match data {
                     Some(d) => d,
                     None if is_file => {
                         Progress::add(&progress.bytes_done, len as u64);
@@ -98,10 +164,13 @@ pub async fn export_raw(
                 let data = match data {
                     Ok(Some(d)) => d,
                     Ok(None) => zeros.slice(..len),
-                    Err(e) => {
-                        fetched = Err(e);
-                        break;
-                    }
+                    Err(e) => match note_loss(slot, e, &mut lost) {
+                        Ok(()) => zeros.slice(..len),
+                        Err(e) => {
+                            fetched = Err(e);
+                            break;
+                        }
+                    },
                 };
                 if tx.send(data).await.is_err() {
                     break; // the writer stopped; its error is reported below
@@ -117,5 +186,17 @@ pub async fn export_raw(
             written.map_err(out_err)?;
         }
     }
-    Ok(())
+    if !lost.is_empty() && !allow_damaged {
+        if let Some(p) = created {
+            // A regular file with holes where data was lost must not pass for the disk.
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(Error::Lost {
+            point: reader.point().to_string(),
+            disk: reader.name().to_string(),
+            ranges: lost,
+            first: first_loss.unwrap_or_default(),
+        });
+    }
+    Ok(lost)
 }

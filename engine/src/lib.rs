@@ -22,8 +22,8 @@ mod verify;
 
 pub use backup::{backup, BackupOptions, BackupOutcome, DiskJob, ReadPlan};
 pub use cache::CacheStats;
-pub use error::{Error, Result};
-pub use export::{export_raw, ExportTarget};
+pub use error::{format_ranges, Error, Result};
+pub use export::{export_raw, export_raw_with, ExportTarget};
 pub use forget::{forget, ForgetDecision, ForgetOptions, ForgetReport, ForgetTarget};
 pub use hydrate::{start_hydration, Hydration, HydrationStatus};
 pub use mounted::{MountedDisk, StatusRun};
@@ -35,4 +35,7 @@ pub use random_read::{
 };
 pub use reader::{DiskReader, ReaderOptions};
 pub use source::{DiskSource, RawFile};
-pub use verify::{verify, VerifyOptions, VerifyReport};
+pub use verify::{
+    describe_state, parse_duration, verify, PointDamage, Problem, Selection, Verdict,
+    VerifyOptions, VerifyReport,
+};

@@ -22,6 +22,10 @@ const K_SCHEMA: &[u8] = b"meta/schema";
 const P_CHUNK: u8 = b'c';
 const P_PACK: u8 = b'p';
 const P_SEGMENT: u8 = b's';
+/// `v<record name>`: a verify record whose damaged blobs are in the `d` keys.
+const P_VERIFY: u8 = b'v';
+/// `d<pack id><offset u32 BE>`: a blob location verification found damaged.
+const P_DAMAGED: u8 = b'd';
 
 /// Where a blob is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +93,13 @@ struct Overlay {
     chunks: HashMap<ChunkId, Location>,
     packs: HashSet<PackId>,
     segments: HashSet<SegmentId>,
+    verify_records: HashSet<String>,
+}
+
+fn damaged_key(pack: &PackId, offset: u32) -> Vec<u8> {
+    let mut k = key(P_DAMAGED, &pack.0);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
 }
 
 pub(crate) struct LocalIndex {
@@ -96,6 +107,9 @@ pub(crate) struct LocalIndex {
     db: DB,
     secondary_dir: Option<PathBuf>,
     overlay: Mutex<Overlay>,
+    /// Blob locations verification found damaged (all of the `d` keys, kept in memory: damage is
+    /// rare and every dedup lookup consults it).
+    damaged: std::sync::RwLock<HashSet<(PackId, u32)>>,
     /// When a secondary last followed the primary; guards catch-up against running concurrently.
     last_catch_up: Mutex<Instant>,
 }
@@ -147,6 +161,7 @@ impl LocalIndex {
             db,
             secondary_dir,
             overlay: Mutex::new(Overlay::default()),
+            damaged: Default::default(),
             last_catch_up: Mutex::new(Instant::now()),
         };
         let stored_repo = idx.db.get(K_REPO).map_err(|e| err(e.to_string()))?;
@@ -154,6 +169,7 @@ impl LocalIndex {
         let matches = stored_repo.as_deref() == Some(repo_id.as_bytes())
             && schema.as_deref() == Some(SCHEMA_VERSION);
         if matches {
+            idx.load_damaged()?;
             return Ok((idx, false));
         }
         if stored_repo.is_some() {
@@ -177,6 +193,10 @@ impl LocalIndex {
     /// Empties the index and stamps it with `repo_id`.
     pub(crate) fn clear(&self, repo_id: &str) -> Result<()> {
         *self.overlay.lock().expect("index overlay lock") = Overlay::default();
+        self.damaged
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         if self.is_secondary() {
             return Ok(());
         }
@@ -259,15 +279,25 @@ impl LocalIndex {
     /// Records a stored pack and all its entries.
     pub(crate) fn insert_pack(&self, pack: PackId, size: u64, entries: &[PackEntry]) -> Result<()> {
         if self.is_secondary() {
-            let mut o = self.overlay.lock().expect("index overlay lock");
             for e in entries {
+                if self.keeps_existing(&pack, e)? {
+                    continue;
+                }
+                let mut o = self.overlay.lock().expect("index overlay lock");
                 o.chunks.insert(e.id, Location::of(pack, e));
             }
-            o.packs.insert(pack);
+            self.overlay
+                .lock()
+                .expect("index overlay lock")
+                .packs
+                .insert(pack);
             return Ok(());
         }
         let mut batch = WriteBatch::default();
         for e in entries {
+            if self.keeps_existing(&pack, e)? {
+                continue;
+            }
             batch.put(
                 key(P_CHUNK, e.id.as_bytes()),
                 Location::of(pack, e).encode(),
@@ -275,6 +305,127 @@ impl LocalIndex {
         }
         batch.put(key(P_PACK, &pack.0), size.to_le_bytes());
         self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    /// One location per chunk is kept: the newest, unless it is a copy verification found damaged
+    /// and the one already indexed is not (a rebuild must not trade a good copy for a bad one).
+    fn keeps_existing(&self, pack: &PackId, e: &PackEntry) -> Result<bool> {
+        if !self.is_damaged(pack, e.offset) {
+            return Ok(false);
+        }
+        Ok(self
+            .get(&e.id)?
+            .is_some_and(|old| !self.is_damaged(&old.pack, old.offset)))
+    }
+
+    pub(crate) fn is_damaged(&self, pack: &PackId, offset: u32) -> bool {
+        let d = self
+            .damaged
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        !d.is_empty() && d.contains(&(*pack, offset))
+    }
+
+    fn load_damaged(&self) -> Result<()> {
+        let mut set = HashSet::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&[P_DAMAGED], Direction::Forward))
+        {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if k.first() != Some(&P_DAMAGED) {
+                break;
+            }
+            if k.len() == 1 + 16 + 4 {
+                let pack = PackId(k[1..17].try_into().expect("16 bytes"));
+                let off = u32::from_be_bytes(k[17..21].try_into().expect("4 bytes"));
+                set.insert((pack, off));
+            }
+        }
+        *self
+            .damaged
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = set;
+        Ok(())
+    }
+
+    /// Names of the verify records whose damage this index holds.
+    pub(crate) fn verify_records_seen(&self) -> Result<HashSet<String>> {
+        let mut out = self
+            .overlay
+            .lock()
+            .expect("index overlay lock")
+            .verify_records
+            .clone();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&[P_VERIFY], Direction::Forward))
+        {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if k.first() != Some(&P_VERIFY) {
+                break;
+            }
+            out.insert(String::from_utf8_lossy(&k[1..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Records a verify record as absorbed, with the damaged blob locations it names.
+    pub(crate) fn insert_verify_record(&self, name: &str, damaged: &[(PackId, u32)]) -> Result<()> {
+        {
+            let mut d = self
+                .damaged
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            d.extend(damaged.iter().copied());
+        }
+        if self.is_secondary() {
+            self.overlay
+                .lock()
+                .expect("index overlay lock")
+                .verify_records
+                .insert(name.to_string());
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for (p, o) in damaged {
+            batch.put(damaged_key(p, *o), []);
+        }
+        batch.put(key(P_VERIFY, name.as_bytes()), []);
+        self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    /// Every (chunk, location) the index holds in `pack` (a scan of the whole index: used only
+    /// for packs whose own table cannot be read).
+    pub(crate) fn entries_of(&self, pack: &PackId) -> Result<Vec<(ChunkId, Location)>> {
+        let mut out = Vec::new();
+        for (id, l) in self
+            .overlay
+            .lock()
+            .expect("index overlay lock")
+            .chunks
+            .iter()
+        {
+            if l.pack == *pack {
+                out.push((*id, *l));
+            }
+        }
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&[P_CHUNK], Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if k.first() != Some(&P_CHUNK) {
+                break;
+            }
+            if let (Some(l), Some(id)) = (Location::decode(&v), ChunkId::from_slice(&k[1..])) {
+                if l.pack == *pack {
+                    out.push((id, l));
+                }
+            }
+        }
+        out.sort_by_key(|(_, l)| l.offset);
+        Ok(out)
     }
 
     pub(crate) fn insert_segment(&self, id: SegmentId) -> Result<()> {

@@ -19,6 +19,7 @@ mod manifest;
 mod objects;
 mod paced_http;
 mod pack;
+mod pack_check;
 mod pack_window;
 mod page;
 mod plan;
@@ -30,6 +31,7 @@ mod storage;
 mod test_hooks;
 pub use test_hooks::hold as test_hold;
 mod throttle;
+mod verify_record;
 
 pub use blob::{BlobKind, EncodedBlob};
 pub use blob_cache::BlobCacheStats;
@@ -48,9 +50,14 @@ pub use manifest::{
 };
 pub use objects::{Epoch, LeaseId, Listed, ObjectKind, ObjectName};
 pub use pack::{PackBuilder, PackEntry, SealedPack};
+pub use pack_check::{by_pack, Unchecked};
 pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
 pub use plan::{ClaimRecord, Condemned, Plan, PublishedPlan};
 pub use repository::{OpenOptions, PackDamage, PruneClaim, Repository, SyncReport, VerifiedPack};
 pub use s3::{S3Location, StoreOptions};
 pub use segment::PackRecord;
 pub use storage::{ObjectInfo, ObjectVersion, Storage, StorageStats, Write};
+pub use verify_record::{
+    ByteRange, DamagedBlob, DiskDamage, PackOutcome, PackResult, PointStatus, PointVerifyState,
+    RecordListing, RecordName, VerifyRecord, VERIFY_DIR,
+};

@@ -455,6 +455,23 @@ impl Storage {
             .await
     }
 
+    /// Like [`Storage::list`], with each object's last-modified time from the store (unix
+    /// seconds): the store's clock, the same for every host.
+    pub async fn list_with_times(&self, prefix: &str) -> Result<Vec<(String, u64, i64)>> {
+        let p = ObjPath::from(prefix);
+        self.retry
+            .run(prefix, |_| async {
+                self.count(0, 0);
+                self.store
+                    .list(Some(&p))
+                    .map_ok(|m| (m.location.to_string(), m.size, m.last_modified.timestamp()))
+                    .try_collect()
+                    .await
+                    .map_err(|e| self.err(prefix, e))
+            })
+            .await
+    }
+
     pub async fn head(&self, name: &str) -> Result<Option<u64>> {
         let path = ObjPath::from(name);
         self.retry

@@ -15,5 +15,6 @@ mod s3;
 mod s3_errors;
 mod s3_slow_link;
 mod s3_support;
+mod verify;
 mod vhdx;
 mod vhdx_builder;

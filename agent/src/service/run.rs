@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockvault_engine::{verify, Progress, VerifyOptions};
+use blockvault_engine::{verify, Progress, Selection, VerifyOptions};
 use blockvault_repo::{OpenOptions, Repository, Storage, StoreOptions};
 use chrono::Utc;
 use serde_json::json;
@@ -216,7 +216,11 @@ async fn run_verify(
 ) {
     let progress = Arc::new(Progress::default());
     let r = tokio::select! {
-        r = verify(repo, VerifyOptions { read_data, parallel: 2 }, progress) => r,
+        r = verify(
+            repo,
+            VerifyOptions::new(if read_data { Selection::All } else { Selection::None }),
+            progress,
+        ) => r,
         _ = cancel.cancelled() => return,
     };
     let outcome = match &r {

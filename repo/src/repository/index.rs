@@ -122,6 +122,7 @@ impl Repository {
             let id = self.config.id.clone();
             blocking(move || index.clear(&id)).await??;
         }
+        self.sync_verify_records().await?;
         self.sync_index(true).await
     }
 

@@ -198,6 +198,9 @@ impl Repository {
             *repo.maint.write().expect("maintenance state lock") = MaintState::default();
         }
         repo.refresh_plans().await?;
+        // Damage found by any host's verification first: it decides which copy of a chunk the
+        // index keeps while segments are loaded.
+        repo.sync_verify_records().await?;
         repo.sync_index(fresh).await?;
         Ok(repo)
     }
@@ -233,8 +236,18 @@ impl Repository {
     }
 
     /// Where a blob is stored, per the local index, for reading it. Packs a maintenance plan
-    /// recorded as deleted are never answered. A quick RocksDB read: call from a blocking thread.
+    /// recorded as deleted are never answered, nor a copy verification found damaged (a backup
+    /// then stores the chunk again instead of deduplicating against it). A quick RocksDB read:
+    /// call from a blocking thread.
     pub fn lookup(&self, id: &ChunkId) -> Result<Option<Location>> {
+        Ok(self
+            .lookup_any(id)?
+            .filter(|l| !self.index.is_damaged(&l.pack, l.offset)))
+    }
+
+    /// Where a blob is stored, damaged or not (verification reads and reports both); never a
+    /// pack a maintenance plan recorded as deleted.
+    pub fn lookup_any(&self, id: &ChunkId) -> Result<Option<Location>> {
         Ok(self.index.get(id)?.filter(|l| !self.is_deleted(&l.pack)))
     }
 
@@ -242,6 +255,14 @@ impl Repository {
     /// condemns (its chunk is stored again instead). Call from a blocking thread.
     pub fn lookup_for_dedup(&self, id: &ChunkId) -> Result<Option<Location>> {
         Ok(self.lookup(id)?.filter(|l| !self.is_condemned(&l.pack)))
+    }
+
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub(crate) fn local_index(&self) -> Arc<LocalIndex> {
+        self.index.clone()
     }
 
     /// Closes a pack (appends its encrypted table of contents). CPU-bound but small.

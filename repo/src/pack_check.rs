@@ -1,0 +1,220 @@
+//! Reading packs back for verification: every blob (or the blobs a caller names) is decrypted,
+//! decompressed and re-hashed, on every core. A pack whose own table of contents is damaged or
+//! cut off is still checked blob by blob through the index's entries for it (which come from the
+//! index segments), so a truncated pack reports exactly the blobs it lost.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::verify_record::{DamagedBlob, PackOutcome, PackResult};
+use crate::{blob, ChunkId, ChunkIdHex, Error, Location, PackEntry, PackId, Repository};
+
+/// Blobs closer than this are fetched in one range read when only some blobs of a pack are read.
+const COALESCE_GAP: u64 = 256 * 1024;
+/// Largest single range read when only some blobs are read (the pack window of remote reads).
+const MAX_RANGE: u64 = 4 << 20;
+
+/// A pack check that could not be done (the store failed, not the data).
+#[derive(Debug)]
+pub struct Unchecked {
+    pub pack: PackId,
+    pub error: Error,
+}
+
+impl Repository {
+    /// Reads pack `id` (`size` bytes per the listing) and checks its blobs: all of them when
+    /// `only` is `None`, else just those. Missing and damaged packs are outcomes; a store error
+    /// that says nothing about the data (network, permissions) is `Err`.
+    pub async fn check_pack(
+        &self,
+        id: PackId,
+        size: u64,
+        only: Option<Vec<(ChunkId, Location)>>,
+    ) -> std::result::Result<PackResult, Unchecked> {
+        let unchecked = |error: Error| Unchecked { pack: id, error };
+        let path = crate::repository::pack_path(&id);
+        let mut result = PackResult {
+            pack: id.to_hex(),
+            size,
+            outcome: PackOutcome::Ok,
+            detail: None,
+            table: None,
+            damaged: Vec::new(),
+            offsets: None,
+        };
+        let missing = |mut r: PackResult| {
+            r.outcome = PackOutcome::Missing;
+            r.detail = Some("missing from the repository".into());
+            Ok(r)
+        };
+        let Some(only) = only else {
+            let bytes = match self.storage().get(&path).await {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => return missing(result),
+                Err(e) => return Err(unchecked(e)),
+            };
+            let keys = self.keys().clone();
+            let (entries, table) = match crate::pack::open_whole(&keys, &id, &bytes) {
+                Ok(entries) => (entries, None),
+                Err(e) => {
+                    let index = self.local_index();
+                    let known = tokio::task::spawn_blocking(move || index.entries_of(&id))
+                        .await
+                        .map_err(|e| unchecked(Error::Invalid(e.to_string())))?
+                        .map_err(unchecked)?;
+                    let entries = known
+                        .into_iter()
+                        .map(|(cid, l)| PackEntry {
+                            id: cid,
+                            kind: l.kind,
+                            offset: l.offset,
+                            len: l.len,
+                            raw_len: l.raw_len,
+                        })
+                        .collect();
+                    (entries, Some(e.to_string()))
+                }
+            };
+            result.table = table;
+            let damaged = decode_all(self, id, vec![(0, bytes)], entries).await;
+            return Ok(finish(result, damaged));
+        };
+        // Only some blobs: coalesced range reads.
+        let mut locs = only;
+        locs.sort_by_key(|(_, l)| l.offset);
+        locs.dedup_by_key(|(_, l)| l.offset);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (_, l) in &locs {
+            let (s, e) = (l.offset as u64, l.offset as u64 + l.len as u64);
+            match ranges.last_mut() {
+                Some(r) if s <= r.1 + COALESCE_GAP && e - r.0 <= MAX_RANGE => r.1 = r.1.max(e),
+                _ => ranges.push((s, e)),
+            }
+        }
+        let mut spans = Vec::new();
+        for (s, e) in ranges {
+            match self.storage().get_range(&path, s..e).await {
+                Ok(b) => spans.push((s, b)),
+                Err(err) if err.is_not_found() => return missing(result),
+                // A short read: the pack was cut off; the blobs past its end are damaged.
+                Err(Error::Malformed { .. }) => {}
+                Err(err) => return Err(unchecked(err)),
+            }
+        }
+        result.offsets = Some(locs.iter().map(|(_, l)| l.offset).collect());
+        let entries = locs
+            .into_iter()
+            .map(|(cid, l)| PackEntry {
+                id: cid,
+                kind: l.kind,
+                offset: l.offset,
+                len: l.len,
+                raw_len: l.raw_len,
+            })
+            .collect();
+        let damaged = decode_all(self, id, spans, entries).await;
+        Ok(finish(result, damaged))
+    }
+}
+
+fn finish(mut r: PackResult, damaged: Vec<DamagedBlob>) -> PackResult {
+    r.damaged = damaged;
+    if !r.damaged.is_empty() || r.table.is_some() {
+        r.outcome = PackOutcome::Damaged;
+        r.detail = Some(match (&r.table, r.damaged.first()) {
+            (Some(t), None) => format!("table of contents: {t}; every blob is intact"),
+            (Some(t), Some(d)) => format!(
+                "table of contents: {t}; {} blob(s) damaged, first: {}",
+                r.damaged.len(),
+                d.detail
+            ),
+            (None, Some(d)) => format!("{} blob(s) damaged, first: {}", r.damaged.len(), d.detail),
+            (None, None) => unreachable!("checked above"),
+        });
+    }
+    r
+}
+
+/// Decodes every entry from the fetched spans (`(start offset, bytes)`), split over all cores.
+async fn decode_all(
+    repo: &Repository,
+    pack: PackId,
+    spans: Vec<(u64, Bytes)>,
+    entries: Vec<PackEntry>,
+) -> Vec<DamagedBlob> {
+    let keys = repo.keys().clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(entries.len().max(1));
+        let per = entries.len().div_ceil(threads).max(1);
+        let find = |e: &PackEntry| -> Option<&[u8]> {
+            let (s, end) = (e.offset as u64, e.offset as u64 + e.len as u64);
+            spans.iter().find_map(|(start, b)| {
+                (s >= *start && end <= start + b.len() as u64)
+                    .then(|| &b[(s - start) as usize..(end - start) as usize])
+            })
+        };
+        let mut out: Vec<DamagedBlob> = std::thread::scope(|scope| {
+            let handles: Vec<_> = entries
+                .chunks(per)
+                .map(|part| {
+                    let (keys, find) = (&keys, &find);
+                    scope.spawn(move || {
+                        let mut bad = Vec::new();
+                        for e in part {
+                            let what = || {
+                                format!(
+                                    "chunk {} in pack {pack} at offset {}",
+                                    e.id.short(),
+                                    e.offset
+                                )
+                            };
+                            let fail = |detail: String| DamagedBlob {
+                                chunk: ChunkIdHex(e.id),
+                                offset: e.offset,
+                                len: e.len,
+                                detail,
+                            };
+                            let Some(raw) = find(e) else {
+                                bad.push(fail(format!(
+                                    "{}: lies beyond the end of the pack (truncated)",
+                                    what()
+                                )));
+                                continue;
+                            };
+                            match blob::decode(keys, &e.id, Some(e.kind), e.raw_len, raw, &what) {
+                                Ok(plain) if keys.hasher.id(&plain) == e.id => {}
+                                Ok(_) => bad.push(fail(format!(
+                                    "{}: content does not match its id",
+                                    what()
+                                ))),
+                                Err(err) => bad.push(fail(err.to_string())),
+                            }
+                        }
+                        bad
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        out.sort_by_key(|d| d.offset);
+        out
+    });
+    task.await.unwrap_or_default()
+}
+
+/// Groups locations by pack (for point-scoped reads).
+pub fn by_pack(
+    locs: impl IntoIterator<Item = (ChunkId, Location)>,
+) -> HashMap<PackId, Vec<(ChunkId, Location)>> {
+    let mut m: HashMap<PackId, Vec<(ChunkId, Location)>> = HashMap::new();
+    for (id, l) in locs {
+        m.entry(l.pack).or_default().push((id, l));
+    }
+    m
+}
