@@ -33,7 +33,7 @@ impl Repository {
         only: Option<Vec<(ChunkId, Location)>>,
     ) -> std::result::Result<PackResult, Unchecked> {
         let unchecked = |error: Error| Unchecked { pack: id, error };
-        let path = crate::repository::pack_path(&id);
+        let path = crate::objects::ObjectName::Pack(id).path();
         let mut result = PackResult {
             pack: id.to_hex(),
             size,

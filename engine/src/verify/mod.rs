@@ -8,6 +8,10 @@
 //! state. Damage is attributed to the restore points, disks and byte ranges it affects. A run
 //! writes nothing but its record.
 
+/// One pack to read: its id, its listing number and size, and (for `--point`/`--vm`) only the
+/// blobs wanted from it.
+type PackJob = (PackId, u64, u64, Option<Vec<(ChunkId, Location)>>);
+
 pub mod select;
 mod state;
 
@@ -242,7 +246,7 @@ pub async fn verify(
     let mut results: Vec<PackResult> = Vec::new();
     // Owned job descriptions: the stream must not borrow locals (the future stays `Send` for
     // callers that spawn it).
-    let jobs: Vec<(PackId, u64, u64, Option<Vec<(ChunkId, Location)>>)> = chosen
+    let jobs: Vec<PackJob> = chosen
         .packs
         .iter()
         .map(|id| {
