@@ -95,6 +95,7 @@ impl World {
         self.ok(&[
             "restore",
             "export",
+            "--overwrite",
             point,
             "--disk",
             disk,

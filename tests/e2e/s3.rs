@@ -148,6 +148,7 @@ fn s3_full_round_trip_and_no_secret_anywhere() {
     w.ok(&[
         "restore",
         "export",
+        "--overwrite",
         &point,
         "--disk",
         "d0",
@@ -197,6 +198,7 @@ fn s3_backup_through_faults_and_permanent_failure() {
     w.ok(&[
         "restore",
         "export",
+        "--overwrite",
         &point,
         "--disk",
         "d0",
@@ -352,6 +354,7 @@ fn restores_exactly_and_verifies(w: &S3World, backup: &serde_json::Value, img: &
     w.ok(&[
         "restore",
         "export",
+        "--overwrite",
         &point,
         "--disk",
         "d0",
@@ -406,6 +409,7 @@ fn s3_two_agents_share_a_bucket_and_deduplicate() {
         w.ok(&[
             "restore",
             "export",
+            "--overwrite",
             p,
             "--disk",
             "d0",
@@ -468,6 +472,7 @@ fn s3_cold_reads_use_the_bounded_disk_cache() {
                 &[
                     "restore",
                     "export",
+                    "--overwrite",
                     &p,
                     "--disk",
                     "d0",
@@ -592,6 +597,7 @@ fn s3_unreadable_pack_table_falls_back_to_reading_blobs_alone() {
             &[
                 "restore",
                 "export",
+                "--overwrite",
                 &point,
                 "--disk",
                 "d0",

@@ -148,6 +148,7 @@ impl Place {
         let mut a = vec![
             "restore",
             "export",
+            "--overwrite",
             point,
             "--disk",
             disk,
@@ -560,6 +561,7 @@ fn heal(p: &Place) {
         &[
             "restore",
             "export",
+            "--overwrite",
             &p3,
             "--disk",
             "sys",

@@ -178,6 +178,7 @@ fn export_vhdx(w: &World, point: &str, disk: &str, out: &Path) {
     w.ok(&[
         "restore",
         "export",
+        "--overwrite",
         point,
         "--disk",
         disk,
@@ -517,6 +518,7 @@ fn config_files_and_several_disks_round_trip() {
     w.ok(&[
         "restore",
         "export",
+        "--overwrite",
         &id,
         "--config",
         "app.vmcx",
@@ -528,6 +530,7 @@ fn config_files_and_several_disks_round_trip() {
     w.ok(&[
         "restore",
         "export",
+        "--overwrite",
         &id,
         "--configs-to",
         dir.to_str().unwrap(),
@@ -537,6 +540,7 @@ fn config_files_and_several_disks_round_trip() {
     let out = w.run(&[
         "restore",
         "export",
+        "--overwrite",
         &id,
         "--config",
         "nope",
