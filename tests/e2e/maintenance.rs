@@ -16,10 +16,12 @@ const REFRESH: &str = "0.3";
 /// The grace period of the concurrency tests: long enough for a held backup to commit within it
 /// (store times are compared with one second of slack), short enough for a quick test.
 const GRACE: &str = "3s";
-/// Grace plus the one-second slack plus a margin.
-const OLDER_THAN_GRACE: Duration = Duration::from_millis(4300);
-/// The slack alone plus a margin: what "--grace 0s" waits.
-const SLACK: Duration = Duration::from_millis(1150);
+/// Grace plus the one-second slack plus a margin. S3 reports store times in whole seconds (moto,
+/// like AWS, truncates Last-Modified), so two truncated times can seem up to a second closer than
+/// they were: the margin covers that second too.
+const OLDER_THAN_GRACE: Duration = Duration::from_millis(5300);
+/// The slack, a second of store-time truncation and a margin: what "--grace 0s" waits.
+const SLACK: Duration = Duration::from_millis(2150);
 
 /// Makes a `blockvault` command with the repository's settings and the given arguments.
 type MakeCommand = Box<dyn Fn(&[&str]) -> Command>;
