@@ -419,17 +419,14 @@ fn ext4_tree_in_gpt_extracts_like_debugfs() {
 }
 
 /// An NTFS image mounted with ntfs-3g (FUSE) while the test fills it; unmounted when dropped.
-#[cfg(feature = "ntfs")]
 struct NtfsMount(PathBuf);
 
-#[cfg(feature = "ntfs")]
 impl Drop for NtfsMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
 
-#[cfg(feature = "ntfs")]
 /// Marks an NTFS directory compressed through ntfs-3g's attribute xattr, so files created in it
 /// are stored LZNT1-compressed.
 fn set_compressed(dir: &Path) {
@@ -439,7 +436,6 @@ fn set_compressed(dir: &Path) {
     ]).arg(dir));
 }
 
-#[cfg(feature = "ntfs")]
 #[test]
 fn ntfs_and_ext4_in_mbr_extract_like_ntfscat_and_debugfs() {
     let w = World::with_repo("64KiB");

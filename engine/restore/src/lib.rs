@@ -12,7 +12,6 @@ mod error;
 mod ext4fs;
 mod extract;
 pub mod lznt1;
-#[cfg(feature = "ntfs")]
 mod ntfsfs;
 mod partitions;
 pub mod qcow2;

@@ -163,15 +163,7 @@ pub fn open_volume(
     }
     let w = Window::new(dev.clone(), p.start, p.size);
     match &p.filesystem {
-        #[cfg(feature = "ntfs")]
         FsKind::Ntfs => Ok(Box::new(crate::ntfsfs::NtfsVolume::open(w, &what)?)),
-        #[cfg(not(feature = "ntfs"))]
-        FsKind::Ntfs => Err(Error::Unsupported {
-            what,
-            found:
-                "NTFS, and this blockvault was built without its NTFS reader (cargo feature `ntfs`)"
-                    .into(),
-        }),
         FsKind::Ext4 => Ok(Box::new(crate::ext4fs::Ext4Volume::open(w, &what)?)),
         other => Err(Error::Unsupported {
             what,
