@@ -256,6 +256,18 @@ fn toml_str(p: &Path) -> String {
     format!("\"{}\"", p.display())
 }
 
+/// The head of an agent.toml on the world's local repository: state, socket and repository.
+fn local_head(w: &World) -> String {
+    format!(
+        "state = {}\nsocket = {}\n[repository]\nlocation = {}\npassword_file = {}\ncache_dir = {}\n",
+        toml_str(&w.path("agent.db")),
+        toml_str(&w.path("agent.sock")),
+        toml_str(&w.repo),
+        toml_str(&w.password_file),
+        toml_str(&w.cache),
+    )
+}
+
 /// The main flow: scheduled runs, hooks, a retried capture, a missing disk, webhooks, metrics,
 /// status, run-now, history, and no secret anywhere.
 #[test]
@@ -539,13 +551,7 @@ fn slow_job_config(w: &World, schedule: &str, flag: &Path, released: &Path) -> P
     std::fs::write(
         &config,
         format!(
-            r#"state = {state}
-socket = {sock}
-[repository]
-location = {repo}
-password_file = {pw}
-cache_dir = {cache}
-[[jobs]]
+            r#"{head}[[jobs]]
 name = "slow"
 schedule = "{schedule}"
 source = "files"
@@ -555,11 +561,7 @@ disks = {{ disk0 = {disk} }}
 capture = "if [ -e {flag} ]; then sleep 20; fi"
 release = "echo released $BLOCKVAULT_STATUS >> {released}"
 "#,
-            state = toml_str(&w.path("agent.db")),
-            sock = toml_str(&w.path("agent.sock")),
-            repo = toml_str(&w.repo),
-            pw = toml_str(&w.password_file),
-            cache = toml_str(&w.cache),
+            head = local_head(w),
             disk = toml_str(&disk),
             flag = flag.display(),
             released = released.display(),
@@ -726,4 +728,91 @@ capture = "touch {started}; sleep 1"
     s3.ok(&["verify"]);
     let points = s3.json(&["points", "list"]);
     assert_eq!(points.as_array().unwrap().len(), 1, "{points:#}");
+}
+
+/// Retention, prune and sampled verify as the agent runs them after a job's backups: four runs
+/// of a VM whose disk changes every time, keep-last 2, prune with no grace: two points are left,
+/// the forgotten points' packs are condemned and then deleted by later runs, every run's verify
+/// reads its share of packs and records it, and what is left verifies and restores exactly.
+#[test]
+fn agent_applies_retention_prunes_and_verifies_a_sampled_share() {
+    let w = World::with_repo("64KiB");
+    let disk = w.path("vm.raw");
+    let config = w.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{head}[[jobs]]
+name = "kept"
+schedule = "0 0 1 1 *"
+source = "files"
+prune = true
+prune_grace_hours = 0
+[jobs.retention]
+keep-last = 2
+[jobs.verify]
+subset_percent = 100
+[[jobs.vms]]
+name = "vm"
+disks = {{ disk0 = {disk} }}
+"#,
+            head = local_head(&w),
+            disk = toml_str(&disk),
+        ),
+    )
+    .unwrap();
+    let log = w.path("agent.log");
+    let a = Agent::start(&config, &log, &[]);
+    for seed in 1..=4u64 {
+        // New contents each time: the forgotten points' data is referenced by nothing.
+        make_image(&disk, 4 << 20, 100 + seed, 6);
+        let now = a.json(&["agent", "run-now", "kept"]);
+        let run = now["run"].as_i64().unwrap();
+        let row = a.wait_row("the run to end", |r| {
+            r["run"] == run && r["status"] != "running" && r["status"] != "queued"
+        });
+        assert_eq!(row["status"], "success", "{row:#}; log {}", a.log_text());
+        // Store times are compared with a second of slack: the next run's prune sees this
+        // run's condemnations as old enough.
+        std::thread::sleep(Duration::from_millis(2200));
+    }
+    let points = w.json(&["points", "list"]);
+    let points = points.as_array().unwrap();
+    assert_eq!(
+        points.len(),
+        2,
+        "keep-last 2 leaves two points: {points:#?}"
+    );
+    // Every run's verify read the whole (100 %) share and recorded it for the point it saw.
+    assert_eq!(points[1]["verify"]["state"], "verified", "{points:#?}");
+    let info = w.json(&["repo", "info"]);
+    let last = &info["maintenance"]["last_prune"];
+    assert_eq!(last["epoch"], 4, "one prune per run: {info:#}");
+    let text = a.log_text();
+    let deleted: u64 = text
+        .lines()
+        .filter_map(|l| l.split("prune deleted ").nth(1))
+        .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        deleted > 0,
+        "a later run deletes what an earlier one condemned: {text}"
+    );
+    assert!(
+        text.contains("retention kept 2 point(s) and removed 1"),
+        "{text}"
+    );
+    w.ok(&["verify", "--read-data"]);
+    let newest = points[1]["id"].as_str().unwrap();
+    let out = w.path("restored.raw");
+    w.ok(&[
+        "restore",
+        "export",
+        newest,
+        "--disk",
+        "disk0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
 }

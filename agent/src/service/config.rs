@@ -139,6 +139,9 @@ pub struct JobConfig {
     /// Prune (delete data no point references) after forgetting.
     #[serde(default)]
     pub prune: bool,
+    /// The prune's grace period between condemning a pack and deleting it, in hours.
+    #[serde(default = "twenty_four")]
+    pub prune_grace_hours: f64,
     #[serde(default)]
     pub verify: Option<VerifyPolicy>,
     #[serde(default)]
@@ -196,6 +199,13 @@ pub struct VerifyPolicy {
     /// Packs verified less than this many days ago are skipped.
     #[serde(default)]
     pub reverify_after_days: Option<f64>,
+    /// Cap on the bytes one verify reads.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+}
+
+fn twenty_four() -> f64 {
+    24.0
 }
 
 fn yes() -> bool {
@@ -454,6 +464,37 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
         let sched = Schedule::parse(j.schedule.get_ref(), tz)
             .map_err(|e| c.at(j.schedule.span(), "jobs.schedule", e))?;
         schedules.push(sched);
+        if !(j.prune_grace_hours >= 0.0 && j.prune_grace_hours.is_finite()) {
+            return Err(c.plain(
+                &format!("jobs.{name}.prune_grace_hours"),
+                "must be a number of hours, zero or more",
+            ));
+        }
+        if let Some(v) = &j.verify {
+            if v.subset_percent.is_some() && v.reverify_after_days.is_some() {
+                return Err(c.plain(
+                    &format!("jobs.{name}.verify"),
+                    "give subset_percent (a rotating share each run) or reverify_after_days \
+                     (what was not verified lately), not both",
+                ));
+            }
+            if let Some(p) = v.subset_percent {
+                if !(p > 0.0 && p <= 100.0) {
+                    return Err(c.plain(
+                        &format!("jobs.{name}.verify.subset_percent"),
+                        "must be more than 0 and at most 100",
+                    ));
+                }
+            }
+            if let Some(d) = v.reverify_after_days {
+                if !(d >= 0.0 && d.is_finite()) {
+                    return Err(c.plain(
+                        &format!("jobs.{name}.verify.reverify_after_days"),
+                        "must be a number of days, zero or more",
+                    ));
+                }
+            }
+        }
         if j.concurrency == 0 {
             return Err(c.plain(&format!("jobs.{name}.concurrency"), "must be at least 1"));
         }

@@ -1,5 +1,5 @@
 //! One run of a job: hooks, each VM captured, backed up and released (retried with backoff while
-//! the job's other VMs go on), then verify; every step recorded in the state database and reported
+//! the job's other VMs go on), then retention (forget, prune) and verify; every step recorded in the state database and reported
 //! by webhook.
 
 use std::path::PathBuf;
@@ -7,14 +7,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockvault_engine::{verify, Progress, Selection, VerifyOptions};
+use blockvault_engine::{
+    forget, prune, verify, ForgetOptions, ForgetTarget, Progress, PruneOptions, Selection,
+    VerifyOptions,
+};
 use blockvault_repo::{OpenOptions, Repository, Storage, StoreOptions};
 use chrono::Utc;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::config::{JobConfig, RepositoryConfig, SourceKind, VmConfig};
+use super::config::{JobConfig, RepositoryConfig, SourceKind, VerifyPolicy, VmConfig};
 use super::daemon::Agent;
 use super::hooks::{run_hook, LogTail};
 use super::hyperv::{HypervSource, RealPowerShell};
@@ -96,6 +99,7 @@ pub async fn run_job(agent: Arc<Agent>, job_idx: usize, run: i64, cancel: Cancel
     let hook_timeout = Duration::from_secs(job.hooks.timeout_secs);
     let mut error: Option<String> = None;
     let mut outcomes: Vec<VmOutcome> = Vec::new();
+    let mut maintenance_error: Option<String> = None;
     if let Some(cmd) = &job.hooks.before {
         if let Err(e) = run_hook("before", cmd, &env, hook_timeout, &log, &cancel).await {
             error = Some(e.to_string());
@@ -137,9 +141,15 @@ pub async fn run_job(agent: Arc<Agent>, job_idx: usize, run: i64, cancel: Cancel
                 cancelled: false,
             }));
         }
+        if !cancel.is_cancelled() {
+            if let Err(e) = run_maintenance(job, repo.clone(), &cancel).await {
+                tracing::error!("{e}");
+                maintenance_error = Some(e);
+            }
+        }
         if let Some(v) = &job.verify {
             if v.after_backup && !cancel.is_cancelled() && outcomes.iter().any(|o| o.ok) {
-                run_verify(&agent, &name, run, repo.clone(), v.read_data, &cancel).await;
+                run_verify(&agent, &name, run, repo.clone(), v, &cancel).await;
             }
         }
         if let Ok(packs) = repo.list_packs().await {
@@ -161,8 +171,20 @@ pub async fn run_job(agent: Arc<Agent>, job_idx: usize, run: i64, cancel: Cancel
     } else {
         "success"
     };
+    // Backups that worked are not undone by a failed forget or prune, but the run is not a
+    // success either: the operator must see that retention did not happen.
+    let status = match (&maintenance_error, status) {
+        (Some(_), "success") => "partial",
+        (_, s) => s,
+    };
     if error.is_none() && failed > 0 && !cancelled {
         error = Some(format!("{failed} of {} VMs failed", outcomes.len()));
+    }
+    if let Some(m) = maintenance_error {
+        error = Some(match error {
+            Some(e) => format!("{e}; {m}"),
+            None => m,
+        });
     }
     if status != "success" {
         if let Some(cmd) = &job.hooks.on_error {
@@ -205,22 +227,118 @@ pub async fn run_job(agent: Arc<Agent>, job_idx: usize, run: i64, cancel: Cancel
     );
 }
 
+/// The job's retention after its backups: `forget` with the job's rules over each of its VMs'
+/// points on their own, then `prune` when the job asks for it. Another host's prune in progress
+/// is not a failure: that prune does the work.
+async fn run_maintenance(
+    job: &JobConfig,
+    repo: Arc<Repository>,
+    cancel: &CancellationToken,
+) -> std::result::Result<(), String> {
+    if let Some(policy) = &job.retention {
+        let tz = job_offset(job);
+        for vm in &job.vms {
+            let vm = vm.name.get_ref().clone();
+            let opts = ForgetOptions {
+                target: ForgetTarget::Policy {
+                    vm: Some(vm.clone()),
+                    policy: policy.get_ref().clone(),
+                },
+                dry_run: false,
+                tz,
+            };
+            let r = tokio::select! {
+                r = forget(repo.clone(), opts) => r,
+                _ = cancel.cancelled() => return Ok(()),
+            };
+            match r {
+                Ok(rep) => tracing::info!(
+                    vm = %vm,
+                    "retention kept {} point(s) and removed {}",
+                    rep.kept,
+                    rep.removed
+                ),
+                Err(e) => return Err(format!("retention of VM {vm}: {e}")),
+            }
+        }
+    }
+    if !job.prune {
+        return Ok(());
+    }
+    let opts = PruneOptions {
+        grace: Duration::from_secs_f64(job.prune_grace_hours * 3600.0),
+        dry_run: false,
+    };
+    let r = tokio::select! {
+        r = prune(repo, opts) => r,
+        _ = cancel.cancelled() => return Ok(()),
+    };
+    match r {
+        Ok(rep) => {
+            tracing::info!(
+                "prune deleted {} pack(s) ({} bytes), condemned {}, {} bytes pending",
+                rep.deleted.packs,
+                rep.deleted.bytes,
+                rep.condemned.packs,
+                rep.pending.bytes
+            );
+            Ok(())
+        }
+        Err(blockvault_engine::Error::Repo(blockvault_repo::Error::PruneRunning { .. })) => {
+            tracing::info!("another prune is running; this run's prune is left to it");
+            Ok(())
+        }
+        Err(e) => Err(format!("prune: {e}")),
+    }
+}
+
+/// The job's time zone as the offset it has now: the calendar retention rules count days in.
+fn job_offset(job: &JobConfig) -> time::UtcOffset {
+    use chrono::Offset;
+    let tz = job
+        .timezone
+        .as_ref()
+        .and_then(|t| t.get_ref().parse::<chrono_tz::Tz>().ok())
+        .unwrap_or(chrono_tz::UTC);
+    let secs = Utc::now()
+        .with_timezone(&tz)
+        .offset()
+        .fix()
+        .local_minus_utc();
+    time::UtcOffset::from_whole_seconds(secs).unwrap_or(time::UtcOffset::UTC)
+}
+
+/// What a verify policy reads: a rotating share, what was not verified lately, every pack, or
+/// references only.
+fn verify_selection(v: &VerifyPolicy) -> Selection {
+    if let Some(p) = v.subset_percent {
+        Selection::Rotation { percent: p }
+    } else if let Some(d) = v.reverify_after_days {
+        Selection::ReverifyAfter {
+            secs: (d * 86_400.0) as i64,
+        }
+    } else if v.read_data {
+        Selection::All
+    } else {
+        Selection::None
+    }
+}
+
 /// Verify after a run; damage is reported by webhook and counted.
 async fn run_verify(
     agent: &Agent,
     job: &str,
     run: i64,
     repo: Arc<Repository>,
-    read_data: bool,
+    policy: &VerifyPolicy,
     cancel: &CancellationToken,
 ) {
     let progress = Arc::new(Progress::default());
+    let mut opts = VerifyOptions::new(verify_selection(policy));
+    opts.max_bytes = policy.max_bytes;
+    opts.host = agent.host.clone();
     let r = tokio::select! {
-        r = verify(
-            repo,
-            VerifyOptions::new(if read_data { Selection::All } else { Selection::None }),
-            progress,
-        ) => r,
+        r = verify(repo, opts, progress) => r,
         _ = cancel.cancelled() => return,
     };
     let outcome = match &r {
