@@ -572,3 +572,86 @@ fn heal(p: &Place) {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(same_content(&img, &out));
 }
+
+/// Verify killed at any moment leaves the repository as it was: killed before each of its object
+/// writes (its lease, the lease's refresh, its record, the lease's removal), and with `kill -9`
+/// while it reads packs. At most a stale lease is left, which expires by itself; every later
+/// verify is clean and a prune runs.
+#[test]
+fn verify_killed_at_any_moment_leaves_the_repository_as_it_was() {
+    let p = Place::local();
+    let Place::Local(w) = &p else { unreachable!() };
+    let (_img, _point) = one_pack_point(&p, 41);
+    let verify_cmd = || {
+        let mut c = std::process::Command::new(BIN);
+        c.args(["verify", "--read-data", "--repo"])
+            .arg(&w.repo)
+            .arg("--cache-dir")
+            .arg(&w.cache)
+            .arg("--password-file")
+            .arg(&w.password_file)
+            .env_remove("BLOCKVAULT_PASSWORD")
+            .env_remove("BLOCKVAULT_REPO");
+        c
+    };
+    let unchanged = |before: &[PathBuf], when: &str| {
+        let mut after = files(&p.root());
+        after.retain(|f| !f.starts_with(p.root().join("leases")));
+        let mut b = before.to_vec();
+        b.sort();
+        after.sort();
+        assert_eq!(b, after, "{when}: only a lease may be left behind");
+    };
+    let before = files(&p.root());
+    // Stopped before its 1st, 2nd, ... object write through the object layer, until a run has
+    // no write left to stop before and completes.
+    let mut step = 1;
+    loop {
+        let out = verify_cmd()
+            .env("BLOCKVAULT_TEST_KILL_AT_STEP", step.to_string())
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            stderr(&out).contains("test hook: stopping"),
+            "step {step}: {}",
+            stderr(&out)
+        );
+        unchanged(&before, &format!("killed before write {step}"));
+        step += 1;
+        assert!(step < 10, "verify makes a handful of writes");
+    }
+    assert!(step > 1, "verify writes its lease through the object layer");
+    let before = files(&p.root());
+    // kill -9 while reading.
+    let hold = p.path("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let mut child = verify_cmd()
+        .env(
+            "BLOCKVAULT_TEST_HOLD",
+            format!("verify-reading:{}", hold.display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reached = p.path("hold.reached");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reached.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "verify ended early");
+        assert!(std::time::Instant::now() < deadline, "hold not reached");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        !files(&p.root().join("leases")).is_empty(),
+        "verify holds a lease while it reads"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    unchanged(&before, "killed while reading");
+    let (c, v) = p.verify(&["--read-data"]);
+    assert_eq!(c, 0, "{v}");
+    p.ok(&["prune", "--grace", "0s"]);
+}

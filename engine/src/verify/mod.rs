@@ -19,8 +19,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use blockvault_repo::{
-    ChunkId, ChunkMapPage, DiskDamage, Location, PackId, PackResult, PointId, PointManifest,
-    PointStatus, Repository, VerifyRecord, SLOTS_PER_PAGE,
+    ChunkId, ChunkMapPage, DiskDamage, LeaseKind, Location, PackId, PackResult, PointId,
+    PointManifest, PointStatus, Repository, StorageStats, VerifyRecord, SLOTS_PER_PAGE,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -119,6 +119,8 @@ pub struct VerifyReport {
     pub unchecked: Vec<Unchecked>,
     /// Every restore point's verify state after this run.
     pub point_states: Vec<PointStatus>,
+    /// Object-store requests and bytes this run made (its egress is `bytes_downloaded`).
+    pub storage: StorageStats,
 }
 
 impl VerifyReport {
@@ -153,6 +155,16 @@ pub async fn verify(
     progress: Arc<Progress>,
 ) -> Result<VerifyReport> {
     let started = now_secs();
+    let stats_before = repo.storage().stats();
+    // The lease keeps every pack condemned after this moment from being deleted while this run
+    // reads it (docs/OPERATIONS.md, "Verify and prune"); packs condemned earlier are skipped
+    // below. A run that records nothing writes nothing, not even a lease.
+    let lease = if opts.record {
+        Some(repo.take_lease(LeaseKind::Verify).await?)
+    } else {
+        None
+    };
+    repo.refresh_plans().await?;
     repo.sync_verify_records().await?;
     repo.sync_index(true).await?;
 
@@ -195,13 +207,18 @@ pub async fn verify(
             })
             .collect(),
         point_states: Vec::new(),
+        storage: StorageStats::default(),
     };
 
     // Scope: the points whose data this run reads.
     let scoped = scope_points(&repo, &refs, &opts).await?;
     let mut only: Option<HashMap<PackId, Vec<(ChunkId, Location)>>> = None;
+    // Packs a prune condemned before the lease was taken may be deleted while this run reads:
+    // no listed point needs them, so they are not read (a point that does is reported below).
+    let condemned = repo.condemned_packs();
     let mut candidates: Vec<select::PackState> = listed
         .iter()
+        .filter(|(id, _, _)| !condemned.contains(id) && !repo.is_deleted(id))
         .map(|(id, size, t)| history.pack_state(*id, *size, *t))
         .collect();
     if let Some(scoped) = &scoped {
@@ -239,6 +256,7 @@ pub async fn verify(
     }
 
     // Read.
+    blockvault_repo::test_hold("verify-reading").await;
     let sizes: HashMap<PackId, u64> = candidates.iter().map(|c| (c.id, c.size)).collect();
     progress
         .bytes_total
@@ -311,6 +329,18 @@ pub async fn verify(
         let name = repo.save_verify_record(&record).await?;
         report.record = Some(name.to_string());
     }
+    if let Some(l) = lease {
+        if let Err(e) = l.release().await {
+            // A stale lease goes by itself (it is no longer refreshed): not a failed verify.
+            tracing::warn!("releasing the verify lease: {e}");
+        }
+    }
+    let after = repo.storage().stats();
+    report.storage = StorageStats {
+        requests: after.requests - stats_before.requests,
+        bytes_uploaded: after.bytes_uploaded - stats_before.bytes_uploaded,
+        bytes_downloaded: after.bytes_downloaded - stats_before.bytes_downloaded,
+    };
     Ok(report)
 }
 
