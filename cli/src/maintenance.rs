@@ -170,13 +170,7 @@ pub struct LeaseView {
 }
 
 fn store_time(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{ms} ms"))
+    blockvault_engine::rfc3339_ms(ms)
 }
 
 pub async fn state(repo: &std::sync::Arc<blockvault_repo::Repository>) -> Result<MaintenanceState> {

@@ -29,7 +29,7 @@ pub use hydrate::{start_hydration, Hydration, HydrationStatus};
 pub use mounted::{MountedDisk, StatusRun};
 pub use overlay::{BlockState, Overlay, OVERLAY_BLOCK};
 pub use progress::Progress;
-pub use prune::{mark, prune, PackCount, PruneOptions, PruneReport};
+pub use prune::{mark, prune, rfc3339_ms, PackCount, PruneOptions, PruneReport};
 pub use random_read::{
     MapRun, PrefetchReport, RandomReadOptions, RandomReader, Recording, Segment,
 };

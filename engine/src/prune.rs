@@ -90,7 +90,8 @@ pub struct PruneReport {
     pub duration_ms: u64,
 }
 
-fn rfc3339_ms(ms: i64) -> String {
+/// A store time (Unix milliseconds) as RFC 3339.
+pub fn rfc3339_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| {

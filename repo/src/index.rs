@@ -357,17 +357,25 @@ impl LocalIndex {
             .expect("index overlay lock")
             .verify_records
             .clone();
+        self.for_each_key(P_VERIFY, |k| {
+            out.insert(String::from_utf8_lossy(k).into_owned());
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every key under `prefix`, the prefix byte removed.
+    fn for_each_key(&self, prefix: u8, mut f: impl FnMut(&[u8])) -> Result<()> {
         for item in self
             .db
-            .iterator(IteratorMode::From(&[P_VERIFY], Direction::Forward))
+            .iterator(IteratorMode::From(&[prefix], Direction::Forward))
         {
             let (k, _) = item.map_err(|e| self.err(e))?;
-            if k.first() != Some(&P_VERIFY) {
+            if k.first() != Some(&prefix) {
                 break;
             }
-            out.insert(String::from_utf8_lossy(&k[1..]).into_owned());
+            f(&k[1..]);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Records a verify record as absorbed, with the damaged blob locations it names.
@@ -474,18 +482,11 @@ impl LocalIndex {
             .expect("index overlay lock")
             .packs
             .clone();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&[P_PACK], Direction::Forward))
-        {
-            let (k, _) = item.map_err(|e| self.err(e))?;
-            if k.first() != Some(&P_PACK) {
-                break;
-            }
-            if let Ok(id) = k[1..].try_into() {
+        self.for_each_key(P_PACK, |k| {
+            if let Ok(id) = k.try_into() {
                 out.insert(PackId(id));
             }
-        }
+        })?;
         Ok(out)
     }
 

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::mount::{compare, ok, require, Mount};
+use crate::mount::{compare, copy_raw, require, Mount};
 use crate::s3_support::{S3Server, S3World};
 
 const MIB: u64 = 1 << 20;
@@ -196,18 +196,7 @@ fn boot_write_hydrate_boot(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, point: 
     compare(&expect_file, &hyd);
     // What the mount serves now is the file.
     let served = dir.join("served.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &m.uris[0],
-            served.to_str().unwrap(),
-        ],
-    );
+    copy_raw(&m.uris[0], served.to_str().unwrap());
     compare(&expect_file, &served);
     assert!(m.sigterm(), "log:\n{}", m.log());
     compare(&expect_file, &hyd);
@@ -221,18 +210,7 @@ fn boot_write_hydrate_boot(cmd: &dyn Fn(&[&str]) -> Command, dir: &Path, point: 
 
     // A later mount with the same overlay serves the hydrated file, second boot's changes included.
     let mut m = mount(&["--hydrate-to", hyd.to_str().unwrap()], "mount3.log");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &m.uris[0],
-            served.to_str().unwrap(),
-        ],
-    );
+    copy_raw(&m.uris[0], served.to_str().unwrap());
     compare(&hyd, &served);
     assert!(m.sigterm(), "log:\n{}", m.log());
     assert!(

@@ -135,6 +135,11 @@ pub(crate) fn ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Reads a whole served disk into a raw file with `qemu-img convert`.
+pub(crate) fn copy_raw(uri: &str, out: &str) {
+    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", uri, out]);
+}
+
 pub(crate) fn compare(a: &Path, b: &Path) {
     ok(
         "qemu-img",
@@ -176,18 +181,7 @@ fn read_only_mount_serves_the_point_to_real_clients() {
 
     // qemu: whole-disk copy and compare against the original image.
     let out = w.path("out.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            out.to_str().unwrap(),
-        ],
-    );
+    copy_raw(&uri, out.to_str().unwrap());
     compare(&img, &out);
 
     // libnbd: four connections at once (the export advertises multi-conn).
@@ -248,18 +242,7 @@ fn read_only_mount_serves_the_point_to_real_clients() {
     let o = ok("/usr/bin/python3", &["-c", script, &uri]);
     assert_eq!(o.trim(), "errno EPERM");
     let again = w.path("again.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            again.to_str().unwrap(),
-        ],
-    );
+    copy_raw(&uri, again.to_str().unwrap());
     compare(&img, &again);
 
     // Sessions list the mount with what it served; unmount stops it cleanly.
@@ -350,18 +333,7 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
     f.write_all_at(&vec![0; 128 << 10], 3 << 20).unwrap();
     f.write_all_at(&vec![0x5c; 4 << 10], 8188 << 10).unwrap();
     let out = w.path("out.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            out.to_str().unwrap(),
-        ],
-    );
+    copy_raw(&uri, out.to_str().unwrap());
     compare(&expect, &out);
     assert!(m.sigterm(), "log:\n{}", m.log());
 
@@ -369,18 +341,7 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
     let m2 = Mount::start(&w, &args, 1);
     check(&m2.uris[0]);
     let out2 = w.path("out2.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &m2.uris[0],
-            out2.to_str().unwrap(),
-        ],
-    );
+    copy_raw(&m2.uris[0], out2.to_str().unwrap());
     compare(&expect, &out2);
     // A flushed write survives SIGKILL of the mount.
     ok(
@@ -472,18 +433,7 @@ fn two_disks_over_a_unix_socket() {
     );
     for (uri, img) in [(&m.uris[0], &a), (&m.uris[1], &b)] {
         let out = w.path("out.raw");
-        ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                uri,
-                out.to_str().unwrap(),
-            ],
-        );
+        copy_raw(uri, out.to_str().unwrap());
         compare(img, &out);
     }
     let s = sessions(&w);
@@ -593,18 +543,7 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
     let m = Mount::start(&w, &args, 1);
     assert_ne!(m.pid(), killed);
     let out = w.path("out.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &m.uris[0],
-            out.to_str().unwrap(),
-        ],
-    );
+    copy_raw(&m.uris[0], out.to_str().unwrap());
     compare(&expect, &out);
     drop(m);
 
