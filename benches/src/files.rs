@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::disk::{run, Reference};
 use crate::measure::{dir_bytes, timed, Sample};
@@ -25,7 +25,7 @@ pub struct FilesFigures {
 /// closest to 10 MiB (both chosen on the host, checked in the image with debugfs).
 pub fn choose(r: &Reference) -> Result<FilesFigures> {
     let mut best_dir: Option<(String, u64)> = None;
-    let mut best_file: Option<(String, u64)> = None;
+    let mut files: Vec<(String, u64)> = Vec::new();
     let mut stack = vec![std::path::PathBuf::from("/usr")];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -38,13 +38,8 @@ pub fn choose(r: &Reference) -> Result<FilesFigures> {
                 stack.push(p);
             } else if ft.is_file() {
                 let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                let d = len.abs_diff(10 << 20);
-                if len >= 4 << 20
-                    && best_file
-                        .as_ref()
-                        .is_none_or(|(_, b)| d < b.abs_diff(10 << 20))
-                {
-                    best_file = Some((p.display().to_string(), len));
+                if len >= 4 << 20 {
+                    files.push((p.display().to_string(), len));
                 }
             }
         }
@@ -66,10 +61,17 @@ pub fn choose(r: &Reference) -> Result<FilesFigures> {
         }
     }
     let (tree, tree_bytes) = best_dir.context("no staged directory found in the reference disk")?;
-    let (file, file_bytes) = best_file.context("no file of several MiB under /usr")?;
-    if !in_image(r, &file)? {
-        bail!("{file} is not in the reference disk");
+    // The file closest to 10 MiB that was staged (a smaller disk stages fewer files).
+    files.sort_by_key(|(_, len)| len.abs_diff(10 << 20));
+    let mut chosen = None;
+    for (f, len) in files.into_iter().take(200) {
+        if in_image(r, &f)? {
+            chosen = Some((f, len));
+            break;
+        }
     }
+    let (file, file_bytes) =
+        chosen.context("no file of several MiB under /usr is in the reference disk")?;
     Ok(FilesFigures {
         tree,
         tree_bytes,

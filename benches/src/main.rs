@@ -3,9 +3,11 @@
 //! and prints a table of ratios against targets. Machines here are noisy, so only ratios measured
 //! side by side mean anything.
 
+mod agent;
 mod boot;
 mod disk;
 mod files;
+mod maintenance;
 mod measure;
 mod nbd;
 mod report;
@@ -45,7 +47,13 @@ pub struct Args {
     /// S3-protocol servers to run the S3 part against (repeatable).
     #[arg(long, value_enum, default_values_t = [s3::ServerKind::Moto, s3::ServerKind::S3sFs])]
     pub s3_server: Vec<s3::ServerKind>,
-    /// Parts to leave out of this run (repeatable): nbd, vhdx, s3, boot.
+    /// Restore points in the maintenance part's history (forgotten down to 7, then pruned).
+    #[arg(long, default_value_t = 30)]
+    pub history: usize,
+    /// How long the agent part watches the idle agent, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub idle_secs: u64,
+    /// Parts to leave out of this run (repeatable): nbd, vhdx, s3, boot, maintenance, agent.
     #[arg(long, value_enum)]
     pub skip: Vec<Part>,
     /// Alignment of the incremental's 640 scattered 256 KiB writes (4096: file-system blocks;
@@ -63,6 +71,8 @@ pub enum Part {
     Vhdx,
     S3,
     Boot,
+    Maintenance,
+    Agent,
 }
 
 impl Args {

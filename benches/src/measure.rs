@@ -136,6 +136,8 @@ pub struct Results {
     pub changed_chunks_zstd_bytes: Option<u64>,
     pub s3: Vec<crate::s3::S3Figures>,
     pub files: Option<crate::files::FilesFigures>,
+    pub maintenance: Option<crate::maintenance::MaintFigures>,
+    pub agent: Option<crate::agent::AgentFigures>,
 }
 
 /// blockvault's zstd level (`repo::OpenOptions::zstd_level` as the CLI sets it).
@@ -253,6 +255,33 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
             out.extend(samples);
             res.s3.push(figures);
         }
+    }
+
+    if args.runs(Part::Maintenance) {
+        let (samples, figures) = crate::maintenance::run_all(
+            |repo, cache| bv(args, repo, cache),
+            &args.blockvault,
+            w,
+            r,
+            args.history,
+            !args.no_reference,
+            args.s3_server
+                .first()
+                .copied()
+                .filter(|_| args.runs(Part::S3)),
+        )?;
+        out.extend(samples);
+        res.maintenance = Some(figures);
+    }
+    if args.runs(Part::Agent) {
+        let (samples, figures) = crate::agent::run_all(
+            &args.blockvault,
+            w,
+            r,
+            std::time::Duration::from_secs(args.idle_secs),
+        )?;
+        out.extend(samples);
+        res.agent = Some(figures);
     }
 
     if args.sparse_factor > 1 {

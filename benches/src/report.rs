@@ -59,7 +59,8 @@ const TARGETS: &[Target] = &[
         "qemu-nbd",
         1.0,
     ),
-    t("restore to a file", "restore to a file", "qemu-img", 1.0),
+    t("restore to a file", "VHDX to a raw file", "qemu-img", 1.0),
+    t("export to VHDX", "VHDX to a raw file", "qemu-img", 1.0),
     t(
         "NBD nbdcopy whole disk",
         "verify --read-data",
@@ -68,10 +69,18 @@ const TARGETS: &[Target] = &[
     ),
     t("restore to a file", "verify --read-data", "blockvault", 1.3),
     t("export to VHDX", "verify --read-data", "blockvault", 1.3),
+    t(
+        "forget to 7 and prune",
+        "forget to 7 and prune",
+        "restic",
+        1.0,
+    ),
 ];
 
 /// Ratios reported without a target: (blockvault work, reference work, reference tool).
 const REPORTED: &[(&str, &str, &str)] = &[
+    // qemu-img copying the sparse raw image: the file system's own ceiling for a raw export.
+    ("restore to a file", "restore to a file", "qemu-img"),
     ("boot to marker, mount", "boot to marker", "local raw file"),
     (
         "boot to marker, mount, S3 cold",
@@ -245,6 +254,22 @@ pub fn print(res: &Results, r: &Reference) {
             tree.wall_s / disk.wall_s.max(1e-9)
         );
     }
+    print_maintenance_and_agent(res);
+    for f in &res.s3 {
+        if f.subset_bytes_read > 0 {
+            println!(
+                "verify 5% subset from S3 ({}): read {:.1} MiB of {:.0} MiB stored ({:.1} %), \
+                 downloaded {:.1} MiB in {} requests ({:.2} x what it read)",
+                f.server,
+                f.subset_bytes_read as f64 / 1048576.0,
+                f.stored_gib * 1024.0,
+                f.subset_bytes_read as f64 / (f.stored_gib * (1u64 << 30) as f64).max(1.0) * 100.0,
+                f.subset_bytes_downloaded as f64 / 1048576.0,
+                f.subset_requests,
+                f.subset_bytes_downloaded as f64 / f.subset_bytes_read.max(1) as f64
+            );
+        }
+    }
     for f in &res.s3 {
         if f.file_bytes > 0 {
             println!(
@@ -284,6 +309,73 @@ pub fn print(res: &Results, r: &Reference) {
             logged,
             f.server_requests,
             f.bytes_uploaded as f64 / 1048576.0 / f.disk_gib.max(1e-9)
+        );
+    }
+}
+
+/// Maintenance and agent figures: shares, requests per GiB, overhead.
+fn print_maintenance_and_agent(res: &Results) {
+    let s = &res.samples;
+    if let Some(m) = &res.maintenance {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let alone = m.before.saturating_sub(m.ideal);
+        let reclaimed = m.before.saturating_sub(m.after);
+        println!(
+            "maintenance: {} points forgotten to {}; repository {:.0} MiB -> {:.0} MiB; the kept \
+             points alone {:.0} MiB, so the removed points alone held {:.0} MiB",
+            m.points,
+            m.kept,
+            mib(m.before),
+            mib(m.after),
+            mib(m.ideal),
+            mib(alone)
+        );
+        println!(
+            "{:<52} {:>7.3} {:>8}  (no target; 1.0 is a perfect prune)",
+            "bytes reclaimed / what the removed points alone held",
+            reclaimed as f64 / alone.max(1) as f64,
+            "-"
+        );
+        if m.restic_before > 0 {
+            println!(
+                "restic: repository {:.0} MiB -> {:.0} MiB ({:.0} MiB reclaimed)",
+                mib(m.restic_before),
+                mib(m.restic_after),
+                mib(m.restic_before.saturating_sub(m.restic_after))
+            );
+        }
+        if m.s3_deleted > 0 {
+            println!(
+                "S3 ({}): forget and prune made {} requests and deleted {:.0} MiB: {:.1} requests \
+                 per GiB reclaimed",
+                m.s3_server,
+                m.s3_requests,
+                mib(m.s3_deleted),
+                m.s3_requests as f64 / (m.s3_deleted as f64 / (1u64 << 30) as f64)
+            );
+        }
+        for x in s.iter().filter(|x| x.work.starts_with("prune")) {
+            println!(
+                "peak memory of {} ({}): {:.0} MiB",
+                x.work, x.tool, x.peak_rss_mib
+            );
+        }
+    }
+    if let (Some(a), Some(cli), Some(agent)) = (
+        &res.agent,
+        find(s, "10 VM backups", "blockvault CLI"),
+        find(s, "10 VM backups", "blockvault agent"),
+    ) {
+        verdict(
+            "agent overhead: 10 VMs by the agent / by the CLI",
+            agent.wall_s / cli.wall_s.max(1e-9),
+            1.05,
+        );
+        println!(
+            "idle agent over {:.0} s: {:.2} % of one core, {:.1} MiB resident",
+            a.idle_seconds,
+            a.idle_cpu_share * 100.0,
+            a.idle_rss_mib
         );
     }
 }

@@ -38,6 +38,7 @@ pub(crate) const SECRET_KEY: &str = "bench-secret";
 
 pub(crate) struct Server {
     child: Child,
+    kind: ServerKind,
     pub(crate) port: u16,
     /// moto's access log (requests by method); s3s-fs keeps none.
     log: Option<PathBuf>,
@@ -64,6 +65,7 @@ impl Server {
                     .context("starting moto_server (scripts/install-deps.sh installs it)")?;
                 Server {
                     child,
+                    kind,
                     port,
                     log: Some(log),
                 }
@@ -86,6 +88,7 @@ impl Server {
                     .context("starting s3s-fs (scripts/install-deps.sh installs it)")?;
                 let s = Server {
                     child,
+                    kind,
                     port,
                     log: None,
                 };
@@ -118,6 +121,10 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        self.kind.name()
     }
 
     /// Requests the server has logged so far, by method (empty for a server without a log).
@@ -170,10 +177,31 @@ pub struct S3Figures {
     pub files_get_bytes: u64,
     pub files_get_requests: u64,
     pub file_bytes: u64,
+    /// `verify --read-data-subset 5%` against the server: bytes the run read (its share of the
+    /// repository) and bytes it downloaded (its egress).
+    pub subset_bytes_read: u64,
+    pub subset_bytes_downloaded: u64,
+    pub subset_requests: u64,
 }
 
 fn num(v: &serde_json::Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+/// A blockvault command on the repository `prefix` of the bench bucket of the server on `port`.
+pub(crate) fn command(blockvault: &Path, port: u16, cache: &Path, prefix: &str) -> Command {
+    let mut c = Command::new(blockvault);
+    c.env("BLOCKVAULT_REPO", format!("s3://{BUCKET}/{prefix}"))
+        .env("BLOCKVAULT_CACHE_DIR", cache)
+        .env("BLOCKVAULT_PASSWORD", PASSWORD)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("AWS_ENDPOINT_URL")
+        .args(["--quiet", "--s3-allow-http", "--s3-endpoint"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args(["--cache-size", "4GiB"]);
+    c
 }
 
 pub fn run_all(
@@ -187,20 +215,7 @@ pub fn run_all(
     let tool = format!("blockvault, {}", kind.name());
     let cache = work.join("bv-cache-s3");
     let _ = std::fs::remove_dir_all(&cache);
-    let bv = || {
-        let mut c = Command::new(blockvault);
-        c.env("BLOCKVAULT_REPO", format!("s3://{BUCKET}/repo"))
-            .env("BLOCKVAULT_CACHE_DIR", &cache)
-            .env("BLOCKVAULT_PASSWORD", PASSWORD)
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_REGION", "us-east-1")
-            .env_remove("AWS_ENDPOINT_URL")
-            .args(["--quiet", "--s3-allow-http", "--s3-endpoint"])
-            .arg(format!("http://127.0.0.1:{}", server.port))
-            .args(["--cache-size", "4GiB"]);
-        c
-    };
+    let bv = || command(blockvault, server.port, &cache, "repo");
     crate::disk::run(bv().args(["repo", "init"]))?;
     let summary = work.join("s3-backup.json");
     let mut c = bv();
@@ -264,6 +279,22 @@ pub fn run_all(
         crate::measure::check_same(Path::new(&f.file), &to.join(name))?;
         std::fs::remove_dir_all(&to)?;
     }
+
+    // One run of a nightly sampled verify: its egress should be its share of the repository.
+    let report = work.join("s3-verify.json");
+    let mut c = bv();
+    c.args(["verify", "--json", "--read-data-subset", "5%"]);
+    out.push(timed(
+        "verify 5% subset from S3",
+        &tool,
+        c,
+        None,
+        Some(&report),
+    )?);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    figures.subset_bytes_read = num(&v, &["bytes_read"]);
+    figures.subset_bytes_downloaded = num(&v, &["storage", "bytes_downloaded"]);
+    figures.subset_requests = num(&v, &["storage", "requests"]);
 
     for (label, clear) in [("cold cache", true), ("warm cache", false)] {
         if clear {
