@@ -138,6 +138,8 @@ pub struct Results {
     pub files: Option<crate::files::FilesFigures>,
     pub maintenance: Option<crate::maintenance::MaintFigures>,
     pub agent: Option<crate::agent::AgentFigures>,
+    /// Parts that failed, with the reason; their figures are missing from the table.
+    pub failed: Vec<String>,
 }
 
 /// blockvault's zstd level (`repo::OpenOptions::zstd_level` as the CLI sets it).
@@ -197,15 +199,25 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
         .arg(&restore);
     out.push(timed("restore to a file", "qemu-img", c, None, None)?);
     std::fs::remove_file(&restore)?;
+    let mut failed = Vec::new();
     if args.runs(Part::Boot) {
-        out.extend(crate::boot::run_all(args, &repo, &cache)?);
+        if let Some(s) = part("boot", &mut failed, || {
+            crate::boot::run_all(args, &repo, &cache)
+        }) {
+            out.extend(s);
+        }
     }
-    let (samples, figures) = crate::files::run_all(|| bv(args, &repo, &cache), w, r, &point)?;
-    out.extend(samples);
-    res.files = Some(figures.clone());
+    if let Some((samples, figures)) = part("files", &mut failed, || {
+        crate::files::run_all(|| bv(args, &repo, &cache), w, r, &point)
+    }) {
+        out.extend(samples);
+        res.files = Some(figures);
+    }
     if args.runs(Part::Nbd) {
         let mount = || bv(args, &repo, &cache);
-        out.extend(crate::nbd::run_all(r, mount, &point)?);
+        if let Some(s) = part("nbd", &mut failed, || crate::nbd::run_all(r, mount, &point)) {
+            out.extend(s);
+        }
     }
 
     // The same disk as a VHDX, with an RCT-driven incremental.
@@ -250,38 +262,42 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
 
     if args.runs(Part::S3) {
         for &kind in &args.s3_server {
-            let (samples, figures) =
-                crate::s3::run_all(&args.blockvault, w, r, kind, res.files.as_ref())?;
-            out.extend(samples);
-            res.s3.push(figures);
+            if let Some((samples, figures)) = part("s3", &mut failed, || {
+                crate::s3::run_all(&args.blockvault, w, r, kind, res.files.as_ref())
+            }) {
+                out.extend(samples);
+                res.s3.push(figures);
+            }
         }
     }
 
     if args.runs(Part::Maintenance) {
-        let (samples, figures) = crate::maintenance::run_all(
-            |repo, cache| bv(args, repo, cache),
-            &args.blockvault,
-            w,
-            r,
-            args.history,
-            !args.no_reference,
-            args.s3_server
-                .first()
-                .copied()
-                .filter(|_| args.runs(Part::S3)),
-        )?;
-        out.extend(samples);
-        res.maintenance = Some(figures);
+        if let Some((samples, figures)) = part("maintenance", &mut failed, || {
+            crate::maintenance::run_all(
+                |repo, cache| bv(args, repo, cache),
+                &args.blockvault,
+                w,
+                r,
+                args.history,
+                !args.no_reference,
+                args.s3_server
+                    .first()
+                    .copied()
+                    .filter(|_| args.runs(Part::S3)),
+            )
+        }) {
+            out.extend(samples);
+            res.maintenance = Some(figures);
+        }
     }
     if args.runs(Part::Agent) {
-        let (samples, figures) = crate::agent::run_all(
-            &args.blockvault,
-            w,
-            r,
-            std::time::Duration::from_secs(args.idle_secs),
-        )?;
-        out.extend(samples);
-        res.agent = Some(figures);
+        if let Some((samples, figures)) = part("agent", &mut failed, || {
+            let idle = std::time::Duration::from_secs(args.idle_secs);
+            crate::agent::run_all(&args.blockvault, w, r, idle)
+        }) {
+            out.extend(samples);
+            res.agent = Some(figures);
+        }
     }
 
     if args.sparse_factor > 1 {
@@ -439,7 +455,21 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
         std::fs::remove_file(&c.vhdx)?;
     }
     res.samples = out;
+    res.failed = failed;
     Ok(res)
+}
+
+/// Runs one part of the benchmark. A part that fails is reported at the end and the run goes on:
+/// one broken tool or a full disk must not lose the figures of every other part.
+fn part<T>(name: &str, failed: &mut Vec<String>, f: impl FnOnce() -> Result<T>) -> Option<T> {
+    match f() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("the {name} part failed: {e:#}");
+            failed.push(format!("{name}: {e:#}"));
+            None
+        }
+    }
 }
 
 fn latest_point(args: &Args, repo: &Path, cache: &Path) -> Result<String> {

@@ -255,6 +255,7 @@ pub fn print(res: &Results, r: &Reference) {
         );
     }
     print_maintenance_and_agent(res);
+    print_failures(res);
     for f in &res.s3 {
         if f.subset_bytes_read > 0 {
             println!(
@@ -377,6 +378,12 @@ fn print_maintenance_and_agent(res: &Results) {
             a.idle_cpu_share * 100.0,
             a.idle_rss_mib
         );
+    }
+}
+
+fn print_failures(res: &Results) {
+    for f in &res.failed {
+        println!("PART FAILED (no figures): {f}");
     }
 }
 
