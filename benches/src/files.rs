@@ -44,13 +44,22 @@ pub fn choose(r: &Reference) -> Result<FilesFigures> {
             }
         }
     }
-    for cand in [
-        "/usr/share",
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib",
-        "/usr/share/doc",
-        "/usr/share/locale",
-    ] {
+    // Staging fills the disk depth-first, so a top directory may be in the image only in part:
+    // the candidates are also the directories one and two levels below, closest to 500 MiB on
+    // the host first; the extracted tree is measured afterwards.
+    let mut cands: Vec<(String, u64)> = Vec::new();
+    for top in ["/usr/share", "/usr/lib/x86_64-linux-gnu", "/usr/lib"] {
+        cands.push((top.to_string(), dir_bytes(Path::new(top))));
+        for sub in subdirs(top)
+            .into_iter()
+            .chain(subdirs(top).iter().flat_map(|d| subdirs(d)))
+        {
+            let n = dir_bytes(Path::new(&sub));
+            cands.push((sub, n));
+        }
+    }
+    cands.sort_by_key(|(_, n)| n.abs_diff(500 << 20));
+    for (cand, _) in cands.iter().take(40) {
         let n = in_image_bytes(r, cand)?;
         if n > 0
             && best_dir
@@ -80,6 +89,17 @@ pub fn choose(r: &Reference) -> Result<FilesFigures> {
     })
 }
 
+fn subdirs(dir: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path().display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn in_image(r: &Reference, path: &str) -> Result<bool> {
     let o = Command::new("debugfs")
         .arg("-R")
@@ -89,9 +109,21 @@ fn in_image(r: &Reference, path: &str) -> Result<bool> {
     Ok(String::from_utf8_lossy(&o.stdout).contains("Inode:"))
 }
 
-/// Bytes of the host directory `path` as staged (an estimate: staging stops at a budget).
+/// Bytes of the host directory `path` when the image holds it whole (as many entries as the
+/// host's, at its top level), else 0: staging stops at a budget, part-way through a directory.
 fn in_image_bytes(r: &Reference, path: &str) -> Result<u64> {
-    if !in_image(r, path)? {
+    let o = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("ls -p {path}"))
+        .arg(&r.raw)
+        .output()?;
+    let in_image = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.starts_with('/'))
+        .count()
+        .saturating_sub(2);
+    let on_host = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
+    if in_image == 0 || in_image != on_host {
         return Ok(0);
     }
     Ok(dir_bytes(Path::new(path)))
@@ -133,6 +165,13 @@ pub fn run_all(
         None,
     )?);
     fig.tree_bytes = dir_bytes(&mine);
+    if fig.tree_bytes < 50 << 20 {
+        anyhow::bail!(
+            "{} holds only {} bytes in the reference disk: no tree to measure",
+            fig.tree,
+            fig.tree_bytes
+        );
+    }
     run(Command::new("diff")
         .arg("-r")
         .arg("--no-dereference")

@@ -1,6 +1,6 @@
 //! One run of a job: hooks, each VM captured, backed up and released (retried with backoff while
-//! the job's other VMs go on), then retention (forget, prune) and verify; every step recorded in the state database and reported
-//! by webhook.
+//! the job's other VMs go on), then retention (forget, prune) and verify; every step recorded in
+//! the state database and reported by webhook.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -130,19 +130,29 @@ pub async fn run_job(agent: Arc<Agent>, job_idx: usize, run: i64, cancel: Cancel
             tasks.spawn(
                 async move {
                     let _permit = per_job.acquire_owned().await;
-                    back_up_vm(&agent, job_idx, run, &vm, repo, cancel).await
+                    let outcome = back_up_vm(&agent, job_idx, run, &vm, repo, cancel).await;
+                    (vm.name.get_ref().clone(), outcome)
                 }
                 .instrument(span),
             );
         }
+        let mut backed_up = Vec::new();
         while let Some(r) = tasks.join_next().await {
-            outcomes.push(r.unwrap_or(VmOutcome {
-                ok: false,
-                cancelled: false,
-            }));
+            match r {
+                Ok((vm, o)) => {
+                    if o.ok {
+                        backed_up.push(vm);
+                    }
+                    outcomes.push(o);
+                }
+                Err(_) => outcomes.push(VmOutcome {
+                    ok: false,
+                    cancelled: false,
+                }),
+            }
         }
         if !cancel.is_cancelled() {
-            if let Err(e) = run_maintenance(job, repo.clone(), &cancel).await {
+            if let Err(e) = run_maintenance(job, &backed_up, repo.clone(), &cancel).await {
                 tracing::error!("{e}");
                 maintenance_error = Some(e);
             }
@@ -227,18 +237,21 @@ pub async fn run_job(agent: Arc<Agent>, job_idx: usize, run: i64, cancel: Cancel
     );
 }
 
-/// The job's retention after its backups: `forget` with the job's rules over each of its VMs'
-/// points on their own, then `prune` when the job asks for it. Another host's prune in progress
-/// is not a failure: that prune does the work.
+/// The job's retention after its backups: `forget` with the job's rules over the points of each
+/// VM backed up in this run, on their own, then `prune` when the job asks for it. A VM whose
+/// backup failed keeps its points: time-based rules (`keep-within`, daily ...) must not thin out
+/// the last good backups of a VM that has stopped backing up. Another host's prune in progress is
+/// not a failure: that prune does the work.
 async fn run_maintenance(
     job: &JobConfig,
+    backed_up: &[String],
     repo: Arc<Repository>,
     cancel: &CancellationToken,
 ) -> std::result::Result<(), String> {
     if let Some(policy) = &job.retention {
         let tz = job_offset(job);
-        for vm in &job.vms {
-            let vm = vm.name.get_ref().clone();
+        for vm in backed_up {
+            let vm = vm.clone();
             let opts = ForgetOptions {
                 target: ForgetTarget::Policy {
                     vm: Some(vm.clone()),
