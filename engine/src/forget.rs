@@ -183,6 +183,13 @@ pub async fn forget(repo: Arc<Repository>, opts: ForgetOptions) -> Result<Forget
         unreadable: unreadable.iter().map(|(id, _)| *id).collect(),
         ..Default::default()
     };
+    // Boot traces are found through listed points only: a forgotten point's trace is dead
+    // weight. One listing, and a delete for each removed point that has one.
+    let traced = if opts.dry_run || decisions.iter().all(|d| d.keep) {
+        Default::default()
+    } else {
+        repo.boot_trace_points().await?
+    };
     for d in &decisions {
         if d.keep {
             report.kept += 1;
@@ -190,6 +197,9 @@ pub async fn forget(repo: Arc<Repository>, opts: ForgetOptions) -> Result<Forget
             report.removed += 1;
             if !opts.dry_run {
                 repo.delete_point(&d.id).await?;
+                if traced.contains(&d.id) {
+                    repo.delete_boot_trace(&d.id).await?;
+                }
             }
         }
     }

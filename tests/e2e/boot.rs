@@ -274,6 +274,14 @@ fn a_linux_guest_boots_from_the_mount_and_again_from_its_hydrated_file() {
         .unwrap()
         .to_owned();
     successor_prefetches(&|args| w.cmd(args), &dir, &point, &later);
+    // Forgetting the traced point deletes its trace too.
+    let trace = w.repo.join("boot-traces").join(&point);
+    assert!(trace.exists(), "no trace object at {}", trace.display());
+    w.ok(&["forget", &point]);
+    assert!(
+        !trace.exists(),
+        "forget left the boot trace of the point it removed"
+    );
 }
 
 #[test]

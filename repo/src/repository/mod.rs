@@ -587,6 +587,12 @@ impl Repository {
             .map(Some)
     }
 
+    /// Removes the boot trace of `point` (nothing if it has none). Only a forgotten point's trace
+    /// is removed: a listed point's successors replay it.
+    pub async fn delete_boot_trace(&self, point: &PointId) -> Result<()> {
+        self.storage.delete(&crate::boot_trace::path(point)).await
+    }
+
     /// The points that have a boot trace.
     pub async fn boot_trace_points(&self) -> Result<HashSet<PointId>> {
         Ok(self
