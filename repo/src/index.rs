@@ -328,20 +328,13 @@ impl LocalIndex {
 
     fn load_damaged(&self) -> Result<()> {
         let mut set = HashSet::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&[P_DAMAGED], Direction::Forward))
-        {
-            let (k, _) = item.map_err(|e| self.err(e))?;
-            if k.first() != Some(&P_DAMAGED) {
-                break;
-            }
-            if k.len() == 1 + 16 + 4 {
-                let pack = PackId(k[1..17].try_into().expect("16 bytes"));
-                let off = u32::from_be_bytes(k[17..21].try_into().expect("4 bytes"));
+        self.for_each_entry(P_DAMAGED, |k, _| {
+            if k.len() == 16 + 4 {
+                let pack = PackId(k[..16].try_into().expect("16 bytes"));
+                let off = u32::from_be_bytes(k[16..20].try_into().expect("4 bytes"));
                 set.insert((pack, off));
             }
-        }
+        })?;
         *self
             .damaged
             .write()
@@ -357,23 +350,23 @@ impl LocalIndex {
             .expect("index overlay lock")
             .verify_records
             .clone();
-        self.for_each_key(P_VERIFY, |k| {
+        self.for_each_entry(P_VERIFY, |k, _| {
             out.insert(String::from_utf8_lossy(k).into_owned());
         })?;
         Ok(out)
     }
 
-    /// Calls `f` with every key under `prefix`, the prefix byte removed.
-    fn for_each_key(&self, prefix: u8, mut f: impl FnMut(&[u8])) -> Result<()> {
+    /// Calls `f` with every entry under `prefix`: the key without its prefix byte, and the value.
+    fn for_each_entry(&self, prefix: u8, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
         for item in self
             .db
             .iterator(IteratorMode::From(&[prefix], Direction::Forward))
         {
-            let (k, _) = item.map_err(|e| self.err(e))?;
+            let (k, v) = item.map_err(|e| self.err(e))?;
             if k.first() != Some(&prefix) {
                 break;
             }
-            f(&k[1..]);
+            f(&k[1..], &v);
         }
         Ok(())
     }
@@ -418,20 +411,13 @@ impl LocalIndex {
                 out.push((*id, *l));
             }
         }
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&[P_CHUNK], Direction::Forward))
-        {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if k.first() != Some(&P_CHUNK) {
-                break;
-            }
-            if let (Some(l), Some(id)) = (Location::decode(&v), ChunkId::from_slice(&k[1..])) {
+        self.for_each_entry(P_CHUNK, |k, v| {
+            if let (Some(l), Some(id)) = (Location::decode(v), ChunkId::from_slice(k)) {
                 if l.pack == *pack {
                     out.push((id, l));
                 }
             }
-        }
+        })?;
         out.sort_by_key(|(_, l)| l.offset);
         Ok(out)
     }
@@ -456,18 +442,11 @@ impl LocalIndex {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&[P_CHUNK], Direction::Forward))
-        {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if k.first() != Some(&P_CHUNK) {
-                break;
+        self.for_each_entry(P_CHUNK, |k, v| {
+            if Location::decode(v).is_some_and(|l| gone.contains(&l.pack)) {
+                batch.delete(key(P_CHUNK, k));
             }
-            if Location::decode(&v).is_some_and(|l| gone.contains(&l.pack)) {
-                batch.delete(&k);
-            }
-        }
+        })?;
         for p in gone {
             batch.delete(key(P_PACK, &p.0));
         }
@@ -482,7 +461,7 @@ impl LocalIndex {
             .expect("index overlay lock")
             .packs
             .clone();
-        self.for_each_key(P_PACK, |k| {
+        self.for_each_entry(P_PACK, |k, _| {
             if let Ok(id) = k.try_into() {
                 out.insert(PackId(id));
             }

@@ -712,4 +712,54 @@ mod tests {
         let e = parse(Path::new("a.toml"), &t2).err().unwrap().to_string();
         assert!(e.contains("loopback"), "{e}");
     }
+
+    #[test]
+    fn verify_and_prune_settings_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let job = |extra: &str| base(d.path()) + JOB + extra;
+        let ok = job("[jobs.verify]\nsubset_percent = 5\nmax_bytes = 1048576\n");
+        let l = parse(Path::new("a.toml"), &ok).unwrap();
+        let v = l.config.jobs[0].verify.as_ref().unwrap();
+        assert_eq!((v.subset_percent, v.max_bytes), (Some(5.0), Some(1 << 20)));
+        assert_eq!(l.config.jobs[0].prune_grace_hours, 24.0);
+        for (extra, key, says) in [
+            (
+                "[jobs.verify]\nsubset_percent = 5\nreverify_after_days = 30\n",
+                "jobs.nightly.verify",
+                "not both",
+            ),
+            (
+                "[jobs.verify]\nsubset_percent = 0\n",
+                "subset_percent",
+                "more than 0",
+            ),
+            (
+                "[jobs.verify]\nsubset_percent = 101\n",
+                "subset_percent",
+                "at most 100",
+            ),
+            (
+                "[jobs.verify]\nreverify_after_days = -1\n",
+                "reverify_after_days",
+                "zero or more",
+            ),
+        ] {
+            let e = parse(Path::new("a.toml"), &job(extra))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(key) && e.contains(says), "{extra}: {e}");
+        }
+        // A top-level job key: before the job's sub-tables.
+        let t = base(d.path())
+            + &JOB.replace(
+                "source = \"files\"",
+                "source = \"files\"\nprune_grace_hours = -2",
+            );
+        let e = parse(Path::new("a.toml"), &t).err().unwrap().to_string();
+        assert!(
+            e.contains("prune_grace_hours") && e.contains("zero or more"),
+            "{e}"
+        );
+    }
 }

@@ -164,6 +164,8 @@ pub async fn verify(
     } else {
         None
     };
+    // Plans again, though opening the repository read them: only a plan read after the lease
+    // was taken is known to hold every condemnation the lease does not cover.
     repo.refresh_plans().await?;
     repo.sync_verify_records().await?;
     repo.sync_index(true).await?;
