@@ -155,6 +155,13 @@ pub struct PruneArgs {
     /// and verify that may need a condemned pack has this long to finish.
     #[arg(long, default_value = "24h", value_name = "DURATION")]
     pub grace: String,
+    /// Repack partly dead packs until at most this share of the kept packs' bytes is unused
+    /// (dead blobs inside packs still needed), e.g. 5%, 0%; "unlimited" never repacks.
+    #[arg(long, default_value = "5%", value_name = "PERCENT")]
+    pub max_unused: String,
+    /// The most live data one prune copies while repacking, e.g. 10GiB (default: no limit).
+    #[arg(long, value_name = "SIZE")]
+    pub max_repack: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

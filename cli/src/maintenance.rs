@@ -8,7 +8,7 @@ use blockvault_engine::{
 
 use crate::commands::{open_repo, print_json};
 use crate::exit::InputError;
-use crate::size::human;
+use crate::size::{human, parse_size};
 use crate::{ForgetArgs, Global, PruneArgs};
 
 /// Parses `90s`, `30m`, `24h`, `7d`, `1w` (or a plain number of seconds; fractions allowed).
@@ -36,15 +36,42 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(v))
 }
 
+/// Parses `5%`, `0%`, `12.5%` or `unlimited` into a share (1.0 for unlimited).
+pub(crate) fn parse_share(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("unlimited") {
+        return Ok(1.0);
+    }
+    let n: f64 = t
+        .strip_suffix('%')
+        .ok_or_else(|| format!("'{s}' is not a percentage (examples: 5%, 0%, unlimited)"))?
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a percentage (examples: 5%, 0%, unlimited)"))?;
+    if !(0.0..=100.0).contains(&n) {
+        return Err(format!("'{s}' is not between 0% and 100%"));
+    }
+    Ok(n / 100.0)
+}
+
 pub async fn prune(g: &Global, a: PruneArgs) -> Result<()> {
     let grace =
         parse_duration(&a.grace).map_err(|e| anyhow!(InputError(format!("--grace {e}"))))?;
+    let max_unused =
+        parse_share(&a.max_unused).map_err(|e| anyhow!(InputError(format!("--max-unused {e}"))))?;
+    let max_repack = match &a.max_repack {
+        Some(s) => parse_size(s).map_err(|e| anyhow!(InputError(format!("--max-repack {e}"))))?,
+        None => u64::MAX,
+    };
     let repo = open_repo(g).await?;
     let report = run_prune(
         repo,
         PruneOptions {
             grace,
             dry_run: a.dry_run,
+            max_unused,
+            max_repack,
+            ..Default::default()
         },
     )
     .await?;
@@ -111,6 +138,25 @@ fn print_prune(r: &PruneReport) {
             r.held_by_leases.packs,
             human(r.held_by_leases.bytes)
         );
+    }
+    if r.repacked.packs > 0 || !r.repack_skipped.is_empty() {
+        let verb = if r.dry_run {
+            "would repack"
+        } else {
+            "repacked"
+        };
+        println!(
+            "  {verb}       {} packs ({}) into {} new packs ({}); unused in kept packs {} -> {}",
+            r.repacked.packs,
+            human(r.repacked.bytes),
+            r.repack_written.packs,
+            human(r.repack_written.bytes),
+            human(r.unused_before),
+            human(r.unused_after)
+        );
+    }
+    for s in &r.repack_skipped {
+        println!("  not repacked   {s}");
     }
     if r.segments_retired > 0 {
         println!("  index segments retired: {}", r.segments_retired);
@@ -336,4 +382,20 @@ fn print_forget(r: &ForgetReport) {
             "removed"
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_share("5%").unwrap(), 0.05);
+        assert_eq!(parse_share(" 0% ").unwrap(), 0.0);
+        assert_eq!(parse_share("12.5%").unwrap(), 0.125);
+        assert_eq!(parse_share("unlimited").unwrap(), 1.0);
+        assert!(parse_share("5").unwrap_err().contains("'5'"));
+        assert!(parse_share("101%").unwrap_err().contains("between"));
+        assert!(parse_share("-1%").is_err());
+    }
 }

@@ -6,15 +6,20 @@
 //! The rules (docs/OPERATIONS.md, "Prune"):
 //! - a condemned pack may be swept only when the store's now is at least T + grace (T: the store
 //!   time of the plan that condemned it) and no live lease started at or before T;
-//! - a sweepable pack holding any chunk a listed restore point needs (the re-mark, made after
-//!   T + grace) is taken back, never deleted;
+//! - a sweepable pack holding a chunk a listed restore point needs (the re-mark, made after
+//!   T + grace) is deleted only when every such chunk has a copy in a listed pack no plan
+//!   condemns (a repack's new pack); otherwise it is taken back, never deleted;
 //! - a pack is condemned only when no listed restore point needs any chunk in it, its contents
 //!   are known, and it was written more than the grace period ago and before the start of the
-//!   oldest live lease (a running backup's own packs are not referenced until it commits).
+//!   oldest live lease (a running backup's own packs are not referenced until it commits);
+//! - a pack partly dead is repacked (its live chunks copied into new packs, then it is condemned
+//!   like a dead one) under the same age and lease conditions, mostly-dead packs first, until
+//!   the unused share of the repository is within `--max-unused` or the bytes to copy would
+//!   pass `--max-repack`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use blockvault_repo::{Condemned, Epoch, PackId};
+use blockvault_repo::{ChunkId, Condemned, Epoch, PackId};
 use serde::Serialize;
 
 /// Store timestamps may be truncated to whole seconds (S3's `Last-Modified`), so every comparison
@@ -88,16 +93,19 @@ pub fn sweepable(
     out
 }
 
-/// The re-mark's verdict on the eligible packs: those holding a live chunk are taken back, the
-/// rest deleted.
+/// The re-mark's verdict on the eligible packs: a pack is deleted when every live chunk it
+/// holds (`live_in`) is `covered` (has a copy in a listed pack no plan condemns); otherwise it is
+/// taken back. Returns (delete, take back).
 pub fn split_by_remark(
     eligible: &[Condemned],
-    live_packs: &HashSet<PackId>,
+    live_in: &HashMap<PackId, Vec<ChunkId>>,
+    covered: &HashSet<ChunkId>,
 ) -> (Vec<Condemned>, Vec<Condemned>) {
-    eligible
-        .iter()
-        .cloned()
-        .partition(|c| !live_packs.contains(&c.pack))
+    eligible.iter().cloned().partition(|c| {
+        live_in
+            .get(&c.pack)
+            .is_none_or(|ids| ids.iter().all(|id| covered.contains(id)))
+    })
 }
 
 /// A listed pack as the condemnation rule needs it.
@@ -110,15 +118,9 @@ pub struct PackFact {
     pub live: bool,
 }
 
-/// Packs to condemn now: dead, older than the grace period, older than every live lease, and not
-/// already condemned.
-pub fn choose_condemned(
-    packs: &[PackFact],
-    already: &HashSet<PackId>,
-    now_ms: i64,
-    grace_ms: u64,
-    leases: &[LeaseFact],
-) -> Vec<PackFact> {
+/// Whether a pack written at `modified_ms` may be condemned now: written more than the grace
+/// period ago and before the start of every live lease.
+fn settled(modified_ms: i64, now_ms: i64, grace_ms: u64, leases: &[LeaseFact]) -> bool {
     let old_enough = now_ms
         .saturating_sub(grace_ms as i64)
         .saturating_sub(CLOCK_SLACK_MS);
@@ -128,16 +130,104 @@ pub fn choose_condemned(
         .map(|l| l.started_ms)
         .min()
         .unwrap_or(i64::MAX);
+    modified_ms < old_enough && modified_ms.saturating_add(CLOCK_SLACK_MS) < lease_floor
+}
+
+/// Packs to condemn now: dead, older than the grace period, older than every live lease, and not
+/// already condemned.
+pub fn choose_condemned(
+    packs: &[PackFact],
+    already: &HashSet<PackId>,
+    now_ms: i64,
+    grace_ms: u64,
+    leases: &[LeaseFact],
+) -> Vec<PackFact> {
     packs
         .iter()
         .filter(|p| {
-            !p.live
-                && !already.contains(&p.id)
-                && p.modified_ms < old_enough
-                && p.modified_ms.saturating_add(CLOCK_SLACK_MS) < lease_floor
+            !p.live && !already.contains(&p.id) && settled(p.modified_ms, now_ms, grace_ms, leases)
         })
         .cloned()
         .collect()
+}
+
+/// A listed pack as the repack rule needs it: the stored bytes of the blobs a listed restore
+/// point needs, and of the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackUsage {
+    pub id: PackId,
+    pub size: u64,
+    pub modified_ms: i64,
+    pub live_bytes: u64,
+    pub dead_bytes: u64,
+}
+
+/// How much a repack may do.
+#[derive(Clone, Copy, Debug)]
+pub struct RepackLimits {
+    /// The share of the kept packs' bytes that may stay unused (dead blobs inside packs still
+    /// needed). 0.05 keeps repacking until at most 5 % is unused; 1.0 or more never repacks.
+    pub max_unused: f64,
+    /// The most live bytes one run copies.
+    pub max_repack: u64,
+}
+
+/// The repack choice and the unused bytes in kept packs before and after it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepackChoice {
+    pub packs: Vec<PackUsage>,
+    pub unused_before: u64,
+    pub unused_after: u64,
+}
+
+/// Packs to repack now, among `packs` (the packs that stay: not dead, not condemned), mostly
+/// dead first, until the unused bytes are within `limits.max_unused` of what stays. A pack is a
+/// candidate only when it holds both live and dead blobs and may be condemned now (`settled`).
+pub fn choose_repack(
+    packs: &[PackUsage],
+    now_ms: i64,
+    grace_ms: u64,
+    leases: &[LeaseFact],
+    limits: RepackLimits,
+) -> RepackChoice {
+    let live: u64 = packs.iter().map(|p| p.live_bytes).sum();
+    let mut unused: u64 = packs.iter().map(|p| p.dead_bytes).sum();
+    let unused_before = unused;
+    let f = limits.max_unused.clamp(0.0, 1.0);
+    // unused <= f * (live + unused)  <=>  unused * (1 - f) <= f * live
+    let within = |unused: u64| unused as f64 * (1.0 - f) <= f * live as f64;
+    let mut candidates: Vec<&PackUsage> = packs
+        .iter()
+        .filter(|p| {
+            p.live_bytes > 0 && p.dead_bytes > 0 && settled(p.modified_ms, now_ms, grace_ms, leases)
+        })
+        .collect();
+    // Most dead share first (the most space back per byte copied), then most dead bytes.
+    candidates.sort_by(|a, b| {
+        let share = |p: &PackUsage| p.dead_bytes as f64 / (p.live_bytes + p.dead_bytes) as f64;
+        share(b)
+            .total_cmp(&share(a))
+            .then(b.dead_bytes.cmp(&a.dead_bytes))
+            .then(a.id.cmp(&b.id))
+    });
+    let mut chosen = Vec::new();
+    let mut copied = 0u64;
+    for p in candidates {
+        if f >= 1.0 || within(unused) {
+            break;
+        }
+        if copied + p.live_bytes > limits.max_repack {
+            continue;
+        }
+        copied += p.live_bytes;
+        unused -= p.dead_bytes;
+        chosen.push(p.clone());
+    }
+    RepackChoice {
+        packs: chosen,
+        unused_before,
+        unused_after: unused,
+    }
 }
 
 #[cfg(test)]
@@ -220,12 +310,89 @@ mod tests {
     }
 
     #[test]
-    fn remark_takes_back_needed_packs() {
-        let (a, b) = (PackId::random(), PackId::random());
-        let live: HashSet<PackId> = [b].into();
-        let (delete, recover) = split_by_remark(&[cond(a, 1), cond(b, 1)], &live);
-        assert_eq!(delete, vec![cond(a, 1)]);
+    fn remark_takes_back_needed_packs_unless_copied() {
+        let (a, b, c) = (PackId::random(), PackId::random(), PackId::random());
+        let (x, y) = (ChunkId([1; 32]), ChunkId([2; 32]));
+        // b holds a live chunk with no other copy; c's live chunk was copied by a repack.
+        let live_in: HashMap<PackId, Vec<ChunkId>> = [(b, vec![x]), (c, vec![y])].into();
+        let covered: HashSet<ChunkId> = [y].into();
+        let (delete, recover) =
+            split_by_remark(&[cond(a, 1), cond(b, 1), cond(c, 1)], &live_in, &covered);
+        assert_eq!(delete, vec![cond(a, 1), cond(c, 1)]);
         assert_eq!(recover, vec![cond(b, 1)]);
+        // A pack with one covered and one uncovered live chunk is taken back.
+        let live_in: HashMap<PackId, Vec<ChunkId>> = [(c, vec![y, x])].into();
+        let (delete, recover) = split_by_remark(&[cond(c, 1)], &live_in, &covered);
+        assert!(delete.is_empty());
+        assert_eq!(recover, vec![cond(c, 1)]);
+    }
+
+    fn usage(live_bytes: u64, dead_bytes: u64, modified_ms: i64) -> PackUsage {
+        PackUsage {
+            id: PackId::random(),
+            size: live_bytes + dead_bytes + 100,
+            modified_ms,
+            live_bytes,
+            dead_bytes,
+        }
+    }
+
+    #[test]
+    fn repack_takes_mostly_dead_packs_first_until_within_the_limit() {
+        let full = usage(1000, 0, 0);
+        let mostly_dead = usage(100, 900, 0);
+        let half = usage(500, 500, 0);
+        let little = usage(950, 50, 0);
+        let packs = vec![
+            full.clone(),
+            little.clone(),
+            half.clone(),
+            mostly_dead.clone(),
+        ];
+        let limits = |max_unused: f64, max_repack: u64| RepackLimits {
+            max_unused,
+            max_repack,
+        };
+        // Live 2550, unused 1450. At 10 %: after the mostly dead pack, 550 unused is more than
+        // 10 % of 3100; after the half-dead one, 50 is within 10 % of 2600: done.
+        let c = choose_repack(&packs, 10_000, 0, &[], limits(0.1, u64::MAX));
+        let ids: Vec<PackId> = c.packs.iter().map(|p| p.id).collect();
+        assert_eq!(ids, vec![mostly_dead.id, half.id]);
+        assert_eq!((c.unused_before, c.unused_after), (1450, 50));
+        // At 0 % every pack with a dead blob goes; a fully live pack never does.
+        let c = choose_repack(&packs, 10_000, 0, &[], limits(0.0, u64::MAX));
+        assert_eq!(c.packs.len(), 3);
+        assert_eq!(c.unused_after, 0);
+        // 100 % never repacks; neither does a repository already within the limit.
+        assert!(choose_repack(&packs, 10_000, 0, &[], limits(1.0, u64::MAX))
+            .packs
+            .is_empty());
+        assert!(choose_repack(&packs, 10_000, 0, &[], limits(0.5, u64::MAX))
+            .packs
+            .is_empty());
+        // The copy budget skips a pack that does not fit and takes a smaller one.
+        let c = choose_repack(&packs, 10_000, 0, &[], limits(0.0, 600));
+        let ids: Vec<PackId> = c.packs.iter().map(|p| p.id).collect();
+        assert_eq!(ids, vec![mostly_dead.id, half.id]);
+    }
+
+    #[test]
+    fn repack_waits_for_grace_and_leases_like_condemnation() {
+        let young = usage(100, 900, 9_500);
+        let under_lease = usage(100, 900, 5_000);
+        let old = usage(100, 900, 1_000);
+        let packs = vec![young, under_lease, old.clone()];
+        let lease = LeaseFact {
+            started_ms: 4_000,
+            live: true,
+        };
+        let limits = RepackLimits {
+            max_unused: 0.0,
+            max_repack: u64::MAX,
+        };
+        let c = choose_repack(&packs, 10_000, 1_000, &[lease], limits);
+        let ids: Vec<PackId> = c.packs.iter().map(|p| p.id).collect();
+        assert_eq!(ids, vec![old.id]);
     }
 
     #[test]

@@ -6,26 +6,29 @@
 //! 2. reads the previous plan's condemned packs and splits them by the sweep rules (`gc.rs`);
 //! 3. lists packs, then every restore point, and marks the live chunk set (every manifest and
 //!    its chunk-map pages). Any list or read error stops the run here, before any deletion;
-//! 4. takes back eligible condemned packs that hold a live chunk, deletes the rest;
+//! 4. takes back eligible condemned packs that hold a live chunk with no copy in a pack no plan
+//!    condemns, deletes the rest;
 //! 5. condemns dead packs (older than the grace period and than every live lease);
-//! 6. publishes plan n, then deletes the index segments it retired.
+//! 6. repacks mostly-dead packs under the same conditions: copies their live blobs, checked and
+//!    still sealed, into new packs and an index segment of their own, and condemns them;
+//! 7. publishes plan n (naming the repack's segment), then deletes the index segments it retired.
 //!
 //! Killed at any step, the repository stays consistent: a condemned pack is already invisible to
-//! dedup, so deleting it needs no further announcement; the next prune takes over the dead claim
-//! and finishes the work.
+//! dedup, so deleting it needs no further announcement; a repack's new packs are extra copies
+//! until a plan names them; the next prune takes over the dead claim and finishes the work.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use blockvault_repo::{
-    ChunkId, Condemned, LeaseKind, ObjectKind, ObjectName, PackId, Plan, PointId, PointManifest,
-    Repository, SegmentId, StorageStats, SLOTS_PER_PAGE,
+    ChunkId, Condemned, LeaseKind, ObjectKind, ObjectName, PackBuilder, PackEntry, PackId, Plan,
+    PointId, PointManifest, Repository, SegmentId, StorageStats, SLOTS_PER_PAGE,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::gc::{self, LeaseFact, PackFact, Wait};
+use crate::gc::{self, LeaseFact, PackFact, PackUsage, RepackLimits, Wait};
 use crate::{Error, Result};
 
 /// How `prune` runs.
@@ -35,6 +38,13 @@ pub struct PruneOptions {
     pub grace: Duration,
     /// Decide and report, change nothing.
     pub dry_run: bool,
+    /// The share of the kept packs' bytes that may stay unused before partly dead packs are
+    /// repacked (0.05: 5 %; 1.0 never repacks).
+    pub max_unused: f64,
+    /// The most live bytes one run copies while repacking.
+    pub max_repack: u64,
+    /// Size of the packs a repack writes.
+    pub pack_size: usize,
 }
 
 impl Default for PruneOptions {
@@ -42,6 +52,9 @@ impl Default for PruneOptions {
         Self {
             grace: Duration::from_secs(24 * 3600),
             dry_run: false,
+            max_unused: 0.05,
+            max_repack: u64::MAX,
+            pack_size: 16 << 20,
         }
     }
 }
@@ -83,6 +96,17 @@ pub struct PruneReport {
     pub pending_deletable_at: Option<String>,
     /// Condemned packs whose deletion waits for a live lease older than their condemnation.
     pub held_by_leases: PackCount,
+    /// Partly dead packs condemned after their live blobs were copied (the bytes are the old
+    /// packs' sizes).
+    pub repacked: PackCount,
+    /// The new packs that repack wrote, and their bytes.
+    pub repack_written: PackCount,
+    /// Bytes of dead blobs inside packs that stay, before and after this run's repack.
+    pub unused_before: u64,
+    pub unused_after: u64,
+    /// Packs the repack chose but could not copy (a damaged or unreadable blob): they stay as
+    /// they are, and the reason is given; `verify` reports the same damage.
+    pub repack_skipped: Vec<String>,
     /// Index segments retired (every pack they list is deleted).
     pub segments_retired: u64,
     /// Object-store requests this run made.
@@ -143,14 +167,14 @@ pub async fn mark(repo: &Arc<Repository>, points: &[PointManifest]) -> Result<Ha
     Ok(live)
 }
 
-/// Every listed pack's chunk ids, from the index segments and, for packs no segment covers, from
+/// Every listed pack's entries, from the index segments and, for packs no segment covers, from
 /// the pack's own table of contents. Authoritative (every copy of a chunk counts), unlike the
 /// local index, which keeps one location per chunk.
 async fn pack_contents(
     repo: &Arc<Repository>,
     listed: &HashSet<PackId>,
 ) -> Result<(
-    HashMap<PackId, Vec<ChunkId>>,
+    HashMap<PackId, Vec<PackEntry>>,
     HashMap<SegmentId, Vec<PackId>>,
 )> {
     let segments = repo.list_segments().await?;
@@ -162,15 +186,13 @@ async fn pack_contents(
         .buffer_unordered(PARALLEL)
         .try_collect()
         .await?;
-    let mut contents: HashMap<PackId, Vec<ChunkId>> = HashMap::new();
+    let mut contents: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
     let mut by_segment = HashMap::new();
     for (sid, records) in read {
         by_segment.insert(sid, records.iter().map(|r| r.id).collect());
         for r in records {
             if listed.contains(&r.id) {
-                contents
-                    .entry(r.id)
-                    .or_insert_with(|| r.entries.iter().map(|e| e.id).collect());
+                contents.entry(r.id).or_insert(r.entries);
             }
         }
     }
@@ -179,13 +201,10 @@ async fn pack_contents(
         .filter(|p| !contents.contains_key(p))
         .copied()
         .collect();
-    let tocs: Vec<(PackId, Vec<ChunkId>)> = futures::stream::iter(uncovered)
+    let tocs: Vec<(PackId, Vec<PackEntry>)> = futures::stream::iter(uncovered)
         .map(|id| {
             let repo = repo.clone();
-            async move {
-                let toc = repo.read_toc(&id).await?;
-                Ok::<_, Error>((id, toc.iter().map(|e| e.id).collect()))
-            }
+            async move { Ok::<_, Error>((id, repo.read_toc(&id).await?)) }
         })
         .buffer_unordered(PARALLEL)
         .try_collect()
@@ -198,7 +217,6 @@ async fn pack_contents(
 pub async fn prune(repo: Arc<Repository>, opts: PruneOptions) -> Result<PruneReport> {
     let started = std::time::Instant::now();
     let before = repo.storage().stats();
-    let grace_ms = opts.grace.as_millis() as u64;
     let mut report = PruneReport {
         dry_run: opts.dry_run,
         ..Default::default()
@@ -211,7 +229,7 @@ pub async fn prune(repo: Arc<Repository>, opts: PruneOptions) -> Result<PruneRep
     if claim.is_some() {
         blockvault_repo::test_hold("prune-after-claim").await;
     }
-    let result = run(&repo, claim.as_ref(), grace_ms, &mut report).await;
+    let result = run(&repo, claim.as_ref(), &opts, &mut report).await;
     if let Some(c) = claim {
         c.release().await;
     }
@@ -229,9 +247,10 @@ pub async fn prune(repo: Arc<Repository>, opts: PruneOptions) -> Result<PruneRep
 async fn run(
     repo: &Arc<Repository>,
     claim: Option<&blockvault_repo::PruneClaim>,
-    grace_ms: u64,
+    opts: &PruneOptions,
     report: &mut PruneReport,
 ) -> Result<()> {
+    let grace_ms = opts.grace.as_millis() as u64;
     repo.refresh_plans().await?;
     let previous = match repo.maintenance_epoch() {
         0 => None,
@@ -294,14 +313,31 @@ async fn run(
     let live = mark(repo, &points).await?;
     report.live_chunks = live.len() as u64;
     let (contents, by_segment) = pack_contents(repo, &listed).await?;
-    let live_packs: HashSet<PackId> = contents
+    // The live chunks each pack holds (a chunk stored twice is live in both packs).
+    let live_in: HashMap<PackId, Vec<ChunkId>> = contents
         .iter()
-        .filter(|(_, ids)| ids.iter().any(|id| live.contains(id)))
-        .map(|(p, _)| *p)
+        .filter_map(|(p, entries)| {
+            let mut ids: Vec<ChunkId> = entries
+                .iter()
+                .map(|e| e.id)
+                .filter(|id| live.contains(id))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            (!ids.is_empty()).then_some((*p, ids))
+        })
         .collect();
-
-    let (to_delete, recovered) = gc::split_by_remark(&choice.eligible, &live_packs);
+    let live_packs: HashSet<PackId> = live_in.keys().copied().collect();
     let already: HashSet<PackId> = pending.iter().map(|c| c.pack).collect();
+    // Live chunks with a copy in a listed pack no plan condemns: a condemned pack holding only
+    // such live chunks (a repacked pack) may go.
+    let covered: HashSet<ChunkId> = live_in
+        .iter()
+        .filter(|(p, _)| !already.contains(p))
+        .flat_map(|(_, ids)| ids.iter().copied())
+        .collect();
+    let (to_delete, recovered) = gc::split_by_remark(&choice.eligible, &live_in, &covered);
+    drop(covered);
     let facts: Vec<PackFact> = packs
         .iter()
         .filter_map(|l| match l.name {
@@ -315,6 +351,42 @@ async fn run(
         })
         .collect();
     let condemn = gc::choose_condemned(&facts, &already, now_ms, grace_ms, &leases);
+    let usage: Vec<PackUsage> = packs
+        .iter()
+        .filter_map(|l| match l.name {
+            ObjectName::Pack(id) if live_packs.contains(&id) && !already.contains(&id) => {
+                let entries = contents.get(&id)?;
+                let (mut live_bytes, mut dead_bytes) = (0, 0);
+                for e in entries {
+                    if live.contains(&e.id) {
+                        live_bytes += e.len as u64;
+                    } else {
+                        dead_bytes += e.len as u64;
+                    }
+                }
+                Some(PackUsage {
+                    id,
+                    size: l.size,
+                    modified_ms: l.modified_ms,
+                    live_bytes,
+                    dead_bytes,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    let repack = gc::choose_repack(
+        &usage,
+        now_ms,
+        grace_ms,
+        &leases,
+        RepackLimits {
+            max_unused: opts.max_unused,
+            max_repack: opts.max_repack,
+        },
+    );
+    report.unused_before = repack.unused_before;
+    report.unused_after = repack.unused_after;
 
     for c in &to_delete {
         report.deleted.add(c.size);
@@ -340,7 +412,11 @@ async fn run(
     }
 
     let Some(claim) = claim else {
-        if !condemn.is_empty() {
+        for p in &repack.packs {
+            report.repacked.add(p.size);
+            report.pending.add(p.size);
+        }
+        if !condemn.is_empty() || !repack.packs.is_empty() {
             let at = now_ms.saturating_add(grace_ms as i64);
             earliest = Some(earliest.map_or(at, |e| e.min(at)));
         }
@@ -352,6 +428,23 @@ async fn run(
     repo.delete_packs(claim, &deleted_ids).await?;
 
     let gone: HashSet<PackId> = deleted_ids.iter().copied().collect();
+
+    // Repack: the chunks to copy are the live ones of the chosen packs with no copy in a pack
+    // that stays (not condemned, not deleted now, not condemned by this run).
+    let repacking: HashSet<PackId> = repack.packs.iter().map(|p| p.id).collect();
+    let mut to_copy: HashSet<ChunkId> = repack
+        .packs
+        .iter()
+        .flat_map(|p| live_in[&p.id].iter().copied())
+        .collect();
+    for (p, ids) in &live_in {
+        if !already.contains(p) && !gone.contains(p) && !repacking.contains(p) {
+            for id in ids {
+                to_copy.remove(id);
+            }
+        }
+    }
+    let repacked = copy_live(repo, &repack.packs, &live_in, to_copy, opts, report).await?;
     let retired: Vec<SegmentId> = by_segment
         .iter()
         .filter(|(_, ps)| {
@@ -365,6 +458,11 @@ async fn run(
     let recovered_ids: HashSet<PackId> = recovered.iter().map(|c| c.pack).collect();
     let mut still: Vec<Condemned> = choice.waiting.iter().map(|(c, _)| c.clone()).collect();
     still.extend(condemn.iter().map(|p| Condemned {
+        pack: p.id,
+        size: p.size,
+        epoch: claim.epoch,
+    }));
+    still.extend(repacked.packs.iter().map(|p| Condemned {
         pack: p.id,
         size: p.size,
         epoch: claim.epoch,
@@ -387,9 +485,14 @@ async fn run(
         recovered: recovered_ids.into_iter().collect(),
         retired_segments: retired.clone(),
         live_points,
+        repacked_into: repacked.segment.into_iter().collect(),
     };
     let published = repo.publish_plan(claim, plan).await?;
-    if !condemn.is_empty() {
+    for p in &repacked.packs {
+        report.repacked.add(p.size);
+        report.pending.add(p.size);
+    }
+    if !condemn.is_empty() || !repacked.packs.is_empty() {
         let at = published.published_ms.saturating_add(grace_ms as i64);
         earliest = Some(earliest.map_or(at, |e| e.min(at)));
     }
@@ -397,4 +500,79 @@ async fn run(
     repo.delete_segments(claim, &retired).await?;
     report.segments_retired = retired.len() as u64;
     Ok(())
+}
+
+/// What a repack wrote: the packs it emptied (to condemn) and the segment listing the new ones.
+struct Repacked {
+    packs: Vec<PackUsage>,
+    segment: Option<SegmentId>,
+}
+
+/// Copies the chunks in `to_copy` out of `packs` (each checked, moved still sealed) into new
+/// packs, then writes one index segment for them. A pack whose wanted blobs cannot be read or
+/// fail their check is left as it is and named in `report.repack_skipped`; the packs returned
+/// are those whose every chunk in `to_copy` now has a new copy.
+async fn copy_live(
+    repo: &Arc<Repository>,
+    packs: &[PackUsage],
+    live_in: &HashMap<PackId, Vec<ChunkId>>,
+    mut to_copy: HashSet<ChunkId>,
+    opts: &PruneOptions,
+    report: &mut PruneReport,
+) -> Result<Repacked> {
+    let mut emptied = Vec::new();
+    let mut records = Vec::new();
+    let mut builder = PackBuilder::new(opts.pack_size);
+    for p in packs {
+        let wanted: HashSet<ChunkId> = live_in[&p.id]
+            .iter()
+            .filter(|id| to_copy.contains(id))
+            .copied()
+            .collect();
+        let blobs = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            match repo.copy_out(&p.id, wanted).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(pack = %p.id, error = %e, "not repacked");
+                    report.repack_skipped.push(format!("pack {}: {e}", p.id));
+                    continue;
+                }
+            }
+        };
+        for (entry, bytes) in blobs {
+            if !builder.is_empty() && builder.len() + bytes.len() > opts.pack_size {
+                let full = std::mem::replace(&mut builder, PackBuilder::new(opts.pack_size));
+                records.push(store(repo, full, report).await?);
+            }
+            builder.add_sealed(&entry, &bytes);
+            to_copy.remove(&entry.id);
+        }
+        emptied.push(p.clone());
+    }
+    if !builder.is_empty() {
+        records.push(store(repo, builder, report).await?);
+    }
+    let segment = if records.is_empty() {
+        None
+    } else {
+        Some(repo.write_segment(&records).await?)
+    };
+    blockvault_repo::test_hold("prune-after-repack").await;
+    Ok(Repacked {
+        packs: emptied,
+        segment,
+    })
+}
+
+async fn store(
+    repo: &Arc<Repository>,
+    builder: PackBuilder,
+    report: &mut PruneReport,
+) -> Result<blockvault_repo::PackRecord> {
+    let sealed = repo.seal_pack(builder);
+    repo.store_pack(&sealed).await?;
+    report.repack_written.add(sealed.bytes.len() as u64);
+    Ok(sealed.record())
 }

@@ -276,11 +276,18 @@ impl LocalIndex {
             .is_some())
     }
 
-    /// Records a stored pack and all its entries.
-    pub(crate) fn insert_pack(&self, pack: PackId, size: u64, entries: &[PackEntry]) -> Result<()> {
+    /// Records a stored pack and all its entries. `stale` names packs a maintenance plan
+    /// condemns: their copy of a chunk never replaces a copy in a pack that is not condemned.
+    pub(crate) fn insert_pack(
+        &self,
+        pack: PackId,
+        size: u64,
+        entries: &[PackEntry],
+        stale: &HashSet<PackId>,
+    ) -> Result<()> {
         if self.is_secondary() {
             for e in entries {
-                if self.keeps_existing(&pack, e)? {
+                if self.keeps_existing(&pack, e, stale)? {
                     continue;
                 }
                 let mut o = self.overlay.lock().expect("index overlay lock");
@@ -295,7 +302,7 @@ impl LocalIndex {
         }
         let mut batch = WriteBatch::default();
         for e in entries {
-            if self.keeps_existing(&pack, e)? {
+            if self.keeps_existing(&pack, e, stale)? {
                 continue;
             }
             batch.put(
@@ -308,14 +315,23 @@ impl LocalIndex {
     }
 
     /// One location per chunk is kept: the newest, unless it is a copy verification found damaged
-    /// and the one already indexed is not (a rebuild must not trade a good copy for a bad one).
-    fn keeps_existing(&self, pack: &PackId, e: &PackEntry) -> Result<bool> {
-        if !self.is_damaged(pack, e.offset) {
+    /// or a copy in a condemned pack, and the one already indexed is neither (a rebuild must not
+    /// trade a good copy for a bad one, nor a repack's new copy for the old one it replaces,
+    /// whatever order the segments are read in).
+    fn keeps_existing(
+        &self,
+        pack: &PackId,
+        e: &PackEntry,
+        stale: &HashSet<PackId>,
+    ) -> Result<bool> {
+        if !self.is_damaged(pack, e.offset) && !stale.contains(pack) {
             return Ok(false);
         }
-        Ok(self
-            .get(&e.id)?
-            .is_some_and(|old| !self.is_damaged(&old.pack, old.offset)))
+        Ok(self.get(&e.id)?.is_some_and(|old| {
+            old.pack != *pack
+                && !self.is_damaged(&old.pack, old.offset)
+                && !stale.contains(&old.pack)
+        }))
     }
 
     pub(crate) fn is_damaged(&self, pack: &PackId, offset: u32) -> bool {
@@ -527,7 +543,8 @@ mod tests {
         {
             let (idx, fresh) = LocalIndex::open(&p, "repo-a").unwrap();
             assert!(fresh);
-            idx.insert_pack(pack, 100, &[entry(1), entry(2)]).unwrap();
+            idx.insert_pack(pack, 100, &[entry(1), entry(2)], &HashSet::new())
+                .unwrap();
             assert_eq!(idx.get(&ChunkId([1; 32])).unwrap().unwrap().pack, pack);
             assert!(idx.packs().unwrap().contains(&pack));
             assert!(idx.get(&ChunkId([3; 32])).unwrap().is_none());
@@ -540,7 +557,8 @@ mod tests {
             let (idx2, _) = LocalIndex::open(&p, "repo-a").unwrap();
             assert!(idx2.is_secondary());
             assert!(idx2.get(&ChunkId([2; 32])).unwrap().is_some());
-            idx2.insert_pack(PackId::random(), 5, &[entry(9)]).unwrap();
+            idx2.insert_pack(PackId::random(), 5, &[entry(9)], &HashSet::new())
+                .unwrap();
             assert!(idx2.get(&ChunkId([9; 32])).unwrap().is_some());
             assert!(idx.get(&ChunkId([9; 32])).unwrap().is_none());
             idx.remove_packs(&[pack].into_iter().collect()).unwrap();
@@ -549,5 +567,31 @@ mod tests {
         let (idx, fresh) = LocalIndex::open(&p, "repo-b").unwrap();
         assert!(fresh, "an index of another repository is reset");
         assert_eq!(idx.stats().unwrap().chunks, 0);
+    }
+
+    #[test]
+    fn a_condemned_copy_never_replaces_a_live_one_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (idx, _) = LocalIndex::open(&dir.path().join("idx"), "r").unwrap();
+        let (old, new) = (PackId::random(), PackId::random());
+        let stale: HashSet<PackId> = [old].into();
+        let id = ChunkId([1; 32]);
+        // The repack's copy first, the condemned original second: the copy stays.
+        idx.insert_pack(new, 1, &[entry(1)], &stale).unwrap();
+        idx.insert_pack(old, 1, &[entry(1)], &stale).unwrap();
+        assert_eq!(idx.get(&id).unwrap().unwrap().pack, new);
+        // The other order: the newest wins as always.
+        idx.remove_packs(&[new].into()).unwrap();
+        idx.insert_pack(old, 1, &[entry(1)], &stale).unwrap();
+        idx.insert_pack(new, 1, &[entry(1)], &stale).unwrap();
+        assert_eq!(idx.get(&id).unwrap().unwrap().pack, new);
+        // With nothing condemned, the newest wins.
+        idx.insert_pack(old, 1, &[entry(1)], &HashSet::new())
+            .unwrap();
+        assert_eq!(idx.get(&id).unwrap().unwrap().pack, old);
+        // A condemned pack's copy is still indexed when it is the only one.
+        let lone = ChunkId([2; 32]);
+        idx.insert_pack(old, 1, &[entry(2)], &stale).unwrap();
+        assert_eq!(idx.get(&lone).unwrap().unwrap().pack, old);
     }
 }

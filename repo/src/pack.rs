@@ -92,6 +92,17 @@ impl PackBuilder {
         self.buf.extend_from_slice(&blob.bytes);
     }
 
+    /// Appends a blob already sealed elsewhere (a repack's copy): blobs are bound to their id
+    /// and header, not to the pack that holds them, so their bytes move unchanged.
+    pub fn add_sealed(&mut self, entry: &PackEntry, bytes: &[u8]) {
+        self.entries.push(PackEntry {
+            offset: self.buf.len() as u32,
+            len: bytes.len() as u32,
+            ..*entry
+        });
+        self.buf.extend_from_slice(bytes);
+    }
+
     pub(crate) fn seal(mut self, keys: &Keys) -> SealedPack {
         let toc = encode_toc(&self.entries);
         let sealed = keys.meta.seal(&aad(AAD_TOC, &[&self.id.0]), &toc);

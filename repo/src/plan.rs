@@ -58,6 +58,11 @@ pub struct Plan {
     pub retired_segments: Vec<SegmentId>,
     /// The restore points this run's mark treated as live.
     pub live_points: Vec<PointId>,
+    /// Index segments listing the packs this run's repack wrote: the new homes of the live
+    /// chunks of the packs it condemned while they were still partly live. A reader applying the
+    /// plan re-reads them so that its index points at the new copies before the old packs go.
+    #[serde(default)]
+    pub repacked_into: Vec<SegmentId>,
 }
 
 impl Plan {
@@ -123,6 +128,7 @@ mod tests {
             recovered: vec![],
             retired_segments: vec![],
             live_points: vec![],
+            repacked_into: vec![],
         }
     }
 

@@ -23,8 +23,9 @@ const OLDER_THAN_GRACE: Duration = Duration::from_millis(5300);
 /// The slack, a second of store-time truncation and a margin: what "--grace 0s" waits.
 const SLACK: Duration = Duration::from_millis(2150);
 
-/// Makes a `blockvault` command with the repository's settings and the given arguments.
-type MakeCommand = Box<dyn Fn(&[&str]) -> Command>;
+/// Makes a `blockvault` command with the repository's settings, the named cache directory (one
+/// per simulated host) and the given arguments.
+type MakeCommand = Box<dyn Fn(&str, &[&str]) -> Command>;
 
 /// One repository, on a local directory or behind the S3 server, driven through the binary.
 struct Repo {
@@ -37,14 +38,15 @@ impl Repo {
     fn local() -> Self {
         let w = World::with_repo("64KiB");
         let dir = w.dir.path().to_path_buf();
-        let (repo, cache, pw) = (w.repo.clone(), w.cache.clone(), w.password_file.clone());
-        let make = move |args: &[&str]| {
+        let (repo, pw) = (w.repo.clone(), w.password_file.clone());
+        let base = dir.clone();
+        let make = move |cache: &str, args: &[&str]| {
             let mut c = Command::new(BIN);
             c.args(args)
                 .arg("--repo")
                 .arg(&repo)
                 .arg("--cache-dir")
-                .arg(&cache)
+                .arg(base.join(cache))
                 .arg("--password-file")
                 .arg(&pw)
                 .env_remove("BLOCKVAULT_PASSWORD")
@@ -66,8 +68,8 @@ impl Repo {
         let dir = w.dir.path().to_path_buf();
         let w = std::rc::Rc::new(w);
         let w2 = w.clone();
-        let make = move |args: &[&str]| {
-            let mut c = w2.cmd_in("cache", args);
+        let make = move |cache: &str, args: &[&str]| {
+            let mut c = w2.cmd_in(cache, args);
             c.env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH);
             c
         };
@@ -83,7 +85,12 @@ impl Repo {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        (self.make)(args)
+        (self.make)("cache", args)
+    }
+
+    /// A command run as another host: the same repository, a cache of its own.
+    fn cmd_on(&self, host: &str, args: &[&str]) -> Command {
+        (self.make)(host, args)
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -137,8 +144,13 @@ impl Repo {
     }
 
     fn restores(&self, point: &str, img: &Path) {
+        self.restores_on("cache", point, img);
+    }
+
+    /// Exports `point` as host `host` (its own cache) and compares it with `img`.
+    fn restores_on(&self, host: &str, point: &str, img: &Path) {
         let out = self.path(&format!("restore-{point}.raw"));
-        self.ok(&[
+        let args = [
             "restore",
             "export",
             point,
@@ -146,8 +158,12 @@ impl Repo {
             "d0",
             "--out",
             out.to_str().unwrap(),
-        ]);
-        assert!(same_content(img, &out), "point {point} restores exactly");
+        ];
+        succeeded(&args, self.cmd_on(host, &args).output().unwrap());
+        assert!(
+            same_content(img, &out),
+            "point {point} restores exactly on {host}"
+        );
         std::fs::remove_file(out).unwrap();
     }
 
@@ -540,7 +556,16 @@ fn copy_tree(from: &Path, to: &Path) {
 
 /// The crash scenario on a copy of `base`: forget, prune, prune (grace 0), with a kill -9 before
 /// the `k`-th object write or delete of command `victim`. Returns whether the kill happened.
-fn crash_run(base: &World, victim: usize, k: u64, img: &Path, keep: &str, old: &[String]) -> bool {
+/// `packs_left` is how many packs the kept point needs once all is done.
+fn crash_run(
+    base: &World,
+    victim: usize,
+    k: u64,
+    img: &Path,
+    keep: &str,
+    old: &[String],
+    packs_left: u64,
+) -> bool {
     let w = World::new();
     copy_tree(&base.repo, &w.repo);
     copy_tree(&base.cache, &w.cache);
@@ -631,9 +656,10 @@ fn crash_run(base: &World, victim: usize, k: u64, img: &Path, keep: &str, old: &
     );
     assert_eq!(
         num(&last, &["packs_listed", "packs"]),
-        1,
-        "only the kept point's pack: {last}"
+        packs_left,
+        "only the kept point's packs: {last}"
     );
+    assert_eq!(num(&last, &["unused_before"]), 0, "{last}");
     verify("finishing");
     let out = w.path("r.raw");
     w.export(keep, "d0", &out);
@@ -656,10 +682,316 @@ fn kill_at_every_step_of_forget_and_prune() {
     std::thread::sleep(SLACK);
     for victim in 0..3 {
         let mut k = 1;
-        while crash_run(&base, victim, k, &img, &last, &ids) {
+        while crash_run(&base, victim, k, &img, &last, &ids, 1) {
             k += 1;
             assert!(k < 50, "command {victim} never finished");
         }
         assert!(k > 1, "command {victim} wrote or deleted nothing");
     }
+}
+
+/// Makes `img` a new version of itself: its second half replaced by random bytes from `seed`.
+fn change_second_half(img: &Path, seed: u64) {
+    let mut bytes = std::fs::read(img).unwrap();
+    let half = bytes.len() / 2;
+    let fresh = img.with_extension("half");
+    make_random_image(&fresh, (bytes.len() - half) as u64, seed);
+    bytes[half..].copy_from_slice(&std::fs::read(&fresh).unwrap());
+    std::fs::write(img, &bytes).unwrap();
+}
+
+/// The same crash scenario where the first prune repacks: the kept point shares its first pack
+/// with the forgotten one, whose half of that pack is dead.
+#[test]
+fn kill_at_every_step_of_a_repacking_prune() {
+    let base = World::with_repo("64KiB");
+    let img = base.path("k.raw");
+    make_random_image(&img, 1 << 20, 300);
+    let old = id(&base.backup("vm", &[("d0", &img)]));
+    change_second_half(&img, 301);
+    let keep = id(&base.backup("vm", &[("d0", &img)]));
+    std::thread::sleep(SLACK);
+    for victim in 1..3 {
+        let mut k = 1;
+        while crash_run(&base, victim, k, &img, &keep, &[old.clone()], 2) {
+            k += 1;
+            assert!(k < 50, "command {victim} never finished");
+        }
+        assert!(k > 1, "command {victim} wrote or deleted nothing");
+    }
+}
+
+/// A backup with packs big enough that one pack holds a whole 2 MiB image.
+fn backup_big_packs(r: &Repo, vm: &str, img: &Path, extra: &[&str]) -> Value {
+    let spec = format!("d0={}", img.display());
+    let mut args = vec!["backup", "--vm", vm, "--pack-size", "4MiB", "--disk", &spec];
+    args.extend_from_slice(extra);
+    r.json(&args)
+}
+
+/// Repack: a pack half dead is copied and condemned, then deleted; hosts that indexed the old
+/// pack before (one saw the repack's plan while the old pack was still there, one did not) read
+/// the new copies, and an identical backup afterwards deduplicates against them.
+fn repack_and_other_hosts(r: &Repo) {
+    let img = r.path("d.raw");
+    make_random_image(&img, 2 << 20, 31);
+    let old = id(&backup_big_packs(r, "vm", &img, &[]));
+    change_second_half(&img, 32);
+    let keep = id(&backup_big_packs(r, "vm", &img, &[]));
+    r.restores_on("host2", &keep, &img);
+    r.restores_on("host3", &keep, &img);
+    r.ok(&["forget", &old]);
+    let before = r.json(&["repo", "info"]);
+    std::thread::sleep(SLACK);
+    let prune = |extra: &[&str]| {
+        let mut args = vec!["prune", "--grace", "0s"];
+        args.extend_from_slice(extra);
+        r.json(&args)
+    };
+    let dry = prune(&["--dry-run", "--max-unused", "0%"]);
+    assert_eq!(num(&dry, &["repacked", "packs"]), 1, "{dry}");
+    assert!(num(&dry, &["unused_before"]) >= 1 << 20, "{dry}");
+    // A third of what stays is unused: within 40 %, nothing moves.
+    let lax = prune(&["--dry-run", "--max-unused", "40%"]);
+    assert_eq!(num(&lax, &["repacked", "packs"]), 0, "{lax}");
+    let p1 = prune(&["--max-unused", "0%"]);
+    assert_eq!(num(&p1, &["repacked", "packs"]), 1, "{p1}");
+    assert_eq!(num(&p1, &["repack_written", "packs"]), 1, "{p1}");
+    assert_eq!(num(&p1, &["unused_after"]), 0, "{p1}");
+    assert_eq!(num(&p1, &["deleted", "packs"]), 0, "{p1}");
+    assert!(num(&p1, &["pending", "packs"]) >= 1, "{p1}");
+    // While the old pack is condemned but still there, a host reads through the new copies.
+    r.restores_on("host3", &keep, &img);
+    r.verify_read_data();
+    std::thread::sleep(SLACK);
+    let p2 = prune(&[]);
+    assert!(num(&p2, &["deleted", "packs"]) >= 1, "{p2}");
+    assert_eq!(num(&p2, &["recovered", "packs"]), 0, "{p2}");
+    assert_eq!(num(&p2, &["pending", "packs"]), 0, "{p2}");
+    // The old pack is gone. Host 2 never saw the repack's plan before its deletion; host 3 did.
+    r.restores_on("host2", &keep, &img);
+    r.restores_on("host3", &keep, &img);
+    r.restores(&keep, &img);
+    r.verify_read_data();
+    let after = r.json(&["repo", "info"]);
+    assert!(
+        num(&after, &["bytes_stored"]) + (900 << 10) < num(&before, &["bytes_stored"]),
+        "the dead megabyte is reclaimed: {before} -> {after}"
+    );
+    // Nothing is left to repack, and an identical backup deduplicates against the new copies.
+    let p3 = prune(&["--max-unused", "0%"]);
+    assert_eq!(num(&p3, &["unused_before"]), 0, "{p3}");
+    assert_eq!(num(&p3, &["repacked", "packs"]), 0, "{p3}");
+    let again = backup_big_packs(r, "vm", &img, &[]);
+    assert!(
+        num(&again, &["storage", "bytes_uploaded"]) < 256 << 10,
+        "{again}"
+    );
+    let text = r.ok(&["prune", "--grace", "0s", "--max-unused", "0%"]);
+    assert!(!text.contains("repacked"), "{text}");
+}
+
+#[test]
+fn prune_repacks_and_other_hosts_follow_local() {
+    repack_and_other_hosts(&Repo::local());
+}
+
+#[test]
+fn prune_repacks_and_other_hosts_follow_s3() {
+    let server = S3Server::start();
+    repack_and_other_hosts(&Repo::s3(&server, "repack"));
+}
+
+/// A backup that deduplicated against the dead half of a pack, and commits after a prune
+/// repacked that pack (copying only the live half) and within the grace period: the sweep
+/// finds the backup's chunks in the old pack only and takes it back instead of deleting it.
+fn backup_spanning_a_repack(r: &Repo) {
+    let img = r.path("a.raw");
+    make_random_image(&img, 2 << 20, 51);
+    let original = r.path("a0.raw");
+    std::fs::copy(&img, &original).unwrap();
+    let old = id(&backup_big_packs(r, "vm", &img, &[]));
+    change_second_half(&img, 52);
+    let keep = id(&backup_big_packs(r, "vm", &img, &[]));
+    std::thread::sleep(SLACK);
+    // Another VM with the original contents: every chunk deduplicates against the first pack.
+    let hold = r.path("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let spec = format!("d0={}", original.display());
+    let args = [
+        "backup",
+        "--vm",
+        "vmc",
+        "--pack-size",
+        "4MiB",
+        "--disk",
+        &spec,
+        "--json",
+    ];
+    let mut child = r
+        .cmd(&args)
+        .env(
+            "BLOCKVAULT_TEST_HOLD",
+            format!("backup-before-commit:{}", hold.display()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_reached(&hold, &mut child);
+    r.ok(&["forget", &old]);
+    std::thread::sleep(OLDER_THAN_GRACE);
+    let p1 = r.json(&["prune", "--grace", GRACE, "--max-unused", "0%"]);
+    assert_eq!(num(&p1, &["repacked", "packs"]), 1, "{p1}");
+    std::fs::remove_file(&hold).unwrap();
+    let out = finish(child);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pc = id(&c);
+    std::thread::sleep(OLDER_THAN_GRACE);
+    let p2 = r.prune(GRACE);
+    assert_eq!(
+        num(&p2, &["recovered", "packs"]),
+        1,
+        "the old pack holds the only copy of half of pc: {p2}"
+    );
+    assert_eq!(num(&p2, &["deleted", "packs"]), 0, "{p2}");
+    r.verify_read_data();
+    r.restores(&pc, &original);
+    r.restores(&keep, &img);
+}
+
+#[test]
+fn backup_spanning_a_repack_local() {
+    backup_spanning_a_repack(&Repo::local());
+}
+
+#[test]
+fn backup_spanning_a_repack_s3() {
+    let server = S3Server::start();
+    backup_spanning_a_repack(&Repo::s3(&server, "spanrepack"));
+}
+
+/// Exports `point` as a host of its own (cache `host4`) and compares it with `img`.
+fn host4_restores(w: &World, point: &str, img: &Path) {
+    let out = w.path("host4.raw");
+    let args = [
+        "restore",
+        "export",
+        "--overwrite",
+        point,
+        "--disk",
+        "d0",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .arg("--repo")
+        .arg(&w.repo)
+        .arg("--cache-dir")
+        .arg(w.path("host4"))
+        .arg("--password-file")
+        .arg(&w.password_file)
+        .env_remove("BLOCKVAULT_PASSWORD")
+        .env_remove("BLOCKVAULT_REPO")
+        .env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH)
+        .stdin(Stdio::null());
+    succeeded(&args, c.output().unwrap());
+    assert!(same_content(img, &out), "host4 restored other bytes");
+}
+
+/// Files under `dir` (recursively), without temporary ones.
+fn files_under(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            n += files_under(&p);
+        } else if !e.file_name().to_string_lossy().contains('#') {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The hardest order for a reader: a host whose index took a chunk's location from the old pack
+/// after it had seen the repack's new copy (the old pack has no index segment, so a full sync
+/// reads its table of contents last), during the window between the repack and its plan. When
+/// the old pack is deleted, that host must still find the new copy: applying the plan re-reads
+/// the repack's segment.
+#[test]
+fn a_host_that_indexed_the_old_pack_last_follows_the_repack() {
+    let w = World::with_repo("64KiB");
+    let cmd = |args: &[&str]| {
+        let mut c = w.cmd(args);
+        c.env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH);
+        c
+    };
+    let img = w.path("d.raw");
+    let spec = format!("d0={}", img.display());
+    let backup = [
+        "backup",
+        "--vm",
+        "vm",
+        "--pack-size",
+        "4MiB",
+        "--disk",
+        &spec,
+    ];
+    make_random_image(&img, 2 << 20, 41);
+    // A backup killed after its pack and before its index segment: the pack stays uncovered.
+    let mut k = 1;
+    loop {
+        let out = cmd(&backup)
+            .env("BLOCKVAULT_TEST_KILL_AT_STEP", k.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "step {k}: the backup was not stopped"
+        );
+        if files_under(&w.repo.join("packs")) > 0 {
+            assert_eq!(files_under(&w.repo.join("index")), 0, "step {k}");
+            break;
+        }
+        k += 1;
+        assert!(k < 10, "no pack was ever written");
+    }
+    // The same data backed up again: the point uses the uncovered pack.
+    let old = id(&w.json(&backup));
+    change_second_half(&img, 42);
+    let keep = id(&w.json(&backup));
+    assert_eq!(
+        files_under(&w.repo.join("index")),
+        1,
+        "one segment, for the new half"
+    );
+    w.ok(&["forget", &old]);
+    std::thread::sleep(SLACK);
+
+    // The repack stops after writing its packs and segment, before its plan.
+    let hold = w.path("hold-repack");
+    std::fs::write(&hold, b"").unwrap();
+    let mut prune = cmd(&["prune", "--grace", "0s", "--max-unused", "0%", "--json"])
+        .env(
+            "BLOCKVAULT_TEST_HOLD",
+            format!("prune-after-repack:{}", hold.display()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_reached(&hold, &mut prune);
+    // A new host indexes everything now: the repack's segment, then the old pack's table.
+    host4_restores(&w, &keep, &img);
+    std::fs::remove_file(&hold).unwrap();
+    let out = finish(prune);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p1: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(num(&p1, &["repacked", "packs"]), 1, "{p1}");
+    std::thread::sleep(SLACK);
+    let p2 = w.json(&["prune", "--grace", "0s"]);
+    assert_eq!(num(&p2, &["deleted", "packs"]), 1, "{p2}");
+    host4_restores(&w, &keep, &img);
 }

@@ -2,6 +2,7 @@
 //! packs that are gone.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -56,25 +57,13 @@ impl Repository {
             .buffer_unordered(SYNC_PARALLELISM)
             .try_collect()
             .await?;
+        let (deleted, condemned) = {
+            let m = self.maint.read().expect("maintenance state lock");
+            (Arc::new(m.deleted.clone()), Arc::new(m.condemned.clone()))
+        };
         for (id, packs) in loaded {
-            let index = self.index.clone();
-            let deleted = self
-                .maint
-                .read()
-                .expect("maintenance state lock")
-                .deleted
-                .clone();
-            blocking(move || -> Result<()> {
-                for p in &packs {
-                    // A pack a plan recorded as deleted stays out, whatever an old or replayed
-                    // segment says.
-                    if !deleted.contains(&p.id) {
-                        index.insert_pack(p.id, p.size, &p.entries)?;
-                    }
-                }
-                index.insert_segment(id)
-            })
-            .await??;
+            self.absorb_segment(id, packs, deleted.clone(), condemned.clone())
+                .await?;
             report.segments_loaded += 1;
         }
 
@@ -97,7 +86,9 @@ impl Repository {
                 match r {
                     Ok(entries) => {
                         let index = self.index.clone();
-                        blocking(move || index.insert_pack(id, size, &entries)).await??;
+                        let condemned = condemned.clone();
+                        blocking(move || index.insert_pack(id, size, &entries, &condemned))
+                            .await??;
                         report.packs_read += 1;
                     }
                     Err(e) => {
@@ -112,6 +103,28 @@ impl Repository {
             blocking(move || index.remove_packs(&gone)).await??;
         }
         Ok(report)
+    }
+
+    /// Puts one segment's packs into the local index. A pack a plan recorded as deleted stays
+    /// out, whatever an old or replayed segment says; a condemned pack's copy of a chunk never
+    /// replaces a copy elsewhere.
+    pub(crate) async fn absorb_segment(
+        &self,
+        id: SegmentId,
+        packs: Vec<PackRecord>,
+        deleted: Arc<HashSet<PackId>>,
+        condemned: Arc<HashSet<PackId>>,
+    ) -> Result<()> {
+        let index = self.index.clone();
+        blocking(move || -> Result<()> {
+            for p in &packs {
+                if !deleted.contains(&p.id) {
+                    index.insert_pack(p.id, p.size, &p.entries, &condemned)?;
+                }
+            }
+            index.insert_segment(id)
+        })
+        .await?
     }
 
     /// Throws the local index away and reads it back from the repository.
@@ -174,14 +187,24 @@ impl Repository {
 impl Repository {
     /// Reads one index segment: the packs it lists with their full tables of contents.
     pub async fn read_segment(&self, id: &SegmentId) -> Result<Vec<PackRecord>> {
-        let name = ObjectName::Segment(*id);
-        let bytes = self
-            .get_object(name)
-            .await?
-            .ok_or_else(|| Error::malformed(name.to_string(), "listed but gone"))?;
+        self.read_segment_if_any(id).await?.ok_or_else(|| {
+            Error::malformed(ObjectName::Segment(*id).to_string(), "listed but gone")
+        })
+    }
+
+    /// Reads one index segment; `None` when it does not exist.
+    pub(crate) async fn read_segment_if_any(
+        &self,
+        id: &SegmentId,
+    ) -> Result<Option<Vec<PackRecord>>> {
+        let Some(bytes) = self.get_object(ObjectName::Segment(*id)).await? else {
+            return Ok(None);
+        };
         let keys = self.keys.clone();
         let id = *id;
-        blocking(move || segment::open(&keys, &id, &bytes)).await?
+        blocking(move || segment::open(&keys, &id, &bytes))
+            .await?
+            .map(Some)
     }
 
     /// Every index segment's id.

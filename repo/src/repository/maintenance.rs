@@ -180,6 +180,7 @@ impl Repository {
         }
         let mut state = self.maint.read().expect("maintenance state lock").clone();
         let mut gone = std::collections::HashSet::new();
+        let mut repacked = Vec::new();
         for l in listed {
             let ObjectName::Plan(e) = l.name else {
                 continue;
@@ -191,7 +192,21 @@ impl Repository {
                 Error::malformed(l.name.to_string(), "listed but could not be read")
             })?;
             gone.extend(plan.deleted.iter().copied());
+            repacked.extend(plan.repacked_into.iter().copied());
             state.apply(&plan, l.modified_ms);
+        }
+        // The new homes of repacked chunks replace the condemned copies in the local index
+        // before any of those copies is forgotten below, whatever order segments arrived in.
+        let (deleted, condemned) = (
+            Arc::new(state.deleted.clone()),
+            Arc::new(state.condemned.clone()),
+        );
+        for id in repacked {
+            // A segment a later plan retired is gone with every pack it listed.
+            if let Some(packs) = self.read_segment_if_any(&id).await? {
+                self.absorb_segment(id, packs, deleted.clone(), condemned.clone())
+                    .await?;
+            }
         }
         if !gone.is_empty() {
             let index = self.index.clone();

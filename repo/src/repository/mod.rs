@@ -285,7 +285,8 @@ impl Repository {
             pack.bytes.len() as u64,
             pack.entries.clone(),
         );
-        blocking(move || index.insert_pack(id, size, &entries)).await?
+        // A pack just written is condemned by no plan.
+        blocking(move || index.insert_pack(id, size, &entries, &Default::default())).await?
     }
 
     /// Reads a blob and returns its plaintext. A chunk missing from the local index triggers one
@@ -602,6 +603,45 @@ impl Repository {
             .into_iter()
             .filter_map(|(name, _)| crate::boot_trace::parse_path(&name))
             .collect())
+    }
+
+    /// Downloads a whole pack for a repack and returns the stored bytes of the blobs in
+    /// `wanted` (first copy of each), every one checked first (decrypted, decompressed and
+    /// re-hashed): a repack never copies damage. A wanted blob that is damaged or absent fails
+    /// the call, naming it.
+    pub async fn copy_out(
+        &self,
+        id: &PackId,
+        wanted: HashSet<ChunkId>,
+    ) -> Result<Vec<(PackEntry, Bytes)>> {
+        let bytes = self.storage.get(&ObjectName::Pack(*id).path()).await?;
+        let keys = self.keys.clone();
+        let id = *id;
+        blocking(move || {
+            let entries = crate::pack::open_whole(&keys, &id, &bytes)?;
+            let mut out = Vec::with_capacity(wanted.len());
+            let mut found = HashSet::with_capacity(wanted.len());
+            for e in &entries {
+                if !wanted.contains(&e.id) || !found.insert(e.id) {
+                    continue;
+                }
+                let raw = bytes.slice(e.offset as usize..(e.offset + e.len) as usize);
+                let what = || format!("chunk {} in pack {id} at offset {}", e.id.short(), e.offset);
+                let plain = blob::decode(&keys, &e.id, Some(e.kind), e.raw_len, &raw, &what)?;
+                if keys.hasher.id(&plain) != e.id {
+                    return Err(Error::tampered(what(), "content does not match its id"));
+                }
+                out.push((*e, raw));
+            }
+            if let Some(missing) = wanted.iter().find(|c| !found.contains(c)) {
+                return Err(Error::malformed(
+                    format!("pack {id}"),
+                    format!("chunk {} is not in it", missing.short()),
+                ));
+            }
+            Ok(out)
+        })
+        .await?
     }
 
     /// Downloads a whole pack and checks every blob: decrypts, decompresses and re-hashes it.
