@@ -107,8 +107,8 @@ fn num(v: &serde_json::Value, path: &[&str]) -> u64 {
 }
 
 /// Forget to the newest `KEEP` points, then prune twice with no grace (condemn, then, a little
-/// over the store-time slack later, delete). Returns the samples and the S3 requests and bytes
-/// deleted the three commands reported.
+/// over the store-time slack later, delete). Returns the samples, the S3 requests the three
+/// commands reported, and the bytes they reclaimed (deleted less written by repacking).
 fn forget_and_prune(bv: &dyn Fn() -> Command, tool: &str) -> Result<(Vec<Sample>, u64, u64)> {
     let mut out = Vec::new();
     let report = tempfile::NamedTempFile::new()?;
@@ -124,14 +124,16 @@ fn forget_and_prune(bv: &dyn Fn() -> Command, tool: &str) -> Result<(Vec<Sample>
     out.push(timed("forget to 7", tool, c, None, Some(report.path()))?);
     let f: serde_json::Value = serde_json::from_slice(&std::fs::read(report.path())?)?;
     let mut requests = num(&f, &["storage", "requests"]);
-    let mut deleted = 0;
+    let mut deleted: i64 = 0;
     for phase in ["prune, condemn", "prune, delete"] {
         let mut c = bv();
         c.args(["prune", "--grace", "0s", "--json"]);
         out.push(timed(phase, tool, c, None, Some(report.path()))?);
         let p: serde_json::Value = serde_json::from_slice(&std::fs::read(report.path())?)?;
         requests += num(&p, &["storage", "requests"]);
-        deleted += num(&p, &["deleted", "bytes"]);
+        // Net: what the sweep deleted less the new packs a repack wrote.
+        deleted += num(&p, &["deleted", "bytes"]) as i64;
+        deleted -= num(&p, &["repack_written", "bytes"]) as i64;
         // Store times are compared with one second of slack (and S3 reports whole seconds).
         std::thread::sleep(Duration::from_millis(2200));
     }
@@ -143,7 +145,7 @@ fn forget_and_prune(bv: &dyn Fn() -> Command, tool: &str) -> Result<(Vec<Sample>
         peak_rss_mib: out.iter().map(|s| s.peak_rss_mib).fold(0.0, f64::max),
         repo_bytes: None,
     });
-    Ok((out, requests, deleted))
+    Ok((out, requests, deleted.max(0) as u64))
 }
 
 /// The whole part. `bv(repo, cache)` makes a blockvault command on a local repository.

@@ -15,11 +15,14 @@
 //! - a pack partly dead is repacked (its live chunks copied into new packs, then it is condemned
 //!   like a dead one) under the same age and lease conditions, mostly-dead packs first, until
 //!   the unused share of the repository is within `--max-unused` or the bytes to copy would
-//!   pass `--max-repack`.
+//!   pass `--max-repack`;
+//! - small index segments are merged into larger ones when there are enough of them, under the
+//!   same age and lease conditions, and only when every pack they name is known (listed, or
+//!   recorded deleted): never a segment of a backup still running.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use blockvault_repo::{ChunkId, Condemned, Epoch, PackId};
+use blockvault_repo::{ChunkId, Condemned, Epoch, PackId, SegmentId};
 use serde::Serialize;
 
 /// Store timestamps may be truncated to whole seconds (S3's `Last-Modified`), so every comparison
@@ -230,6 +233,63 @@ pub fn choose_repack(
     }
 }
 
+/// An index segment as the consolidation rule needs it.
+#[derive(Clone, Debug)]
+pub struct SegmentFact {
+    pub id: SegmentId,
+    pub modified_ms: i64,
+    /// Packs it names that stay (listed and not deleted by this run), and their entries.
+    pub packs: usize,
+    pub entries: usize,
+    /// Every pack it names is listed or recorded deleted.
+    pub known: bool,
+}
+
+/// A segment naming fewer packs than this is small: a merge candidate.
+pub const SMALL_SEGMENT_PACKS: usize = 256;
+/// Small segments are merged only when at least this many are waiting.
+pub const MIN_SEGMENTS_TO_MERGE: usize = 8;
+/// Entries in one merged segment at most (about 12 MiB of segment).
+pub const MAX_MERGED_ENTRIES: usize = 1 << 18;
+
+/// Groups of small segments to merge, each into one new segment: oldest first, each group as
+/// large as `MAX_MERGED_ENTRIES` allows. Nothing when fewer than `MIN_SEGMENTS_TO_MERGE` small
+/// segments may be merged now.
+pub fn choose_consolidation(
+    segments: &[SegmentFact],
+    now_ms: i64,
+    grace_ms: u64,
+    leases: &[LeaseFact],
+) -> Vec<Vec<SegmentId>> {
+    let mut small: Vec<&SegmentFact> = segments
+        .iter()
+        .filter(|s| {
+            s.known
+                && s.packs > 0
+                && s.packs < SMALL_SEGMENT_PACKS
+                && settled(s.modified_ms, now_ms, grace_ms, leases)
+        })
+        .collect();
+    if small.len() < MIN_SEGMENTS_TO_MERGE {
+        return Vec::new();
+    }
+    small.sort_by_key(|s| (s.modified_ms, s.id));
+    let mut groups = Vec::new();
+    let mut group: Vec<SegmentId> = Vec::new();
+    let mut entries = 0;
+    for s in small {
+        if !group.is_empty() && entries + s.entries > MAX_MERGED_ENTRIES {
+            groups.push(std::mem::take(&mut group));
+            entries = 0;
+        }
+        group.push(s.id);
+        entries += s.entries;
+    }
+    groups.push(group);
+    groups.retain(|g| g.len() > 1);
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,5 +490,52 @@ mod tests {
         // Grace (and slack) counts: at now = 2_999 with grace 1_000 a pack of 1_000 is not old
         // enough.
         assert!(choose_condemned(&packs, &already, 2_999, 1_000, &[]).is_empty());
+    }
+
+    fn seg(modified_ms: i64, packs: usize, entries: usize, known: bool) -> SegmentFact {
+        SegmentFact {
+            id: SegmentId::random(),
+            modified_ms,
+            packs,
+            entries,
+            known,
+        }
+    }
+
+    #[test]
+    fn small_settled_known_segments_are_merged_oldest_first() {
+        let mut segs: Vec<SegmentFact> = (0..MIN_SEGMENTS_TO_MERGE as i64 - 1)
+            .map(|i| seg(1_000 + i, 10, 1_000, true))
+            .collect();
+        let big = seg(1_000, SMALL_SEGMENT_PACKS, 60_000, true);
+        let young = seg(9_500, 10, 1_000, true);
+        let unknown = seg(1_000, 10, 1_000, false);
+        let empty = seg(1_000, 0, 0, true);
+        segs.extend([big, young.clone(), unknown, empty]);
+        // One short of the minimum among those that may merge: nothing.
+        assert!(choose_consolidation(&segs, 10_000, 1_000, &[]).is_empty());
+        // The young one settles: all eight merge into one group, oldest first.
+        let groups = choose_consolidation(&segs, 20_000, 1_000, &[]);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].len(), MIN_SEGMENTS_TO_MERGE);
+        assert_eq!(groups[0].last(), Some(&young.id));
+        assert_eq!(groups[0][0], segs[0].id);
+        // A live lease older than a segment keeps it out.
+        let lease = LeaseFact {
+            started_ms: 5_000,
+            live: true,
+        };
+        assert!(choose_consolidation(&segs, 20_000, 1_000, &[lease]).is_empty());
+    }
+
+    #[test]
+    fn merged_segments_stay_within_the_entry_bound() {
+        let segs: Vec<SegmentFact> = (0..10)
+            .map(|i| seg(i, 100, MAX_MERGED_ENTRIES / 4, true))
+            .collect();
+        let groups = choose_consolidation(&segs, 100_000, 0, &[]);
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        // 4 + 4 + 2: each group at most MAX_MERGED_ENTRIES; a lone leftover would not merge.
+        assert_eq!(sizes, vec![4, 4, 2]);
     }
 }

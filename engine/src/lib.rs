@@ -5,6 +5,7 @@ mod backup;
 mod buffers;
 mod cache;
 mod commit;
+mod compact;
 mod error;
 mod export;
 pub mod forget;

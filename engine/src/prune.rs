@@ -11,7 +11,9 @@
 //! 5. condemns dead packs (older than the grace period and than every live lease);
 //! 6. repacks mostly-dead packs under the same conditions: copies their live blobs, checked and
 //!    still sealed, into new packs and an index segment of their own, and condemns them;
-//! 7. publishes plan n (naming the repack's segment), then deletes the index segments it retired.
+//! 7. merges small index segments into larger ones;
+//! 8. publishes plan n (naming the new segments), then deletes the index segments it retired:
+//!    those whose every pack is deleted and those merged.
 //!
 //! Killed at any step, the repository stays consistent: a condemned pack is already invisible to
 //! dedup, so deleting it needs no further announcement; a repack's new packs are extra copies
@@ -22,13 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockvault_repo::{
-    ChunkId, Condemned, LeaseKind, ObjectKind, ObjectName, PackBuilder, PackEntry, PackId, Plan,
+    ChunkId, Condemned, LeaseKind, ObjectKind, ObjectName, PackEntry, PackId, PackRecord, Plan,
     PointId, PointManifest, Repository, SegmentId, StorageStats, SLOTS_PER_PAGE,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::gc::{self, LeaseFact, PackFact, PackUsage, RepackLimits, Wait};
+use crate::compact::{copy_live, merge_segments};
+use crate::gc::{self, LeaseFact, PackFact, PackUsage, RepackLimits, SegmentFact, Wait};
 use crate::{Error, Result};
 
 /// How `prune` runs.
@@ -67,7 +70,7 @@ pub struct PackCount {
 }
 
 impl PackCount {
-    fn add(&mut self, bytes: u64) {
+    pub(crate) fn add(&mut self, bytes: u64) {
         self.packs += 1;
         self.bytes += bytes;
     }
@@ -107,8 +110,11 @@ pub struct PruneReport {
     /// Packs the repack chose but could not copy (a damaged or unreadable blob): they stay as
     /// they are, and the reason is given; `verify` reports the same damage.
     pub repack_skipped: Vec<String>,
-    /// Index segments retired (every pack they list is deleted).
+    /// Index segments deleted: those whose every pack is deleted, and those merged.
     pub segments_retired: u64,
+    /// Small index segments merged into `segments_written` new ones.
+    pub segments_merged: u64,
+    pub segments_written: u64,
     /// Object-store requests this run made.
     pub storage: StorageStats,
     pub duration_ms: u64,
@@ -167,29 +173,44 @@ pub async fn mark(repo: &Arc<Repository>, points: &[PointManifest]) -> Result<Ha
     Ok(live)
 }
 
+/// The index segments listed: the packs each names, and its store time.
+#[derive(Default)]
+struct Segments {
+    named: HashMap<SegmentId, Vec<PackId>>,
+    modified_ms: HashMap<SegmentId, i64>,
+}
+
 /// Every listed pack's entries, from the index segments and, for packs no segment covers, from
 /// the pack's own table of contents. Authoritative (every copy of a chunk counts), unlike the
 /// local index, which keeps one location per chunk.
 async fn pack_contents(
     repo: &Arc<Repository>,
     listed: &HashSet<PackId>,
-) -> Result<(
-    HashMap<PackId, Vec<PackEntry>>,
-    HashMap<SegmentId, Vec<PackId>>,
-)> {
-    let segments = repo.list_segments().await?;
-    let read: Vec<(SegmentId, Vec<blockvault_repo::PackRecord>)> = futures::stream::iter(segments)
-        .map(|id| {
+) -> Result<(HashMap<PackId, Vec<PackEntry>>, Segments)> {
+    let segments: Vec<(SegmentId, i64)> = repo
+        .list_objects(ObjectKind::Segment)
+        .await?
+        .into_iter()
+        .filter_map(|l| match l.name {
+            ObjectName::Segment(id) => Some((id, l.modified_ms)),
+            _ => None,
+        })
+        .collect();
+    let read: Vec<(SegmentId, i64, Vec<PackRecord>)> = futures::stream::iter(segments)
+        .map(|(id, modified_ms)| {
             let repo = repo.clone();
-            async move { Ok::<_, Error>((id, repo.read_segment(&id).await?)) }
+            async move { Ok::<_, Error>((id, modified_ms, repo.read_segment(&id).await?)) }
         })
         .buffer_unordered(PARALLEL)
         .try_collect()
         .await?;
     let mut contents: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
-    let mut by_segment = HashMap::new();
-    for (sid, records) in read {
-        by_segment.insert(sid, records.iter().map(|r| r.id).collect());
+    let mut by_segment = Segments::default();
+    for (sid, modified_ms, records) in read {
+        by_segment.modified_ms.insert(sid, modified_ms);
+        by_segment
+            .named
+            .insert(sid, records.iter().map(|r| r.id).collect());
         for r in records {
             if listed.contains(&r.id) {
                 contents.entry(r.id).or_insert(r.entries);
@@ -211,6 +232,63 @@ async fn pack_contents(
         .await?;
     contents.extend(tocs);
     Ok((contents, by_segment))
+}
+
+/// What happens to the index segments: those to delete because every pack they name is gone
+/// (or a killed run retired them already), and groups of small ones to merge.
+struct SegmentPlan {
+    retired: Vec<SegmentId>,
+    merge: Vec<Vec<SegmentId>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn segment_decisions(
+    repo: &Repository,
+    segments: &Segments,
+    contents: &HashMap<PackId, Vec<PackEntry>>,
+    listed: &HashSet<PackId>,
+    gone: &HashSet<PackId>,
+    previous: Option<&Plan>,
+    now_ms: i64,
+    grace_ms: u64,
+    leases: &[LeaseFact],
+) -> SegmentPlan {
+    let known = |p: &PackId| listed.contains(p) || repo.is_deleted(p);
+    let stays = |p: &PackId| listed.contains(p) && !gone.contains(p);
+    let mut retired: Vec<SegmentId> = segments
+        .named
+        .iter()
+        .filter(|(_, ps)| !ps.is_empty() && ps.iter().all(|p| !stays(p) && known(p)))
+        .map(|(s, _)| *s)
+        .collect();
+    // Merged or retired by a run killed before it deleted them.
+    if let Some(prev) = previous {
+        for s in &prev.retired_segments {
+            if segments.named.contains_key(s) && !retired.contains(s) {
+                retired.push(*s);
+            }
+        }
+    }
+    let facts: Vec<SegmentFact> = segments
+        .named
+        .iter()
+        .filter(|(s, _)| !retired.contains(s))
+        .map(|(s, ps)| SegmentFact {
+            id: *s,
+            modified_ms: segments.modified_ms[s],
+            packs: ps.iter().filter(|p| stays(p)).count(),
+            entries: ps
+                .iter()
+                .filter(|p| stays(p))
+                .map(|p| contents.get(p).map_or(0, Vec::len))
+                .sum(),
+            known: ps.iter().all(known),
+        })
+        .collect();
+    SegmentPlan {
+        merge: gc::choose_consolidation(&facts, now_ms, grace_ms, leases),
+        retired,
+    }
 }
 
 /// Runs one prune. See the module documentation for the steps and their guarantees.
@@ -411,6 +489,20 @@ async fn run(
         report.pending.add(p.size);
     }
 
+    let gone: HashSet<PackId> = to_delete.iter().map(|c| c.pack).collect();
+    let segs = segment_decisions(
+        repo,
+        &by_segment,
+        &contents,
+        &listed,
+        &gone,
+        previous.as_ref(),
+        now_ms,
+        grace_ms,
+        &leases,
+    );
+    report.segments_merged = segs.merge.iter().map(|g| g.len() as u64).sum();
+
     let Some(claim) = claim else {
         for p in &repack.packs {
             report.repacked.add(p.size);
@@ -426,8 +518,6 @@ async fn run(
 
     let deleted_ids: Vec<PackId> = to_delete.iter().map(|c| c.pack).collect();
     repo.delete_packs(claim, &deleted_ids).await?;
-
-    let gone: HashSet<PackId> = deleted_ids.iter().copied().collect();
 
     // Repack: the chunks to copy are the live ones of the chosen packs with no copy in a pack
     // that stays (not condemned, not deleted now, not condemned by this run).
@@ -445,16 +535,25 @@ async fn run(
         }
     }
     let repacked = copy_live(repo, &repack.packs, &live_in, to_copy, opts, report).await?;
-    let retired: Vec<SegmentId> = by_segment
+
+    let sizes: HashMap<PackId, u64> = packs
         .iter()
-        .filter(|(_, ps)| {
-            !ps.is_empty()
-                && ps
-                    .iter()
-                    .all(|p| gone.contains(p) || (!listed.contains(p) && repo.is_deleted(p)))
+        .filter_map(|l| match l.name {
+            ObjectName::Pack(id) => Some((id, l.size)),
+            _ => None,
         })
-        .map(|(s, _)| *s)
         .collect();
+    let record = |p: &PackId| {
+        (listed.contains(p) && !gone.contains(p) && contents.contains_key(p)).then(|| PackRecord {
+            id: *p,
+            size: sizes[p],
+            entries: contents[p].clone(),
+        })
+    };
+    let merged_into = merge_segments(repo, &segs.merge, &by_segment.named, &record).await?;
+    report.segments_written = merged_into.len() as u64;
+    let mut retired = segs.retired;
+    retired.extend(segs.merge.iter().flatten().copied());
     let recovered_ids: HashSet<PackId> = recovered.iter().map(|c| c.pack).collect();
     let mut still: Vec<Condemned> = choice.waiting.iter().map(|(c, _)| c.clone()).collect();
     still.extend(condemn.iter().map(|p| Condemned {
@@ -486,6 +585,7 @@ async fn run(
         retired_segments: retired.clone(),
         live_points,
         repacked_into: repacked.segment.into_iter().collect(),
+        consolidated_into: merged_into,
     };
     let published = repo.publish_plan(claim, plan).await?;
     for p in &repacked.packs {
@@ -500,79 +600,4 @@ async fn run(
     repo.delete_segments(claim, &retired).await?;
     report.segments_retired = retired.len() as u64;
     Ok(())
-}
-
-/// What a repack wrote: the packs it emptied (to condemn) and the segment listing the new ones.
-struct Repacked {
-    packs: Vec<PackUsage>,
-    segment: Option<SegmentId>,
-}
-
-/// Copies the chunks in `to_copy` out of `packs` (each checked, moved still sealed) into new
-/// packs, then writes one index segment for them. A pack whose wanted blobs cannot be read or
-/// fail their check is left as it is and named in `report.repack_skipped`; the packs returned
-/// are those whose every chunk in `to_copy` now has a new copy.
-async fn copy_live(
-    repo: &Arc<Repository>,
-    packs: &[PackUsage],
-    live_in: &HashMap<PackId, Vec<ChunkId>>,
-    mut to_copy: HashSet<ChunkId>,
-    opts: &PruneOptions,
-    report: &mut PruneReport,
-) -> Result<Repacked> {
-    let mut emptied = Vec::new();
-    let mut records = Vec::new();
-    let mut builder = PackBuilder::new(opts.pack_size);
-    for p in packs {
-        let wanted: HashSet<ChunkId> = live_in[&p.id]
-            .iter()
-            .filter(|id| to_copy.contains(id))
-            .copied()
-            .collect();
-        let blobs = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            match repo.copy_out(&p.id, wanted).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(pack = %p.id, error = %e, "not repacked");
-                    report.repack_skipped.push(format!("pack {}: {e}", p.id));
-                    continue;
-                }
-            }
-        };
-        for (entry, bytes) in blobs {
-            if !builder.is_empty() && builder.len() + bytes.len() > opts.pack_size {
-                let full = std::mem::replace(&mut builder, PackBuilder::new(opts.pack_size));
-                records.push(store(repo, full, report).await?);
-            }
-            builder.add_sealed(&entry, &bytes);
-            to_copy.remove(&entry.id);
-        }
-        emptied.push(p.clone());
-    }
-    if !builder.is_empty() {
-        records.push(store(repo, builder, report).await?);
-    }
-    let segment = if records.is_empty() {
-        None
-    } else {
-        Some(repo.write_segment(&records).await?)
-    };
-    blockvault_repo::test_hold("prune-after-repack").await;
-    Ok(Repacked {
-        packs: emptied,
-        segment,
-    })
-}
-
-async fn store(
-    repo: &Arc<Repository>,
-    builder: PackBuilder,
-    report: &mut PruneReport,
-) -> Result<blockvault_repo::PackRecord> {
-    let sealed = repo.seal_pack(builder);
-    repo.store_pack(&sealed).await?;
-    report.repack_written.add(sealed.bytes.len() as u64);
-    Ok(sealed.record())
 }

@@ -63,6 +63,18 @@ pub struct Plan {
     /// plan re-reads them so that its index points at the new copies before the old packs go.
     #[serde(default)]
     pub repacked_into: Vec<SegmentId>,
+    /// Index segments this run wrote by merging small ones (those are in `retired_segments`).
+    /// Re-read like `repacked_into` by a reader applying the plan: a merged segment may carry a
+    /// repack's records whose own segment is gone.
+    #[serde(default)]
+    pub consolidated_into: Vec<SegmentId>,
+}
+
+impl Plan {
+    /// The segments a reader applying this plan reads again.
+    pub fn segments_to_reread(&self) -> impl Iterator<Item = &SegmentId> {
+        self.repacked_into.iter().chain(&self.consolidated_into)
+    }
 }
 
 impl Plan {
@@ -129,6 +141,7 @@ mod tests {
             retired_segments: vec![],
             live_points: vec![],
             repacked_into: vec![],
+            consolidated_into: vec![],
         }
     }
 

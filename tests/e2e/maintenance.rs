@@ -713,7 +713,7 @@ fn kill_at_every_step_of_a_repacking_prune() {
     std::thread::sleep(SLACK);
     for victim in 1..3 {
         let mut k = 1;
-        while crash_run(&base, victim, k, &img, &keep, &[old.clone()], 2) {
+        while crash_run(&base, victim, k, &img, &keep, std::slice::from_ref(&old), 2) {
             k += 1;
             assert!(k < 50, "command {victim} never finished");
         }
@@ -872,9 +872,9 @@ fn backup_spanning_a_repack_s3() {
     backup_spanning_a_repack(&Repo::s3(&server, "spanrepack"));
 }
 
-/// Exports `point` as a host of its own (cache `host4`) and compares it with `img`.
-fn host4_restores(w: &World, point: &str, img: &Path) {
-    let out = w.path("host4.raw");
+/// Exports `point` as host `host` (a cache of its own) and compares it with `img`.
+fn restores_as(w: &World, host: &str, point: &str, img: &Path) {
+    let out = w.path(&format!("{host}.raw"));
     let args = [
         "restore",
         "export",
@@ -890,7 +890,7 @@ fn host4_restores(w: &World, point: &str, img: &Path) {
         .arg("--repo")
         .arg(&w.repo)
         .arg("--cache-dir")
-        .arg(w.path("host4"))
+        .arg(w.path(host))
         .arg("--password-file")
         .arg(&w.password_file)
         .env_remove("BLOCKVAULT_PASSWORD")
@@ -898,7 +898,7 @@ fn host4_restores(w: &World, point: &str, img: &Path) {
         .env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH)
         .stdin(Stdio::null());
     succeeded(&args, c.output().unwrap());
-    assert!(same_content(img, &out), "host4 restored other bytes");
+    assert!(same_content(img, &out), "{host} restored other bytes");
 }
 
 /// Files under `dir` (recursively), without temporary ones.
@@ -984,7 +984,7 @@ fn a_host_that_indexed_the_old_pack_last_follows_the_repack() {
         .unwrap();
     wait_reached(&hold, &mut prune);
     // A new host indexes everything now: the repack's segment, then the old pack's table.
-    host4_restores(&w, &keep, &img);
+    restores_as(&w, "host4", &keep, &img);
     std::fs::remove_file(&hold).unwrap();
     let out = finish(prune);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -993,5 +993,99 @@ fn a_host_that_indexed_the_old_pack_last_follows_the_repack() {
     std::thread::sleep(SLACK);
     let p2 = w.json(&["prune", "--grace", "0s"]);
     assert_eq!(num(&p2, &["deleted", "packs"]), 1, "{p2}");
-    host4_restores(&w, &keep, &img);
+    restores_as(&w, "host4", &keep, &img);
+}
+
+/// Nine VMs backed up once each: nine small index segments. Returns the points and images.
+fn small_segments(w: &World) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for i in 0..9 {
+        let img = w.path(&format!("s{i}.raw"));
+        make_random_image(&img, 256 << 10, 600 + i);
+        let p = id(&w.backup(&format!("vm{i}"), &[("d0", &img)]));
+        out.push((p, img));
+    }
+    assert_eq!(files_under(&w.repo.join("index")), 9);
+    out
+}
+
+#[test]
+fn prune_merges_small_index_segments() {
+    let w = World::with_repo("64KiB");
+    let points = small_segments(&w);
+    // Host 2 has absorbed the nine segments before they are merged.
+    restores_as(&w, "host2", &points[0].0, &points[0].1);
+    std::thread::sleep(SLACK);
+    let p = w.json(&["prune", "--grace", "0s"]);
+    assert_eq!(num(&p, &["segments_merged"]), 9, "{p}");
+    assert_eq!(num(&p, &["segments_written"]), 1, "{p}");
+    assert_eq!(num(&p, &["segments_retired"]), 9, "{p}");
+    assert_eq!(files_under(&w.repo.join("index")), 1);
+    let v = w.json(&["verify", "--read-data"]);
+    assert_eq!(v["problems"], json!([]), "{v}");
+    for (point, img) in [&points[0], &points[8]] {
+        restores_as(&w, "host2", point, img);
+        restores_as(&w, "host3", point, img);
+    }
+    // The merged segment alone rebuilds a whole index.
+    let r = w.json(&["repo", "index", "rebuild"]);
+    assert_eq!(
+        num(&r, &["report", "packs_read"]),
+        0,
+        "every pack is in the merged segment: {r}"
+    );
+    assert_eq!(num(&r, &["index", "packs"]), 9, "{r}");
+    w.export(&points[4].0, "d0", &w.path("x.raw"));
+    assert!(same_content(&points[4].1, &w.path("x.raw")));
+    let again = w.json(&["prune", "--grace", "0s"]);
+    assert_eq!(num(&again, &["segments_merged"]), 0, "{again}");
+}
+
+/// kill -9 before each object write or delete of a prune that merges segments: verify passes,
+/// the next prune finishes the merge (one segment left) and the points restore.
+#[test]
+fn kill_at_every_step_of_a_merging_prune() {
+    let base = World::with_repo("64KiB");
+    let points = small_segments(&base);
+    std::thread::sleep(SLACK);
+    let mut k = 1;
+    loop {
+        let w = World::new();
+        copy_tree(&base.repo, &w.repo);
+        copy_tree(&base.cache, &w.cache);
+        let run = |args: &[&str], kill: Option<u64>| {
+            let mut c = w.cmd(args);
+            c.env("BLOCKVAULT_LEASE_REFRESH_SECS", REFRESH);
+            if let Some(k) = kill {
+                c.env("BLOCKVAULT_TEST_KILL_AT_STEP", k.to_string());
+            }
+            c.output().unwrap()
+        };
+        let out = run(&["prune", "--grace", "0s"], Some(k));
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            stderr(&out).contains("test hook: stopping"),
+            "step {k}: {}",
+            stderr(&out)
+        );
+        let v = run(&["verify", "--read-data"], None);
+        assert!(v.status.success(), "verify after step {k}: {}", stderr(&v));
+        // The dead prune's claim goes stale; then the work is finished.
+        std::thread::sleep(Duration::from_millis(2000));
+        let out = run(&["prune", "--grace", "0s"], None);
+        assert!(
+            out.status.success(),
+            "prune after step {k}: {}",
+            stderr(&out)
+        );
+        assert_eq!(files_under(&w.repo.join("index")), 1, "after step {k}");
+        for (point, img) in [&points[0], &points[8]] {
+            restores_as(&w, "fresh", point, img);
+        }
+        k += 1;
+        assert!(k < 40, "the prune never finished");
+    }
+    assert!(k > 3, "the prune wrote and deleted objects");
 }

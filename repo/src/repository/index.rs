@@ -44,24 +44,29 @@ impl Repository {
                 continue;
             };
             if !self.index.has_segment(&id)? {
-                unseen.push(id);
+                unseen.push((id, l.modified_ms));
             }
         }
-        let loaded: Vec<(SegmentId, Vec<PackRecord>)> = futures::stream::iter(unseen)
-            .map(|id| async move {
-                let bytes = self.storage.get(&ObjectName::Segment(id).path()).await?;
-                let keys = self.keys.clone();
-                let packs = blocking(move || segment::open(&keys, &id, &bytes)).await??;
-                Ok::<_, Error>((id, packs))
+        let mut loaded: Vec<(SegmentId, i64, Vec<PackRecord>)> = futures::stream::iter(unseen)
+            .map(|(id, modified_ms)| async move {
+                // A segment a prune retired or merged since the listing: every pack it named is
+                // deleted or listed in the merged segment.
+                let Some(packs) = self.read_segment_if_any(&id).await? else {
+                    return Ok::<_, Error>(None);
+                };
+                Ok(Some((id, modified_ms, packs)))
             })
             .buffer_unordered(SYNC_PARALLELISM)
+            .try_filter_map(|x| async move { Ok(x) })
             .try_collect()
             .await?;
+        // Oldest first, so that of two copies of a chunk the one written last is kept.
+        loaded.sort_by_key(|(id, modified_ms, _)| (*modified_ms, *id));
         let (deleted, condemned) = {
             let m = self.maint.read().expect("maintenance state lock");
             (Arc::new(m.deleted.clone()), Arc::new(m.condemned.clone()))
         };
-        for (id, packs) in loaded {
+        for (id, _, packs) in loaded {
             self.absorb_segment(id, packs, deleted.clone(), condemned.clone())
                 .await?;
             report.segments_loaded += 1;

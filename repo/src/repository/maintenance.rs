@@ -192,11 +192,13 @@ impl Repository {
                 Error::malformed(l.name.to_string(), "listed but could not be read")
             })?;
             gone.extend(plan.deleted.iter().copied());
-            repacked.extend(plan.repacked_into.iter().copied());
+            repacked.extend(plan.segments_to_reread().copied());
             state.apply(&plan, l.modified_ms);
         }
         // The new homes of repacked chunks replace the condemned copies in the local index
         // before any of those copies is forgotten below, whatever order segments arrived in.
+        // A segment this process already absorbed is read again all the same: it may have been
+        // absorbed before its packs' old copies were.
         let (deleted, condemned) = (
             Arc::new(state.deleted.clone()),
             Arc::new(state.condemned.clone()),
