@@ -142,6 +142,10 @@ pub struct JobConfig {
     /// The prune's grace period between condemning a pack and deleting it, in hours.
     #[serde(default = "twenty_four")]
     pub prune_grace_hours: f64,
+    /// The prune repacks partly dead packs until at most this percentage of the kept packs'
+    /// bytes is unused (`prune --max-unused`); 100 never repacks.
+    #[serde(default = "five")]
+    pub prune_max_unused_percent: f64,
     #[serde(default)]
     pub verify: Option<VerifyPolicy>,
     #[serde(default)]
@@ -206,6 +210,10 @@ pub struct VerifyPolicy {
 
 fn twenty_four() -> f64 {
     24.0
+}
+
+fn five() -> f64 {
+    5.0
 }
 
 fn yes() -> bool {
@@ -470,6 +478,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
                 "must be a number of hours, zero or more",
             ));
         }
+        if !(0.0..=100.0).contains(&j.prune_max_unused_percent) {
+            return Err(c.plain(
+                &format!("jobs.{name}.prune_max_unused_percent"),
+                "must be a percentage from 0 to 100",
+            ));
+        }
         if let Some(v) = &j.verify {
             if v.subset_percent.is_some() && v.reverify_after_days.is_some() {
                 return Err(c.plain(
@@ -722,6 +736,7 @@ mod tests {
         let v = l.config.jobs[0].verify.as_ref().unwrap();
         assert_eq!((v.subset_percent, v.max_bytes), (Some(5.0), Some(1 << 20)));
         assert_eq!(l.config.jobs[0].prune_grace_hours, 24.0);
+        assert_eq!(l.config.jobs[0].prune_max_unused_percent, 5.0);
         for (extra, key, says) in [
             (
                 "[jobs.verify]\nsubset_percent = 5\nreverify_after_days = 30\n",
@@ -759,6 +774,16 @@ mod tests {
         let e = parse(Path::new("a.toml"), &t).err().unwrap().to_string();
         assert!(
             e.contains("prune_grace_hours") && e.contains("zero or more"),
+            "{e}"
+        );
+        let t = base(d.path())
+            + &JOB.replace(
+                "source = \"files\"",
+                "source = \"files\"\nprune_max_unused_percent = 120",
+            );
+        let e = parse(Path::new("a.toml"), &t).err().unwrap().to_string();
+        assert!(
+            e.contains("prune_max_unused_percent") && e.contains("0 to 100"),
             "{e}"
         );
     }

@@ -281,6 +281,7 @@ async fn run_maintenance(
     let opts = PruneOptions {
         grace: Duration::from_secs_f64(job.prune_grace_hours * 3600.0),
         dry_run: false,
+        max_unused: job.prune_max_unused_percent / 100.0,
         ..Default::default()
     };
     let r = tokio::select! {
