@@ -6,11 +6,16 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use blockvault_repo::{ChunkId, PackBuilder, PackId, PackRecord, Repository, SegmentId};
 
 use crate::gc::PackUsage;
 use crate::prune::{PruneOptions, PruneReport};
-use crate::Result;
+use crate::{Error, Result};
+
+/// Packs a repack downloads and checks ahead of the one it is writing out.
+const PREFETCH: usize = 3;
 
 /// What a repack wrote: the packs it emptied (to condemn) and the segment listing the new ones.
 pub(crate) struct Repacked {
@@ -30,25 +35,44 @@ pub(crate) async fn copy_live(
     opts: &PruneOptions,
     report: &mut PruneReport,
 ) -> Result<Repacked> {
+    // Each chunk is copied from the first chosen pack that holds it. A pack that cannot be
+    // copied is kept whole, so the chunks given to it keep a home that is not condemned.
+    let mut jobs = Vec::with_capacity(packs.len());
+    for p in packs {
+        let mut wanted = HashSet::new();
+        for id in &live_in[&p.id] {
+            if to_copy.remove(id) {
+                wanted.insert(*id);
+            }
+        }
+        jobs.push((p.clone(), wanted));
+    }
+    // Packs are downloaded and checked ahead of the one being written out (in order, so the
+    // writes are the same whatever the timing).
+    let mut fetched = futures::stream::iter(jobs)
+        .map(|(p, wanted)| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                let blobs = if wanted.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    repo.copy_out(&p.id, wanted).await
+                };
+                (p, blobs)
+            })
+        })
+        .buffered(PREFETCH);
     let mut emptied = Vec::new();
     let mut records = Vec::new();
     let mut builder = PackBuilder::new(opts.pack_size);
-    for p in packs {
-        let wanted: HashSet<ChunkId> = live_in[&p.id]
-            .iter()
-            .filter(|id| to_copy.contains(id))
-            .copied()
-            .collect();
-        let blobs = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            match repo.copy_out(&p.id, wanted).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(pack = %p.id, error = %e, "not repacked");
-                    report.repack_skipped.push(format!("pack {}: {e}", p.id));
-                    continue;
-                }
+    while let Some(joined) = fetched.next().await {
+        let (p, blobs) = joined.map_err(Error::task)?;
+        let blobs = match blobs {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(pack = %p.id, error = %e, "not repacked");
+                report.repack_skipped.push(format!("pack {}: {e}", p.id));
+                continue;
             }
         };
         for (entry, bytes) in blobs {
@@ -57,9 +81,8 @@ pub(crate) async fn copy_live(
                 records.push(store(repo, full, report).await?);
             }
             builder.add_sealed(&entry, &bytes);
-            to_copy.remove(&entry.id);
         }
-        emptied.push(p.clone());
+        emptied.push(p);
     }
     if !builder.is_empty() {
         records.push(store(repo, builder, report).await?);
