@@ -158,6 +158,23 @@ pub(crate) fn decode(
     Ok(out)
 }
 
+/// Checks a stored blob: opens it and re-hashes its plaintext against its id. Verify and a
+/// repack call this before they trust a copy.
+pub(crate) fn check(
+    keys: &Keys,
+    id: &ChunkId,
+    kind: BlobKind,
+    raw_len: u32,
+    bytes: &[u8],
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    let plain = decode(keys, id, Some(kind), raw_len, bytes, what)?;
+    if keys.hasher.id(&plain) != *id {
+        return Err(Error::tampered(what(), "content does not match its id"));
+    }
+    Ok(())
+}
+
 /// Opens a blob into `out` (cleared first), decrypting `sealed` where it lies: no allocation when
 /// `out` already has room for `raw_len` bytes, so a caller that keeps its buffers decodes chunk
 /// after chunk without touching the allocator. `sealed` is left holding garbage.

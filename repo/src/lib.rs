@@ -53,7 +53,7 @@ pub use pack::{PackBuilder, PackEntry, SealedPack};
 pub use pack_check::{by_pack, Unchecked};
 pub use page::{ChunkMapPage, SLOTS_PER_PAGE};
 pub use plan::{ClaimRecord, Condemned, Plan, PublishedPlan};
-pub use repository::{OpenOptions, PackDamage, PruneClaim, Repository, SyncReport, VerifiedPack};
+pub use repository::{OpenOptions, PruneClaim, Repository, SyncReport};
 pub use s3::{S3Location, StoreOptions};
 pub use segment::PackRecord;
 pub use storage::{ObjectInfo, ObjectVersion, Storage, StorageStats, Write};

@@ -184,13 +184,10 @@ async fn decode_all(
                                 )));
                                 continue;
                             };
-                            match blob::decode(keys, &e.id, Some(e.kind), e.raw_len, raw, &what) {
-                                Ok(plain) if keys.hasher.id(&plain) == e.id => {}
-                                Ok(_) => bad.push(fail(format!(
-                                    "{}: content does not match its id",
-                                    what()
-                                ))),
-                                Err(err) => bad.push(fail(err.to_string())),
+                            if let Err(err) =
+                                blob::check(keys, &e.id, e.kind, e.raw_len, raw, &what)
+                            {
+                                bad.push(fail(err.to_string()));
                             }
                         }
                         bad

@@ -75,9 +75,7 @@ impl Plan {
     pub fn segments_to_reread(&self) -> impl Iterator<Item = &SegmentId> {
         self.repacked_into.iter().chain(&self.consolidated_into)
     }
-}
 
-impl Plan {
     /// Packs condemned by this very epoch (not carried forward from earlier ones).
     pub fn newly_condemned(&self) -> impl Iterator<Item = &Condemned> {
         self.condemned.iter().filter(move |c| c.epoch == self.epoch)

@@ -1089,3 +1089,47 @@ fn kill_at_every_step_of_a_merging_prune() {
     }
     assert!(k > 3, "the prune wrote and deleted objects");
 }
+
+/// A pack holding damaged live blobs is not repacked: prune names it and keeps it whole (not
+/// condemned), so a later sweep cannot delete the only copy of what is still intact in it.
+#[test]
+fn a_pack_with_damaged_live_blobs_is_not_repacked() {
+    let r = Repo::local();
+    let img = r.path("d.raw");
+    make_random_image(&img, 2 << 20, 61);
+    let old = id(&backup_big_packs(&r, "vm", &img, &[]));
+    change_second_half(&img, 62);
+    backup_big_packs(&r, "vm", &img, &[]);
+    r.ok(&["forget", &old]);
+    // The first pack (the larger one) holds 32 blobs, half of them live. Damage the first three
+    // quarters of its body, away from its table: at least 8 live blobs are hit.
+    let mut packs: Vec<(u64, PathBuf)> = Vec::new();
+    for dir in std::fs::read_dir(r.dir.join("repo/packs"))
+        .unwrap()
+        .flatten()
+    {
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            packs.push((f.metadata().unwrap().len(), f.path()));
+        }
+    }
+    packs.sort();
+    let (size, first) = packs.pop().unwrap();
+    let mut bytes = std::fs::read(&first).unwrap();
+    for at in (1000..size as usize * 3 / 4).step_by(16 << 10) {
+        bytes[at] ^= 0xff;
+    }
+    std::fs::write(&first, &bytes).unwrap();
+    let pack = first.file_name().unwrap().to_string_lossy().into_owned();
+    std::thread::sleep(SLACK);
+    let p1 = r.json(&["prune", "--grace", "0s", "--max-unused", "0%"]);
+    assert_eq!(num(&p1, &["repacked", "packs"]), 0, "{p1}");
+    assert_eq!(num(&p1, &["condemned", "packs"]), 0, "{p1}");
+    let skipped = p1["repack_skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{p1}");
+    let why = skipped[0].as_str().unwrap();
+    assert!(why.contains(&pack) && why.contains("chunk"), "{why}");
+    std::thread::sleep(SLACK);
+    let p2 = r.prune("0s");
+    assert_eq!(num(&p2, &["deleted", "packs"]), 0, "{p2}");
+    assert!(first.exists(), "the damaged pack is kept");
+}

@@ -180,7 +180,7 @@ impl Repository {
         }
         let mut state = self.maint.read().expect("maintenance state lock").clone();
         let mut gone = std::collections::HashSet::new();
-        let mut repacked = Vec::new();
+        let mut reread = Vec::new();
         for l in listed {
             let ObjectName::Plan(e) = l.name else {
                 continue;
@@ -192,7 +192,7 @@ impl Repository {
                 Error::malformed(l.name.to_string(), "listed but could not be read")
             })?;
             gone.extend(plan.deleted.iter().copied());
-            repacked.extend(plan.segments_to_reread().copied());
+            reread.extend(plan.segments_to_reread().copied());
             state.apply(&plan, l.modified_ms);
         }
         // The new homes of repacked chunks replace the condemned copies in the local index
@@ -203,7 +203,7 @@ impl Repository {
             Arc::new(state.deleted.clone()),
             Arc::new(state.condemned.clone()),
         );
-        for id in repacked {
+        for id in reread {
             // A segment a later plan retired is gone with every pack it listed.
             if let Some(packs) = self.read_segment_if_any(&id).await? {
                 self.absorb_segment(id, packs, deleted.clone(), condemned.clone())

@@ -51,21 +51,6 @@ pub struct SyncReport {
     pub unreadable_packs: Vec<String>,
 }
 
-/// A pack as checked by `verify --read-data`.
-#[derive(Clone, Debug)]
-pub struct VerifiedPack {
-    pub id: PackId,
-    pub entries: Vec<PackEntry>,
-    pub damaged: Vec<(ChunkId, String)>,
-}
-
-/// A pack that could not be read at all.
-#[derive(Clone, Debug)]
-pub struct PackDamage {
-    pub id: PackId,
-    pub error: String,
-}
-
 pub struct Repository {
     pub(crate) storage: Storage,
     config: RepoConfig,
@@ -627,10 +612,7 @@ impl Repository {
                 }
                 let raw = bytes.slice(e.offset as usize..(e.offset + e.len) as usize);
                 let what = || format!("chunk {} in pack {id} at offset {}", e.id.short(), e.offset);
-                let plain = blob::decode(&keys, &e.id, Some(e.kind), e.raw_len, &raw, &what)?;
-                if keys.hasher.id(&plain) != e.id {
-                    return Err(Error::tampered(what(), "content does not match its id"));
-                }
+                blob::check(&keys, &e.id, e.kind, e.raw_len, &raw, &what)?;
                 out.push((*e, raw));
             }
             if let Some(missing) = wanted.iter().find(|c| !found.contains(c)) {
@@ -642,44 +624,6 @@ impl Repository {
             Ok(out)
         })
         .await?
-    }
-
-    /// Downloads a whole pack and checks every blob: decrypts, decompresses and re-hashes it.
-    pub async fn verify_pack(&self, id: &PackId) -> std::result::Result<VerifiedPack, PackDamage> {
-        let damage = |e: Error| PackDamage {
-            id: *id,
-            error: e.to_string(),
-        };
-        let bytes = self
-            .storage
-            .get(&ObjectName::Pack(*id).path())
-            .await
-            .map_err(damage)?;
-        let keys = self.keys.clone();
-        let id = *id;
-        blocking(move || {
-            let entries = crate::pack::open_whole(&keys, &id, &bytes)?;
-            let mut damaged = Vec::new();
-            for e in &entries {
-                let raw = &bytes[e.offset as usize..(e.offset + e.len) as usize];
-                let what = || format!("chunk {} in pack {id} at offset {}", e.id.short(), e.offset);
-                match blob::decode(&keys, &e.id, Some(e.kind), e.raw_len, raw, &what) {
-                    Ok(plain) if keys.hasher.id(&plain) == e.id => {}
-                    Ok(_) => {
-                        damaged.push((e.id, format!("{}: content does not match its id", what())))
-                    }
-                    Err(err) => damaged.push((e.id, err.to_string())),
-                }
-            }
-            Ok(VerifiedPack {
-                id,
-                entries,
-                damaged,
-            })
-        })
-        .await
-        .map_err(damage)?
-        .map_err(damage)
     }
 
     /// Re-wraps the master key under a new password.
