@@ -12,6 +12,7 @@
 /// blobs wanted from it.
 type PackJob = (PackId, u64, u64, Option<Vec<(ChunkId, Location)>>);
 
+mod references;
 pub mod select;
 mod state;
 
@@ -19,14 +20,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use blockvault_repo::{
-    ChunkId, ChunkMapPage, DiskDamage, LeaseKind, Location, PackId, PackResult, PointId,
-    PointManifest, PointStatus, Repository, StorageStats, VerifyRecord, SLOTS_PER_PAGE,
+    ChunkId, DiskDamage, LeaseKind, Location, PackId, PackResult, PointId, PointManifest,
+    PointStatus, Repository, StorageStats, VerifyRecord, SLOTS_PER_PAGE,
 };
 use futures::StreamExt;
 use serde::Serialize;
 
 use crate::progress::Progress;
 use crate::Result;
+use references::{Damage, Judge, References};
 pub use select::{parse_duration, Selection};
 use state::{History, PointTally};
 
@@ -140,15 +142,6 @@ pub(crate) fn rfc3339(secs: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Everything the restore points reference, loaded once.
-struct References {
-    points: Vec<PointManifest>,
-    /// Decoded pages by id (`Err`: the page could not be read).
-    pages: HashMap<ChunkId, std::result::Result<Arc<ChunkMapPage>, String>>,
-    /// Every referenced chunk (data, pages, config pieces) and where the index has it.
-    chunks: HashMap<ChunkId, Option<Location>>,
-}
-
 pub async fn verify(
     repo: Arc<Repository>,
     opts: VerifyOptions,
@@ -171,7 +164,6 @@ pub async fn verify(
     repo.sync_index(true).await?;
 
     let (points, unreadable_manifests) = repo.list_points().await?;
-    let refs = load_references(&repo, points).await?;
 
     // Packs and their store times.
     let listed: Vec<(PackId, u64, i64)> = repo
@@ -192,8 +184,8 @@ pub async fn verify(
         selection: opts.selection.describe(),
         run: None,
         record: None,
-        points: refs.points.len() + unreadable_manifests.len(),
-        chunks_referenced: refs.chunks.len(),
+        points: points.len() + unreadable_manifests.len(),
+        chunks_referenced: 0,
         packs: listed.len(),
         bytes_stored: listed.iter().map(|(_, s, _)| s).sum(),
         packs_read: 0,
@@ -213,7 +205,7 @@ pub async fn verify(
     };
 
     // Scope: the points whose data this run reads.
-    let scoped = scope_points(&repo, &refs, &opts).await?;
+    let scoped = scope_points(&repo, &points, &opts).await?;
     let mut only: Option<HashMap<PackId, Vec<(ChunkId, Location)>>> = None;
     // Packs a prune condemned before the lease was taken may be deleted while this run reads:
     // no listed point needs them, so they are not read (a point that does is reported below).
@@ -224,18 +216,8 @@ pub async fn verify(
         .map(|(id, size, t)| history.pack_state(*id, *size, *t))
         .collect();
     if let Some(scoped) = &scoped {
-        let mut wanted: HashMap<ChunkId, Location> = HashMap::new();
-        for (pi, p) in refs.points.iter().enumerate() {
-            if !scoped.contains(&pi) {
-                continue;
-            }
-            for_each_chunk(&refs, pi, |id| {
-                if let Some(Some(l)) = refs.chunks.get(&id) {
-                    wanted.insert(id, *l);
-                }
-            });
-            let _ = p;
-        }
+        let chosen: Vec<&PointManifest> = scoped.iter().map(|i| &points[*i]).collect();
+        let wanted = references::wanted_blobs(&repo, &chosen).await?;
         let grouped = blockvault_repo::by_pack(wanted);
         candidates.retain(|p| grouped.contains_key(&p.id));
         // A point-scoped run reads the blobs the points need, so its bytes are theirs.
@@ -300,15 +282,16 @@ pub async fn verify(
     results.sort_by(|a, b| a.pack.cmp(&b.pack));
     history.apply(&results, finished);
 
-    // Damage, from this run and from earlier records.
-    attribute(
-        &refs,
-        &listed_ids,
-        &history,
-        &unreadable_manifests,
-        &mut report,
-    );
-    report.point_states = point_states(&refs, &listed_ids, &history, &unreadable_manifests);
+    // References and damage, from this run and from earlier records.
+    let judge = Arc::new(references::Judge {
+        listed: listed_ids,
+        history,
+    });
+    let refs = references::check(&repo, &points, &judge).await?;
+    report.chunks_referenced = refs.chunk_count();
+    report.unchecked.extend(refs.unchecked.iter().cloned());
+    attribute(&points, &refs, &judge, &unreadable_manifests, &mut report);
+    report.point_states = point_states(&points, &refs, &judge, &unreadable_manifests);
     report.verdict = if !report.problems.is_empty() {
         Verdict::Damaged
     } else if !report.unchecked.is_empty() {
@@ -346,163 +329,96 @@ pub async fn verify(
     Ok(report)
 }
 
-/// Loads every point's pages (each distinct page once) and looks up every referenced chunk.
-async fn load_references(repo: &Arc<Repository>, points: Vec<PointManifest>) -> Result<References> {
-    let mut refs = References {
-        points,
-        pages: HashMap::new(),
-        chunks: HashMap::new(),
-    };
-    let mut wanted: Vec<(ChunkId, usize)> = Vec::new();
-    let mut asked: HashSet<ChunkId> = HashSet::new();
-    for point in &refs.points {
-        for disk in &point.disks {
-            let chunks = disk.size.div_ceil(point.chunk_size as u64);
-            for (page_no, page_id) in disk.pages.iter().enumerate() {
-                let Some(page_id) = page_id else { continue };
-                let first = page_no as u64 * SLOTS_PER_PAGE as u64;
-                let slots = chunks.saturating_sub(first).min(SLOTS_PER_PAGE as u64) as usize;
-                if asked.insert(page_id.0) {
-                    wanted.push((page_id.0, slots));
-                }
-            }
-        }
-    }
-    let pager = repo.clone();
-    let loaded: Vec<(ChunkId, std::result::Result<ChunkMapPage, String>)> =
-        futures::stream::iter(wanted)
-            .map(move |(id, slots)| {
-                let repo = pager.clone();
-                async move {
-                    let r = repo.load_page(&id, slots).await.map_err(|e| e.to_string());
-                    (id, r)
-                }
-            })
-            .buffer_unordered(16)
-            .collect()
-            .await;
-    for (id, r) in loaded {
-        refs.pages.insert(id, r.map(Arc::new));
-    }
-    let mut ids: HashSet<ChunkId> = HashSet::new();
-    for (page_id, page) in &refs.pages {
-        ids.insert(*page_id);
-        if let Ok(p) = page {
-            ids.extend(p.slots.iter().flatten().copied());
-        }
-    }
-    for p in &refs.points {
-        for c in &p.configs {
-            ids.extend(c.blobs.iter().map(|b| b.0));
-        }
-    }
-    let r = repo.clone();
-    refs.chunks = tokio::task::spawn_blocking(move || {
-        ids.into_iter()
-            .map(|id| Ok((id, r.lookup_any(&id)?)))
-            .collect::<std::result::Result<HashMap<_, _>, blockvault_repo::Error>>()
-    })
-    .await
-    .map_err(crate::Error::task)??;
-    Ok(refs)
-}
-
-/// Calls `f` with every chunk point `pi` needs (its pages, their chunks, its config pieces).
-fn for_each_chunk(refs: &References, pi: usize, mut f: impl FnMut(ChunkId)) {
-    let point = &refs.points[pi];
-    for c in &point.configs {
-        for b in &c.blobs {
-            f(b.0);
-        }
-    }
-    for disk in &point.disks {
-        for page_id in disk.pages.iter().flatten() {
-            f(page_id.0);
-            if let Some(Ok(page)) = refs.pages.get(&page_id.0) {
-                for id in page.slots.iter().flatten() {
-                    f(*id);
-                }
-            }
-        }
-    }
-}
-
-/// Indexes (into `refs.points`) of the points `--point` / `--vm` name, or `None` for all.
+/// Indexes (into `points`) of the points `--point` / `--vm` name, or `None` for all.
 async fn scope_points(
     repo: &Repository,
-    refs: &References,
+    points: &[PointManifest],
     opts: &VerifyOptions,
-) -> Result<Option<HashSet<usize>>> {
+) -> Result<Option<Vec<usize>>> {
     if opts.points.is_empty() && opts.vms.is_empty() {
         return Ok(None);
     }
     let mut out = HashSet::new();
     for text in &opts.points {
         let id = repo.resolve_point(text).await?;
-        let i = refs
-            .points
+        let i = points
             .iter()
             .position(|p| p.id == id)
             .ok_or_else(|| blockvault_repo::Error::PointNotFound(text.clone()))?;
         out.insert(i);
     }
     for vm in &opts.vms {
-        let before = out.len();
+        if !points.iter().any(|p| &p.vm == vm) {
+            return Err(crate::Error::Invalid(format!(
+                "--vm {vm}: no restore point of that VM"
+            )));
+        }
         out.extend(
-            refs.points
+            points
                 .iter()
                 .enumerate()
                 .filter(|(_, p)| &p.vm == vm)
                 .map(|(i, _)| i),
         );
-        if out.len() == before && !refs.points.iter().any(|p| &p.vm == vm) {
-            return Err(crate::Error::Invalid(format!(
-                "--vm {vm}: no restore point of that VM"
-            )));
-        }
     }
+    let mut out: Vec<usize> = out.into_iter().collect();
+    out.sort_unstable();
     Ok(Some(out))
 }
 
-/// Why a chunk cannot be read, if it cannot.
-fn chunk_damage(
-    id: &ChunkId,
+/// Calls `f(disk, damage, range)` for every byte range of `point` that damage makes unreadable.
+fn each_damage(
+    point: &PointManifest,
     refs: &References,
-    listed: &HashMap<PackId, u64>,
-    history: &History,
-) -> Option<(String, String)> {
-    match refs.chunks.get(id) {
-        None => None,
-        Some(None) => Some((
-            format!("chunk {id}"),
-            "referenced chunk is missing: no pack holds it".into(),
-        )),
-        Some(Some(l)) if !listed.contains_key(&l.pack) => Some((
-            format!("pack {}", l.pack),
-            "missing from the repository".into(),
-        )),
-        Some(Some(l)) => history
-            .damaged(&l.pack, l.offset)
-            .map(|d| (format!("pack {}", l.pack), d.to_string())),
+    judge: &Judge,
+    mut f: impl FnMut(&str, &Damage, (u64, u64)),
+) {
+    let cs = point.chunk_size as u64;
+    for c in &point.configs {
+        let disk = format!("config {}", c.name);
+        for (i, b) in c.blobs.iter().enumerate() {
+            let loc = refs.configs.get(&b.0).and_then(Option::as_ref);
+            if let Some(d) = judge.damage(&b.0, loc) {
+                let start = i as u64 * cs;
+                f(&disk, &d, (start, (start + cs).min(c.size)));
+            }
+        }
+    }
+    for disk in &point.disks {
+        for (page_no, page_id) in disk.pages.iter().enumerate() {
+            let Some(page_id) = page_id else { continue };
+            let Some(summary) = refs.pages.get(&page_id.0) else {
+                continue;
+            };
+            let first = page_no as u64 * SLOTS_PER_PAGE as u64;
+            if let Some(d) = &summary.problem {
+                let end = ((first + SLOTS_PER_PAGE as u64) * cs).min(disk.size);
+                f(&disk.name, d, (first * cs, end));
+            }
+            for (slot, d) in &summary.damaged {
+                let s = (first + *slot as u64) * cs;
+                f(&disk.name, d, (s, (s + cs).min(disk.size)));
+            }
+        }
     }
 }
 
 /// Builds the problem list: every damaged object with the points, disks and ranges it affects.
 fn attribute(
+    points: &[PointManifest],
     refs: &References,
-    listed: &HashMap<PackId, u64>,
-    history: &History,
+    judge: &Judge,
     unreadable_manifests: &[(PointId, blockvault_repo::Error)],
     report: &mut VerifyReport,
 ) {
     let mut problems: Vec<Problem> = Vec::new();
     let mut by_object: HashMap<String, usize> = HashMap::new();
     let mut add =
-        |object: String, detail: String, point: &PointId, disk: &str, range: Option<(u64, u64)>| {
+        |(object, detail): &Damage, point: &PointId, disk: &str, range: Option<(u64, u64)>| {
             let i = *by_object.entry(object.clone()).or_insert_with(|| {
                 problems.push(Problem {
-                    object,
-                    detail,
+                    object: object.clone(),
+                    detail: detail.clone(),
                     affected_points: Vec::new(),
                     damage: Vec::new(),
                 });
@@ -529,72 +445,13 @@ fn attribute(
             }
         };
     for (id, e) in unreadable_manifests {
-        add(
-            format!("restore point {id} manifest"),
-            e.to_string(),
-            id,
-            "",
-            None,
-        );
+        let d = (format!("restore point {id} manifest"), e.to_string());
+        add(&d, id, "", None);
     }
-    for (pi, point) in refs.points.iter().enumerate() {
-        let cs = point.chunk_size as u64;
-        for c in &point.configs {
-            for (i, b) in c.blobs.iter().enumerate() {
-                if let Some((obj, why)) = chunk_damage(&b.0, refs, listed, history) {
-                    let start = i as u64 * cs;
-                    let range = (start, (start + cs).min(c.size));
-                    add(
-                        obj,
-                        why,
-                        &point.id,
-                        &format!("config {}", c.name),
-                        Some(range),
-                    );
-                }
-            }
-        }
-        for disk in &point.disks {
-            for (page_no, page_id) in disk.pages.iter().enumerate() {
-                let Some(page_id) = page_id else { continue };
-                let first = page_no as u64 * SLOTS_PER_PAGE as u64;
-                let page_range = (
-                    first * cs,
-                    ((first + SLOTS_PER_PAGE as u64) * cs).min(disk.size),
-                );
-                let page_problem = match (
-                    chunk_damage(&page_id.0, refs, listed, history),
-                    refs.pages.get(&page_id.0),
-                ) {
-                    (Some(d), _) => Some(d),
-                    (None, Some(Err(e))) => Some((
-                        format!("chunk-map page {} of disk '{}'", page_id.0, disk.name),
-                        e.clone(),
-                    )),
-                    (None, _) => None,
-                };
-                if let Some((obj, why)) = page_problem {
-                    add(obj, why, &point.id, &disk.name, Some(page_range));
-                }
-                let Some(Ok(page)) = refs.pages.get(&page_id.0) else {
-                    continue;
-                };
-                for (i, slot) in page.slots.iter().enumerate() {
-                    let Some(id) = slot else { continue };
-                    if let Some((obj, why)) = chunk_damage(id, refs, listed, history) {
-                        let s = (first + i as u64) * cs;
-                        add(
-                            obj,
-                            why,
-                            &point.id,
-                            &disk.name,
-                            Some((s, (s + cs).min(disk.size))),
-                        );
-                    }
-                }
-            }
-        }
-        let _ = pi;
+    for point in points {
+        each_damage(point, refs, judge, |disk, d, range| {
+            add(d, &point.id, disk, Some(range))
+        });
     }
     for p in &mut problems {
         for d in &mut p.damage {
@@ -602,8 +459,8 @@ fn attribute(
         }
     }
     // Packs whose table is damaged but whose blobs are intact affect no point: still reported.
-    for (pack, detail) in history.table_damage() {
-        if listed.contains_key(&pack) && !by_object.contains_key(&format!("pack {pack}")) {
+    for (pack, detail) in judge.history.table_damage() {
+        if judge.listed.contains_key(&pack) && !by_object.contains_key(&format!("pack {pack}")) {
             problems.push(Problem {
                 object: format!("pack {pack}"),
                 detail,
@@ -628,81 +485,53 @@ pub(crate) fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-/// Every point's verify state.
+/// Every point's verify state. A point's bytes are those of its config pieces and, per distinct
+/// page, of the page and its distinct chunks (a chunk two pages share counts twice).
 fn point_states(
+    points: &[PointManifest],
     refs: &References,
-    listed: &HashMap<PackId, u64>,
-    history: &History,
+    judge: &Judge,
     unreadable_manifests: &[(PointId, blockvault_repo::Error)],
 ) -> Vec<PointStatus> {
     let mut out = Vec::new();
     for (id, e) in unreadable_manifests {
         out.push(PointTally::default().finish(*id, Vec::new(), Some(e.to_string())));
     }
-    for (pi, point) in refs.points.iter().enumerate() {
+    for point in points {
         let mut tally = PointTally::default();
         let mut seen = HashSet::new();
-        for_each_chunk(refs, pi, |id| {
-            if !seen.insert(id) {
-                return;
-            }
-            let loc = refs.chunks.get(&id).copied().flatten();
-            let damaged = chunk_damage(&id, refs, listed, history).is_some();
-            tally.add(
-                loc.map_or(0, |l| l.len as u64),
-                damaged,
-                loc.and_then(|l| history.verified_at(&l)),
-            );
-        });
-        let mut damage: Vec<DiskDamage> = Vec::new();
-        if tally.damaged {
-            // Ranges per disk, as in the problem list.
-            let cs = point.chunk_size as u64;
-            for disk in &point.disks {
-                let mut ranges = Vec::new();
-                for (page_no, page_id) in disk.pages.iter().enumerate() {
-                    let Some(page_id) = page_id else { continue };
-                    let first = page_no as u64 * SLOTS_PER_PAGE as u64;
-                    let page_bad = matches!(refs.pages.get(&page_id.0), Some(Err(_)))
-                        || chunk_damage(&page_id.0, refs, listed, history).is_some();
-                    if page_bad {
-                        ranges.push((
-                            first * cs,
-                            ((first + SLOTS_PER_PAGE as u64) * cs).min(disk.size),
-                        ));
-                        continue;
-                    }
-                    if let Some(Ok(page)) = refs.pages.get(&page_id.0) {
-                        for (i, slot) in page.slots.iter().enumerate() {
-                            if let Some(id) = slot {
-                                if chunk_damage(id, refs, listed, history).is_some() {
-                                    let s = (first + i as u64) * cs;
-                                    ranges.push((s, (s + cs).min(disk.size)));
-                                }
-                            }
-                        }
-                    }
-                }
-                if !ranges.is_empty() {
-                    damage.push(DiskDamage {
-                        disk: disk.name.clone(),
-                        ranges: merge_ranges(ranges),
-                    });
-                }
-            }
-            for c in &point.configs {
-                if c.blobs
-                    .iter()
-                    .any(|b| chunk_damage(&b.0, refs, listed, history).is_some())
-                {
-                    damage.push(DiskDamage {
-                        disk: format!("config {}", c.name),
-                        ranges: vec![(0, c.size)],
-                    });
+        for c in &point.configs {
+            for b in &c.blobs {
+                if seen.insert(b.0) {
+                    let loc = refs.configs.get(&b.0).and_then(Option::as_ref);
+                    judge.tally(&mut tally, &b.0, loc);
                 }
             }
         }
-        out.push(tally.finish(point.id, damage, None));
+        for page_id in point.disks.iter().flat_map(|d| d.pages.iter().flatten()) {
+            if seen.insert(page_id.0) {
+                if let Some(s) = refs.pages.get(&page_id.0) {
+                    tally.merge(&s.tally);
+                }
+            }
+        }
+        let mut by_disk: Vec<DiskDamage> = Vec::new();
+        each_damage(point, refs, judge, |disk, _, range| {
+            match by_disk.iter_mut().find(|d| d.disk == disk) {
+                Some(d) => d.ranges.push(range),
+                None => by_disk.push(DiskDamage {
+                    disk: disk.to_string(),
+                    ranges: vec![range],
+                }),
+            }
+        });
+        for d in &mut by_disk {
+            d.ranges = merge_ranges(std::mem::take(&mut d.ranges));
+        }
+        if !by_disk.is_empty() {
+            tally.damaged = true;
+        }
+        out.push(tally.finish(point.id, by_disk, None));
     }
     out
 }

@@ -202,6 +202,18 @@ impl PointTally {
         }
     }
 
+    /// Adds another tally (of blobs not counted here yet).
+    pub fn merge(&mut self, o: &PointTally) {
+        self.bytes += o.bytes;
+        self.bytes_verified += o.bytes_verified;
+        self.oldest = match (self.oldest, o.oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.unverified |= o.unverified;
+        self.damaged |= o.damaged;
+    }
+
     pub fn finish(
         self,
         point: PointId,

@@ -1,0 +1,282 @@
+//! The reference check: is every chunk a restore point needs known to the index, in a listed pack,
+//! and not found damaged?
+//!
+//! Each distinct chunk-map page is loaded once, its chunks are looked up and judged, and only a
+//! summary of the page stays in memory (a tally and its damaged slots). Memory therefore grows with
+//! the number of distinct pages, one per 4096 chunks of a disk, and not with the number of chunks:
+//! the pages and chunk locations of a large repository are never all held at once. A chunk that
+//! two pages share is judged once per page.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use blockvault_repo::{
+    ChunkId, ChunkMapPage, Location, PackId, PointManifest, Repository, SLOTS_PER_PAGE,
+};
+use futures::StreamExt;
+
+use super::state::{History, PointTally};
+use super::Unchecked;
+use crate::Result;
+
+/// Pages loaded and judged at once.
+const PAGES_IN_FLIGHT: usize = 16;
+
+/// A damaged or missing object and why: (object, detail).
+pub(super) type Damage = (String, String);
+
+/// What the verify history and the pack listing say about blobs.
+pub(super) struct Judge {
+    pub listed: HashMap<PackId, u64>,
+    pub history: History,
+}
+
+impl Judge {
+    /// Why the blob `id`, which the index has at `loc` (`None`: nowhere), cannot be read.
+    pub fn damage(&self, id: &ChunkId, loc: Option<&Location>) -> Option<Damage> {
+        match loc {
+            None => Some((
+                format!("chunk {id}"),
+                "referenced chunk is missing: no pack holds it".into(),
+            )),
+            Some(l) if !self.listed.contains_key(&l.pack) => Some((
+                format!("pack {}", l.pack),
+                "missing from the repository".into(),
+            )),
+            Some(l) => self
+                .history
+                .damaged(&l.pack, l.offset)
+                .map(|d| (format!("pack {}", l.pack), d.to_string())),
+        }
+    }
+
+    /// Adds one blob to a tally.
+    pub fn tally(&self, tally: &mut PointTally, id: &ChunkId, loc: Option<&Location>) {
+        let damaged = self.damage(id, loc).is_some();
+        tally.add(
+            loc.map_or(0, |l| l.len as u64),
+            damaged,
+            loc.and_then(|l| self.history.verified_at(l)),
+        );
+    }
+}
+
+/// One distinct chunk-map page, judged.
+#[derive(Default)]
+pub(super) struct PageSummary {
+    /// Why the page itself cannot be used (every slot it covers is lost).
+    pub problem: Option<Damage>,
+    /// The page's blob and its distinct chunks.
+    pub tally: PointTally,
+    /// Damaged slots and why.
+    pub damaged: Vec<(u32, Damage)>,
+    /// Distinct chunks the page references.
+    pub chunks: u32,
+}
+
+/// Every page and config piece the restore points reference, judged.
+pub(super) struct References {
+    pub pages: HashMap<ChunkId, PageSummary>,
+    /// Config pieces and where the index has them (a few per point).
+    pub configs: HashMap<ChunkId, Option<Location>>,
+    /// Pages the store failed to give (not damage: they were not checked).
+    pub unchecked: Vec<Unchecked>,
+}
+
+impl References {
+    /// Distinct chunks per distinct page, summed, plus the pages and config pieces themselves.
+    pub fn chunk_count(&self) -> usize {
+        self.pages
+            .values()
+            .map(|p| p.chunks as usize + 1)
+            .sum::<usize>()
+            + self.configs.len()
+    }
+}
+
+/// The distinct pages of `points` and the slot count each decodes to.
+pub(super) fn distinct_pages<'a>(
+    points: impl IntoIterator<Item = &'a PointManifest>,
+) -> Vec<(ChunkId, usize)> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for point in points {
+        for disk in &point.disks {
+            let chunks = disk.size.div_ceil(point.chunk_size as u64);
+            for (page_no, page_id) in disk.pages.iter().enumerate() {
+                let Some(page_id) = page_id else { continue };
+                let first = page_no as u64 * SLOTS_PER_PAGE as u64;
+                let slots = chunks.saturating_sub(first).min(SLOTS_PER_PAGE as u64) as usize;
+                if seen.insert(page_id.0) {
+                    out.push((page_id.0, slots));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A page's distinct chunks and where the index has them, looked up on a blocking thread.
+async fn locate_all(
+    repo: &Arc<Repository>,
+    ids: Vec<ChunkId>,
+) -> Result<Vec<(ChunkId, Option<Location>)>> {
+    let r = repo.clone();
+    tokio::task::spawn_blocking(move || {
+        ids.into_iter()
+            .map(|id| Ok((id, r.lookup_any(&id)?)))
+            .collect::<std::result::Result<Vec<_>, blockvault_repo::Error>>()
+    })
+    .await
+    .map_err(crate::Error::task)?
+    .map_err(Into::into)
+}
+
+fn distinct_slots(page: &ChunkMapPage) -> Vec<ChunkId> {
+    let mut seen = HashSet::new();
+    page.slots
+        .iter()
+        .flatten()
+        .filter(|id| seen.insert(**id))
+        .copied()
+        .collect()
+}
+
+/// Calls `f` with every (page, loaded page or error) of `pages`, loading several at once; the
+/// page is dropped after `f` returns.
+async fn for_each_page(
+    repo: &Arc<Repository>,
+    pages: Vec<(ChunkId, usize)>,
+    mut f: impl FnMut(ChunkId, blockvault_repo::Result<ChunkMapPage>),
+) {
+    let loader = repo.clone();
+    let mut stream = futures::stream::iter(pages)
+        .map(move |(id, slots)| {
+            let repo = loader.clone();
+            async move { (id, repo.load_page(&id, slots).await) }
+        })
+        .buffer_unordered(PAGES_IN_FLIGHT);
+    while let Some((id, page)) = stream.next().await {
+        f(id, page);
+    }
+}
+
+/// The blobs `points` need and where they are, for a run that reads only those.
+pub(super) async fn wanted_blobs(
+    repo: &Arc<Repository>,
+    points: &[&PointManifest],
+) -> Result<HashMap<ChunkId, Location>> {
+    let mut ids: Vec<ChunkId> = Vec::new();
+    for p in points {
+        for c in &p.configs {
+            ids.extend(c.blobs.iter().map(|b| b.0));
+        }
+    }
+    let pages = distinct_pages(points.iter().copied());
+    ids.extend(pages.iter().map(|(id, _)| *id));
+    let mut batches: Vec<Vec<ChunkId>> = vec![ids];
+    for_each_page(repo, pages, |_, page| {
+        if let Ok(page) = page {
+            batches.push(distinct_slots(&page));
+        }
+    })
+    .await;
+    let mut wanted = HashMap::new();
+    for ids in batches {
+        for (id, loc) in locate_all(repo, ids).await? {
+            if let Some(l) = loc {
+                wanted.insert(id, l);
+            }
+        }
+    }
+    Ok(wanted)
+}
+
+/// Loads and judges every distinct page of `points` and looks up their config pieces.
+pub(super) async fn check(
+    repo: &Arc<Repository>,
+    points: &[PointManifest],
+    judge: &Arc<Judge>,
+) -> Result<References> {
+    let mut refs = References {
+        pages: HashMap::new(),
+        configs: HashMap::new(),
+        unchecked: Vec::new(),
+    };
+    let config_ids: Vec<ChunkId> = points
+        .iter()
+        .flat_map(|p| p.configs.iter().flat_map(|c| c.blobs.iter().map(|b| b.0)))
+        .collect();
+    refs.configs = locate_all(repo, config_ids).await?.into_iter().collect();
+
+    // Pages load several at once; each is judged on a blocking thread, no more at once than
+    // there are cores (more threads buy nothing for index lookups and each can grow its own
+    // malloc arena).
+    let loader = repo.clone();
+    let judger = repo.clone();
+    let judge_all = judge.clone();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut stream = futures::stream::iter(distinct_pages(points))
+        .map(move |(id, slots)| {
+            let repo = loader.clone();
+            async move { (id, repo.load_page(&id, slots).await) }
+        })
+        .buffer_unordered(PAGES_IN_FLIGHT)
+        .map(move |(id, page)| {
+            let repo = judger.clone();
+            let judge = judge_all.clone();
+            tokio::task::spawn_blocking(move || (id, summarize(&repo, &judge, id, page)))
+        })
+        .buffer_unordered(threads);
+    while let Some(judged) = stream.next().await {
+        let (id, summary) = judged.map_err(crate::Error::task)?;
+        let (summary, unchecked) = summary?;
+        refs.unchecked.extend(unchecked);
+        refs.pages.insert(id, summary);
+    }
+    Ok(refs)
+}
+
+/// Judges one page and its chunks. Call from a blocking thread.
+fn summarize(
+    repo: &Repository,
+    judge: &Judge,
+    id: ChunkId,
+    page: blockvault_repo::Result<ChunkMapPage>,
+) -> Result<(PageSummary, Option<Unchecked>)> {
+    let mut summary = PageSummary::default();
+    let page_loc = repo.lookup_any(&id)?;
+    judge.tally(&mut summary.tally, &id, page_loc.as_ref());
+    let known = judge.damage(&id, page_loc.as_ref());
+    let page = match page {
+        Ok(p) => p,
+        Err(e) if known.is_none() && e.is_transient() => {
+            summary.tally.add(0, false, None);
+            let unchecked = Unchecked {
+                object: format!("chunk-map page {id}"),
+                detail: e.to_string(),
+            };
+            return Ok((summary, Some(unchecked)));
+        }
+        Err(e) => {
+            summary.problem =
+                known.or_else(|| Some((format!("chunk-map page {id}"), e.to_string())));
+            return Ok((summary, None));
+        }
+    };
+    summary.problem = known;
+    let mut located: HashMap<ChunkId, Option<Location>> = HashMap::new();
+    for chunk in distinct_slots(&page) {
+        let loc = repo.lookup_any(&chunk)?;
+        judge.tally(&mut summary.tally, &chunk, loc.as_ref());
+        located.insert(chunk, loc);
+    }
+    summary.chunks = located.len() as u32;
+    for (slot, chunk) in page.slots.iter().enumerate() {
+        let Some(chunk) = chunk else { continue };
+        if let Some(d) = judge.damage(chunk, located[chunk].as_ref()) {
+            summary.damaged.push((slot as u32, d));
+        }
+    }
+    Ok((summary, None))
+}
