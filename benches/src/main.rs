@@ -12,6 +12,7 @@ mod measure;
 mod nbd;
 mod report;
 mod s3;
+mod scale;
 mod sweep;
 mod vhdx;
 
@@ -53,7 +54,8 @@ pub struct Args {
     /// How long the agent part watches the idle agent, in seconds.
     #[arg(long, default_value_t = 60)]
     pub idle_secs: u64,
-    /// Parts to leave out of this run (repeatable): nbd, vhdx, s3, boot, maintenance, agent.
+    /// Parts to leave out of this run (repeatable): nbd, vhdx, s3, boot, maintenance, agent,
+    /// scale.
     #[arg(long, value_enum)]
     pub skip: Vec<Part>,
     /// Alignment of the incremental's 640 scattered 256 KiB writes (4096: file-system blocks;
@@ -73,6 +75,8 @@ pub enum Part {
     Boot,
     Maintenance,
     Agent,
+    /// Verify's memory on two synthetic repositories, one with 16 times the chunks.
+    Scale,
 }
 
 impl Args {

@@ -300,6 +300,14 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
         }
     }
 
+    if args.runs(Part::Scale) {
+        if let Some(s) = part("scale", &mut failed, || {
+            crate::scale::run_all(|repo, cache| bv(args, repo, cache), w)
+        }) {
+            out.extend(s);
+        }
+    }
+
     if args.sparse_factor > 1 {
         let big = w.join("sparse.raw");
         let _ = std::fs::remove_file(&big);

@@ -255,6 +255,7 @@ pub fn print(res: &Results, r: &Reference) {
         );
     }
     print_maintenance_and_agent(res);
+    print_scale(s);
     print_failures(res);
     for f in &res.s3 {
         if f.subset_bytes_read > 0 {
@@ -315,6 +316,37 @@ pub fn print(res: &Results, r: &Reference) {
 }
 
 /// Maintenance and agent figures: shares, requests per GiB, overhead.
+/// Verify's peak memory on the large synthetic repository against the small one.
+fn print_scale(s: &[Sample]) {
+    use crate::scale::{chunks, works, FACTOR};
+    let (small, large) = (works(false), works(true));
+    for i in 1..3 {
+        if let (Some(a), Some(b)) = (
+            find(s, &small[i], "blockvault"),
+            find(s, &large[i], "blockvault"),
+        ) {
+            println!(
+                "{}: peak {:.0} MiB with {} chunks, {:.0} MiB with {} ({FACTOR} x)",
+                small[i].trim_end_matches(", small disk"),
+                a.peak_rss_mib,
+                chunks(false),
+                b.peak_rss_mib,
+                chunks(true)
+            );
+            verdict(
+                &format!(
+                    "{} peak memory, {FACTOR} x the chunks",
+                    small[i]
+                        .trim_start_matches("scale: ")
+                        .trim_end_matches(", small disk")
+                ),
+                b.peak_rss_mib / a.peak_rss_mib.max(1e-9),
+                1.25,
+            );
+        }
+    }
+}
+
 fn print_maintenance_and_agent(res: &Results) {
     let s = &res.samples;
     if let Some(m) = &res.maintenance {
