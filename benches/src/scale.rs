@@ -1,5 +1,6 @@
 //! Verify's memory as the repository grows. Two synthetic disks in which every 64 KiB chunk is
-//! distinct (a 4 KiB block of its own, the rest a hole), one 16 times the size of the other, are
+//! distinct (4 KiB of random bytes, the rest a hole, so a blob is about 4 KiB and a 16 MiB pack
+//! holds some 4,000 of them), one 16 times the size of the other, are
 //! each backed up into a repository with 64 KiB chunks; then `verify` (references only) and
 //! `verify --read-data` run on each. Memory that stays bounded shows as a large-disk peak close to
 //! the small one's, though the large repository references 16 times as many chunks.
@@ -34,13 +35,16 @@ pub fn chunks(large: bool) -> u64 {
     SMALL / CHUNK * if large { FACTOR } else { 1 }
 }
 
-/// A sparse disk of `size` bytes whose chunk `i` starts with `i` and is zero after it.
+/// A sparse disk of `size` bytes whose every chunk starts with 4 KiB of random bytes and is zero
+/// after them.
 fn write_disk(path: &Path, size: u64) -> Result<()> {
+    use rand::{RngCore, SeedableRng};
     let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.set_len(size)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(size);
     let mut block = vec![0u8; 4096];
     for i in 0..size / CHUNK {
-        block[..8].copy_from_slice(&i.to_le_bytes());
+        rng.fill_bytes(&mut block);
         f.write_all_at(&block, i * CHUNK)?;
     }
     f.sync_all()?;

@@ -508,8 +508,27 @@ impl LocalIndex {
     }
 }
 
+/// Memtables larger than this are written out when the index closes.
+const FLUSH_ON_CLOSE: u64 = 4 << 20;
+
 impl Drop for LocalIndex {
     fn drop(&mut self) {
+        // What a large backup or sync wrote sits in the write-ahead log; the next process to open
+        // the index would replay it into memory (up to the 64 MiB write buffer) before its first
+        // lookup. Writing it out now does the same work once, in the process that wrote it.
+        if self.secondary_dir.is_none() {
+            let size = self
+                .db
+                .property_int_value("rocksdb.cur-size-all-mem-tables")
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            if size > FLUSH_ON_CLOSE {
+                if let Err(e) = self.db.flush() {
+                    tracing::debug!(index = %self.path.display(), "flushing the index: {e}");
+                }
+            }
+        }
         if let Some(dir) = &self.secondary_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
