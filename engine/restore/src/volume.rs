@@ -67,6 +67,16 @@ pub trait Volume {
         piece: usize,
         out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<u64>;
+    /// As `read_file`, for a path a listing of this volume just gave as a regular file (a walk
+    /// of directory entries, never through a symbolic link): a volume may skip checking it again.
+    fn read_listed_file(
+        &mut self,
+        path: &[Vec<u8>],
+        piece: usize,
+        out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64> {
+        self.read_file(path, piece, out)
+    }
 }
 
 /// A parsed `[pN:]/path` argument.
