@@ -95,11 +95,9 @@ async fn point_packs(repo: &Arc<Repository>, point: &PointManifest) -> Result<Ha
         ids.extend(c.blobs.iter().map(|b| b.0));
     }
     for d in &point.disks {
-        let chunks = d.size.div_ceil(point.chunk_size as u64);
         for (n, page) in d.pages.iter().enumerate() {
             let Some(page) = page else { continue };
-            let first = n as u64 * SLOTS_PER_PAGE as u64;
-            let slots = chunks.saturating_sub(first).min(SLOTS_PER_PAGE as u64) as usize;
+            let slots = d.page_slots(point.chunk_size, n);
             let loaded = repo
                 .load_page(&page.0, slots)
                 .await

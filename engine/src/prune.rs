@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use blockvault_repo::{
     ChunkId, Condemned, LeaseKind, ObjectKind, ObjectName, PackEntry, PackId, PackRecord, Plan,
-    PointId, PointManifest, Repository, SegmentId, StorageStats, SLOTS_PER_PAGE,
+    PointId, PointManifest, Repository, SegmentId, StorageStats,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
@@ -144,13 +144,10 @@ pub async fn mark(repo: &Arc<Repository>, points: &[PointManifest]) -> Result<Ha
             live.extend(c.blobs.iter().map(|b| b.0));
         }
         for d in &p.disks {
-            let chunks = d.size.div_ceil(p.chunk_size as u64);
             for (n, page) in d.pages.iter().enumerate() {
                 let Some(page) = page else { continue };
                 if live.insert(page.0) {
-                    let first = n as u64 * SLOTS_PER_PAGE as u64;
-                    let slots = chunks.saturating_sub(first).min(SLOTS_PER_PAGE as u64) as usize;
-                    pages.push((page.0, slots));
+                    pages.push((page.0, d.page_slots(p.chunk_size, n)));
                 }
             }
         }

@@ -10,9 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use blockvault_repo::{
-    ChunkId, ChunkMapPage, Location, PackId, PointManifest, Repository, SLOTS_PER_PAGE,
-};
+use blockvault_repo::{ChunkId, ChunkMapPage, Location, PackId, PointManifest, Repository};
 use futures::StreamExt;
 
 use super::state::{History, PointTally};
@@ -102,13 +100,10 @@ pub(super) fn distinct_pages<'a>(
     let mut out = Vec::new();
     for point in points {
         for disk in &point.disks {
-            let chunks = disk.size.div_ceil(point.chunk_size as u64);
             for (page_no, page_id) in disk.pages.iter().enumerate() {
                 let Some(page_id) = page_id else { continue };
-                let first = page_no as u64 * SLOTS_PER_PAGE as u64;
-                let slots = chunks.saturating_sub(first).min(SLOTS_PER_PAGE as u64) as usize;
                 if seen.insert(page_id.0) {
-                    out.push((page_id.0, slots));
+                    out.push((page_id.0, disk.page_slots(point.chunk_size, page_no)));
                 }
             }
         }
