@@ -277,6 +277,7 @@ impl MountedDisk {
         let t = target.clone();
         blocking(move || t.file.sync_all().map_err(t.err())).await?;
         o.record_merged_into(file)?;
+        blockvault_repo::test_hold("hydration-merged").await;
         let (from, to) = (part.to_owned(), file.to_owned());
         blocking(move || {
             std::fs::rename(&from, &to).map_err(|source| Error::Output {

@@ -564,6 +564,99 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
     compare(&expect, &hyd);
 }
 
+/// A mount killed after it recorded that the overlay was merged into the hydrated file and before
+/// it renamed `FILE.part` to `FILE`: mounting again finishes the rename and serves the file, which
+/// holds the point and the guest's writes.
+#[test]
+fn a_mount_killed_between_the_merge_record_and_the_rename_finishes_the_merge() {
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    make_random_image(&img, 8 << 20, 67);
+    let point = w.backup("vm", &[("sys", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let hyd = w.path("hydrated.raw");
+    let part = w.path("hydrated.raw.part");
+    let overlay = w.path("ov");
+    let hold = w.path("hold");
+    let reached = w.path("hold.reached");
+    std::fs::write(&hold, b"").unwrap();
+    let args = [
+        point.as_str(),
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--writable",
+        "--overlay",
+        overlay.to_str().unwrap(),
+        "--hydrate-to",
+        hyd.to_str().unwrap(),
+    ];
+    // Slowed to 2 MiB/s (4 s for the disk) so the write lands in the overlay first.
+    let mut held = vec!["restore", "mount"];
+    held.extend_from_slice(&args);
+    held.extend_from_slice(&["--limit-download", "2MiB/s"]);
+    let mut cmd = w.cmd(&held);
+    cmd.env(
+        "BLOCKVAULT_TEST_HOLD",
+        format!("hydration-merged:{}", hold.display()),
+    );
+    let m = Mount::spawn(cmd, w.path("mount-held.log"), 1);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1m 64k",
+            "-c",
+            "flush",
+            &m.uris[0],
+        ],
+    );
+    let t = Instant::now();
+    while !reached.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the merge was never recorded; log:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.path("ov/sys.local").exists(), "no merge record");
+    assert!(!hyd.exists() && part.exists(), "renamed before the hold");
+    drop(m); // SIGKILL between the merge record and the rename
+
+    let expect = w.path("expect.raw");
+    std::fs::copy(&img, &expect).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&expect)
+        .unwrap()
+        .write_all_at(&vec![0x5a; 64 << 10], 1 << 20)
+        .unwrap();
+    let m = Mount::start(&w, &args, 1);
+    assert!(
+        m.log().contains("serving the hydrated file"),
+        "log:\n{}",
+        m.log()
+    );
+    assert!(
+        hyd.exists() && !part.exists(),
+        "the rename was not finished"
+    );
+    assert!(
+        !w.path("hydrated.raw.part.done").exists(),
+        "the hydration record stayed"
+    );
+    compare(&expect, &hyd);
+    let out = w.path("out.raw");
+    copy_raw(&m.uris[0], out.to_str().unwrap());
+    compare(&expect, &out);
+}
+
 #[test]
 fn a_stopped_hydration_resumes_where_it_was() {
     let w = World::with_repo("64KiB");
