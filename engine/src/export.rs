@@ -9,6 +9,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use std::io::Write;
 
+use crate::direct_write::DirectWriter;
 use crate::progress::Progress;
 use crate::{DiskReader, Error, Result};
 
@@ -33,6 +34,9 @@ pub async fn export_raw(
         .await
         .map(|_| ())
 }
+
+/// Chunk writes to a file in flight at once.
+const WRITES_IN_FLIGHT: usize = 4;
 
 /// True for errors that mean the stored data is damaged or missing (as opposed to a failing store
 /// or output): the chunk is lost, and the rest of the disk can still be exported.
@@ -113,6 +117,32 @@ pub async fn export_raw_with(
             }
             let file = Arc::new(file);
             let zeros = bytes::Bytes::from(vec![0u8; layout.chunk_size() as usize]);
+            // Several writes in flight, each direct writer with its own aligned buffer: a direct
+            // write returns only when the device has the data, so one at a time would leave the
+            // device idle between chunks.
+            let mut free: Vec<DirectWriter> = (0..WRITES_IN_FLIGHT)
+                .map_while(|_| DirectWriter::open(&path, layout.chunk_size() as usize))
+                .collect();
+            let mut direct = free.len() == WRITES_IN_FLIGHT;
+            let mut writing = futures::stream::FuturesUnordered::new();
+            let finish = |done: std::result::Result<
+                std::io::Result<(Option<DirectWriter>, bool, usize)>,
+                tokio::task::JoinError,
+            >,
+                          free: &mut Vec<DirectWriter>,
+                          direct: &mut bool|
+             -> Result<()> {
+                let (writer, written, len) = done.map_err(Error::task)?.map_err(out_err)?;
+                match writer {
+                    Some(w) if written => free.push(w),
+                    // Not written directly (refused, or the short last chunk): anything after it
+                    // goes through the page cache.
+                    Some(_) => *direct = false,
+                    None => {}
+                }
+                Progress::add(&progress.bytes_done, len as u64);
+                Ok(())
+            };
             while let Some((slot, data)) = chunks.next().await {
                 let offset = slot * layout.chunk_size() as u64;
                 let len = layout.chunk_len(slot) as usize;
@@ -131,12 +161,26 @@ pub async fn export_raw_with(
                     }
                     None => zeros.slice(..len),
                 };
+                if writing.len() >= WRITES_IN_FLIGHT {
+                    if let Some(done) = writing.next().await {
+                        finish(done, &mut free, &mut direct)?;
+                    }
+                }
                 let f = file.clone();
-                tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
-                    .await
-                    .map_err(Error::task)?
-                    .map_err(out_err)?;
-                Progress::add(&progress.bytes_done, len as u64);
+                let mut writer = if direct { free.pop() } else { None };
+                writing.push(tokio::task::spawn_blocking(move || {
+                    let written = match &mut writer {
+                        Some(w) => w.write_at(&data, offset)?,
+                        None => false,
+                    };
+                    if !written {
+                        f.write_all_at(&data, offset)?;
+                    }
+                    Ok((writer, written, len))
+                }));
+            }
+            while let Some(done) = writing.next().await {
+                finish(done, &mut free, &mut direct)?;
             }
             let f = file.clone();
             tokio::task::spawn_blocking(move || f.sync_all())

@@ -6,6 +6,7 @@ mod buffers;
 mod cache;
 mod commit;
 mod compact;
+mod direct_write;
 mod error;
 mod export;
 pub mod forget;
