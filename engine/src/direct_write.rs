@@ -12,12 +12,19 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 const ALIGN: usize = 4096;
 
+/// A file opened for direct writes, shared by the writes in flight.
 pub struct DirectWriter {
     file: File,
-    buf: Vec<u8>,
+    max_len: usize,
+    /// Buffers to align data in, one per write in flight at most.
+    buffers: Mutex<Vec<Vec<u8>>>,
+    /// The file system refused a direct write: every later one goes through the page cache.
+    refused: AtomicBool,
 }
 
 impl DirectWriter {
@@ -31,27 +38,36 @@ impl DirectWriter {
             .ok()?;
         Some(Self {
             file,
-            buf: vec![0; max_len + ALIGN],
+            max_len,
+            buffers: Mutex::new(Vec::new()),
+            refused: AtomicBool::new(false),
         })
     }
 
-    /// Writes `data` at `offset` if both are aligned and it fits; returns false, having written
-    /// nothing, where the caller must write it instead. An error other than a refusal of the
-    /// direct write itself is returned.
-    pub fn write_at(&mut self, data: &[u8], offset: u64) -> std::io::Result<bool> {
-        if !offset.is_multiple_of(ALIGN as u64)
+    /// Writes `data` at `offset` if both are aligned, it fits and the file system takes direct
+    /// writes; returns false, having written nothing, where the caller must write it instead.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<bool> {
+        if self.refused.load(Ordering::Relaxed)
+            || !offset.is_multiple_of(ALIGN as u64)
             || !data.len().is_multiple_of(ALIGN)
-            || data.len() + ALIGN > self.buf.len()
+            || data.len() > self.max_len
         {
             return Ok(false);
         }
-        let start = self.buf.as_ptr().align_offset(ALIGN);
-        let aligned = &mut self.buf[start..start + data.len()];
+        let pool = || self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut buf = pool()
+            .pop()
+            .unwrap_or_else(|| vec![0; self.max_len + ALIGN]);
+        let start = buf.as_ptr().align_offset(ALIGN);
+        let aligned = &mut buf[start..start + data.len()];
         aligned.copy_from_slice(data);
-        match self.file.write_all_at(aligned, offset) {
+        let written = self.file.write_all_at(aligned, offset);
+        pool().push(buf);
+        match written {
             Ok(()) => Ok(true),
             // The file system takes the flag at open but not the write.
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                self.refused.store(true, Ordering::Relaxed);
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -69,11 +85,13 @@ mod tests {
         let path = dir.path().join("out");
         let file = File::create(&path).unwrap();
         file.set_len(64 << 10).unwrap();
-        let Some(mut w) = DirectWriter::open(&path, 16 << 10) else {
+        let Some(w) = DirectWriter::open(&path, 16 << 10) else {
             panic!("{} takes no O_DIRECT writes", dir.path().display());
         };
         let data: Vec<u8> = (0..16 << 10).map(|i| (i * 7 + 3) as u8).collect();
-        assert!(w.write_at(&data, 8 << 10).unwrap());
+        assert!(w.write_at(&data[..8 << 10], 8 << 10).unwrap());
+        // The second write reuses the first one's buffer.
+        assert!(w.write_at(&data[8 << 10..], 16 << 10).unwrap());
         // Unaligned offset or length, or larger than the buffer: not written.
         assert!(!w.write_at(&data, 100).unwrap());
         assert!(!w.write_at(&data[..1000], 0).unwrap());

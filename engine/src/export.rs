@@ -117,29 +117,16 @@ pub async fn export_raw_with(
             }
             let file = Arc::new(file);
             let zeros = bytes::Bytes::from(vec![0u8; layout.chunk_size() as usize]);
-            // Several writes in flight, each direct writer with its own aligned buffer: a direct
-            // write returns only when the device has the data, so one at a time would leave the
-            // device idle between chunks.
-            let mut free: Vec<DirectWriter> = (0..WRITES_IN_FLIGHT)
-                .map_while(|_| DirectWriter::open(&path, layout.chunk_size() as usize))
-                .collect();
-            let mut direct = free.len() == WRITES_IN_FLIGHT;
+            // Several writes in flight: a direct write returns only when the device has the
+            // data, so one at a time would leave the device idle between chunks.
+            let direct = DirectWriter::open(&path, layout.chunk_size() as usize).map(Arc::new);
             let mut writing = futures::stream::FuturesUnordered::new();
             let finish = |done: std::result::Result<
-                std::io::Result<(Option<DirectWriter>, bool, usize)>,
+                std::io::Result<usize>,
                 tokio::task::JoinError,
-            >,
-                          free: &mut Vec<DirectWriter>,
-                          direct: &mut bool|
+            >|
              -> Result<()> {
-                let (writer, written, len) = done.map_err(Error::task)?.map_err(out_err)?;
-                match writer {
-                    Some(w) if written => free.push(w),
-                    // Not written directly (refused, or the short last chunk): anything after it
-                    // goes through the page cache.
-                    Some(_) => *direct = false,
-                    None => {}
-                }
+                let len = done.map_err(Error::task)?.map_err(out_err)?;
                 Progress::add(&progress.bytes_done, len as u64);
                 Ok(())
             };
@@ -163,24 +150,23 @@ pub async fn export_raw_with(
                 };
                 if writing.len() >= WRITES_IN_FLIGHT {
                     if let Some(done) = writing.next().await {
-                        finish(done, &mut free, &mut direct)?;
+                        finish(done)?;
                     }
                 }
-                let f = file.clone();
-                let mut writer = if direct { free.pop() } else { None };
+                let (f, d) = (file.clone(), direct.clone());
                 writing.push(tokio::task::spawn_blocking(move || {
-                    let written = match &mut writer {
-                        Some(w) => w.write_at(&data, offset)?,
+                    let written = match &d {
+                        Some(d) => d.write_at(&data, offset)?,
                         None => false,
                     };
                     if !written {
                         f.write_all_at(&data, offset)?;
                     }
-                    Ok((writer, written, len))
+                    Ok(len)
                 }));
             }
             while let Some(done) = writing.next().await {
-                finish(done, &mut free, &mut direct)?;
+                finish(done)?;
             }
             let f = file.clone();
             tokio::task::spawn_blocking(move || f.sync_all())
