@@ -19,8 +19,9 @@ use std::time::Instant;
 
 use blockvault_chunker::{is_zero, ChunkLayout, RangeSet};
 use blockvault_repo::{
-    BackupKind, BlobKind, ChunkId, ChunkIdHex, ChunkMapPage, DiskManifest, DiskStats, EncodedBlob,
-    LeaseKind, PackBuilder, PackId, PackRecord, PointId, PointManifest, Repository, SLOTS_PER_PAGE,
+    page_slots, BackupKind, BlobKind, ChunkId, ChunkIdHex, ChunkMapPage, DiskManifest, DiskStats,
+    EncodedBlob, LeaseKind, PackBuilder, PackId, PackRecord, PointId, PointManifest, Repository,
+    SLOTS_PER_PAGE,
 };
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tokio::runtime::Handle;
@@ -672,15 +673,10 @@ fn store_configs(
     Ok(out)
 }
 
-fn page_slots(layout: &ChunkLayout, page: u64) -> usize {
-    let first = page * SLOTS_PER_PAGE as u64;
-    (layout.chunk_count() - first).min(SLOTS_PER_PAGE as u64) as usize
-}
-
 fn collect(packer: &mut Packer, d: &mut DiskState, done: Done) -> Result<()> {
     let page_no = done.slot / SLOTS_PER_PAGE as u64;
     if !d.open.contains_key(&page_no) {
-        let slots = page_slots(&d.layout, page_no);
+        let slots = page_slots(d.layout.chunk_count(), page_no);
         let page = match d.pages[page_no as usize] {
             Some(id) if d.kind == BackupKind::Incremental => {
                 packer.handle.block_on(packer.repo.load_page(&id, slots))?

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use blockvault_chunker::ChunkLayout;
 use blockvault_repo::{
-    BlobKind, ChunkId, ChunkMapPage, DiskManifest, PointManifest, Repository, SLOTS_PER_PAGE,
+    page_slots, BlobKind, ChunkId, ChunkMapPage, DiskManifest, PointManifest, Repository,
+    SLOTS_PER_PAGE,
 };
 use bytes::Bytes;
 
@@ -117,8 +118,7 @@ impl DiskReader {
         if let Some(p) = self.pages.lock().expect("page cache lock").get(&page_no) {
             return Ok(Some(p.clone()));
         }
-        let first = page_no * SLOTS_PER_PAGE as u64;
-        let slots = (self.layout.chunk_count() - first).min(SLOTS_PER_PAGE as u64) as usize;
+        let slots = page_slots(self.layout.chunk_count(), page_no);
         let page = Arc::new(self.repo.load_page(&id.0, slots).await?);
         self.pages
             .lock()
@@ -184,8 +184,7 @@ impl DiskReader {
     pub async fn allocated_slots(&self) -> Result<Vec<bool>> {
         let mut out = Vec::with_capacity(self.layout.chunk_count() as usize);
         for p in 0..self.disk.pages.len() as u64 {
-            let first = p * SLOTS_PER_PAGE as u64;
-            let slots = (self.layout.chunk_count() - first).min(SLOTS_PER_PAGE as u64) as usize;
+            let slots = page_slots(self.layout.chunk_count(), p);
             match self.page(p).await? {
                 Some(page) => out.extend(page.slots.iter().map(Option::is_some)),
                 None => out.extend(std::iter::repeat_n(false, slots)),

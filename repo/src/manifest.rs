@@ -109,11 +109,7 @@ impl<'de> Deserialize<'de> for ChunkIdHex {
 impl DiskManifest {
     /// How many slots page `page_no` of this disk's chunk map holds (the last page may be short).
     pub fn page_slots(&self, chunk_size: u32, page_no: usize) -> usize {
-        let chunks = self.size.div_ceil(chunk_size as u64);
-        let first = page_no as u64 * crate::SLOTS_PER_PAGE as u64;
-        chunks
-            .saturating_sub(first)
-            .min(crate::SLOTS_PER_PAGE as u64) as usize
+        crate::page_slots(self.size.div_ceil(chunk_size as u64), page_no as u64)
     }
 }
 

@@ -12,6 +12,12 @@ use crate::{ChunkId, Error, Result};
 /// Slots per page: with 256 KiB chunks a page covers 1 GiB of disk and is at most 128 KiB of ids.
 pub const SLOTS_PER_PAGE: u32 = 4096;
 
+/// How many slots page `page_no` of a map of `chunks` slots holds (the last page may be short).
+pub fn page_slots(chunks: u64, page_no: u64) -> usize {
+    let first = page_no * SLOTS_PER_PAGE as u64;
+    chunks.saturating_sub(first).min(SLOTS_PER_PAGE as u64) as usize
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkMapPage {
     pub slots: Vec<Option<ChunkId>>,
