@@ -287,9 +287,9 @@ pub async fn verify(
         listed: listed_ids,
         history,
     });
-    let refs = references::check(&repo, &points, &judge).await?;
+    let mut refs = references::check(&repo, &points, &judge).await?;
     report.chunks_referenced = refs.chunk_count();
-    report.unchecked.extend(refs.unchecked.iter().cloned());
+    report.unchecked.append(&mut refs.unchecked);
     attribute(&points, &refs, &judge, &unreadable_manifests, &mut report);
     report.point_states = point_states(&points, &refs, &judge, &unreadable_manifests);
     report.verdict = if !report.problems.is_empty() {

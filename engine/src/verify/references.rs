@@ -137,23 +137,18 @@ fn distinct_slots(page: &ChunkMapPage) -> Vec<ChunkId> {
         .collect()
 }
 
-/// Calls `f` with every (page, loaded page or error) of `pages`, loading several at once; the
-/// page is dropped after `f` returns.
-async fn for_each_page(
+/// Every page of `pages`, loaded or the error, several loading at once.
+fn load_pages(
     repo: &Arc<Repository>,
     pages: Vec<(ChunkId, usize)>,
-    mut f: impl FnMut(ChunkId, blockvault_repo::Result<ChunkMapPage>),
-) {
+) -> impl futures::Stream<Item = (ChunkId, blockvault_repo::Result<ChunkMapPage>)> {
     let loader = repo.clone();
-    let mut stream = futures::stream::iter(pages)
+    futures::stream::iter(pages)
         .map(move |(id, slots)| {
             let repo = loader.clone();
             async move { (id, repo.load_page(&id, slots).await) }
         })
-        .buffer_unordered(PAGES_IN_FLIGHT);
-    while let Some((id, page)) = stream.next().await {
-        f(id, page);
-    }
+        .buffer_unordered(PAGES_IN_FLIGHT)
 }
 
 /// The blobs `points` need and where they are, for a run that reads only those.
@@ -170,12 +165,13 @@ pub(super) async fn wanted_blobs(
     let pages = distinct_pages(points.iter().copied());
     ids.extend(pages.iter().map(|(id, _)| *id));
     let mut batches: Vec<Vec<ChunkId>> = vec![ids];
-    for_each_page(repo, pages, |_, page| {
+    let mut loaded = std::pin::pin!(load_pages(repo, pages));
+    while let Some((_, page)) = loaded.next().await {
+        // A page that cannot be read is reported by the reference check after the read.
         if let Ok(page) = page {
             batches.push(distinct_slots(&page));
         }
-    })
-    .await;
+    }
     let mut wanted = HashMap::new();
     for ids in batches {
         for (id, loc) in locate_all(repo, ids).await? {
@@ -207,16 +203,10 @@ pub(super) async fn check(
     // Pages load several at once; each is judged on a blocking thread, no more at once than
     // there are cores (more threads buy nothing for index lookups and each can grow its own
     // malloc arena).
-    let loader = repo.clone();
     let judger = repo.clone();
     let judge_all = judge.clone();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut stream = futures::stream::iter(distinct_pages(points))
-        .map(move |(id, slots)| {
-            let repo = loader.clone();
-            async move { (id, repo.load_page(&id, slots).await) }
-        })
-        .buffer_unordered(PAGES_IN_FLIGHT)
+    let mut stream = load_pages(repo, distinct_pages(points))
         .map(move |(id, page)| {
             let repo = judger.clone();
             let judge = judge_all.clone();
