@@ -54,9 +54,9 @@ pub(crate) async fn copy_live(
             let repo = repo.clone();
             tokio::spawn(async move {
                 let blobs = if wanted.is_empty() {
-                    Ok(Vec::new())
+                    Ok(None)
                 } else {
-                    repo.copy_out(&p.id, wanted).await
+                    repo.copy_out(&p.id, wanted).await.map(Some)
                 };
                 (p, blobs)
             })
@@ -75,12 +75,12 @@ pub(crate) async fn copy_live(
                 continue;
             }
         };
-        for (entry, bytes) in blobs {
+        for (entry, bytes) in blobs.iter().flat_map(|b| b.blobs()) {
             if !builder.is_empty() && builder.len() + bytes.len() > opts.pack_size {
                 let full = std::mem::replace(&mut builder, PackBuilder::new(opts.pack_size));
                 records.push(store(repo, full, report).await?);
             }
-            builder.add_sealed(&entry, &bytes);
+            builder.add_sealed(entry, bytes);
         }
         emptied.push(p);
     }

@@ -159,17 +159,28 @@ pub(crate) fn decode(
 }
 
 /// Checks a stored blob: opens it and re-hashes its plaintext against its id. Verify and a
-/// repack call this before they trust a copy.
+/// repack call this before they trust a copy; `scratch` is reused blob after blob.
 pub(crate) fn check(
     keys: &Keys,
     id: &ChunkId,
     kind: BlobKind,
     raw_len: u32,
     bytes: &[u8],
+    scratch: &mut crate::recycle::BlobScratch,
     what: &dyn Fn() -> String,
 ) -> Result<()> {
-    let plain = decode(keys, id, Some(kind), raw_len, bytes, what)?;
-    if keys.hasher.id(&plain) != *id {
+    scratch.sealed.clear();
+    scratch.sealed.extend_from_slice(bytes);
+    decode_into(
+        keys,
+        id,
+        Some(kind),
+        raw_len,
+        &mut scratch.sealed,
+        &mut scratch.plain,
+        what,
+    )?;
+    if keys.hasher.id(&scratch.plain) != *id {
         return Err(Error::tampered(what(), "content does not match its id"));
     }
     Ok(())

@@ -5,8 +5,6 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
-
 use crate::verify_record::{DamagedBlob, PackOutcome, PackResult};
 use crate::{blob, ChunkId, ChunkIdHex, Error, Location, PackEntry, PackId, Repository};
 
@@ -49,7 +47,8 @@ impl Repository {
             Ok(r)
         };
         let Some(only) = only else {
-            let bytes = match self.storage().get(&path).await {
+            let buf = self.recycled.pack_buffer();
+            let bytes = match self.storage().read_into(&path, None, buf).await {
                 Ok(b) => b,
                 Err(e) if e.is_not_found() => return missing(result),
                 Err(e) => return Err(unchecked(e)),
@@ -94,7 +93,8 @@ impl Repository {
         }
         let mut spans = Vec::new();
         for (s, e) in ranges {
-            match self.storage().get_range(&path, s..e).await {
+            let buf = self.recycled.pack_buffer();
+            match self.storage().read_into(&path, Some(s..e), buf).await {
                 Ok(b) => spans.push((s, b)),
                 Err(err) if err.is_not_found() => return missing(result),
                 // A short read: the pack was cut off; the blobs past its end are damaged.
@@ -136,14 +136,17 @@ fn finish(mut r: PackResult, damaged: Vec<DamagedBlob>) -> PackResult {
     r
 }
 
-/// Decodes every entry from the fetched spans (`(start offset, bytes)`), split over all cores.
+/// Decodes every entry from the fetched spans (`(start offset, bytes)`), split over all cores,
+/// each thread with scratch buffers kept from the last pack; the spans' buffers are kept for the
+/// next read.
 async fn decode_all(
     repo: &Repository,
     pack: PackId,
-    spans: Vec<(u64, Bytes)>,
+    spans: Vec<(u64, Vec<u8>)>,
     entries: Vec<PackEntry>,
 ) -> Vec<DamagedBlob> {
     let keys = repo.keys().clone();
+    let recycled = repo.recycled.clone();
     let task = tokio::task::spawn_blocking(move || {
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
@@ -160,8 +163,9 @@ async fn decode_all(
             let handles: Vec<_> = entries
                 .chunks(per)
                 .map(|part| {
-                    let (keys, find) = (&keys, &find);
+                    let (keys, find, recycled) = (&keys, &find, &recycled);
                     scope.spawn(move || {
+                        let mut scratch = recycled.scratch();
                         let mut bad = Vec::new();
                         for e in part {
                             let what = || {
@@ -184,12 +188,19 @@ async fn decode_all(
                                 )));
                                 continue;
                             };
-                            if let Err(err) =
-                                blob::check(keys, &e.id, e.kind, e.raw_len, raw, &what)
-                            {
+                            if let Err(err) = blob::check(
+                                keys,
+                                &e.id,
+                                e.kind,
+                                e.raw_len,
+                                raw,
+                                &mut scratch,
+                                &what,
+                            ) {
                                 bad.push(fail(err.to_string()));
                             }
                         }
+                        recycled.return_scratch(scratch);
                         bad
                     })
                 })
@@ -199,6 +210,9 @@ async fn decode_all(
                 .flat_map(|h| h.join().unwrap_or_default())
                 .collect()
         });
+        for (_, buf) in spans {
+            recycled.return_pack_buffer(buf);
+        }
         out.sort_by_key(|d| d.offset);
         out
     });

@@ -388,6 +388,85 @@ impl Storage {
             .await
     }
 
+    /// Reads an object, or the `range` of it, into `buf` (cleared first; it grows only when the
+    /// object is larger than its capacity) and returns the buffer. A caller that keeps its
+    /// buffers reads pack after pack without asking the allocator for a new 16 MiB each time,
+    /// which is what kept freed pack buffers in glibc's per-thread arenas and made verify's peak
+    /// grow with the threads that ever ran (docs/OPERATIONS.md, "Memory"). A local file is read
+    /// straight into the buffer; a remote body is copied into it as it arrives. A range that the
+    /// object does not fill is an error, as with [`Storage::get_range`].
+    pub async fn read_into(
+        &self,
+        name: &str,
+        range: Option<Range<u64>>,
+        buf: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        use object_store::GetResultPayload;
+        let path = ObjPath::from(name);
+        // The buffer moves into each attempt; an attempt that fails drops it and a retry starts
+        // from an empty one.
+        let slot = std::sync::Mutex::new(Some(buf));
+        let buf = self
+            .retry
+            .run(name, |_| async {
+                let mut buf = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                    .unwrap_or_default();
+                buf.clear();
+                let opts = GetOptions {
+                    range: range.clone().map(GetRange::Bounded),
+                    ..Default::default()
+                };
+                let r = self
+                    .store
+                    .get_opts(&path, opts)
+                    .await
+                    .map_err(|e| self.err(name, e))?;
+                let (start, len) = (r.range.start, r.range.end - r.range.start);
+                // The stored length sizes the buffer, up to a bound: a store that claims more
+                // than it sends cannot make us reserve it.
+                buf.reserve((len as usize).min(MAX_RESERVE));
+                let buf = match r.payload {
+                    GetResultPayload::File(file, local) => {
+                        tokio::task::spawn_blocking(move || read_file_range(file, start, len, buf))
+                            .await
+                            .map_err(|e| Error::Invalid(format!("reading {name}: {e}")))?
+                            .map_err(|source| Error::Io {
+                                path: local,
+                                source,
+                            })?
+                    }
+                    GetResultPayload::Stream(mut body) => {
+                        while let Some(piece) =
+                            body.try_next().await.map_err(|e| self.err(name, e))?
+                        {
+                            buf.extend_from_slice(&piece);
+                        }
+                        buf
+                    }
+                };
+                self.count(0, buf.len() as u64);
+                Ok(buf)
+            })
+            .await?;
+        if let Some(range) = range {
+            if buf.len() as u64 != range.end - range.start {
+                return Err(Error::malformed(
+                    name,
+                    format!(
+                        "range {}..{} returned {} bytes (object truncated?)",
+                        range.start,
+                        range.end,
+                        buf.len()
+                    ),
+                ));
+            }
+        }
+        Ok(buf)
+    }
+
     pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
         let want = range.end - range.start;
         let path = ObjPath::from(name);
@@ -663,6 +742,22 @@ fn local_update(path: &Path, bytes: &[u8], expected: &[u8; 32]) -> Result<()> {
         }
         return Ok(());
     }
+}
+
+/// Largest buffer reservation made from a stored length before the bytes arrive.
+const MAX_RESERVE: usize = 64 << 20;
+
+/// `len` bytes of `file` from `start`, appended to `buf` (fewer when the file is shorter).
+fn read_file_range(
+    mut file: std::fs::File,
+    start: u64,
+    len: u64,
+    mut buf: Vec<u8>,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(start))?;
+    file.take(len).read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 fn fsync_file_and_dir(path: &Path) -> Result<()> {

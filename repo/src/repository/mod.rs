@@ -67,6 +67,8 @@ pub struct Repository {
     blob_cache: Option<crate::blob_cache::BlobCache>,
     /// Remote reads by pack window (used with the blob cache, which keeps the neighbours).
     windows: crate::pack_window::PackWindows,
+    /// Buffers of whole-pack reads, kept for the next read.
+    pub(crate) recycled: Arc<crate::recycle::Recycled>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -77,6 +79,30 @@ impl std::fmt::Debug for Repository {
             self.config.id,
             self.storage.location()
         )
+    }
+}
+
+/// Checked blobs of one pack, ready to be copied into another (see [`Repository::copy_out`]).
+pub struct CopiedBlobs {
+    pack: Vec<u8>,
+    entries: Vec<PackEntry>,
+    recycled: Arc<crate::recycle::Recycled>,
+}
+
+impl CopiedBlobs {
+    /// Each blob's entry in its pack and its stored (sealed) bytes.
+    pub fn blobs(&self) -> impl Iterator<Item = (&PackEntry, &[u8])> {
+        self.entries.iter().map(|e| {
+            let at = e.offset as usize;
+            (e, &self.pack[at..at + e.len as usize])
+        })
+    }
+}
+
+impl Drop for CopiedBlobs {
+    fn drop(&mut self) {
+        self.recycled
+            .return_pack_buffer(std::mem::take(&mut self.pack));
     }
 }
 
@@ -177,6 +203,7 @@ impl Repository {
             sync_lock: tokio::sync::Mutex::new(()),
             blob_cache,
             windows: crate::pack_window::PackWindows::new(),
+            recycled: Arc::new(crate::recycle::Recycled::new()),
         });
         if fresh {
             // A new local index knows nothing; plans are read again from the first.
@@ -279,27 +306,7 @@ impl Repository {
     /// A pack found missing (deleted by a prune this process has not heard of yet) also syncs
     /// once — plans, then the index — and the read is retried from the chunk's new location.
     pub async fn read_blob(&self, id: &ChunkId, kind: Option<BlobKind>) -> Result<Vec<u8>> {
-        let loc = match self.locate(id).await? {
-            Some(l) => l,
-            None => {
-                self.sync_index(true).await?;
-                self.locate(id)
-                    .await?
-                    .ok_or_else(|| Error::ChunkMissing { chunk: id.to_hex() })?
-            }
-        };
-        match self.read_blob_at(id, kind, &loc).await {
-            Err(Error::PackMissing { .. }) => {
-                self.refresh_plans().await?;
-                self.sync_index(true).await?;
-                let again = self
-                    .locate(id)
-                    .await?
-                    .ok_or_else(|| Error::ChunkMissing { chunk: id.to_hex() })?;
-                self.read_blob_at(id, kind, &again).await
-            }
-            r => r,
-        }
+        self.read_blob_into(id, kind, Vec::new()).await
     }
 
     /// Reads a blob into `out` (cleared first) and gives it back: the decoding allocates nothing
@@ -320,19 +327,15 @@ impl Repository {
                     .ok_or_else(|| Error::ChunkMissing { chunk: id.to_hex() })?
             }
         };
-        let raw = self.fetch_blob_bytes(&loc).await?;
-        match self.decode_blob_into(id, kind, &loc, raw, out).await {
-            Err(e) if self.blob_cache.is_some() => {
-                // As in `read_blob_at`: a damaged local copy is dropped and the store judges.
-                if let Some(c) = &self.blob_cache {
-                    c.remove(&loc);
-                }
-                tracing::debug!(
-                    "blob in pack {} failed to decode ({e}); refetching",
-                    loc.pack
-                );
-                let raw = self.fetch_blob_bytes_uncached(&loc).await?;
-                self.decode_blob_into(id, kind, &loc, raw, Vec::new()).await
+        match self.read_blob_at_into(id, kind, &loc, out).await {
+            Err(Error::PackMissing { .. }) => {
+                self.refresh_plans().await?;
+                self.sync_index(true).await?;
+                let again = self
+                    .locate(id)
+                    .await?
+                    .ok_or_else(|| Error::ChunkMissing { chunk: id.to_hex() })?;
+                self.read_blob_at_into(id, kind, &again, Vec::new()).await
             }
             r => r,
         }
@@ -353,6 +356,7 @@ impl Repository {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let (keys, id, loc) = (self.keys.clone(), *id, *loc);
+        let recycled = self.recycled.clone();
         blocking(move || {
             let what = || {
                 format!(
@@ -364,7 +368,10 @@ impl Repository {
             };
             match raw.try_into_mut() {
                 Ok(mut own) => {
-                    blob::decode_into(&keys, &id, kind, loc.raw_len, &mut own, &mut out, &what)
+                    let r =
+                        blob::decode_into(&keys, &id, kind, loc.raw_len, &mut own, &mut out, &what);
+                    recycled.return_blob_buffer(own.into());
+                    r
                 }
                 Err(shared) => SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
@@ -391,8 +398,19 @@ impl Repository {
         kind: Option<BlobKind>,
         loc: &Location,
     ) -> Result<Vec<u8>> {
+        self.read_blob_at_into(id, kind, loc, Vec::new()).await
+    }
+
+    /// Reads a blob from a known location into `out`.
+    async fn read_blob_at_into(
+        &self,
+        id: &ChunkId,
+        kind: Option<BlobKind>,
+        loc: &Location,
+        out: Vec<u8>,
+    ) -> Result<Vec<u8>> {
         let raw = self.fetch_blob_bytes(loc).await?;
-        match self.decode_blob(id, kind, loc, raw).await {
+        match self.decode_blob_into(id, kind, loc, raw, out).await {
             Err(e) if self.blob_cache.is_some() => {
                 // The copy may have been damaged on local disk, not in the repository: drop it
                 // and judge the blob by what the store holds.
@@ -404,7 +422,7 @@ impl Repository {
                     loc.pack
                 );
                 let raw = self.fetch_blob_bytes_uncached(loc).await?;
-                self.decode_blob(id, kind, loc, raw).await
+                self.decode_blob_into(id, kind, loc, raw, Vec::new()).await
             }
             r => r,
         }
@@ -483,38 +501,17 @@ impl Repository {
 
     async fn fetch_blob_bytes_uncached(&self, loc: &Location) -> Result<Bytes> {
         let path = ObjectName::Pack(loc.pack).path();
+        let range = loc.offset as u64..loc.offset as u64 + loc.len as u64;
         match self
             .storage
-            .get_range(&path, loc.offset as u64..loc.offset as u64 + loc.len as u64)
+            .read_into(&path, Some(range), self.recycled.blob_buffer())
             .await
         {
             Err(e) if e.is_not_found() => Err(Error::PackMissing {
                 pack: loc.pack.to_hex(),
             }),
-            r => r,
+            r => r.map(Bytes::from),
         }
-    }
-
-    /// Decrypts and decompresses fetched blob bytes on a blocking thread.
-    pub async fn decode_blob(
-        &self,
-        id: &ChunkId,
-        kind: Option<BlobKind>,
-        loc: &Location,
-        raw: Bytes,
-    ) -> Result<Vec<u8>> {
-        let (keys, id, loc) = (self.keys.clone(), *id, *loc);
-        blocking(move || {
-            blob::decode(&keys, &id, kind, loc.raw_len, &raw, &|| {
-                format!(
-                    "chunk {} in pack {} at offset {}",
-                    id.short(),
-                    loc.pack,
-                    loc.offset
-                )
-            })
-        })
-        .await?
     }
 
     /// Decrypts a blob synchronously (for callers already on a blocking thread).
@@ -537,8 +534,13 @@ impl Repository {
 
     /// Loads a chunk-map page.
     pub async fn load_page(&self, id: &ChunkId, slots: usize) -> Result<ChunkMapPage> {
-        let bytes = self.read_blob(id, Some(BlobKind::Page)).await?;
-        ChunkMapPage::decode(&bytes, slots, &|| format!("chunk-map page {}", id.short()))
+        let plain = self
+            .read_blob_into(id, Some(BlobKind::Page), self.recycled.blob_buffer())
+            .await?;
+        let page =
+            ChunkMapPage::decode(&plain, slots, &|| format!("chunk-map page {}", id.short()));
+        self.recycled.return_blob_buffer(plain);
+        page
     }
 
     /// Stores the boot trace of `point` (create-only: the first boot's trace stays). Returns
@@ -593,35 +595,43 @@ impl Repository {
     /// Downloads a whole pack for a repack and returns the stored bytes of the blobs in
     /// `wanted` (first copy of each), every one checked first (decrypted, decompressed and
     /// re-hashed): a repack never copies damage. A wanted blob that is damaged or absent fails
-    /// the call, naming it.
-    pub async fn copy_out(
-        &self,
-        id: &PackId,
-        wanted: HashSet<ChunkId>,
-    ) -> Result<Vec<(PackEntry, Bytes)>> {
-        let bytes = self.storage.get(&ObjectName::Pack(*id).path()).await?;
+    /// the call, naming it. The pack is read into a kept buffer, which goes back when the
+    /// returned [`CopiedBlobs`] is dropped.
+    pub async fn copy_out(&self, id: &PackId, wanted: HashSet<ChunkId>) -> Result<CopiedBlobs> {
+        let buf = self.recycled.pack_buffer();
+        let bytes = self
+            .storage
+            .read_into(&ObjectName::Pack(*id).path(), None, buf)
+            .await?;
         let keys = self.keys.clone();
+        let recycled = self.recycled.clone();
         let id = *id;
         blocking(move || {
             let entries = crate::pack::open_whole(&keys, &id, &bytes)?;
-            let mut out = Vec::with_capacity(wanted.len());
+            let mut chosen = Vec::with_capacity(wanted.len());
             let mut found = HashSet::with_capacity(wanted.len());
+            let mut scratch = recycled.scratch();
             for e in &entries {
                 if !wanted.contains(&e.id) || !found.insert(e.id) {
                     continue;
                 }
-                let raw = bytes.slice(e.offset as usize..(e.offset + e.len) as usize);
+                let raw = &bytes[e.offset as usize..(e.offset + e.len) as usize];
                 let what = || format!("chunk {} in pack {id} at offset {}", e.id.short(), e.offset);
-                blob::check(&keys, &e.id, e.kind, e.raw_len, &raw, &what)?;
-                out.push((*e, raw));
+                blob::check(&keys, &e.id, e.kind, e.raw_len, raw, &mut scratch, &what)?;
+                chosen.push(*e);
             }
+            recycled.return_scratch(scratch);
             if let Some(missing) = wanted.iter().find(|c| !found.contains(c)) {
                 return Err(Error::malformed(
                     format!("pack {id}"),
                     format!("chunk {} is not in it", missing.short()),
                 ));
             }
-            Ok(out)
+            Ok(CopiedBlobs {
+                pack: bytes,
+                entries: chosen,
+                recycled,
+            })
         })
         .await?
     }
