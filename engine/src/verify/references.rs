@@ -200,24 +200,64 @@ pub(super) async fn check(
         .collect();
     refs.configs = locate_all(repo, config_ids).await?.into_iter().collect();
 
-    // Pages load several at once; each is judged on a blocking thread, no more at once than
-    // there are cores (more threads buy nothing for index lookups and each can grow its own
-    // malloc arena).
-    let judger = repo.clone();
-    let judge_all = judge.clone();
+    // Pages load several at once and are judged on as many threads of our own as there are
+    // cores. The judging looks every chunk up in the local index, whose block reads and cache
+    // entries are allocated by the thread that looks; spread over the runtime's blocking pool
+    // (dozens of threads, each with a malloc arena of its own) they left every arena holding
+    // fragments, and the peak grew with the repository (docs/OPERATIONS.md, "Memory").
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut stream = load_pages(repo, distinct_pages(points))
-        .map(move |(id, page)| {
-            let repo = judger.clone();
-            let judge = judge_all.clone();
-            tokio::task::spawn_blocking(move || (id, summarize(&repo, &judge, id, page)))
-        })
-        .buffer_unordered(threads);
-    while let Some(judged) = stream.next().await {
-        let (id, summary) = judged.map_err(crate::Error::task)?;
-        let (summary, unchecked) = summary?;
-        refs.unchecked.extend(unchecked);
-        refs.pages.insert(id, summary);
+    let (page_tx, page_rx) = tokio::sync::mpsc::channel(PAGES_IN_FLIGHT);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (judger, judge_all) = (repo.clone(), judge.clone());
+    let judging = tokio::task::spawn_blocking(move || {
+        let pages = std::sync::Mutex::new(page_rx);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let (pages, done_tx) = (&pages, done_tx.clone());
+                let (repo, judge) = (&judger, &judge_all);
+                scope.spawn(move || loop {
+                    let next = pages
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .blocking_recv();
+                    let Some((id, page)) = next else { break };
+                    if done_tx
+                        .send((id, summarize(repo, judge, id, page)))
+                        .is_err()
+                    {
+                        break;
+                    }
+                });
+            }
+        });
+    });
+    let feed = async move {
+        let mut loaded = std::pin::pin!(load_pages(repo, distinct_pages(points)));
+        while let Some(page) = loaded.next().await {
+            if page_tx.send(page).await.is_err() {
+                break;
+            }
+        }
+    };
+    let collect = async {
+        let mut first_error = None;
+        while let Some((id, summary)) = done_rx.recv().await {
+            match summary {
+                Ok((summary, unchecked)) => {
+                    refs.unchecked.extend(unchecked);
+                    refs.pages.insert(id, summary);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error
+    };
+    let ((), first_error) = tokio::join!(feed, collect);
+    judging.await.map_err(crate::Error::task)?;
+    if let Some(e) = first_error {
+        return Err(e);
     }
     Ok(refs)
 }
@@ -250,18 +290,35 @@ fn summarize(
         }
     };
     summary.problem = known;
-    let mut located: HashMap<ChunkId, Option<Location>> = HashMap::new();
-    for chunk in distinct_slots(&page) {
-        let loc = repo.lookup_any(&chunk)?;
-        judge.tally(&mut summary.tally, &chunk, loc.as_ref());
-        located.insert(chunk, loc);
+    // The page's distinct chunks and their locations, sorted by id, in a buffer this thread
+    // keeps for its next page: a page has up to 4,096 slots, and a map or list of that size
+    // allocated per page, on whichever thread judges it, left every malloc arena holding
+    // fragments of them between the index's cached blocks (docs/OPERATIONS.md, "Memory").
+    thread_local! {
+        static LOCATED: std::cell::RefCell<Vec<(ChunkId, Option<Location>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
-    summary.chunks = located.len() as u32;
-    for (slot, chunk) in page.slots.iter().enumerate() {
-        let Some(chunk) = chunk else { continue };
-        if let Some(d) = judge.damage(chunk, located[chunk].as_ref()) {
-            summary.damaged.push((slot as u32, d));
+    LOCATED.with(|cell| -> Result<()> {
+        let mut located = cell.borrow_mut();
+        located.clear();
+        located.extend(page.slots.iter().flatten().map(|c| (*c, None)));
+        located.sort_unstable_by_key(|(c, _)| *c);
+        located.dedup_by_key(|(c, _)| *c);
+        for (chunk, loc) in located.iter_mut() {
+            *loc = repo.lookup_any(chunk)?;
+            judge.tally(&mut summary.tally, chunk, loc.as_ref());
         }
-    }
+        summary.chunks = located.len() as u32;
+        for (slot, chunk) in page.slots.iter().enumerate() {
+            let Some(chunk) = chunk else { continue };
+            let at = located
+                .binary_search_by_key(chunk, |(c, _)| *c)
+                .expect("every slot's chunk is listed");
+            if let Some(d) = judge.damage(chunk, located[at].1.as_ref()) {
+                summary.damaged.push((slot as u32, d));
+            }
+        }
+        Ok(())
+    })?;
     Ok((summary, None))
 }
