@@ -1,7 +1,6 @@
 //! `blockvault`: back up VM disks into an encrypted, deduplicating repository and restore them.
 
 mod agent;
-mod arenas;
 mod commands;
 mod disk;
 mod exit;
@@ -556,7 +555,6 @@ pub struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
-    arenas::bound();
     let cli = Cli::parse();
     // The agent logs what it does by default; commands stay quiet unless asked.
     let agent = matches!(&cli.command, Command::Agent(AgentCmd::Run(_)));
