@@ -171,6 +171,7 @@ pub(crate) fn check(
 ) -> Result<()> {
     scratch.sealed.clear();
     scratch.sealed.extend_from_slice(bytes);
+    scratch.plain.clear();
     decode_into(
         keys,
         id,
@@ -186,8 +187,9 @@ pub(crate) fn check(
     Ok(())
 }
 
-/// Opens a blob into `out` (cleared first), decrypting `sealed` where it lies: no allocation when
-/// `out` already has room for `raw_len` bytes, so a caller that keeps its buffers decodes chunk
+/// Opens a blob into `out` after the bytes it already holds (a prefix the caller chose, such as
+/// padding that aligns the data), decrypting `sealed` where it lies: no allocation when `out`
+/// already has room for `raw_len` more bytes, so a caller that keeps its buffers decodes chunk
 /// after chunk without touching the allocator. `sealed` is left holding garbage.
 pub(crate) fn decode_into(
     keys: &Keys,
@@ -199,7 +201,7 @@ pub(crate) fn decode_into(
     what: &dyn Fn() -> String,
 ) -> Result<()> {
     let header = check_header(expected_kind, raw_len, sealed, what)?;
-    out.clear();
+    let keep = out.len();
     out.reserve(raw_len as usize);
     let payload = keys
         .data
@@ -216,17 +218,17 @@ pub(crate) fn decode_into(
         }
         _ => out.extend_from_slice(payload),
     }
-    if out.len() != raw_len as usize {
+    if out.len() - keep != raw_len as usize {
         return Err(Error::malformed(
             what(),
-            format!("decoded {} bytes, expected {raw_len}", out.len()),
+            format!("decoded {} bytes, expected {raw_len}", out.len() - keep),
         ));
     }
     Ok(())
 }
 
-/// Decompresses into the spare capacity of `out` (never more than that: a blob that claims a
-/// smaller raw length than it holds fails here instead of growing the buffer).
+/// Decompresses into the spare capacity of `out`, after what it holds (never more than that: a
+/// blob that claims a smaller raw length than it holds fails here instead of growing the buffer).
 fn decompress_into(data: &[u8], out: &mut Vec<u8>) -> bool {
     DECOMPRESSOR.with(|d| {
         let mut slot = d.borrow_mut();
@@ -236,8 +238,11 @@ fn decompress_into(data: &[u8], out: &mut Vec<u8>) -> bool {
                 Err(_) => return false,
             }
         }
+        // A cursor at the end of what `out` holds: zstd writes from there, not from the start.
+        let mut after = std::io::Cursor::new(&mut *out);
+        after.set_position(after.get_ref().len() as u64);
         slot.as_mut()
-            .is_some_and(|z| z.decompress_to_buffer(data, out).is_ok())
+            .is_some_and(|z| z.decompress_to_buffer(data, &mut after).is_ok())
     })
 }
 
@@ -280,6 +285,25 @@ mod tests {
                 ),
                 Err(Error::Tampered { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn decoding_keeps_the_prefix_already_in_the_output() {
+        let keys = Keys::derive(&random_master_key());
+        let mut random = vec![0u8; 70_000];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut random);
+        for data in [vec![7u8; 100_000], random] {
+            let id = keys.hasher.id(&data);
+            let b = encode(&keys, BlobKind::Data, id, &data, 1);
+            let mut out = vec![9u8; 100];
+            let mut sealed = b.bytes.clone();
+            decode_into(&keys, &id, None, b.raw_len, &mut sealed, &mut out, &|| {
+                "t".into()
+            })
+            .unwrap();
+            assert_eq!(&out[..100], &[9u8; 100][..]);
+            assert_eq!(&out[100..], &data[..]);
         }
     }
 

@@ -58,6 +58,8 @@ pub struct Storage {
     location: String,
     /// For a local directory: where objects live, so puts can be made durable with fsync.
     local_root: Option<PathBuf>,
+    /// Downloads are paced (`--limit-download`): every read goes through the object store.
+    paced_download: bool,
     /// Whole-operation retries (none for local directories).
     retry: RetryPolicy,
     /// For a remote store: the bound of the on-disk blob cache (0: no cache).
@@ -135,6 +137,7 @@ impl Storage {
         );
         let mut s = Self::from_store(wrapped, root.display().to_string());
         s.local_root = Some(root);
+        s.paced_download = opts.limit_download.is_some();
         Ok(s)
     }
 
@@ -159,6 +162,7 @@ impl Storage {
             store,
             location: location.into(),
             local_root: None,
+            paced_download: false,
             retry: RetryPolicy::NONE,
             remote_cache_size: None,
             bucket: None,
@@ -204,6 +208,19 @@ impl Storage {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters.up.fetch_add(up, Ordering::Relaxed);
         self.counters.down.fetch_add(down, Ordering::Relaxed);
+    }
+
+    /// The file of object `name` when the repository is a local directory whose reads are not
+    /// paced, so a caller on a blocking thread may read it directly (and count the read with
+    /// [`Storage::count_read`]) instead of going through the object store's own blocking hop.
+    pub(crate) fn local_file(&self, name: &str) -> Option<PathBuf> {
+        let root = self.local_root.as_ref().filter(|_| !self.paced_download)?;
+        Some(root.join(name))
+    }
+
+    /// Counts a read made outside the object store (see [`Storage::local_file`]).
+    pub(crate) fn count_read(&self, bytes: u64) {
+        self.count(0, bytes);
     }
 
     pub fn inner(&self) -> &Arc<dyn ObjectStore> {
@@ -748,7 +765,7 @@ fn local_update(path: &Path, bytes: &[u8], expected: &[u8; 32]) -> Result<()> {
 const MAX_RESERVE: usize = 64 << 20;
 
 /// `len` bytes of `file` from `start`, appended to `buf` (fewer when the file is shorter).
-fn read_file_range(
+pub(crate) fn read_file_range(
     mut file: std::fs::File,
     start: u64,
     len: u64,
