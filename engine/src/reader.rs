@@ -39,6 +39,11 @@ pub struct DiskReader {
     buffers: Arc<BufferPool>,
 }
 
+/// Decoded chunk data starts at this alignment inside its buffer, so an export hands it to an
+/// `O_DIRECT` write as it is instead of copying it into an aligned buffer first (the copy was a
+/// sixth of a raw export's CPU time; see `direct_write`).
+pub const CHUNK_ALIGN: usize = 4096;
+
 /// Idle chunk buffers a reader keeps for reuse, in bytes (at least four buffers).
 const IDLE_BUFFER_BYTES: usize = 16 << 20;
 
@@ -84,7 +89,7 @@ impl DiskReader {
             pages: Mutex::new(HashMap::new()),
             opts,
             buffers: BufferPool::new(
-                point.chunk_size as usize,
+                point.chunk_size as usize + CHUNK_ALIGN,
                 (IDLE_BUFFER_BYTES / point.chunk_size.max(1) as usize).max(4),
             ),
         })
@@ -138,9 +143,16 @@ impl DiskReader {
         let Some(id) = self.chunk_id(slot).await? else {
             return Ok(None);
         };
+        // Padding before the data up to the next aligned address; the decoding appends after it.
+        let mut buf = self.buffers.take();
+        let pad = match buf.as_ptr().align_offset(CHUNK_ALIGN) {
+            pad if pad < CHUNK_ALIGN => pad,
+            _ => 0,
+        };
+        buf.resize(pad, 0);
         let data = self
             .repo
-            .read_blob_into(&id, Some(BlobKind::Data), self.buffers.take())
+            .read_blob_into(&id, Some(BlobKind::Data), buf)
             .await
             .map_err(|source| Error::Chunk {
                 disk: self.disk.name.clone(),
@@ -149,17 +161,17 @@ impl DiskReader {
                 offset: slot * self.layout.chunk_size() as u64,
                 source: Box::new(source),
             })?;
-        if data.len() as u32 != self.layout.chunk_len(slot) {
+        let decoded = data.len() - pad;
+        if decoded as u32 != self.layout.chunk_len(slot) {
             return Err(Error::Disk {
                 disk: self.disk.name.clone(),
                 detail: format!(
-                    "chunk {slot} decodes to {} bytes, the chunk map expects {}",
-                    data.len(),
+                    "chunk {slot} decodes to {decoded} bytes, the chunk map expects {}",
                     self.layout.chunk_len(slot)
                 ),
             });
         }
-        Ok(Some(self.buffers.share(data)))
+        Ok(Some(self.buffers.share(data).slice(pad..)))
     }
 
     /// Every chunk of the disk in slot order, `options().parallel` fetched at once. Each fetch is a
