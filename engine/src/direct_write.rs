@@ -135,8 +135,8 @@ impl DirectWriter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn aligned_writes_go_direct_and_the_rest_is_left_to_the_caller() {
+    /// A 64 KiB file in a temporary directory, opened for direct writes of up to 16 KiB.
+    fn direct_file() -> (tempfile::TempDir, std::path::PathBuf, DirectWriter) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
         let file = File::create(&path).unwrap();
@@ -144,6 +144,12 @@ mod tests {
         let Some(w) = DirectWriter::open(&path, 16 << 10) else {
             panic!("{} takes no O_DIRECT writes", dir.path().display());
         };
+        (dir, path, w)
+    }
+
+    #[test]
+    fn aligned_writes_go_direct_and_the_rest_is_left_to_the_caller() {
+        let (_dir, path, w) = direct_file();
         let data: Vec<u8> = (0..16 << 10).map(|i| (i * 7 + 3) as u8).collect();
         assert!(w.write_at(&data[..8 << 10], 8 << 10).unwrap());
         // The second write reuses the first one's buffer.
@@ -169,13 +175,7 @@ mod tests {
 
     #[test]
     fn runs_of_aligned_parts_go_in_one_write_and_unaligned_parts_one_by_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let file = File::create(&path).unwrap();
-        file.set_len(64 << 10).unwrap();
-        let Some(w) = DirectWriter::open(&path, 16 << 10) else {
-            panic!("{} takes no O_DIRECT writes", dir.path().display());
-        };
+        let (_dir, path, w) = direct_file();
         // Three aligned parts in one aligned allocation.
         let mut holder = vec![0u8; (12 << 10) + ALIGN];
         let at = holder.as_ptr().align_offset(ALIGN);

@@ -19,6 +19,8 @@ pub(crate) struct BlobScratch {
 
 /// Idle buffers of a repository's pack readers.
 pub(crate) struct Recycled {
+    /// Scratch sets kept: one per core.
+    keep_scratch: usize,
     packs: Mutex<Vec<Vec<u8>>>,
     blobs: Mutex<Vec<Vec<u8>>>,
     scratch: Mutex<Vec<BlobScratch>>,
@@ -36,6 +38,7 @@ const KEEP_PACKS: usize = 4;
 impl Recycled {
     pub fn new() -> Self {
         Self {
+            keep_scratch: std::thread::available_parallelism().map_or(2, |n| n.get()),
             packs: Mutex::new(Vec::new()),
             blobs: Mutex::new(Vec::new()),
             scratch: Mutex::new(Vec::new()),
@@ -85,9 +88,8 @@ impl Recycled {
 
     /// Gives scratch back; dropped when one per core is kept already.
     pub fn return_scratch(&self, s: BlobScratch) {
-        let keep = std::thread::available_parallelism().map_or(2, |n| n.get());
         let mut idle = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < keep {
+        if idle.len() < self.keep_scratch {
             idle.push(s);
         }
     }

@@ -210,11 +210,19 @@ impl Storage {
         self.counters.down.fetch_add(down, Ordering::Relaxed);
     }
 
+    /// True when objects may be read straight from their files (see [`Storage::local_file`]).
+    pub(crate) fn reads_local_files(&self) -> bool {
+        self.local_root.is_some() && !self.paced_download
+    }
+
     /// The file of object `name` when the repository is a local directory whose reads are not
     /// paced, so a caller on a blocking thread may read it directly (and count the read with
     /// [`Storage::count_read`]) instead of going through the object store's own blocking hop.
     pub(crate) fn local_file(&self, name: &str) -> Option<PathBuf> {
-        let root = self.local_root.as_ref().filter(|_| !self.paced_download)?;
+        let root = self
+            .local_root
+            .as_ref()
+            .filter(|_| self.reads_local_files())?;
         Some(root.join(name))
     }
 
@@ -470,15 +478,7 @@ impl Storage {
             .await?;
         if let Some(range) = range {
             if buf.len() as u64 != range.end - range.start {
-                return Err(Error::malformed(
-                    name,
-                    format!(
-                        "range {}..{} returned {} bytes (object truncated?)",
-                        range.start,
-                        range.end,
-                        buf.len()
-                    ),
-                ));
+                return Err(truncated(name, &range, buf.len()));
             }
         }
         Ok(buf)
@@ -500,15 +500,7 @@ impl Storage {
             })
             .await?;
         if b.len() as u64 != want {
-            return Err(Error::malformed(
-                name,
-                format!(
-                    "range {}..{} returned {} bytes (object truncated?)",
-                    range.start,
-                    range.end,
-                    b.len()
-                ),
-            ));
+            return Err(truncated(name, &range, b.len()));
         }
         Ok(b)
     }
@@ -759,6 +751,17 @@ fn local_update(path: &Path, bytes: &[u8], expected: &[u8; 32]) -> Result<()> {
         }
         return Ok(());
     }
+}
+
+/// A range read that returned fewer bytes than asked for: the object was cut off.
+pub(crate) fn truncated(name: &str, range: &Range<u64>, got: usize) -> Error {
+    Error::malformed(
+        name,
+        format!(
+            "range {}..{} returned {got} bytes (object truncated?)",
+            range.start, range.end
+        ),
+    )
 }
 
 /// Largest buffer reservation made from a stored length before the bytes arrive.

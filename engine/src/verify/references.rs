@@ -290,10 +290,9 @@ fn summarize(
         }
     };
     summary.problem = known;
-    // The page's distinct chunks and their locations, sorted by id, in a buffer this thread
-    // keeps for its next page: a page has up to 4,096 slots, and a map or list of that size
-    // allocated per page, on whichever thread judges it, left every malloc arena holding
-    // fragments of them between the index's cached blocks (docs/OPERATIONS.md, "Memory").
+    // The page's distinct chunks and their locations, sorted by id (a slot finds its chunk by
+    // binary search), in a list the judging thread keeps for its next page instead of a map of
+    // up to 4,096 entries built per page.
     thread_local! {
         static LOCATED: std::cell::RefCell<Vec<(ChunkId, Option<Location>)>> =
             const { std::cell::RefCell::new(Vec::new()) };

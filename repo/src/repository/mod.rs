@@ -106,6 +106,16 @@ impl Drop for CopiedBlobs {
     }
 }
 
+/// Names a blob in errors: its chunk, pack and offset.
+fn blob_what(id: &ChunkId, loc: &Location) -> String {
+    format!(
+        "chunk {} in pack {} at offset {}",
+        id.short(),
+        loc.pack,
+        loc.offset
+    )
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -360,7 +370,7 @@ impl Repository {
         kind: Option<BlobKind>,
         out: Vec<u8>,
     ) -> Result<std::result::Result<Vec<u8>, Vec<u8>>> {
-        if self.blob_cache.is_some() || self.storage.local_file("").is_none() {
+        if self.blob_cache.is_some() || !self.storage.reads_local_files() {
             return Ok(Err(out));
         }
         let (index, keys, recycled) =
@@ -386,23 +396,13 @@ impl Repository {
                     .map_err(|source| Error::Io { path, source })?;
             storage.count_read(sealed.len() as u64);
             if sealed.len() as u64 != len {
-                return Err(Error::malformed(
-                    name,
-                    format!(
-                        "range {start}..{} returned {} bytes (object truncated?)",
-                        start + len,
-                        sealed.len()
-                    ),
+                return Err(crate::storage::truncated(
+                    &name,
+                    &(start..start + len),
+                    sealed.len(),
                 ));
             }
-            let what = || {
-                format!(
-                    "chunk {} in pack {} at offset {}",
-                    id.short(),
-                    loc.pack,
-                    loc.offset
-                )
-            };
+            let what = || blob_what(&id, &loc);
             let decoded =
                 blob::decode_into(&keys, &id, kind, loc.raw_len, &mut sealed, &mut out, &what);
             recycled.return_blob_buffer(sealed);
@@ -428,14 +428,7 @@ impl Repository {
         let (keys, id, loc) = (self.keys.clone(), *id, *loc);
         let recycled = self.recycled.clone();
         blocking(move || {
-            let what = || {
-                format!(
-                    "chunk {} in pack {} at offset {}",
-                    id.short(),
-                    loc.pack,
-                    loc.offset
-                )
-            };
+            let what = || blob_what(&id, &loc);
             match raw.try_into_mut() {
                 Ok(mut own) => {
                     let r =
