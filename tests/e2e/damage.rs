@@ -191,11 +191,41 @@ fn truncated_pack_and_deleted_pack_are_found() {
     assert_eq!(code(&out), 7, "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("DAMAGED") && text.contains(&p), "{text}");
+    // A restore reading the local pack straight from its file fails, naming the cut.
+    let restored = w.path("restored.raw");
+    let export = |w: &World| {
+        w.run(&[
+            "restore",
+            "export",
+            &p,
+            "--disk",
+            "d",
+            "--overwrite",
+            "--out",
+            restored.to_str().unwrap(),
+        ])
+    };
+    let out = export(&w);
+    assert_eq!(code(&out), 6, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("data lost") && stderr(&out).contains("object truncated"),
+        "{}",
+        stderr(&out)
+    );
 
     std::fs::remove_file(&packs[0]).unwrap();
     let out = w.run(&["verify"]);
     assert_eq!(code(&out), 7, "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("missing"));
+    // And a pack file that is gone sends the read down the general path, which finds the
+    // chunk stored nowhere.
+    let out = export(&w);
+    assert_eq!(code(&out), 6, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("data lost") && stderr(&out).contains("not stored in any pack"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
