@@ -775,6 +775,8 @@ pub(crate) fn read_file_range(
     mut buf: Vec<u8>,
 ) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
+    // Room for the whole range up front: no probing read, no growth on the way.
+    buf.reserve((len as usize).min(MAX_RESERVE));
     file.seek(SeekFrom::Start(start))?;
     file.take(len).read_to_end(&mut buf)?;
     Ok(buf)
