@@ -165,6 +165,17 @@ pub(crate) fn setup(seed: u64) -> (World, PathBuf, String) {
     (w, img, point)
 }
 
+/// An image of random bytes backed up as one point of 64 KiB chunks; returns (world, image,
+/// point).
+fn random_point(size: u64, seed: u64) -> (World, PathBuf, String) {
+    let w = World::with_repo("64KiB");
+    let img = w.path("disk.raw");
+    make_random_image(&img, size, seed);
+    let p = w.backup("vm", &[("sys", &img)]);
+    let point = p["point"].as_str().unwrap().to_owned();
+    (w, img, point)
+}
+
 fn sessions(w: &World) -> serde_json::Value {
     w.json(&["restore", "sessions"])
 }
@@ -445,13 +456,7 @@ fn two_disks_over_a_unix_socket() {
 
 #[test]
 fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
-    let w = World::with_repo("64KiB");
-    let img = w.path("disk.raw");
-    make_random_image(&img, 8 << 20, 61);
-    let point = w.backup("vm", &[("sys", &img)])["point"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (w, img, point) = random_point(8 << 20, 61);
     let hyd = w.path("hydrated.raw");
     let overlay = w.path("ov");
     let args = [
@@ -569,13 +574,7 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
 /// holds the point and the guest's writes.
 #[test]
 fn a_mount_killed_between_the_merge_record_and_the_rename_finishes_the_merge() {
-    let w = World::with_repo("64KiB");
-    let img = w.path("disk.raw");
-    make_random_image(&img, 8 << 20, 67);
-    let point = w.backup("vm", &[("sys", &img)])["point"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (w, img, point) = random_point(8 << 20, 67);
     let hyd = w.path("hydrated.raw");
     let part = w.path("hydrated.raw.part");
     let overlay = w.path("ov");
@@ -659,11 +658,7 @@ fn a_mount_killed_between_the_merge_record_and_the_rename_finishes_the_merge() {
 
 #[test]
 fn a_stopped_hydration_resumes_where_it_was() {
-    let w = World::with_repo("64KiB");
-    let img = w.path("disk.raw");
-    make_random_image(&img, 16 << 20, 63);
-    let p = w.backup("vm", &[("sys", &img)]);
-    let point = p["point"].as_str().unwrap().to_owned();
+    let (w, img, point) = random_point(16 << 20, 63);
     let hyd = w.path("hydrated.raw");
     let part = w.path("hydrated.raw.part");
     let record = w.path("hydrated.raw.part.done");
