@@ -1,14 +1,14 @@
 //! Keys and authenticated encryption. AES-256-GCM with a fresh random 96-bit nonce per object; every
 //! object binds its kind and name as associated data.
 
-use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use rand::RngCore;
 use zeroize::Zeroizing;
 
 use crate::config::KdfParams;
 use crate::format::{
     KDF_CONTEXT_CONFIG_MAC, KDF_CONTEXT_DATA, KDF_CONTEXT_ID, KDF_CONTEXT_META, NONCE_LEN,
+    TAG_LEN,
 };
 use crate::{ChunkHasher, Error, Result};
 
@@ -37,31 +37,37 @@ pub(crate) fn derive_kek(password: &[u8], kdf: &KdfParams) -> Result<Zeroizing<[
 }
 
 /// An AES-256-GCM key with the nonce handling every object uses: `nonce || ciphertext || tag`.
+///
+/// ring's implementation, whose GHASH and AES run interleaved in wide vector registers, decrypts
+/// at several times the speed of the `aes-gcm` crate on the same core (docs/BENCHMARKS.md,
+/// "Verify at the decoder's speed"); the bytes are the same, which a test checks against
+/// `aes-gcm`.
 #[derive(Clone)]
-pub(crate) struct SealKey(Aes256Gcm);
+pub(crate) struct SealKey(LessSafeKey);
 
 impl SealKey {
     pub(crate) fn new(key: &[u8; 32]) -> Self {
-        Self(Aes256Gcm::new(key.into()))
+        let key = UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key suits AES-256-GCM");
+        Self(LessSafeKey::new(key))
     }
 
     /// Encrypts `plaintext`, appending `nonce || ciphertext || tag` to `out`.
     pub(crate) fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let ct = self
+        out.reserve(NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(&nonce);
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        let tag = self
             .0
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[start..],
             )
             .expect("AES-GCM encryption cannot fail for in-memory buffers under 64 GiB");
-        out.reserve(NONCE_LEN + ct.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(tag.as_ref());
     }
 
     pub(crate) fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
@@ -72,33 +78,24 @@ impl SealKey {
 
     /// Decrypts `nonce || ciphertext || tag`; `None` when authentication fails.
     pub(crate) fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-        if sealed.len() < NONCE_LEN + 16 {
-            return None;
-        }
-        let (nonce, ct) = sealed.split_at(NONCE_LEN);
-        self.0
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-            .ok()
+        let mut copy = sealed.to_vec();
+        let len = self.open_in_place(aad, &mut copy)?.len();
+        copy.drain(..NONCE_LEN);
+        copy.truncate(len);
+        Some(copy)
     }
 
     /// Decrypts `nonce || ciphertext || tag` where it lies, without allocating; returns the
     /// plaintext (a part of `sealed`), or `None` when authentication fails (then `sealed` holds
     /// garbage).
     pub(crate) fn open_in_place<'a>(&self, aad: &[u8], sealed: &'a mut [u8]) -> Option<&'a [u8]> {
-        if sealed.len() < NONCE_LEN + 16 {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
             return None;
         }
         let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
-        let (ct, tag) = rest.split_at_mut(rest.len() - 16);
-        self.0
-            .decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                aad,
-                ct,
-                aes_gcm::Tag::from_slice(tag),
-            )
-            .ok()?;
-        Some(ct)
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let plain = self.0.open_in_place(nonce, Aad::from(aad), rest).ok()?;
+        Some(plain)
     }
 }
 
@@ -152,5 +149,35 @@ mod tests {
         assert!(k.open(b"a", &t).is_none(), "flipped bit must fail");
         assert!(k.open(b"a", &s[..10]).is_none());
         assert_ne!(k.seal(b"a", b"secret"), s, "nonces are fresh");
+    }
+
+    /// The objects are AES-256-GCM as any other implementation writes it: the `aes-gcm` crate
+    /// opens what this module seals, and this module opens what `aes-gcm` seals, so repositories
+    /// written before or by another program stay readable.
+    #[test]
+    fn same_bytes_as_another_aes_gcm() {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let key = [0x5a; 32];
+        let ours = SealKey::new(&key);
+        let other = aes_gcm::Aes256Gcm::new((&key).into());
+        let mut plain = vec![0u8; 100_003];
+        rand::thread_rng().fill_bytes(&mut plain);
+        for msg in [&plain[..], b"", b"x"] {
+            let sealed = ours.seal(b"label\0name", msg);
+            let (nonce, ct) = sealed.split_at(NONCE_LEN);
+            let opened = other
+                .decrypt(nonce.into(), Payload { msg: ct, aad: b"label\0name" })
+                .expect("aes-gcm opens what ring sealed");
+            assert_eq!(opened, msg);
+
+            let nonce = [7u8; NONCE_LEN];
+            let ct = other
+                .encrypt((&nonce).into(), Payload { msg, aad: b"aad" })
+                .unwrap();
+            let mut theirs = nonce.to_vec();
+            theirs.extend_from_slice(&ct);
+            assert_eq!(ours.open(b"aad", &theirs).unwrap(), msg);
+            assert!(ours.open(b"other", &theirs).is_none());
+        }
     }
 }
