@@ -16,6 +16,9 @@ pub enum Error {
     Repo(#[from] blockvault_repo::Error),
     #[error(transparent)]
     Engine(#[from] blockvault_engine::Error),
+    /// The NBD server of a mount.
+    #[error(transparent)]
+    Nbd(#[from] blockvault_nbd::Error),
     /// The agent's state database.
     #[error("agent state {path}: {detail}")]
     State { path: PathBuf, detail: String },

@@ -1,8 +1,52 @@
 //! Mount sessions: each running `restore mount` keeps a status file `<pid>.json` in the sessions
-//! directory of the cache. `restore sessions`, `restore unmount` and the agent's metrics read them
-//! here; the file of a process that is gone is removed.
+//! directory of the cache, rewritten every second and removed when it stops. `restore sessions`,
+//! `restore unmount` and the agent's metrics read them here; the file of a process that is gone
+//! is removed.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blockvault_engine::{CacheStats, HydrationStatus, PrefetchReport};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// What a running mount reports about itself (its status file, `restore mount --json`,
+/// `restore sessions --json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// The session's name for `restore unmount`: the pid, as text.
+    pub session: String,
+    pub pid: u32,
+    pub point: String,
+    /// RFC 3339.
+    pub started: String,
+    pub connections: u64,
+    pub total_connections: u64,
+    pub bytes_served: u64,
+    pub bytes_written: u64,
+    /// `recording` (this mount records the point's boot trace) or `present`.
+    pub boot_trace: String,
+    pub disks: Vec<DiskStatus>,
+}
+
+/// One served disk of a mount session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub name: String,
+    pub export: String,
+    pub uri: String,
+    pub size: u64,
+    pub writable: bool,
+    /// Bytes the guest has written into the overlay (writable mounts).
+    pub overlay_bytes: Option<u64>,
+    /// The hydrated local file served in place of the repository, once an overlay was merged.
+    pub local_file: Option<PathBuf>,
+    pub cache: CacheStats,
+    pub connections: usize,
+    pub hydration: Option<HydrationStatus>,
+    pub boot_prefetch: Option<PrefetchReport>,
+}
 
 /// The sessions directory under a cache directory.
 pub fn sessions_dir(cache_dir: &Path) -> PathBuf {
@@ -20,8 +64,17 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Status of live mounts, ordered by pid; files of dead processes are removed.
-pub fn live_sessions(dir: &Path) -> Vec<(PathBuf, serde_json::Value)> {
+/// Writes a session's status file whole (a reader never sees half of it).
+pub(crate) fn write_status(path: &Path, status: &SessionStatus) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(status).expect("a session status serializes");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
+}
+
+/// Status of live mounts, ordered by pid, each with its status file; files of dead processes
+/// are removed, unreadable ones skipped.
+pub fn live_sessions(dir: &Path) -> Vec<(PathBuf, SessionStatus)> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;
@@ -42,11 +95,42 @@ pub fn live_sessions(dir: &Path) -> Vec<(PathBuf, serde_json::Value)> {
         }
         if let Some(v) = std::fs::read(&path)
             .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|b| serde_json::from_slice::<SessionStatus>(&b).ok())
         {
             out.push((path, v));
         }
     }
-    out.sort_by_key(|(_, v)| v["pid"].as_u64());
+    out.sort_by_key(|(_, v)| v.pid);
     out
+}
+
+/// Stops a mount session: SIGTERM to its process, then waits until it has removed its status
+/// file (the last thing a mount does, after flushing every writable disk) or is gone.
+pub async fn stop_session(path: &Path, status: &SessionStatus, timeout: Duration) -> Result<()> {
+    let pid = status.pid;
+    let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return Err(Error::Input(format!(
+            "mount session {} names no valid process",
+            status.session
+        )));
+    };
+    rustix::process::kill_process(p, rustix::process::Signal::TERM)
+        .map_err(|e| Error::io(format!("signalling mount process {pid}"), e.into()))?;
+    let deadline = Instant::now() + timeout;
+    while path.exists() && alive(pid) {
+        if Instant::now() > deadline {
+            return Err(Error::io(
+                format!("waiting for mount process {pid} to stop"),
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("still running after {} s", timeout.as_secs()),
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }

@@ -11,7 +11,6 @@ mod password;
 mod progress;
 mod restore_vm;
 mod size;
-mod socket;
 mod store_opts;
 
 use std::path::PathBuf;

@@ -30,7 +30,7 @@ pub struct ChunkCache {
 }
 
 /// Counters for `restore sessions` and benchmarks.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     pub bytes: usize,
     pub chunks: usize,

@@ -33,7 +33,7 @@ pub struct Hydration {
     error: Mutex<Option<String>>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HydrationStatus {
     pub path: PathBuf,
     pub bytes_total: u64,

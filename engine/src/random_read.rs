@@ -97,7 +97,7 @@ pub struct Recording {
 }
 
 /// What a prefetch did.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct PrefetchReport {
     pub chunks: u64,
     pub bytes: u64,

@@ -247,15 +247,7 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).map_err(|e| err(format!("removing the stale socket: {e}")))?;
     }
-    // The umask makes the socket owner-only from the moment it exists.
-    let old = rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o177));
-    let l = UnixListener::bind(path);
-    rustix::process::umask(old);
-    let l = l.map_err(|e| err(e.to_string()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err(format!("setting permissions: {e}")))?;
-    Ok(l)
+    crate::private_socket::bind_private(path).map_err(|e| err(e.to_string()))
 }
 
 /// A request on the control socket: one JSON line.

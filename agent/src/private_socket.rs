@@ -3,9 +3,7 @@
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
-
-use crate::exit::InputError;
+use crate::{Error, Result};
 
 /// Binds a unix socket at `path` that only the owner (and root) can connect to, with no moment
 /// at which `path` exists with looser permissions: the socket is bound inside a fresh 0700
@@ -17,16 +15,16 @@ pub fn bind_private(path: &Path) -> Result<tokio::net::UnixListener> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     if path.file_name().is_none() {
-        return Err(anyhow!(InputError(format!(
+        return Err(Error::Input(format!(
             "{} is not a socket file path",
             path.display()
-        ))));
+        )));
     }
     let staging = parent.join(format!(".bv-sock-{}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&staging)
-        .with_context(|| format!("creating {}", staging.display()))?;
+        .map_err(io(format!("creating {}", staging.display())))?;
     let inner = staging.join("s");
     let bound = bind_and_move(&inner, path);
     if bound.is_err() {
@@ -36,13 +34,17 @@ pub fn bind_private(path: &Path) -> Result<tokio::net::UnixListener> {
     bound
 }
 
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
 /// Binds at `inner` (inside the private staging directory), restricts the socket to its owner,
 /// then moves it to `path` unless something is there.
 fn bind_and_move(inner: &Path, path: &Path) -> Result<tokio::net::UnixListener> {
     let listener = std::os::unix::net::UnixListener::bind(inner)
-        .with_context(|| format!("binding unix socket {}", path.display()))?;
+        .map_err(io(format!("binding unix socket {}", path.display())))?;
     std::fs::set_permissions(inner, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", inner.display()))?;
+        .map_err(io(format!("restricting {}", inner.display())))?;
     rustix::fs::renameat_with(
         rustix::fs::CWD,
         inner,
@@ -50,9 +52,10 @@ fn bind_and_move(inner: &Path, path: &Path) -> Result<tokio::net::UnixListener> 
         path,
         rustix::fs::RenameFlags::NOREPLACE,
     )
-    .with_context(|| format!("moving the socket to {}", path.display()))?;
-    listener.set_nonblocking(true)?;
-    Ok(tokio::net::UnixListener::from_std(listener)?)
+    .map_err(|e| Error::io(format!("moving the socket to {}", path.display()), e.into()))?;
+    let what = || format!("listening on {}", path.display());
+    listener.set_nonblocking(true).map_err(io(what()))?;
+    tokio::net::UnixListener::from_std(listener).map_err(io(what()))
 }
 
 #[cfg(test)]
