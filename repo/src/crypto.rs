@@ -1,14 +1,13 @@
 //! Keys and authenticated encryption. AES-256-GCM with a fresh random 96-bit nonce per object; every
 //! object binds its kind and name as associated data.
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use rand::RngCore;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use zeroize::Zeroizing;
 
 use crate::config::KdfParams;
 use crate::format::{
-    KDF_CONTEXT_CONFIG_MAC, KDF_CONTEXT_DATA, KDF_CONTEXT_ID, KDF_CONTEXT_META, NONCE_LEN,
-    TAG_LEN,
+    KDF_CONTEXT_CONFIG_MAC, KDF_CONTEXT_DATA, KDF_CONTEXT_ID, KDF_CONTEXT_META, NONCE_LEN, TAG_LEN,
 };
 use crate::{ChunkHasher, Error, Result};
 
@@ -166,7 +165,13 @@ mod tests {
             let sealed = ours.seal(b"label\0name", msg);
             let (nonce, ct) = sealed.split_at(NONCE_LEN);
             let opened = other
-                .decrypt(nonce.into(), Payload { msg: ct, aad: b"label\0name" })
+                .decrypt(
+                    nonce.into(),
+                    Payload {
+                        msg: ct,
+                        aad: b"label\0name",
+                    },
+                )
                 .expect("aes-gcm opens what ring sealed");
             assert_eq!(opened, msg);
 
