@@ -502,7 +502,8 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
         ));
     };
     if out != "-" {
-        crate::disk::check_overwrite(Path::new(&out), a.overwrite)?;
+        blockvault_agent::vm_restore::check_overwrite(Path::new(&out), a.overwrite)
+            .map_err(lift)?;
     }
     if a.format == "vhdx" {
         return crate::disk::export_vhdx_file(g, repo, &m, &disk, &out, &a).await;

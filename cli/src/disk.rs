@@ -1,18 +1,21 @@
-//! VHDX- and RCT-aware parts of the commands: opening disks by content, planning incrementals from
-//! changed-ranges files, VM configuration files, `restore export --format vhdx|--config`, and
-//! `disk info`.
+//! VHDX-aware parts of the commands: parent path maps, `restore export --format vhdx|--config`
+//! (rendering the agent library's reports), and `disk info`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use blockvault_agent::export_vhdx::{export_vhdx, VhdxExportOptions};
 use blockvault_agent::source::{detect_format, DiskFormat};
+use blockvault_agent::vm_restore::{
+    check_overwrite, export_configs as export_configs_to, ConfigTarget,
+};
 use blockvault_agent::{VhdxDisk, VhdxOpenOptions};
 use blockvault_engine::{DiskReader, DiskSource, Progress, ReaderOptions};
-use blockvault_repo::{BlobKind, PointManifest, Repository};
+use blockvault_repo::{PointManifest, Repository};
 use serde_json::json;
 
+use crate::commands::lift;
 use crate::exit::InputError;
 use crate::progress::Bar;
 use crate::size::{human, parse_size};
@@ -41,39 +44,6 @@ pub fn open_options(maps: &[String]) -> Result<VhdxOpenOptions> {
     Ok(o)
 }
 
-/// The contents of a stored configuration file, checked against its recorded size.
-pub async fn read_config(
-    repo: &Repository,
-    m: &PointManifest,
-    c: &blockvault_repo::ConfigFile,
-) -> Result<Vec<u8>> {
-    let mut data = Vec::with_capacity(c.size as usize);
-    for b in &c.blobs {
-        data.extend_from_slice(&repo.read_blob(&b.0, Some(BlobKind::File)).await?);
-    }
-    if data.len() as u64 != c.size {
-        bail!(blockvault_repo::Error::Tampered {
-            object: format!("config file '{}' of restore point {}", c.name, m.id),
-            detail: format!("{} bytes stored, {} recorded", data.len(), c.size),
-        });
-    }
-    Ok(data)
-}
-
-/// Refuses to replace an existing file unless `--overwrite` (block and character devices, the
-/// usual targets of a raw export to a disk, are written in place).
-pub fn check_overwrite(path: &Path, overwrite: bool) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => Ok(()),
-        Ok(_) if !overwrite => Err(input(format!(
-            "{} already exists; pass --overwrite to replace it",
-            path.display()
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// `restore export --config NAME --out FILE` or `--configs-to DIR`.
 pub async fn export_configs(
     g: &Global,
@@ -81,59 +51,24 @@ pub async fn export_configs(
     m: &PointManifest,
     a: &ExportArgs,
 ) -> Result<()> {
-    let chosen: Vec<&blockvault_repo::ConfigFile> = match &a.config {
-        Some(name) => {
-            let c = m.configs.iter().find(|c| &c.name == name).ok_or_else(|| {
-                anyhow!(blockvault_engine::Error::NoSuchDisk {
-                    point: m.id.to_hex(),
-                    disk: format!("config:{name}"),
-                    available: m
-                        .configs
-                        .iter()
-                        .map(|c| format!("config:{}", c.name))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })
-            })?;
-            vec![c]
-        }
-        None => m.configs.iter().collect(),
+    let target = match (&a.configs_to, &a.out) {
+        (Some(dir), _) => ConfigTarget::Dir(dir.clone()),
+        (None, Some(out)) => ConfigTarget::File(PathBuf::from(out)),
+        (None, None) => bail!(InputError("--config needs --out FILE".into())),
     };
-    let mut written = Vec::new();
-    for c in chosen {
-        let data = read_config(repo, m, c).await?;
-        let target = match (&a.configs_to, &a.out) {
-            (Some(dir), _) => {
-                // Names come from the authenticated manifest, but never let one leave the directory.
-                if c.name.contains('/') || c.name == ".." || c.name == "." {
-                    bail!(InputError(format!(
-                        "config file name '{}' is not a plain file name",
-                        c.name
-                    )));
-                }
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                dir.join(&c.name)
-            }
-            (None, Some(out)) => PathBuf::from(out),
-            (None, None) => bail!(InputError("--config needs --out FILE".into())),
-        };
-        check_overwrite(&target, a.overwrite)?;
-        std::fs::write(&target, &data).with_context(|| format!("writing {}", target.display()))?;
-        written.push(json!({"name": c.name, "size": c.size, "out": target}));
-        if !g.json {
-            println!(
-                "config file {} ({}) -> {}",
-                c.name,
-                human(c.size),
-                target.display()
-            );
-        }
-    }
+    let report = export_configs_to(repo, m, a.config.as_deref(), &target, a.overwrite)
+        .await
+        .map_err(lift)?;
     if g.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for c in &report.configs {
         println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"point": m.id, "configs": written}))?
+            "config file {} ({}) -> {}",
+            c.name,
+            human(c.size),
+            c.out.display()
         );
     }
     Ok(())
@@ -153,7 +88,7 @@ pub async fn export_vhdx_file(
             "--format vhdx needs a file: a VHDX cannot be written to standard output".into()
         ));
     }
-    check_overwrite(Path::new(out), a.overwrite)?;
+    check_overwrite(Path::new(out), a.overwrite).map_err(lift)?;
     let block = parse_size(&a.vhdx_block_size).map_err(input)?;
     let lss = m
         .disk(disk)

@@ -43,11 +43,16 @@ impl Bar {
         }
     }
 
-    pub fn finish(self) {
-        if let Some(t) = self.task {
+    /// Stops and clears the bar (as dropping it does).
+    pub fn finish(self) {}
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
             t.abort();
         }
-        if let Some(b) = self.bar {
+        if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
     }

@@ -1,0 +1,78 @@
+//! `restore export --format qcow2` and `restore vm --format qcow2`: a restore-point disk written as
+//! a qcow2 image (engine/restore's `Qcow2Writer`, docs/qcow2.md).
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use blockvault_engine::{DiskReader, Progress};
+use blockvault_restore::qcow2::Qcow2Writer;
+use futures::StreamExt;
+
+use crate::{Error, Result};
+
+/// Writes the disk `reader` reads as a qcow2 image at `path` (created or truncated). Chunks
+/// arrive in disk order and go to one writer thread; the chunk size is a power of two of at least
+/// 64 KiB, so every chunk is whole qcow2 clusters.
+pub async fn export_qcow2(
+    reader: Arc<DiskReader>,
+    path: &Path,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let layout = *reader.layout();
+    progress
+        .bytes_total
+        .store(layout.disk_size(), Ordering::Relaxed);
+    if !(layout.chunk_size() as u64).is_multiple_of(Qcow2Writer::cluster_size()) {
+        return Err(Error::Input(format!(
+            "chunk size {} is not a multiple of the qcow2 cluster size; export --format raw",
+            layout.chunk_size()
+        )));
+    }
+    let writing = || format!("writing {}", path.display());
+    let file = std::fs::File::create(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    let mut w = Qcow2Writer::new(file, layout.disk_size()).map_err(|e| Error::io(writing(), e))?;
+    let parallel = reader.options().parallel.max(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, bytes::Bytes)>(parallel * 2);
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        while let Some((offset, data)) = rx.blocking_recv() {
+            w.write_at(offset, &data)?;
+        }
+        w.finish().map(|_| ())
+    });
+    let mut chunks = std::pin::pin!(reader.chunks_in_order());
+    let mut fetched = Ok(());
+    while let Some((slot, data)) = chunks.next().await {
+        let len = layout.chunk_len(slot) as u64;
+        match data {
+            Ok(Some(d)) => {
+                if tx
+                    .send((slot * layout.chunk_size() as u64, d))
+                    .await
+                    .is_err()
+                {
+                    break; // the writer stopped; its error is reported below
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                fetched = Err(e);
+                break;
+            }
+        }
+        progress.bytes_done.fetch_add(len, Ordering::Relaxed);
+    }
+    drop(tx);
+    let written = tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|e| Error::io(writing(), std::io::Error::other(e.to_string())))?
+        .map_err(|_| {
+            Error::io(
+                writing(),
+                std::io::Error::other("the qcow2 writer panicked"),
+            )
+        })?;
+    fetched?;
+    written.map_err(|e| Error::io(writing(), e))
+}
