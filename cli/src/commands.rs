@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use blockvault_agent::vm_backup::{self, BackupRequest};
 use blockvault_agent::Error as AgentError;
+use blockvault_engine::points::{MaintenanceState, PointDetail, PointSummary, VerifyStates};
 use blockvault_engine::{export_raw_with, format_ranges};
 use blockvault_engine::{
     parse_duration, verify, DiskReader, ExportTarget, Progress, ReaderOptions, Selection, Verdict,
@@ -133,7 +134,7 @@ async fn info(g: &Global) -> Result<()> {
     let packs = repo.list_packs().await?;
     let stored: u64 = packs.iter().map(|(_, s)| s).sum();
     let stats = repo.index_stats().await?;
-    let maint = crate::maintenance::state(&repo).await?;
+    let maint = MaintenanceState::load(&repo).await?;
     if g.json {
         print_json(&json!({
             "maintenance": maint,
@@ -300,72 +301,23 @@ async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
     Ok(())
 }
 
-fn point_summary(m: &PointManifest, verify: &VerifyStates) -> serde_json::Value {
-    json!({
-        "id": m.id, "vm": m.vm, "host": m.host, "created": m.created, "tags": m.tags,
-        "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size, "kind": d.kind})).collect::<Vec<_>>(),
-        "verify": verify.json(&m.id),
-    })
-}
-
-/// Each point's verify state, from the newest verify record (points stored after it have none).
-struct VerifyStates {
-    record: Option<String>,
-    states: std::collections::HashMap<blockvault_repo::PointId, blockvault_repo::PointStatus>,
-}
-
-impl VerifyStates {
-    async fn load(repo: &Repository) -> Self {
-        match repo.latest_verify_record().await {
-            Ok(Some((name, rec))) => Self {
-                record: Some(name.to_string()),
-                states: rec.points.into_iter().map(|p| (p.point, p)).collect(),
-            },
-            Ok(None) => Self {
-                record: None,
-                states: Default::default(),
-            },
-            Err(e) => {
-                eprintln!("blockvault: verify records unreadable: {e}");
-                Self {
-                    record: None,
-                    states: Default::default(),
-                }
-            }
-        }
-    }
-
-    fn json(&self, id: &blockvault_repo::PointId) -> serde_json::Value {
-        match self.states.get(id) {
-            Some(s) => {
-                let mut v = serde_json::to_value(s).expect("status serialises");
-                v["record"] = json!(self.record);
-                v
-            }
-            None => json!({"state": "never", "record": self.record}),
-        }
-    }
-
-    fn text(&self, id: &blockvault_repo::PointId) -> String {
-        match self.states.get(id) {
-            Some(s) => blockvault_engine::describe_state(s),
-            None => "never verified".into(),
-        }
-    }
-}
-
 async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
     let repo = open_repo(g).await?;
     let (points, bad) = repo.list_points().await?;
     let verify = VerifyStates::load(&repo).await;
+    if let Some(e) = &verify.unreadable {
+        eprintln!("blockvault: verify records unreadable: {e}");
+    }
     let points: Vec<&PointManifest> = points
         .iter()
         .filter(|p| vm.is_none_or(|v| p.vm == v))
         .collect();
     if g.json {
-        print_json(&serde_json::Value::Array(
-            points.iter().map(|p| point_summary(p, &verify)).collect(),
-        ));
+        let summaries: Vec<PointSummary> = points
+            .iter()
+            .map(|p| PointSummary::of(p, &verify))
+            .collect();
+        print_json(&serde_json::to_value(&summaries)?);
     } else {
         println!(
             "{:<16}  {:<20}  {:<20}  {:>10}  disks / tags / verify",
@@ -386,7 +338,7 @@ async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
                 } else {
                     format!(" [{}]", p.tags.join(","))
                 },
-                verify.text(&p.id)
+                verify.view(&p.id).text()
             );
         }
     }
@@ -399,26 +351,12 @@ async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
 async fn show_point(g: &Global, text: &str) -> Result<()> {
     let repo = open_repo(g).await?;
     let id = repo.resolve_point(text).await?;
-    let m = repo.load_point(&id).await?;
-    let verify = VerifyStates::load(&repo).await;
-    let trace = repo.load_boot_trace(&id).await?;
-    let trace_summary = trace.as_ref().map(|t| {
-        serde_json::json!({
-            "recorded": t.recorded,
-            "disks": t.disks.iter().map(|d| serde_json::json!({
-                "name": d.name,
-                "chunks": d.slots.len(),
-                "span_ms": d.span_ms,
-            })).collect::<Vec<_>>(),
-        })
-    });
+    let p = PointDetail::load(&repo, &id).await?;
     if g.json {
-        let mut v = serde_json::to_value(&m)?;
-        v["boot_trace"] = trace_summary.unwrap_or(serde_json::Value::Null);
-        v["verify"] = verify.json(&m.id);
-        print_json(&v);
+        print_json(&serde_json::to_value(&p)?);
         return Ok(());
     }
+    let m = &p.manifest;
     println!("point     {}", m.id);
     println!("vm        {}", m.vm);
     println!("host      {}", m.host);
@@ -461,13 +399,11 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
     for c in &m.configs {
         println!("config file {} ({})", c.name, human(c.size));
     }
-    println!("verify    {}", verify.text(&m.id));
-    if let Some(s) = verify.states.get(&m.id) {
-        for d in &s.damage {
-            println!("  damaged {}: bytes {}", d.disk, format_ranges(&d.ranges));
-        }
+    println!("verify    {}", p.verify.text());
+    for d in p.verify.status().map(|s| &s.damage[..]).unwrap_or_default() {
+        println!("  damaged {}: bytes {}", d.disk, format_ranges(&d.ranges));
     }
-    match &trace {
+    match &p.boot_trace {
         Some(t) => {
             let disks: Vec<String> = t
                 .disks
@@ -476,7 +412,7 @@ async fn show_point(g: &Global, text: &str) -> Result<()> {
                     format!(
                         "{} {} chunks over {:.1}s",
                         d.name,
-                        d.slots.len(),
+                        d.chunks,
                         d.span_ms as f64 / 1000.0
                     )
                 })

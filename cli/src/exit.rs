@@ -53,30 +53,19 @@ pub fn classify(err: &anyhow::Error) -> u8 {
             match e {
                 EngineError::Source { .. } => return BAD_INPUT,
                 EngineError::NoSuchDisk { .. } => return NOT_FOUND,
-                EngineError::Repo(RepoError::PruneRunning { .. }) => return BUSY,
                 EngineError::Lost { .. } => return TAMPERED,
+                // A transparent wrapper: the chain goes on below the repository error, so it
+                // is judged here.
+                EngineError::Repo(e) => return repo_code(e),
                 _ => {}
             }
         }
-        // Engine errors box the repository error they wrap.
+        // A repository error on its own, or boxed.
         let repo = cause
             .downcast_ref::<RepoError>()
             .or_else(|| cause.downcast_ref::<Box<RepoError>>().map(|b| &**b));
         if let Some(e) = repo {
-            return match e {
-                RepoError::WrongPassword { .. } => WRONG_PASSWORD,
-                RepoError::NotFound { .. }
-                | RepoError::Foreign { .. }
-                | RepoError::AlreadyExists { .. }
-                | RepoError::UnsupportedVersion { .. } => NO_REPOSITORY,
-                RepoError::Tampered { .. }
-                | RepoError::Malformed { .. }
-                | RepoError::PackMissing { .. }
-                | RepoError::ChunkMissing { .. } => TAMPERED,
-                RepoError::PruneRunning { .. } => BUSY,
-                RepoError::PointNotFound(_) | RepoError::AmbiguousPoint(_) => NOT_FOUND,
-                _ => FAILURE,
-            };
+            return repo_code(e);
         }
         if let Some(e) = cause.downcast_ref::<blockvault_restore::Error>() {
             use blockvault_restore::Error as R;
@@ -98,6 +87,23 @@ pub fn classify(err: &anyhow::Error) -> u8 {
     FAILURE
 }
 
+fn repo_code(e: &RepoError) -> u8 {
+    match e {
+        RepoError::WrongPassword { .. } => WRONG_PASSWORD,
+        RepoError::NotFound { .. }
+        | RepoError::Foreign { .. }
+        | RepoError::AlreadyExists { .. }
+        | RepoError::UnsupportedVersion { .. } => NO_REPOSITORY,
+        RepoError::Tampered { .. }
+        | RepoError::Malformed { .. }
+        | RepoError::PackMissing { .. }
+        | RepoError::ChunkMissing { .. } => TAMPERED,
+        RepoError::PruneRunning { .. } => BUSY,
+        RepoError::PointNotFound(_) | RepoError::AmbiguousPoint(_) => NOT_FOUND,
+        _ => FAILURE,
+    }
+}
+
 /// Bad input from the user's side (an unreadable image, a malformed argument value).
 #[derive(Debug)]
 pub struct InputError(pub String);
@@ -109,3 +115,28 @@ impl std::fmt::Display for InputError {
 }
 
 impl std::error::Error for InputError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A repository error keeps its exit code whether the repository, the engine or a
+    /// `with_context` layer hands it up.
+    #[test]
+    fn repository_errors_keep_their_code_through_the_engine() {
+        let tampered = || RepoError::Tampered {
+            object: "restore point 1234 manifest".into(),
+            detail: "authentication failed".into(),
+        };
+        assert_eq!(classify(&anyhow::anyhow!(tampered())), TAMPERED);
+        assert_eq!(
+            classify(&anyhow::anyhow!(EngineError::Repo(tampered()))),
+            TAMPERED
+        );
+        let wrapped =
+            anyhow::Error::from(EngineError::Repo(RepoError::PointNotFound("abc".into())))
+                .context("showing a point");
+        assert_eq!(classify(&wrapped), NOT_FOUND);
+        assert_eq!(classify(&anyhow::anyhow!("something else")), FAILURE);
+    }
+}

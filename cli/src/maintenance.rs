@@ -186,82 +186,7 @@ pub async fn protect(g: &Global, text: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// Maintenance state for `repo info`.
-#[derive(serde::Serialize)]
-pub struct MaintenanceState {
-    /// Newest published plan: epoch, host and store time of the last prune.
-    pub last_prune: Option<LastPrune>,
-    /// Packs condemned and not yet deleted.
-    pub pending_packs: u64,
-    pub pending_bytes: u64,
-    pub leases: Vec<LeaseView>,
-}
-
-#[derive(serde::Serialize)]
-pub struct LastPrune {
-    pub epoch: u64,
-    pub host: String,
-    pub published: String,
-    pub deleted_packs: u64,
-}
-
-#[derive(serde::Serialize)]
-pub struct LeaseView {
-    pub id: String,
-    pub kind: blockvault_repo::LeaseKind,
-    pub host: String,
-    pub pid: u32,
-    pub started: String,
-    pub live: bool,
-}
-
-fn store_time(ms: i64) -> String {
-    blockvault_engine::rfc3339_ms(ms)
-}
-
-pub async fn state(repo: &std::sync::Arc<blockvault_repo::Repository>) -> Result<MaintenanceState> {
-    repo.refresh_plans().await?;
-    let epoch = repo.maintenance_epoch();
-    let mut st = MaintenanceState {
-        last_prune: None,
-        pending_packs: 0,
-        pending_bytes: 0,
-        leases: Vec::new(),
-    };
-    if epoch > 0 {
-        if let Some(plan) = repo.read_plan(epoch).await? {
-            st.pending_packs = plan.condemned.len() as u64;
-            st.pending_bytes = plan.condemned.iter().map(|c| c.size).sum();
-            st.last_prune = Some(LastPrune {
-                epoch,
-                host: plan.host.clone(),
-                published: repo
-                    .plan_times()
-                    .get(&epoch)
-                    .map(|ms| store_time(*ms))
-                    .unwrap_or_default(),
-                deleted_packs: plan.deleted.len() as u64,
-            });
-        }
-    }
-    let now = repo.clock().await?;
-    for l in repo.leases(now).await? {
-        if l.record.kind == blockvault_repo::LeaseKind::Prune && !l.live {
-            continue;
-        }
-        st.leases.push(LeaseView {
-            id: l.record.id.to_hex(),
-            kind: l.record.kind,
-            host: l.record.host,
-            pid: l.record.pid,
-            started: store_time(l.started_ms),
-            live: l.live,
-        });
-    }
-    Ok(st)
-}
-
-pub fn print_state(st: &MaintenanceState) {
+pub fn print_state(st: &blockvault_engine::points::MaintenanceState) {
     match &st.last_prune {
         Some(p) => println!(
             "last prune    epoch {} on {} at {} ({} packs deleted)",
@@ -274,7 +199,8 @@ pub fn print_state(st: &MaintenanceState) {
         st.pending_packs,
         human(st.pending_bytes)
     );
-    let live: Vec<&LeaseView> = st.leases.iter().filter(|l| l.live).collect();
+    let live: Vec<&blockvault_engine::points::LeaseView> =
+        st.leases.iter().filter(|l| l.live).collect();
     println!("leases        {} live", live.len());
     for l in &st.leases {
         println!(

@@ -14,6 +14,7 @@ pub mod gc;
 mod hydrate;
 mod mounted;
 mod overlay;
+pub mod points;
 mod progress;
 mod prune;
 mod random_read;
