@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use blockvault_engine::{DiskReader, Progress};
 use blockvault_restore::qcow2::Qcow2Writer;
-use futures::StreamExt;
 
+use crate::chunk_feed::{feed_in_order, writer_channel};
 use crate::{Error, Result};
 
 /// Writes the disk `reader` reads as a qcow2 image at `path` (created or truncated). Chunks
@@ -33,37 +33,14 @@ pub async fn export_qcow2(
     let file = std::fs::File::create(path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
     let mut w = Qcow2Writer::new(file, layout.disk_size()).map_err(|e| Error::io(writing(), e))?;
-    let parallel = reader.options().parallel.max(1);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, bytes::Bytes)>(parallel * 2);
+    let (tx, mut rx) = writer_channel(&reader);
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
         while let Some((offset, data)) = rx.blocking_recv() {
             w.write_at(offset, &data)?;
         }
         w.finish().map(|_| ())
     });
-    let mut chunks = std::pin::pin!(reader.chunks_in_order());
-    let mut fetched = Ok(());
-    while let Some((slot, data)) = chunks.next().await {
-        let len = layout.chunk_len(slot) as u64;
-        match data {
-            Ok(Some(d)) => {
-                if tx
-                    .send((slot * layout.chunk_size() as u64, d))
-                    .await
-                    .is_err()
-                {
-                    break; // the writer stopped; its error is reported below
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                fetched = Err(e);
-                break;
-            }
-        }
-        progress.bytes_done.fetch_add(len, Ordering::Relaxed);
-    }
-    drop(tx);
+    let fetched = feed_in_order(&reader, &progress, tx).await;
     let written = tokio::task::spawn_blocking(move || writer.join())
         .await
         .map_err(|e| Error::io(writing(), std::io::Error::other(e.to_string())))?

@@ -8,9 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use blockvault_engine::{DiskReader, Error, Progress, Result};
-use bytes::Bytes;
-use futures::StreamExt;
 
+use crate::chunk_feed::{feed_in_order, writer_channel};
 use crate::vhdx::VhdxWriter;
 
 /// Hyper-V's default block size for dynamic disks.
@@ -58,9 +57,7 @@ pub async fn export_vhdx(
         opts.logical_sector_size,
     )
     .map_err(|e| output_error(path, e))?;
-    let parallel = reader.options().parallel.max(1);
-    // Bounded: the fetchers may run ahead of the writer by at most this many chunks.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(parallel * 2);
+    let (tx, mut rx) = writer_channel(&reader);
     let out: PathBuf = path.to_path_buf();
     let write_thread = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut writer = writer;
@@ -71,27 +68,7 @@ pub async fn export_vhdx(
         }
         writer.finish().map_err(|e| output_error(&out, e))
     });
-    let mut chunks = std::pin::pin!(reader.chunks_in_order());
-    let mut failed = None;
-    while let Some((slot, data)) = chunks.next().await {
-        let len = layout.chunk_len(slot) as u64;
-        match data {
-            Ok(Some(d)) => {
-                let offset = slot * layout.chunk_size() as u64;
-                if tx.send((offset, d)).await.is_err() {
-                    // The writer stopped; its error is reported below.
-                    break;
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
-        progress.bytes_done.fetch_add(len, Ordering::Relaxed);
-    }
-    drop(tx);
+    let failed = feed_in_order(&reader, &progress, tx).await.err();
     let written = write_thread
         .await
         .map_err(|e| Error::Invalid(format!("background task failed: {e}")))?;

@@ -5,6 +5,7 @@
 //! both call these and render their typed reports. The VHDX format library and the
 //! changed-ranges parser live in the `blockvault-vhdx` crate, re-exported here.
 
+mod chunk_feed;
 pub mod error;
 pub mod export_qcow2;
 pub mod export_vhdx;
