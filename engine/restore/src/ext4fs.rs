@@ -1,15 +1,83 @@
 //! ext2/3/4 through the `ext4-view` crate (which also replays the journal in memory).
+//!
+//! The crate verifies the crc32c of every directory block it reads, on every component of every
+//! path it resolves, and it opens files by path only: a tree extraction resolved each file's
+//! path from the root, checking the same directory blocks again and again (three quarters of
+//! its time). So a volume holds two handles on the same disk. `fs` answers everything and
+//! verifies every checksum; it lists each directory of an extraction once, reading and checking
+//! all its blocks and the inodes of its entries. `listed` is given the superblock without the
+//! metadata-checksum feature, so it parses the same structures without checking them again; it
+//! only opens files that a listing by `fs` has just given as regular, by a path made of names
+//! from such listings, whose directory blocks and inodes `fs` has therefore verified. (What it
+//! reads beyond those, the extent-tree blocks of a file with more than four extents, goes
+//! unchecked.) A restore point never changes, so the bytes `listed` reads are the ones `fs`
+//! verified.
+
+use std::sync::Arc;
 
 use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use crate::detect::FsKind;
 use crate::device::Window;
-use crate::volume::{display_path, Entry, EntryKind, Listing, Volume};
+use crate::error::BoxedError;
+use crate::volume::{
+    display_path, Entry, EntryKind, ListedFiles, ListedFilesMaker, Listing, OpenFile, Volume,
+};
 use crate::{guarded, Error, Result};
 
 pub struct Ext4Volume {
     fs: Ext4,
+    /// Opens listed files without checking checksums again (see the module's note); made on
+    /// first use.
+    listed: Option<ListedExt4>,
+    window: Window,
     what: String,
+}
+
+/// Byte of the superblock (from the start of the file system) holding the metadata-checksum
+/// feature bit, 0x400 of the little-endian `s_feature_ro_compat` at 0x64.
+const RO_COMPAT_CSUM_BYTE: u64 = 1024 + 0x64 + 1;
+const RO_COMPAT_CSUM_BIT: u8 = 0x04;
+
+/// A window whose primary superblock reads without the metadata-checksum feature.
+struct UncheckedReads(Window);
+
+impl ext4_view::Ext4Read for UncheckedReads {
+    fn read(&mut self, start_byte: u64, dst: &mut [u8]) -> std::result::Result<(), BoxedError> {
+        self.0
+            .read_exact_at(start_byte, dst)
+            .map_err(|e| Box::new(e) as BoxedError)?;
+        if let Some(i) = RO_COMPAT_CSUM_BYTE
+            .checked_sub(start_byte)
+            .and_then(|i| usize::try_from(i).ok())
+        {
+            if let Some(b) = dst.get_mut(i) {
+                *b &= !RO_COMPAT_CSUM_BIT;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The handle that opens listed files (one per thread: the crate's handle is not `Send`).
+pub struct ListedExt4 {
+    fs: Ext4,
+    what: String,
+}
+
+impl ListedExt4 {
+    fn open(w: Window, what: &str) -> Result<Self> {
+        let fs = guarded(&format!("the ext4 file system of {what}"), || {
+            Ext4::load(Box::new(UncheckedReads(w))).map_err(|e| Error::Corrupt {
+                what: format!("the ext4 file system of {what}"),
+                detail: e.to_string(),
+            })
+        })?;
+        Ok(Self {
+            fs,
+            what: what.to_string(),
+        })
+    }
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -51,42 +119,52 @@ impl Ext4Volume {
             )));
         }
         let fs = guarded(&format!("the ext4 file system of {what}"), || {
-            Ext4::load(Box::new(w)).map_err(|e| corrupt(e.to_string()))
+            Ext4::load(Box::new(w.clone())).map_err(|e| corrupt(e.to_string()))
         })?;
         Ok(Self {
             fs,
+            listed: None,
+            window: w,
             what: what.to_string(),
         })
     }
 
     fn err(&self, path: &[Vec<u8>], e: Ext4Error) -> Error {
-        let p = display_path(path);
-        match e {
-            Ext4Error::NotFound => Error::NotFound(p),
-            Ext4Error::NotADirectory => Error::NotADirectory(p),
-            Ext4Error::IsADirectory | Ext4Error::IsASpecialFile => Error::NotAFile(p),
-            Ext4Error::Io(e) => Error::Read {
-                offset: 0,
-                source: std::io::Error::other(e),
-            },
-            other => Error::Corrupt {
-                what: format!("{p} in the ext4 file system of {}", self.what),
-                detail: other.to_string(),
-            },
-        }
+        ext4_err(&self.what, path, e)
     }
 
     fn path(path: &[Vec<u8>]) -> Vec<u8> {
-        let mut p = Vec::with_capacity(64);
-        for c in path {
-            p.push(b'/');
-            p.extend_from_slice(c);
-        }
-        if p.is_empty() {
-            p.push(b'/');
-        }
-        p
+        fs_path(path)
     }
+}
+
+fn ext4_err(what: &str, path: &[Vec<u8>], e: Ext4Error) -> Error {
+    let p = display_path(path);
+    match e {
+        Ext4Error::NotFound => Error::NotFound(p),
+        Ext4Error::NotADirectory => Error::NotADirectory(p),
+        Ext4Error::IsADirectory | Ext4Error::IsASpecialFile => Error::NotAFile(p),
+        Ext4Error::Io(e) => Error::Read {
+            offset: 0,
+            source: std::io::Error::other(e),
+        },
+        other => Error::Corrupt {
+            what: format!("{p} in the ext4 file system of {what}"),
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn fs_path(path: &[Vec<u8>]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(64);
+    for c in path {
+        p.push(b'/');
+        p.extend_from_slice(c);
+    }
+    if p.is_empty() {
+        p.push(b'/');
+    }
+    p
 }
 
 fn ts(t: ext4_view::Timestamp) -> Option<(i64, u32)> {
@@ -179,83 +257,128 @@ impl Volume for Ext4Volume {
         piece: usize,
         out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<u64> {
-        self.read(path, true, piece, out)
+        let p = Self::path(path);
+        let mut f = guarded(&self.what, || {
+            let pp = ext4_view::Path::try_from(p.as_slice())
+                .map_err(|e| Error::Invalid(format!("{}: {e}", display_path(path))))?;
+            // `open` follows a final symbolic link: look at the path itself first.
+            let meta = self
+                .fs
+                .symlink_metadata(pp)
+                .map_err(|e| self.err(path, e))?;
+            if !meta.file_type().is_regular_file() {
+                return Err(Error::NotAFile(display_path(path)));
+            }
+            self.fs.open(pp).map_err(|e| self.err(path, e))
+        })?;
+        read_all(&mut f, &self.what, path, piece, out)
     }
 
-    fn read_listed_file(
-        &mut self,
-        path: &[Vec<u8>],
-        piece: usize,
-        out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<u64> {
-        self.read(path, false, piece, out)
+    fn open_listed(&mut self, path: &[Vec<u8>]) -> Result<Box<dyn OpenFile + '_>> {
+        if self.listed.is_none() {
+            self.listed = Some(ListedExt4::open(self.window.clone(), &self.what)?);
+        }
+        self.listed.as_mut().expect("made above").open_listed(path)
+    }
+
+    fn listed_files_maker(&self) -> Option<ListedFilesMaker> {
+        let (w, what) = (self.window.clone(), self.what.clone());
+        Some(Arc::new(move || {
+            Ok(Box::new(ListedExt4::open(w.clone(), &what)?) as Box<dyn ListedFiles>)
+        }))
     }
 }
 
-impl Ext4Volume {
-    /// Reads the regular file at `path`; `check` first looks at the path itself, which `open`
-    /// cannot do (it follows a final symbolic link). Every lookup walks the path from the root
-    /// through each directory's entries, so a listed file skips the check: that halves the
-    /// lookups of a tree extraction.
-    fn read(
-        &mut self,
-        path: &[Vec<u8>],
-        check: bool,
-        piece: usize,
-        out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<u64> {
-        let p = Self::path(path);
-        guarded(&self.what, || {
+impl ListedFiles for ListedExt4 {
+    /// Opens by path without looking at the path itself first (`open` follows a final symbolic
+    /// link, but a listed regular file is not one).
+    fn open_listed(&mut self, path: &[Vec<u8>]) -> Result<Box<dyn OpenFile + '_>> {
+        let p = fs_path(path);
+        let f = guarded(&self.what, || {
             let pp = ext4_view::Path::try_from(p.as_slice())
                 .map_err(|e| Error::Invalid(format!("{}: {e}", display_path(path))))?;
-            if check {
-                let meta = self
-                    .fs
-                    .symlink_metadata(pp)
-                    .map_err(|e| self.err(path, e))?;
-                if !meta.file_type().is_regular_file() {
-                    return Err(Error::NotAFile(display_path(path)));
-                }
-            }
-            let mut f = self.fs.open(pp).map_err(|e| self.err(path, e))?;
-            let size = f.metadata().len();
-            // A piece never larger than the file: most files are small, and a zeroed 1 MiB
-            // buffer per file costs more than reading it.
-            let len = piece
-                .clamp(4096, 8 << 20)
-                .min(usize::try_from(size.next_multiple_of(4096)).unwrap_or(usize::MAX))
-                .max(4096);
-            let mut buf = vec![0u8; len];
-            let mut off = 0u64;
-            while off < size {
-                // The crate hands out at most one block per call; gather a piece.
-                let mut filled = 0;
-                while filled < buf.len() {
-                    let n = f
-                        .read_bytes(&mut buf[filled..])
-                        .map_err(|e| self.err(path, e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    filled += n;
-                }
-                if filled == 0 {
+            self.fs.open(pp).map_err(|e| ext4_err(&self.what, path, e))
+        })?;
+        Ok(Box::new(Ext4File {
+            f,
+            what: &self.what,
+            path: path.to_vec(),
+        }))
+    }
+}
+
+struct Ext4File<'a> {
+    f: ext4_view::File,
+    what: &'a str,
+    path: Vec<Vec<u8>>,
+}
+
+/// The inode number of an open file. The crate's API does not give it, but its `Debug` form of a
+/// file does (`File { inode: 12, position: 0, .. }`); anything else reads as unknown, and the
+/// file is then treated as having no other names.
+fn inode_of(f: &ext4_view::File) -> Option<u64> {
+    let d = format!("{f:?}");
+    let rest = d.strip_prefix("File { inode: ")?;
+    let end = rest.find(',')?;
+    let n = &rest[..end];
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse::<u32>().ok().filter(|n| *n != 0).map(u64::from)
+}
+
+impl OpenFile for Ext4File<'_> {
+    fn id(&self) -> Option<u64> {
+        inode_of(&self.f)
+    }
+
+    fn read(&mut self, piece: usize, out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+        read_all(&mut self.f, self.what, &self.path, piece, out)
+    }
+}
+
+/// Reads an open file from its start in pieces of at most `piece` bytes.
+fn read_all(
+    f: &mut ext4_view::File,
+    what: &str,
+    path: &[Vec<u8>],
+    piece: usize,
+    out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<u64> {
+    guarded(what, || {
+        let size = f.metadata().len();
+        // A piece never larger than the file: most files are small, and a zeroed 1 MiB
+        // buffer per file costs more than reading it.
+        let len = piece
+            .clamp(4096, 8 << 20)
+            .min(usize::try_from(size.next_multiple_of(4096)).unwrap_or(usize::MAX))
+            .max(4096);
+        let mut buf = vec![0u8; len];
+        let mut off = 0u64;
+        while off < size {
+            // The crate hands out at most one block per call; gather a piece.
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = f
+                    .read_bytes(&mut buf[filled..])
+                    .map_err(|e| ext4_err(what, path, e))?;
+                if n == 0 {
                     break;
                 }
-                out(off, &buf[..filled])?;
-                off += filled as u64;
+                filled += n;
             }
-            if off != size {
-                return Err(Error::Corrupt {
-                    what: format!(
-                        "{} in the ext4 file system of {}",
-                        display_path(path),
-                        self.what
-                    ),
-                    detail: format!("{off} bytes could be read of its {size}"),
-                });
+            if filled == 0 {
+                break;
             }
-            Ok(size)
-        })
-    }
+            out(off, &buf[..filled])?;
+            off += filled as u64;
+        }
+        if off != size {
+            return Err(Error::Corrupt {
+                what: format!("{} in the ext4 file system of {what}", display_path(path)),
+                detail: format!("{off} bytes could be read of its {size}"),
+            });
+        }
+        Ok(size)
+    })
 }

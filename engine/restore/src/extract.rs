@@ -305,7 +305,7 @@ fn list_into(
 
 /// Copies one file's data; all-zero pieces are left as holes (the size is set at the end).
 fn write_file(vol: &mut dyn Volume, path: &[Vec<u8>], file: &File, shown: &Path) -> Result<u64> {
-    let size = vol.read_listed_file(path, 1 << 20, &mut |off, data| {
+    let size = vol.open_listed(path)?.read(1 << 20, &mut |off, data| {
         // Write runs of 4 KiB blocks that hold data; all-zero blocks stay holes.
         let mut run: Option<usize> = None;
         for (i, b) in data.chunks(4096).enumerate() {

@@ -23,7 +23,8 @@ pub use error::{Error, Result};
 pub use extract::{extract, ExtractOptions, ExtractReport};
 pub use partitions::{partitions, Partition, PartitionTable};
 pub use volume::{
-    open_volume, parse_location, split_path, Entry, EntryKind, Listing, Location, Volume,
+    open_volume, parse_location, split_path, Entry, EntryKind, ListedFiles, ListedFilesMaker,
+    Listing, Location, OpenFile, Volume,
 };
 
 /// Runs a file-system or partition-table parse, turning a panic inside a third-party parser into

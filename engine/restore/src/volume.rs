@@ -67,15 +67,51 @@ pub trait Volume {
         piece: usize,
         out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<u64>;
-    /// As `read_file`, for a path a listing of this volume just gave as a regular file (a walk
-    /// of directory entries, never through a symbolic link): a volume may skip checking it again.
-    fn read_listed_file(
-        &mut self,
-        path: &[Vec<u8>],
-        piece: usize,
-        out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<u64> {
-        self.read_file(path, piece, out)
+    /// Opens for reading a path that a listing of this volume just gave as a regular file (a
+    /// walk of directory entries, never through a symbolic link): a volume may skip checking it
+    /// again.
+    fn open_listed(&mut self, path: &[Vec<u8>]) -> Result<Box<dyn OpenFile + '_>> {
+        Ok(Box::new(ByPath {
+            vol: self,
+            path: path.to_vec(),
+        }))
+    }
+    /// Makes, on another thread, more openers of listed files of this volume, where it can.
+    fn listed_files_maker(&self) -> Option<ListedFilesMaker> {
+        None
+    }
+}
+
+/// A regular file opened for reading.
+pub trait OpenFile {
+    /// The same for every name of one file (its inode number), where the file system tells.
+    fn id(&self) -> Option<u64>;
+    /// Reads the file from its start in pieces of at most `piece` bytes, handing each to `out`
+    /// with its offset; returns the file's size. Holes may be skipped (never handed out).
+    fn read(&mut self, piece: usize, out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64>;
+}
+
+/// Opens files that a listing of a volume gave as regular (see [`Volume::open_listed`]).
+pub trait ListedFiles {
+    fn open_listed(&mut self, path: &[Vec<u8>]) -> Result<Box<dyn OpenFile + '_>>;
+}
+
+/// Makes a [`ListedFiles`] of a volume; called on the thread that uses it.
+pub type ListedFilesMaker = Arc<dyn Fn() -> Result<Box<dyn ListedFiles>> + Send + Sync>;
+
+/// A file read through [`Volume::read_file`] (no identity).
+struct ByPath<'a, V: ?Sized> {
+    vol: &'a mut V,
+    path: Vec<Vec<u8>>,
+}
+
+impl<V: Volume + ?Sized> OpenFile for ByPath<'_, V> {
+    fn id(&self) -> Option<u64> {
+        None
+    }
+
+    fn read(&mut self, piece: usize, out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+        self.vol.read_file(&self.path, piece, out)
     }
 }
 
