@@ -317,8 +317,12 @@ fn get(
         let report =
             blockvault_restore::extract(vol.as_mut(), &loc.path, &to, &ExtractOptions::default())?;
         if !quiet {
+            let links = match report.hard_links {
+                0 => String::new(),
+                n => format!(" ({n} of them hard links)"),
+            };
             eprintln!(
-                "{spec}: {} files, {} directories, {} symlinks, {} to {}",
+                "{spec}: {} files{links}, {} directories, {} symlinks, {} to {}",
                 report.files,
                 report.directories,
                 report.symlinks,

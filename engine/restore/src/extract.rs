@@ -4,18 +4,29 @@
 //! open handle of its parent directory, by a single name that was checked to be a plain name (no
 //! `/`, NUL, `.` or `..`), with `O_NOFOLLOW` and create-only flags. A symlink in the backup is
 //! created as a symlink and never opened, so nothing is ever written through one; an existing
-//! file or directory of the same name stops the extraction instead of being reused.
+//! file or directory of the same name stops the extraction instead of being reused. The one
+//! lookup by path, of the first name of a hard-linked file, is confined below the target
+//! (`RESOLVE_BENEATH`) and refuses symlinks, and what it links is checked to be the file this
+//! extraction wrote.
+//!
+//! The calling thread walks the tree (directories, symlinks) and hands regular files to worker
+//! threads where the volume can open files on other threads; a directory gets its permissions
+//! and times when the last of its entries is written.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
-use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use serde::Serialize;
 
-use crate::volume::{display_path, Entry, EntryKind, Volume};
+use crate::volume::{display_path, Entry, EntryKind, ListedFiles, OpenFile, Volume};
 use crate::{Error, Result};
 
 /// Entries of one directory extracted at most.
@@ -28,6 +39,9 @@ pub struct ExtractOptions {
     /// Directory depth below the extracted path at most (a directory loop in a damaged file
     /// system ends here).
     pub max_depth: usize,
+    /// Threads writing regular files beside the one walking the tree (0: the walking thread
+    /// writes them), where the volume allows.
+    pub threads: usize,
 }
 
 impl Default for ExtractOptions {
@@ -35,13 +49,18 @@ impl Default for ExtractOptions {
         Self {
             max_entries: 10_000_000,
             max_depth: 256,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         }
     }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ExtractReport {
+    /// Regular files, hard links among them.
     pub files: u64,
+    /// Files extracted as a hard link of another name of the same file (an inode with several
+    /// names in the extracted tree).
+    pub hard_links: u64,
     pub directories: u64,
     pub symlinks: u64,
     pub bytes: u64,
@@ -57,18 +76,6 @@ impl ExtractReport {
             self.skipped.push(format!("{}: {why}", display_path(path)));
         }
     }
-}
-
-enum Work {
-    Visit {
-        path: Vec<Vec<u8>>,
-        parent: Arc<OwnedFd>,
-        entry: Entry,
-        depth: usize,
-    },
-    /// Set a directory's permissions and times once its contents are written (writing them
-    /// changes its modification time).
-    Finish { dir: Arc<OwnedFd>, entry: Entry },
 }
 
 fn out_err(path: &Path, e: impl Into<std::io::Error>) -> Error {
@@ -118,9 +125,101 @@ fn mode_of(e: &Entry) -> Mode {
     Mode::from_raw_mode(bits as _)
 }
 
+/// A directory created on the host, open; its permissions and times are set when the last
+/// reference goes, after everything in it is written (writing changes its modification time).
+struct HostDir {
+    fd: OwnedFd,
+    finish: Option<(Entry, PathBuf)>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for HostDir {
+    fn drop(&mut self) {
+        if let Some((entry, shown)) = self.finish.take() {
+            let r = rustix::fs::fchmod(&self.fd, mode_of(&entry))
+                .and_then(|()| rustix::fs::futimens(&self.fd, &timestamps(&entry)));
+            if let Err(e) = r {
+                self.shared.fail(out_err(&shown, e));
+            }
+        }
+    }
+}
+
+/// What the walking thread and the file writers share.
+struct Shared {
+    /// The target directory.
+    root: OwnedFd,
+    /// Components of a backup path before its name on the host (the extracted path's parent).
+    skip: usize,
+    /// The first error; every thread stops at it.
+    error: Mutex<Option<Error>>,
+    stop: AtomicBool,
+    /// Files seen, by their identity on the volume (inode), for hard links.
+    names: Mutex<HashMap<u64, FirstName>>,
+    named: Condvar,
+}
+
+enum FirstName {
+    /// Being created by another thread.
+    Creating,
+    /// Written at this path below the target, as this host file.
+    Created { rel: Vec<u8>, dev: u64, ino: u64 },
+    /// Could not be made: later names are copies.
+    Failed,
+}
+
+impl Shared {
+    fn fail(&self, e: Error) {
+        let mut g = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn set_name(&self, id: u64, n: FirstName) {
+        let mut m = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(id, n);
+        self.named.notify_all();
+    }
+}
+
+/// A regular file to write.
+struct FileJob {
+    path: Vec<Vec<u8>>,
+    parent: Arc<HostDir>,
+    name: OsString,
+    entry: Entry,
+    shown: PathBuf,
+}
+
+#[derive(Default)]
+struct Counts {
+    files: u64,
+    hard_links: u64,
+    bytes: u64,
+}
+
+/// The walking thread's opener of listed files.
+struct Inline<'a>(&'a mut dyn Volume);
+
+impl ListedFiles for Inline<'_> {
+    fn open_listed(&mut self, path: &[Vec<u8>]) -> Result<Box<dyn OpenFile + '_>> {
+        self.0.open_listed(path)
+    }
+}
+
+/// Files queued for the writers at most (each holds its directory open).
+const QUEUE: usize = 64;
+
 /// Extracts `src` (a file, link or directory tree of `vol`) into the directory `to`, created if
 /// missing. The root of a file system is extracted as its contents; anything else keeps its
-/// name.
+/// name. Names of one file (hard links) inside the tree become hard links of one another where
+/// the target allows, copies otherwise.
 pub fn extract(
     vol: &mut dyn Volume,
     src: &[Vec<u8>],
@@ -128,22 +227,211 @@ pub fn extract(
     opts: &ExtractOptions,
 ) -> Result<ExtractReport> {
     std::fs::create_dir_all(to).map_err(|e| out_err(to, e))?;
-    let root = Arc::new(
+    let open_root = || {
         rustix::fs::open(
             to,
             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| out_err(to, e))?,
-    );
-    let mut report = ExtractReport::default();
+        .map_err(|e| out_err(to, e))
+    };
+    let root_fd = open_root()?;
+    let shared = Arc::new(Shared {
+        root: open_root()?,
+        skip: src.len().saturating_sub(1),
+        error: Mutex::new(None),
+        stop: AtomicBool::new(false),
+        names: Mutex::new(HashMap::new()),
+        named: Condvar::new(),
+    });
+    let root = Arc::new(HostDir {
+        fd: root_fd,
+        finish: None,
+        shared: shared.clone(),
+    });
     let top = vol.stat(src)?;
+    let maker = if opts.threads > 0 {
+        vol.listed_files_maker()
+    } else {
+        None
+    };
+    let mut report = ExtractReport::default();
+    let walked = match maker {
+        None => {
+            let mut counts = Counts::default();
+            let r = walk_inline(
+                vol,
+                src,
+                to,
+                top,
+                root,
+                opts,
+                &shared,
+                &mut counts,
+                &mut report,
+            );
+            add(&mut report, &counts);
+            r
+        }
+        Some(maker) => std::thread::scope(|s| {
+            let (tx, rx) = mpsc::sync_channel::<FileJob>(QUEUE);
+            let rx = Arc::new(Mutex::new(rx));
+            let workers: Vec<_> = (0..opts.threads)
+                .map(|_| {
+                    let (maker, rx, shared) = (maker.clone(), rx.clone(), shared.clone());
+                    s.spawn(move || {
+                        let mut counts = Counts::default();
+                        let mut files = match maker() {
+                            Ok(f) => Some(f),
+                            Err(e) => {
+                                shared.fail(e);
+                                None
+                            }
+                        };
+                        loop {
+                            let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            let Ok(job) = job else { break };
+                            if shared.stopped() {
+                                continue;
+                            }
+                            if let Some(f) = files.as_mut() {
+                                if let Err(e) = put_file(f.as_mut(), job, &shared, &mut counts) {
+                                    shared.fail(e);
+                                }
+                            }
+                        }
+                        counts
+                    })
+                })
+                .collect();
+            let r = walk(
+                vol,
+                src,
+                to,
+                top,
+                root,
+                opts,
+                &shared,
+                &mut report,
+                &mut |job| {
+                    tx.send(job)
+                        .map_err(|_| Error::Invalid("the file writers stopped".into()))
+                },
+            );
+            drop(tx);
+            for w in workers {
+                match w.join() {
+                    Ok(c) => add(&mut report, &c),
+                    Err(p) => std::panic::resume_unwind(p),
+                }
+            }
+            r
+        }),
+    };
+    walked?;
+    if let Some(e) = shared
+        .error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        return Err(e);
+    }
+    Ok(report)
+}
+
+fn add(r: &mut ExtractReport, c: &Counts) {
+    r.files += c.files;
+    r.hard_links += c.hard_links;
+    r.bytes += c.bytes;
+}
+
+/// The walk with files written by the walking thread.
+#[allow(clippy::too_many_arguments)]
+fn walk_inline(
+    vol: &mut dyn Volume,
+    src: &[Vec<u8>],
+    to: &Path,
+    top: Entry,
+    root: Arc<HostDir>,
+    opts: &ExtractOptions,
+    shared: &Arc<Shared>,
+    counts: &mut Counts,
+    report: &mut ExtractReport,
+) -> Result<()> {
+    // The walk borrows the volume for listings and the writer for files, one at a time.
+    let vol = std::cell::RefCell::new(vol);
+    walk_with(
+        &mut |path, limit| vol.borrow_mut().list(path, limit),
+        &mut |path| vol.borrow_mut().read_link(path),
+        src,
+        to,
+        top,
+        root,
+        opts,
+        shared,
+        report,
+        &mut |job| put_file(&mut Inline(&mut **vol.borrow_mut()), job, shared, counts),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn walk(
+    vol: &mut dyn Volume,
+    src: &[Vec<u8>],
+    to: &Path,
+    top: Entry,
+    root: Arc<HostDir>,
+    opts: &ExtractOptions,
+    shared: &Arc<Shared>,
+    report: &mut ExtractReport,
+    file: &mut dyn FnMut(FileJob) -> Result<()>,
+) -> Result<()> {
+    let vol = std::cell::RefCell::new(vol);
+    walk_with(
+        &mut |path, limit| vol.borrow_mut().list(path, limit),
+        &mut |path| vol.borrow_mut().read_link(path),
+        src,
+        to,
+        top,
+        root,
+        opts,
+        shared,
+        report,
+        file,
+    )
+}
+
+struct Visit {
+    path: Vec<Vec<u8>>,
+    parent: Arc<HostDir>,
+    entry: Entry,
+    depth: usize,
+}
+
+type ListFn<'a> = dyn FnMut(&[Vec<u8>], usize) -> Result<crate::volume::Listing> + 'a;
+type LinkFn<'a> = dyn FnMut(&[Vec<u8>]) -> Result<Vec<u8>> + 'a;
+
+/// Walks the tree depth first: creates directories and symlinks, hands regular files to `file`.
+#[allow(clippy::too_many_arguments)]
+fn walk_with(
+    list: &mut ListFn<'_>,
+    read_link: &mut LinkFn<'_>,
+    src: &[Vec<u8>],
+    to: &Path,
+    top: Entry,
+    root: Arc<HostDir>,
+    opts: &ExtractOptions,
+    shared: &Arc<Shared>,
+    report: &mut ExtractReport,
+    file: &mut dyn FnMut(FileJob) -> Result<()>,
+) -> Result<()> {
     let mut stack = Vec::new();
     if src.is_empty() {
         // The root: its contents go straight into `to`.
-        list_into(vol, src, root, 0, opts, &mut stack)?;
+        list_into(list, src, root, 0, opts, &mut stack)?;
     } else {
-        stack.push(Work::Visit {
+        stack.push(Visit {
             path: src.to_vec(),
             parent: root,
             entry: top,
@@ -151,116 +439,91 @@ pub fn extract(
         });
     }
     let mut seen = 0u64;
-    while let Some(w) = stack.pop() {
-        match w {
-            Work::Finish { dir, entry } => {
-                rustix::fs::fchmod(&*dir, mode_of(&entry)).map_err(|e| out_err(to, e))?;
-                rustix::fs::futimens(&*dir, &timestamps(&entry)).map_err(|e| out_err(to, e))?;
-            }
-            Work::Visit {
-                path,
-                parent,
-                entry,
-                depth,
-            } => {
-                seen += 1;
-                if seen > opts.max_entries {
+    while let Some(Visit {
+        path,
+        parent,
+        entry,
+        depth,
+    }) = stack.pop()
+    {
+        if shared.stopped() {
+            break;
+        }
+        seen += 1;
+        if seen > opts.max_entries {
+            return Err(Error::Limit(format!(
+                "{} holds more than {} objects; extract a smaller part of it",
+                display_path(src),
+                opts.max_entries
+            )));
+        }
+        let name = path.last().expect("a visited path has a name").clone();
+        let shown = to.join(&display_path(&path)[1..]);
+        if let Some(why) = bad_name(&name) {
+            report.skip(&path, why);
+            continue;
+        }
+        let name = OsString::from_vec(name);
+        match entry.kind {
+            EntryKind::Dir => {
+                if depth >= opts.max_depth {
                     return Err(Error::Limit(format!(
-                        "{} holds more than {} objects; extract a smaller part of it",
-                        display_path(src),
-                        opts.max_entries
+                        "{} lies more than {} directories deep (a directory loop?)",
+                        display_path(&path),
+                        opts.max_depth
                     )));
                 }
-                let name = path.last().expect("a visited path has a name").clone();
-                let shown = to.join(&display_path(&path)[1..]);
-                if let Some(why) = bad_name(&name) {
-                    report.skip(&path, why);
+                rustix::fs::mkdirat(&parent.fd, &name, Mode::from_raw_mode(0o700))
+                    .map_err(|e| exists_or(&shown, e))?;
+                let fd = rustix::fs::openat(
+                    &parent.fd,
+                    &name,
+                    OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| out_err(&shown, e))?;
+                report.directories += 1;
+                let dir = Arc::new(HostDir {
+                    fd,
+                    finish: Some((entry, shown)),
+                    shared: shared.clone(),
+                });
+                list_into(list, &path, dir, depth + 1, opts, &mut stack)?;
+            }
+            EntryKind::File => file(FileJob {
+                path,
+                parent,
+                name,
+                entry,
+                shown,
+            })?,
+            EntryKind::Symlink => {
+                let target = match read_link(&path) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        report.skip(&path, &format!("its link target cannot be read: {e}"));
+                        continue;
+                    }
+                };
+                if target.is_empty() || target.contains(&0) {
+                    report.skip(&path, "its link target is empty or holds NUL");
                     continue;
                 }
-                let name = {
-                    use std::os::unix::ffi::OsStringExt;
-                    std::ffi::OsString::from_vec(name)
-                };
-                match entry.kind {
-                    EntryKind::Dir => {
-                        if depth >= opts.max_depth {
-                            return Err(Error::Limit(format!(
-                                "{} lies more than {} directories deep (a directory loop?)",
-                                display_path(&path),
-                                opts.max_depth
-                            )));
-                        }
-                        rustix::fs::mkdirat(&*parent, &name, Mode::from_raw_mode(0o700))
-                            .map_err(|e| exists_or(&shown, e))?;
-                        let dir = Arc::new(
-                            rustix::fs::openat(
-                                &*parent,
-                                &name,
-                                OFlags::DIRECTORY
-                                    | OFlags::NOFOLLOW
-                                    | OFlags::RDONLY
-                                    | OFlags::CLOEXEC,
-                                Mode::empty(),
-                            )
-                            .map_err(|e| out_err(&shown, e))?,
-                        );
-                        report.directories += 1;
-                        stack.push(Work::Finish {
-                            dir: dir.clone(),
-                            entry,
-                        });
-                        list_into(vol, &path, dir, depth + 1, opts, &mut stack)?;
-                    }
-                    EntryKind::File => {
-                        let fd = rustix::fs::openat(
-                            &*parent,
-                            &name,
-                            OFlags::WRONLY
-                                | OFlags::CREATE
-                                | OFlags::EXCL
-                                | OFlags::NOFOLLOW
-                                | OFlags::CLOEXEC,
-                            Mode::from_raw_mode(0o600),
-                        )
-                        .map_err(|e| exists_or(&shown, e))?;
-                        let file = File::from(fd);
-                        let size = write_file(vol, &path, &file, &shown)?;
-                        rustix::fs::fchmod(&file, mode_of(&entry))
-                            .map_err(|e| out_err(&shown, e))?;
-                        rustix::fs::futimens(&file, &timestamps(&entry))
-                            .map_err(|e| out_err(&shown, e))?;
-                        report.files += 1;
-                        report.bytes += size;
-                    }
-                    EntryKind::Symlink => {
-                        let target = match vol.read_link(&path) {
-                            Ok(t) => t,
-                            Err(e) => {
-                                report.skip(&path, &format!("its link target cannot be read: {e}"));
-                                continue;
-                            }
-                        };
-                        if target.is_empty() || target.contains(&0) {
-                            report.skip(&path, "its link target is empty or holds NUL");
-                            continue;
-                        }
-                        rustix::fs::symlinkat(target.as_slice(), &*parent, &name)
-                            .map_err(|e| exists_or(&shown, e))?;
-                        rustix::fs::utimensat(
-                            &*parent,
-                            &name,
-                            &timestamps(&entry),
-                            AtFlags::SYMLINK_NOFOLLOW,
-                        )
-                        .map_err(|e| out_err(&shown, e))?;
-                        report.symlinks += 1;
-                    }
-                    EntryKind::Other => report.skip(&path, "not a file, directory or symlink"),
-                }
+                rustix::fs::symlinkat(target.as_slice(), &parent.fd, &name)
+                    .map_err(|e| exists_or(&shown, e))?;
+                rustix::fs::utimensat(
+                    &parent.fd,
+                    &name,
+                    &timestamps(&entry),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| out_err(&shown, e))?;
+                report.symlinks += 1;
             }
+            EntryKind::Other => report.skip(&path, "not a file, directory or symlink"),
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 fn exists_or(path: &Path, e: rustix::io::Errno) -> Error {
@@ -274,16 +537,16 @@ fn exists_or(path: &Path, e: rustix::io::Errno) -> Error {
 }
 
 fn list_into(
-    vol: &mut dyn Volume,
+    list: &mut ListFn<'_>,
     path: &[Vec<u8>],
-    dir: Arc<OwnedFd>,
+    dir: Arc<HostDir>,
     depth: usize,
     opts: &ExtractOptions,
-    stack: &mut Vec<Work>,
+    stack: &mut Vec<Visit>,
 ) -> Result<()> {
     // One listing is held in memory at a time per directory being walked: bound it.
     let limit = opts.max_entries.min(MAX_DIR_ENTRIES) as usize;
-    let listing = vol.list(path, limit)?;
+    let listing = list(path, limit)?;
     if listing.truncated {
         return Err(Error::Limit(format!(
             "{} holds more than {limit} entries",
@@ -293,7 +556,7 @@ fn list_into(
     for entry in listing.entries.into_iter().rev() {
         let mut child = path.to_vec();
         child.push(entry.raw_name.clone());
-        stack.push(Work::Visit {
+        stack.push(Visit {
             path: child,
             parent: dir.clone(),
             entry,
@@ -303,9 +566,131 @@ fn list_into(
     Ok(())
 }
 
+/// Writes one regular file: a hard link of a name of the same file written before, where the
+/// volume tells which names are one file and the target allows, else a copy of its data.
+fn put_file(
+    files: &mut dyn ListedFiles,
+    job: FileJob,
+    shared: &Shared,
+    counts: &mut Counts,
+) -> Result<()> {
+    let mut f = files.open_listed(&job.path)?;
+    let id = f.id();
+    let mut first = false;
+    if let Some(id) = id {
+        let mut m = shared.names.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match m.get(&id) {
+                None => {
+                    m.insert(id, FirstName::Creating);
+                    first = true;
+                    break;
+                }
+                Some(FirstName::Creating) => {
+                    m = shared.named.wait(m).unwrap_or_else(|p| p.into_inner());
+                }
+                Some(FirstName::Created { rel, dev, ino }) => {
+                    let (rel, dev, ino) = (rel.clone(), *dev, *ino);
+                    drop(m);
+                    if link_to(shared, &rel, (dev, ino), &job)? {
+                        counts.files += 1;
+                        counts.hard_links += 1;
+                        return Ok(());
+                    }
+                    break;
+                }
+                Some(FirstName::Failed) => break,
+            }
+        }
+    }
+    let created = rustix::fs::openat(
+        &job.parent.fd,
+        &job.name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| exists_or(&job.shown, e))
+    .and_then(|fd| {
+        let st = rustix::fs::fstat(&fd).map_err(|e| out_err(&job.shown, e))?;
+        Ok((fd, st))
+    });
+    if let (true, Some(id)) = (first, id) {
+        shared.set_name(
+            id,
+            match &created {
+                Ok((_, st)) => FirstName::Created {
+                    rel: host_rel(&job.path[shared.skip..]),
+                    dev: st.st_dev,
+                    ino: st.st_ino,
+                },
+                Err(_) => FirstName::Failed,
+            },
+        );
+    }
+    let file = File::from(created?.0);
+    let size = write_file(f.as_mut(), &file, &job.shown)?;
+    rustix::fs::fchmod(&file, mode_of(&job.entry)).map_err(|e| out_err(&job.shown, e))?;
+    rustix::fs::futimens(&file, &timestamps(&job.entry)).map_err(|e| out_err(&job.shown, e))?;
+    counts.files += 1;
+    counts.bytes += size;
+    Ok(())
+}
+
+/// `a/b/c` of host names below the target.
+fn host_rel(path: &[Vec<u8>]) -> Vec<u8> {
+    path.join(&b'/')
+}
+
+/// Makes `job` a hard link of the file written at `rel` (the host file `id`). False when that
+/// cannot be done (another device, a file system without hard links, a renamed or removed first
+/// name...): then the caller copies.
+fn link_to(shared: &Shared, rel: &[u8], id: (u64, u64), job: &FileJob) -> Result<bool> {
+    let (dir, name) = match rel.iter().rposition(|b| *b == b'/') {
+        Some(i) => (Some(&rel[..i]), &rel[i + 1..]),
+        None => (None, rel),
+    };
+    let opened;
+    let dir_fd = match dir {
+        None => shared.root.as_fd(),
+        Some(d) => {
+            match rustix::fs::openat2(
+                &shared.root,
+                d,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Ok(fd) => {
+                    opened = fd;
+                    opened.as_fd()
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+    };
+    match rustix::fs::linkat(dir_fd, name, &job.parent.fd, &job.name, AtFlags::empty()) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => {
+            return Err(Error::Exists {
+                path: job.shown.clone(),
+            })
+        }
+        Err(_) => return Ok(false),
+    }
+    // The name linked is the file written, unless something else changed the target meanwhile.
+    match rustix::fs::statat(&job.parent.fd, &job.name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if (st.st_dev, st.st_ino) == id => Ok(true),
+        _ => {
+            rustix::fs::unlinkat(&job.parent.fd, &job.name, AtFlags::empty())
+                .map_err(|e| out_err(&job.shown, e))?;
+            Ok(false)
+        }
+    }
+}
+
 /// Copies one file's data; all-zero pieces are left as holes (the size is set at the end).
-fn write_file(vol: &mut dyn Volume, path: &[Vec<u8>], file: &File, shown: &Path) -> Result<u64> {
-    let size = vol.open_listed(path)?.read(1 << 20, &mut |off, data| {
+fn write_file(f: &mut dyn OpenFile, file: &File, shown: &Path) -> Result<u64> {
+    let size = f.read(1 << 20, &mut |off, data| {
         // Write runs of 4 KiB blocks that hold data; all-zero blocks stay holes.
         let mut run: Option<usize> = None;
         for (i, b) in data.chunks(4096).enumerate() {

@@ -57,6 +57,7 @@ fn a_directory_loop_ends_in_a_clear_error() {
         &ExtractOptions {
             max_entries: 100_000,
             max_depth: 64,
+            ..Default::default()
         },
     );
     match r {
@@ -85,6 +86,7 @@ fn a_huge_directory_is_listed_partially_and_extraction_is_bounded() {
         &ExtractOptions {
             max_entries: 1000,
             max_depth: 8,
+            ..Default::default()
         },
     );
     assert!(matches!(r, Err(Error::Limit(_))), "{r:?}");

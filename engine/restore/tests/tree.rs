@@ -1,0 +1,229 @@
+//! Trees extracted from ext4 file systems made with the real tools: hard links come out as hard
+//! links, on one thread or several, and listings still verify metadata checksums.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use blockvault_restore::*;
+
+fn run(c: &mut Command) -> Vec<u8> {
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("{c:?}: {e} (install it with scripts/install-deps.sh)"));
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// An image of `content` with checksummed metadata (so the test covers both readers).
+fn ext4(dir: &Path, mib: u64, content: &Path) -> std::path::PathBuf {
+    let img = dir.join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "metadata_csum", "-N", "1024", "-d"])
+        .arg(content)
+        .arg(&img));
+    img
+}
+
+fn volume(img: &Path) -> Box<dyn Volume> {
+    let dev: Arc<dyn ReadAt> = Arc::new(FileDisk::open(img).unwrap());
+    let t = partitions(&dev).unwrap();
+    open_volume(&dev, &t, "disk").unwrap()
+}
+
+fn debugfs(img: &Path, req: &str) -> Vec<u8> {
+    run(Command::new("debugfs").args(["-R", req]).arg(img))
+}
+
+/// The inode number debugfs gives for `path`.
+fn inode(img: &Path, path: &str) -> u64 {
+    let out = String::from_utf8(debugfs(img, &format!("stat {path}"))).unwrap();
+    let rest = out.split("Inode: ").nth(1).expect(&out);
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// A tree where `a/one`, `a/two`, `b/three` and `top` are names of one file, `a/x` and `b/y` of
+/// another, and `lone` a file of its own.
+fn linked_tree(root: &Path) {
+    std::fs::create_dir_all(root.join("t/a")).unwrap();
+    std::fs::create_dir_all(root.join("t/b")).unwrap();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(root.join("t/a/one"), &data).unwrap();
+    for n in ["t/a/two", "t/b/three", "top"] {
+        std::fs::hard_link(root.join("t/a/one"), root.join(n)).unwrap();
+    }
+    std::fs::write(root.join("t/a/x"), b"other").unwrap();
+    std::fs::hard_link(root.join("t/a/x"), root.join("t/b/y")).unwrap();
+    std::fs::write(root.join("t/lone"), b"lone").unwrap();
+}
+
+fn host_inodes(root: &Path, names: &[&str]) -> Vec<u64> {
+    names
+        .iter()
+        .map(|n| std::fs::symlink_metadata(root.join(n)).unwrap().ino())
+        .collect()
+}
+
+#[test]
+fn hard_links_in_the_tree_are_extracted_as_hard_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let content = tmp.path().join("c");
+    linked_tree(&content);
+    let img = ext4(tmp.path(), 8, &content);
+    // The volume tells which names are one file: the inode numbers debugfs gives.
+    let mut v = volume(&img);
+    for n in ["/t/a/one", "/t/b/three", "/top", "/t/a/x", "/t/lone"] {
+        let p = split_path(n).unwrap();
+        assert_eq!(v.open_listed(&p).unwrap().id(), Some(inode(&img, n)), "{n}");
+    }
+    assert_eq!(inode(&img, "/t/a/one"), inode(&img, "/t/b/three"));
+    for threads in [0, 1, 3] {
+        let out = tmp.path().join(format!("out-{threads}"));
+        let opts = ExtractOptions {
+            threads,
+            ..Default::default()
+        };
+        let r = extract(v.as_mut(), &[], &out, &opts).unwrap();
+        assert_eq!((r.files, r.hard_links), (7, 4), "{threads} threads: {r:?}");
+        let one = host_inodes(&out, &["t/a/one", "t/a/two", "t/b/three", "top"]);
+        assert!(one.iter().all(|i| *i == one[0]), "{one:?}");
+        let x = host_inodes(&out, &["t/a/x", "t/b/y"]);
+        assert_eq!(x[0], x[1]);
+        let lone = host_inodes(&out, &["t/lone"]);
+        assert!(one[0] != x[0] && lone[0] != one[0] && lone[0] != x[0]);
+        assert_eq!(std::fs::metadata(out.join("top")).unwrap().nlink(), 4);
+        // Contents as debugfs reads them.
+        for n in ["t/a/one", "t/b/three", "top", "t/b/y", "t/lone"] {
+            assert_eq!(
+                std::fs::read(out.join(n)).unwrap(),
+                debugfs(&img, &format!("cat /{n}")),
+                "{n}"
+            );
+        }
+        // Only names inside the extracted tree are linked: `top` is outside `t`.
+        let sub = tmp.path().join(format!("sub-{threads}"));
+        let r = extract(v.as_mut(), &[b"t".to_vec()], &sub, &opts).unwrap();
+        assert_eq!((r.files, r.hard_links), (6, 3), "{r:?}");
+        let one = host_inodes(&sub, &["t/a/one", "t/a/two", "t/b/three"]);
+        assert!(one.iter().all(|i| *i == one[0]), "{one:?}");
+        assert_eq!(std::fs::metadata(sub.join("t/a/one")).unwrap().nlink(), 3);
+    }
+}
+
+/// Lists every object below `root`: kind, size, mode and contents.
+fn inventory(root: &Path) -> BTreeMap<String, (bool, u64, u32, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            if m.is_dir() {
+                todo.push(e.path());
+                out.insert(rel, (true, 0, m.mode() & 0o7777, Vec::new()));
+            } else {
+                let data = std::fs::read(e.path()).unwrap();
+                out.insert(rel, (false, m.len(), m.mode() & 0o7777, data));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_tree_extracts_alike_on_one_thread_and_several() {
+    let tmp = tempfile::tempdir().unwrap();
+    let content = tmp.path().join("c");
+    for d in 0..20 {
+        let dir = content.join(format!("d{d}/e{}", d % 3));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..30 {
+            let len = (d * 30 + f) * 997 % 70_000;
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 + d + f) as u8).collect();
+            std::fs::write(dir.join(format!("f{f}")), data).unwrap();
+        }
+    }
+    std::fs::set_permissions(
+        content.join("d1"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o555),
+    )
+    .unwrap();
+    let img = ext4(tmp.path(), 48, &content);
+    let mut v = volume(&img);
+    let mut seen = Vec::new();
+    for threads in [0, 2] {
+        let out = tmp.path().join(format!("out-{threads}"));
+        let opts = ExtractOptions {
+            threads,
+            ..Default::default()
+        };
+        let r = extract(v.as_mut(), &[], &out, &opts).unwrap();
+        assert_eq!(r.files, 600);
+        seen.push(inventory(&out));
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0]["d1"].2, 0o555);
+    seen[0].remove("lost+found");
+    assert_eq!(seen[0], inventory(&content));
+    // Writable again, so the temporary directory can be removed without privileges.
+    for d in [
+        content.join("d1"),
+        tmp.path().join("out-0/d1"),
+        tmp.path().join("out-2/d1"),
+    ] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+}
+
+#[test]
+fn a_directory_block_that_fails_its_checksum_stops_the_extraction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let content = tmp.path().join("c");
+    std::fs::create_dir_all(content.join("d")).unwrap();
+    std::fs::write(content.join("d/some-file-name"), b"x").unwrap();
+    let img = ext4(tmp.path(), 4, &content);
+    // Change one letter of the name in the directory's block; its checksum no longer matches.
+    let block: u64 = String::from_utf8(debugfs(&img, "blocks /d"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut data = std::fs::read(&img).unwrap();
+    let bs = 1024u64 << u32::from_le_bytes(data[1024 + 24..1024 + 28].try_into().unwrap());
+    let at = (block * bs) as usize;
+    let i = data[at..at + bs as usize]
+        .windows(14)
+        .position(|w| w == b"some-file-name")
+        .unwrap();
+    data[at + i] = b'S';
+    std::fs::write(&img, &data).unwrap();
+    let mut v = volume(&img);
+    for threads in [0, 2] {
+        let r = extract(
+            v.as_mut(),
+            &[],
+            &tmp.path().join(format!("out-{threads}")),
+            &ExtractOptions {
+                threads,
+                ..Default::default()
+            },
+        );
+        match r {
+            Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("checksum"), "{detail}"),
+            other => panic!("expected a checksum error, got {other:?}"),
+        }
+    }
+}
