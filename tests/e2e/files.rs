@@ -317,6 +317,14 @@ fn ext4_tree_in_gpt_extracts_like_debugfs() {
     assert!(report["files"].as_u64().unwrap() > 2500, "{got}");
     assert_eq!(report["symlinks"], 3);
     assert_same_tree(&oracle, &out);
+    // The two names of one file are one file again (debugfs's dump has two copies).
+    assert_eq!(report["hard_links"], 1, "{got}");
+    assert_eq!(
+        std::fs::metadata(out.join("big.bin")).unwrap().ino(),
+        std::fs::metadata(out.join("big-hardlink.bin"))
+            .unwrap()
+            .ino()
+    );
     // Sparse stays sparse; the link pointing out was created as a link, nothing outside written.
     assert!(allocated_bytes(&out.join("sparse.img")) < 1 << 20);
     assert_eq!(
