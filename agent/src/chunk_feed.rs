@@ -9,10 +9,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+/// A chunk for the writer: its offset on the disk and its bytes.
+pub(crate) type Piece = (u64, Bytes);
+
 /// A channel to the writer, bounded so the fetchers run ahead of it by a few chunks only.
-pub(crate) fn writer_channel(
-    reader: &DiskReader,
-) -> (mpsc::Sender<(u64, Bytes)>, mpsc::Receiver<(u64, Bytes)>) {
+pub(crate) fn writer_channel(reader: &DiskReader) -> (mpsc::Sender<Piece>, mpsc::Receiver<Piece>) {
     mpsc::channel(reader.options().parallel.max(1) * 2)
 }
 
@@ -22,7 +23,7 @@ pub(crate) fn writer_channel(
 pub(crate) async fn feed_in_order(
     reader: &Arc<DiskReader>,
     progress: &Progress,
-    tx: mpsc::Sender<(u64, Bytes)>,
+    tx: mpsc::Sender<Piece>,
 ) -> Result<()> {
     let layout = *reader.layout();
     let mut chunks = std::pin::pin!(reader.chunks_in_order());
