@@ -169,19 +169,36 @@ pub(crate) fn check(
     scratch: &mut crate::recycle::BlobScratch,
     what: &dyn Fn() -> String,
 ) -> Result<()> {
-    scratch.sealed.clear();
-    scratch.sealed.extend_from_slice(bytes);
-    scratch.plain.clear();
-    decode_into(
+    let mut sealed = std::mem::take(&mut scratch.sealed);
+    sealed.clear();
+    sealed.extend_from_slice(bytes);
+    let r = check_in_place(
         keys,
         id,
-        Some(kind),
+        kind,
         raw_len,
-        &mut scratch.sealed,
+        &mut sealed,
         &mut scratch.plain,
         what,
-    )?;
-    if keys.hasher.id(&scratch.plain) != *id {
+    );
+    scratch.sealed = sealed;
+    r
+}
+
+/// [`check`] of a blob whose stored bytes the caller no longer needs: they are decrypted where
+/// they lie (and left holding garbage), which saves copying them. `plain` is scratch space.
+pub(crate) fn check_in_place(
+    keys: &Keys,
+    id: &ChunkId,
+    kind: BlobKind,
+    raw_len: u32,
+    sealed: &mut [u8],
+    plain: &mut Vec<u8>,
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    plain.clear();
+    decode_into(keys, id, Some(kind), raw_len, sealed, plain, what)?;
+    if keys.hasher.id(plain) != *id {
         return Err(Error::tampered(what(), "content does not match its id"));
     }
     Ok(())

@@ -137,67 +137,59 @@ fn finish(mut r: PackResult, damaged: Vec<DamagedBlob>) -> PackResult {
 }
 
 /// Decodes every entry from the fetched spans (`(start offset, bytes)`), split over all cores,
-/// each thread with scratch buffers kept from the last pack; the spans' buffers are kept for the
-/// next read.
+/// each thread with scratch buffers kept from the last pack. Each blob is decrypted where it
+/// lies in its span (the spans are not needed afterwards), and the spans' buffers are kept for
+/// the next read.
 async fn decode_all(
     repo: &Repository,
     pack: PackId,
-    spans: Vec<(u64, Vec<u8>)>,
-    entries: Vec<PackEntry>,
+    mut spans: Vec<(u64, Vec<u8>)>,
+    mut entries: Vec<PackEntry>,
 ) -> Vec<DamagedBlob> {
     let keys = repo.keys().clone();
     let recycled = repo.recycled.clone();
     let task = tokio::task::spawn_blocking(move || {
+        entries.sort_by_key(|e| (e.offset, e.len));
+        entries.dedup_by(|a, b| a.offset == b.offset && a.len == b.len && a.id == b.id);
+        let fail = |e: &PackEntry, detail: String| DamagedBlob {
+            chunk: ChunkIdHex(e.id),
+            offset: e.offset,
+            len: e.len,
+            detail,
+        };
+        let what = |e: &PackEntry| {
+            format!(
+                "chunk {} in pack {pack} at offset {}",
+                e.id.short(),
+                e.offset
+            )
+        };
+        let (work, mut out) = carve(&entries, &mut spans, &fail, &what);
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
-            .min(entries.len().max(1));
-        let per = entries.len().div_ceil(threads).max(1);
-        let find = |e: &PackEntry| -> Option<&[u8]> {
-            let (s, end) = (e.offset as u64, e.offset as u64 + e.len as u64);
-            spans.iter().find_map(|(start, b)| {
-                (s >= *start && end <= start + b.len() as u64)
-                    .then(|| &b[(s - start) as usize..(end - start) as usize])
-            })
-        };
-        let mut out: Vec<DamagedBlob> = std::thread::scope(|scope| {
-            let handles: Vec<_> = entries
-                .chunks(per)
+            .min(work.len().max(1));
+        let per = work.len().div_ceil(threads).max(1);
+        let mut work = work;
+        let checked: Vec<DamagedBlob> = std::thread::scope(|scope| {
+            let handles: Vec<_> = work
+                .chunks_mut(per)
                 .map(|part| {
-                    let (keys, find, recycled) = (&keys, &find, &recycled);
+                    let (keys, recycled, fail, what) = (&keys, &recycled, &fail, &what);
                     scope.spawn(move || {
                         let mut scratch = recycled.scratch();
                         let mut bad = Vec::new();
-                        for e in part {
-                            let what = || {
-                                format!(
-                                    "chunk {} in pack {pack} at offset {}",
-                                    e.id.short(),
-                                    e.offset
-                                )
-                            };
-                            let fail = |detail: String| DamagedBlob {
-                                chunk: ChunkIdHex(e.id),
-                                offset: e.offset,
-                                len: e.len,
-                                detail,
-                            };
-                            let Some(raw) = find(e) else {
-                                bad.push(fail(format!(
-                                    "{}: lies beyond the end of the pack (truncated)",
-                                    what()
-                                )));
-                                continue;
-                            };
-                            if let Err(err) = blob::check(
+                        for (e, sealed) in part.iter_mut() {
+                            let describe = || what(e);
+                            if let Err(err) = blob::check_in_place(
                                 keys,
                                 &e.id,
                                 e.kind,
                                 e.raw_len,
-                                raw,
-                                &mut scratch,
-                                &what,
+                                sealed,
+                                &mut scratch.plain,
+                                &describe,
                             ) {
-                                bad.push(fail(err.to_string()));
+                                bad.push(fail(e, err.to_string()));
                             }
                         }
                         recycled.return_scratch(scratch);
@@ -210,6 +202,7 @@ async fn decode_all(
                 .flat_map(|h| h.join().unwrap_or_default())
                 .collect()
         });
+        out.extend(checked);
         for (_, buf) in spans {
             recycled.return_pack_buffer(buf);
         }
@@ -217,6 +210,51 @@ async fn decode_all(
         out
     });
     task.await.unwrap_or_default()
+}
+
+/// Pairs each entry (in offset order) with its own part of the spans, to be decoded where it
+/// lies. An entry past the spans' end (a truncated pack), or one that overlaps the entry
+/// before it (a damaged table: two blobs cannot share bytes), is reported damaged instead.
+#[allow(clippy::type_complexity)]
+fn carve<'a>(
+    entries: &'a [PackEntry],
+    spans: &'a mut [(u64, Vec<u8>)],
+    fail: &dyn Fn(&PackEntry, String) -> DamagedBlob,
+    what: &dyn Fn(&PackEntry) -> String,
+) -> (Vec<(&'a PackEntry, &'a mut [u8])>, Vec<DamagedBlob>) {
+    let ranges: Vec<(u64, u64)> = spans
+        .iter()
+        .map(|(start, b)| (*start, start + b.len() as u64))
+        .collect();
+    // The unclaimed rest of each span, and the offset it starts at.
+    let mut rests: Vec<(u64, &'a mut [u8])> = spans
+        .iter_mut()
+        .map(|(start, b)| (*start, b.as_mut_slice()))
+        .collect();
+    let (mut work, mut bad) = (Vec::with_capacity(entries.len()), Vec::new());
+    for e in entries {
+        let (s, end) = (e.offset as u64, e.offset as u64 + e.len as u64);
+        let Some(i) = ranges.iter().position(|(a, b)| s >= *a && end <= *b) else {
+            let detail = format!("{}: lies beyond the end of the pack (truncated)", what(e));
+            bad.push(fail(e, detail));
+            continue;
+        };
+        let (at, rest) = std::mem::take(&mut rests[i]);
+        if s < at {
+            rests[i] = (at, rest);
+            let detail = format!(
+                "{}: overlaps the blob before it in the pack's table",
+                what(e)
+            );
+            bad.push(fail(e, detail));
+            continue;
+        }
+        let (_, tail) = rest.split_at_mut((s - at) as usize);
+        let (mine, after) = tail.split_at_mut(e.len as usize);
+        rests[i] = (end, after);
+        work.push((e, mine));
+    }
+    (work, bad)
 }
 
 /// Groups locations by pack (for point-scoped reads).
