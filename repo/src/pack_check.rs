@@ -212,16 +212,18 @@ async fn decode_all(
     task.await.unwrap_or_default()
 }
 
+/// Entries with the bytes each is decoded in, and the entries found damaged without decoding.
+type Carved<'a> = (Vec<(&'a PackEntry, &'a mut [u8])>, Vec<DamagedBlob>);
+
 /// Pairs each entry (in offset order) with its own part of the spans, to be decoded where it
 /// lies. An entry past the spans' end (a truncated pack), or one that overlaps the entry
 /// before it (a damaged table: two blobs cannot share bytes), is reported damaged instead.
-#[allow(clippy::type_complexity)]
 fn carve<'a>(
     entries: &'a [PackEntry],
     spans: &'a mut [(u64, Vec<u8>)],
     fail: &dyn Fn(&PackEntry, String) -> DamagedBlob,
     what: &dyn Fn(&PackEntry) -> String,
-) -> (Vec<(&'a PackEntry, &'a mut [u8])>, Vec<DamagedBlob>) {
+) -> Carved<'a> {
     let ranges: Vec<(u64, u64)> = spans
         .iter()
         .map(|(start, b)| (*start, start + b.len() as u64))
@@ -266,4 +268,60 @@ pub fn by_pack(
         m.entry(l.pack).or_default().push((id, l));
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BlobKind;
+
+    fn entry(n: u8, offset: u32, len: u32) -> PackEntry {
+        PackEntry {
+            id: ChunkId([n; 32]),
+            kind: BlobKind::Data,
+            offset,
+            len,
+            raw_len: len,
+        }
+    }
+
+    /// Each entry gets exactly its own bytes; one past the spans or overlapping its predecessor
+    /// is reported, not decoded.
+    #[test]
+    fn carve_gives_each_entry_its_bytes_and_reports_the_rest() {
+        let mut spans = vec![(100u64, (0u8..50).collect::<Vec<u8>>()), (200, vec![7; 10])];
+        let entries = vec![
+            entry(1, 100, 10),
+            entry(2, 110, 5),
+            entry(3, 112, 4), // overlaps entry 2
+            entry(4, 140, 10),
+            entry(5, 145, 10), // runs past the first span's end
+            entry(6, 200, 10),
+            entry(7, 300, 1), // past every span
+        ];
+        let fail = |e: &PackEntry, detail: String| DamagedBlob {
+            chunk: ChunkIdHex(e.id),
+            offset: e.offset,
+            len: e.len,
+            detail,
+        };
+        let what = |e: &PackEntry| format!("blob {}", e.id.0[0]);
+        let (work, bad) = carve(&entries, &mut spans, &fail, &what);
+        let got: Vec<(u8, Vec<u8>)> = work.iter().map(|(e, b)| (e.id.0[0], b.to_vec())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, (0..10).collect()),
+                (2, (10..15).collect()),
+                (4, (40..50).collect()),
+                (6, vec![7; 10]),
+            ]
+        );
+        let reported: Vec<(u32, bool)> = bad
+            .iter()
+            .map(|d| (d.offset, d.detail.contains("overlaps")))
+            .collect();
+        assert_eq!(reported, vec![(112, true), (145, false), (300, false)]);
+        assert!(bad[1].detail.contains("truncated"));
+    }
 }
