@@ -259,7 +259,7 @@ pub fn extract(
     let walked = match maker {
         None => {
             let mut counts = Counts::default();
-            let r = walk_inline(
+            let r = walk(
                 vol,
                 src,
                 to,
@@ -267,8 +267,8 @@ pub fn extract(
                 root,
                 opts,
                 &shared,
-                &mut counts,
                 &mut report,
+                &mut |job, vol| put_file(&mut Inline(vol), job, &shared, &mut counts),
             );
             add(&mut report, &counts);
             r
@@ -313,7 +313,7 @@ pub fn extract(
                 opts,
                 &shared,
                 &mut report,
-                &mut |job| {
+                &mut |job, _| {
                     tx.send(job)
                         .map_err(|_| Error::Invalid("the file writers stopped".into()))
                 },
@@ -346,35 +346,8 @@ fn add(r: &mut ExtractReport, c: &Counts) {
     r.bytes += c.bytes;
 }
 
-/// The walk with files written by the walking thread.
-#[allow(clippy::too_many_arguments)]
-fn walk_inline(
-    vol: &mut dyn Volume,
-    src: &[Vec<u8>],
-    to: &Path,
-    top: Entry,
-    root: Arc<HostDir>,
-    opts: &ExtractOptions,
-    shared: &Arc<Shared>,
-    counts: &mut Counts,
-    report: &mut ExtractReport,
-) -> Result<()> {
-    // The walk borrows the volume for listings and the writer for files, one at a time.
-    let vol = std::cell::RefCell::new(vol);
-    walk_with(
-        &mut |path, limit| vol.borrow_mut().list(path, limit),
-        &mut |path| vol.borrow_mut().read_link(path),
-        src,
-        to,
-        top,
-        root,
-        opts,
-        shared,
-        report,
-        &mut |job| put_file(&mut Inline(&mut **vol.borrow_mut()), job, shared, counts),
-    )
-}
-
+/// Walks the tree under `src`, listing through `vol`. Each file goes to `file` with the same
+/// volume: the walking thread reads and writes it there, or hands it to a writer thread.
 #[allow(clippy::too_many_arguments)]
 fn walk(
     vol: &mut dyn Volume,
@@ -385,8 +358,9 @@ fn walk(
     opts: &ExtractOptions,
     shared: &Arc<Shared>,
     report: &mut ExtractReport,
-    file: &mut dyn FnMut(FileJob) -> Result<()>,
+    file: &mut dyn FnMut(FileJob, &mut dyn Volume) -> Result<()>,
 ) -> Result<()> {
+    // The walk borrows the volume for listings and for files, one at a time.
     let vol = std::cell::RefCell::new(vol);
     walk_with(
         &mut |path, limit| vol.borrow_mut().list(path, limit),
@@ -398,7 +372,7 @@ fn walk(
         opts,
         shared,
         report,
-        file,
+        &mut |job| file(job, &mut **vol.borrow_mut()),
     )
 }
 
