@@ -189,23 +189,10 @@ impl Repository {
     pub async fn open(storage: Storage, password: &[u8], opts: &OpenOptions) -> Result<Arc<Self>> {
         let config = Self::read_config(&storage).await?;
         let (cfg2, pw) = (config.clone(), Zeroizing::new(password.to_vec()));
-        let unlock = blocking(move || cfg2.unlock(&pw));
+        let (_master, keys) = blocking(move || cfg2.unlock(&pw)).await??;
         let index_path = opts.cache_dir.join(&config.id).join("index");
         let repo_id = config.id.clone();
-        // The key derivation is deliberately slow (Argon2id, about 0.15 s here): an index that
-        // already exists is opened meanwhile on another thread. A new one is created only once
-        // the password has proved right, so a wrong password leaves nothing behind.
-        let (keys, (index, fresh)) = if index_path.exists() {
-            let open = blocking(move || LocalIndex::open(&index_path, &repo_id));
-            let (unlocked, opened) = tokio::join!(unlock, open);
-            (unlocked??.1, opened??)
-        } else {
-            let keys = unlock.await??.1;
-            (
-                keys,
-                blocking(move || LocalIndex::open(&index_path, &repo_id)).await??,
-            )
-        };
+        let (index, fresh) = blocking(move || LocalIndex::open(&index_path, &repo_id)).await??;
         let blob_cache = match storage.remote_cache_size() {
             Some(bound) => {
                 let dir = opts.cache_dir.join(&config.id).join("blobs");
