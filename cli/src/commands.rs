@@ -305,9 +305,6 @@ async fn list_points(g: &Global, vm: Option<&str>) -> Result<()> {
     let repo = open_repo(g).await?;
     let (points, bad) = repo.list_points().await?;
     let verify = VerifyStates::load(&repo).await;
-    if let Some(e) = &verify.unreadable {
-        eprintln!("blockvault: verify records unreadable: {e}");
-    }
     let points: Vec<&PointManifest> = points
         .iter()
         .filter(|p| vm.is_none_or(|v| p.vm == v))

@@ -15,8 +15,6 @@ pub struct VerifyStates {
     /// The record's name, if there is one.
     pub record: Option<String>,
     states: HashMap<PointId, PointStatus>,
-    /// Why the records could not be read, if they could not (every point then shows "never").
-    pub unreadable: Option<String>,
 }
 
 /// A point's verify state as reported: the recorded status, or `never`, with the record's name.
@@ -35,21 +33,20 @@ pub enum VerifyView {
 }
 
 impl VerifyStates {
+    /// Unreadable records are logged, and every point then shows "never".
     pub async fn load(repo: &Repository) -> Self {
-        let (record, states, unreadable) = match repo.latest_verify_record().await {
+        let (record, states) = match repo.latest_verify_record().await {
             Ok(Some((name, rec))) => (
                 Some(name.to_string()),
                 rec.points.into_iter().map(|p| (p.point, p)).collect(),
-                None,
             ),
-            Ok(None) => (None, HashMap::new(), None),
-            Err(e) => (None, HashMap::new(), Some(e.to_string())),
+            Ok(None) => (None, HashMap::new()),
+            Err(e) => {
+                tracing::warn!(error = %e, "verify records unreadable");
+                (None, HashMap::new())
+            }
         };
-        Self {
-            record,
-            states,
-            unreadable,
-        }
+        Self { record, states }
     }
 
     pub fn view(&self, id: &PointId) -> VerifyView {
