@@ -18,7 +18,8 @@ pub(crate) fn writer_channel(reader: &DiskReader) -> (mpsc::Sender<Piece>, mpsc:
 }
 
 /// Sends every stored chunk of the disk as `(offset, bytes)`, in disk order; zero chunks are
-/// skipped (the image formats leave them unallocated) but counted as progress. Returns the first
+/// skipped (the image formats leave them unallocated) but counted as progress, whose total is
+/// the disk's size. Returns the first
 /// fetch error; stops quietly when the writer has gone (its own error tells why).
 pub(crate) async fn feed_in_order(
     reader: &Arc<DiskReader>,
@@ -26,6 +27,9 @@ pub(crate) async fn feed_in_order(
     tx: mpsc::Sender<Piece>,
 ) -> Result<()> {
     let layout = *reader.layout();
+    progress
+        .bytes_total
+        .store(layout.disk_size(), Ordering::Relaxed);
     let mut chunks = std::pin::pin!(reader.chunks_in_order());
     while let Some((slot, data)) = chunks.next().await {
         if let Some(d) = data? {

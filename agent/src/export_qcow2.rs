@@ -2,7 +2,6 @@
 //! a qcow2 image (engine/restore's `Qcow2Writer`, docs/qcow2.md).
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use blockvault_engine::{DiskReader, Progress};
@@ -20,9 +19,6 @@ pub async fn export_qcow2(
     progress: Arc<Progress>,
 ) -> Result<()> {
     let layout = *reader.layout();
-    progress
-        .bytes_total
-        .store(layout.disk_size(), Ordering::Relaxed);
     if !(layout.chunk_size() as u64).is_multiple_of(Qcow2Writer::cluster_size()) {
         return Err(Error::Input(format!(
             "chunk size {} is not a multiple of the qcow2 cluster size; export --format raw",

@@ -4,7 +4,6 @@
 //! unallocated (NOT_PRESENT, which reads as zeros in a dynamic disk).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use blockvault_engine::{DiskReader, Error, Progress, Result};
@@ -47,9 +46,6 @@ pub async fn export_vhdx(
     progress: Arc<Progress>,
 ) -> Result<()> {
     let layout = *reader.layout();
-    progress
-        .bytes_total
-        .store(layout.disk_size(), Ordering::Relaxed);
     let writer = VhdxWriter::create(
         path,
         layout.disk_size(),
