@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use blockvault_restore::*;
 
+mod common;
+use common::run;
+
 fn corpus() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/disk_image");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -101,17 +104,6 @@ fn mutated_seeds_never_panic() {
             fuzz_disk_image(&m);
         }
     }
-}
-
-fn run(c: &mut Command) {
-    let out = c
-        .output()
-        .unwrap_or_else(|e| panic!("{c:?}: {e} (install it with scripts/install-deps.sh)"));
-    assert!(
-        out.status.success(),
-        "{c:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Regenerates the seeds: `BV_WRITE_CORPUS=1 cargo test -p blockvault-restore --test

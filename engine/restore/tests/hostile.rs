@@ -7,35 +7,8 @@ use std::sync::Arc;
 
 use blockvault_restore::*;
 
-fn run(c: &mut Command) {
-    let out = c
-        .output()
-        .unwrap_or_else(|e| panic!("{c:?}: {e} (install it with scripts/install-deps.sh)"));
-    assert!(
-        out.status.success(),
-        "{c:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn ext4(dir: &Path, mib: u64, content: &Path) -> std::path::PathBuf {
-    let img = dir.join("fs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-N", "8192", "-d"])
-        .arg(content)
-        .arg(&img));
-    img
-}
-
-fn volume(img: &Path) -> Box<dyn Volume> {
-    let dev: Arc<dyn ReadAt> = Arc::new(FileDisk::open(img).unwrap());
-    let t = partitions(&dev).unwrap();
-    open_volume(&dev, &t, "disk").unwrap()
-}
+mod common;
+use common::{ext4, run, volume};
 
 #[test]
 fn a_directory_loop_ends_in_a_clear_error() {
@@ -43,7 +16,7 @@ fn a_directory_loop_ends_in_a_clear_error() {
     let content = tmp.path().join("c");
     std::fs::create_dir_all(content.join("a/b")).unwrap();
     std::fs::write(content.join("a/b/f"), b"x").unwrap();
-    let img = ext4(tmp.path(), 4, &content);
+    let img = ext4(tmp.path(), 4, &content, &["-N", "8192"]);
     // A hard link from deep inside the tree back to its top: walking it never ends by itself.
     run(Command::new("debugfs")
         .args(["-w", "-R", "ln /a /a/b/loop"])
@@ -74,7 +47,7 @@ fn a_huge_directory_is_listed_partially_and_extraction_is_bounded() {
     for i in 0..5000 {
         std::fs::write(content.join(format!("big/{i}")), b"").unwrap();
     }
-    let img = ext4(tmp.path(), 16, &content);
+    let img = ext4(tmp.path(), 16, &content, &["-N", "8192"]);
     let mut v = volume(&img);
     let l = v.list(&[b"big".to_vec()], 100).unwrap();
     assert_eq!(l.entries.len(), 100);
@@ -99,7 +72,7 @@ fn extraction_never_writes_through_a_symlink_in_the_target() {
     std::fs::create_dir_all(content.join("etc")).unwrap();
     std::fs::write(content.join("etc/passwd"), b"from the backup").unwrap();
     std::os::unix::fs::symlink("/etc/passwd", content.join("etc/link")).unwrap();
-    let img = ext4(tmp.path(), 4, &content);
+    let img = ext4(tmp.path(), 4, &content, &["-N", "8192"]);
     let mut v = volume(&img);
     // The target already holds a symlink named like the extracted directory, pointing elsewhere.
     let out = tmp.path().join("out");

@@ -5,41 +5,11 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
 use blockvault_restore::*;
 
-fn run(c: &mut Command) -> Vec<u8> {
-    let out = c
-        .output()
-        .unwrap_or_else(|e| panic!("{c:?}: {e} (install it with scripts/install-deps.sh)"));
-    assert!(
-        out.status.success(),
-        "{c:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// An image of `content` with checksummed metadata (so the test covers both readers).
-fn ext4(dir: &Path, mib: u64, content: &Path) -> std::path::PathBuf {
-    let img = dir.join("fs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "metadata_csum", "-N", "1024", "-d"])
-        .arg(content)
-        .arg(&img));
-    img
-}
-
-fn volume(img: &Path) -> Box<dyn Volume> {
-    let dev: Arc<dyn ReadAt> = Arc::new(FileDisk::open(img).unwrap());
-    let t = partitions(&dev).unwrap();
-    open_volume(&dev, &t, "disk").unwrap()
-}
+mod common;
+use common::{ext4, run, volume};
 
 fn debugfs(img: &Path, req: &str) -> Vec<u8> {
     run(Command::new("debugfs").args(["-R", req]).arg(img))
@@ -79,7 +49,12 @@ fn hard_links_in_the_tree_are_extracted_as_hard_links() {
     let tmp = tempfile::tempdir().unwrap();
     let content = tmp.path().join("c");
     linked_tree(&content);
-    let img = ext4(tmp.path(), 8, &content);
+    let img = ext4(
+        tmp.path(),
+        8,
+        &content,
+        &["-O", "metadata_csum", "-N", "1024"],
+    );
     // The volume tells which names are one file: the inode numbers debugfs gives.
     let mut v = volume(&img);
     for n in ["/t/a/one", "/t/b/three", "/top", "/t/a/x", "/t/lone"] {
@@ -159,7 +134,12 @@ fn a_tree_extracts_alike_on_one_thread_and_several() {
         std::os::unix::fs::PermissionsExt::from_mode(0o555),
     )
     .unwrap();
-    let img = ext4(tmp.path(), 48, &content);
+    let img = ext4(
+        tmp.path(),
+        48,
+        &content,
+        &["-O", "metadata_csum", "-N", "1024"],
+    );
     let mut v = volume(&img);
     let mut seen = Vec::new();
     for threads in [0, 2] {
@@ -192,7 +172,12 @@ fn a_directory_block_that_fails_its_checksum_stops_the_extraction() {
     let content = tmp.path().join("c");
     std::fs::create_dir_all(content.join("d")).unwrap();
     std::fs::write(content.join("d/some-file-name"), b"x").unwrap();
-    let img = ext4(tmp.path(), 4, &content);
+    let img = ext4(
+        tmp.path(),
+        4,
+        &content,
+        &["-O", "metadata_csum", "-N", "1024"],
+    );
     // Change one letter of the name in the directory's block; its checksum no longer matches.
     let block: u64 = String::from_utf8(debugfs(&img, "blocks /d"))
         .unwrap()
