@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 use crate::disk::{run, Reference};
-use crate::measure::{dir_bytes, timed, Sample};
+use crate::measure::{best_of, dir_bytes, synced, timed, Sample};
 
 /// What the runs extracted, for the report.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -141,29 +141,35 @@ pub fn run_all(
     c.args(["restore", "files", point, "--disk", "d", "ls", "/"]);
     out.push(timed("files: list the root", "blockvault", c, None, None)?);
 
-    let mine = work.join("files-tree");
-    let theirs = work.join("files-tree-debugfs");
-    for d in [&mine, &theirs] {
+    // Each run extracts into a directory of its own: deleting a tree of tens of thousands of
+    // files and creating another at once is several times slower on some file systems (ext4
+    // without a journal skips inodes freed in the last minutes), whichever tool comes next.
+    let tree = |who: &str, i: usize| work.join(format!("files-tree-{who}-{i}"));
+    let runs: Vec<_> = (0..8)
+        .flat_map(|i| [tree("bv", i), tree("debugfs", i)])
+        .collect();
+    for d in &runs {
         let _ = std::fs::remove_dir_all(d);
     }
-    std::fs::create_dir_all(&theirs)?;
-    let mut c = bv();
-    c.args([
-        "restore", "files", point, "--disk", "d", "get", &fig.tree, "--to",
-    ])
-    .arg(&mine);
-    out.push(timed("files: extract a tree", "blockvault", c, None, None)?);
-    let mut c = Command::new("debugfs");
-    c.arg("-R")
-        .arg(format!("rdump {} {}", fig.tree, theirs.display()))
-        .arg(&r.raw);
-    out.push(timed(
-        "files: extract a tree",
-        "debugfs rdump",
-        c,
-        None,
-        None,
-    )?);
+    let (mut mine, mut theirs) = (tree("bv", 0), tree("debugfs", 0));
+    out.push(best_of(|i| {
+        mine = tree("bv", i);
+        let mut c = bv();
+        c.args([
+            "restore", "files", point, "--disk", "d", "get", &fig.tree, "--to",
+        ])
+        .arg(&mine);
+        timed("files: extract a tree", "blockvault", c, None, None)
+    })?);
+    out.push(best_of(|i| {
+        theirs = tree("debugfs", i);
+        std::fs::create_dir_all(&theirs)?;
+        let mut c = Command::new("debugfs");
+        c.arg("-R")
+            .arg(format!("rdump {} {}", fig.tree, theirs.display()))
+            .arg(&r.raw);
+        timed("files: extract a tree", "debugfs rdump", c, None, None)
+    })?);
     fig.tree_bytes = dir_bytes(&mine);
     if fig.tree_bytes < 50 << 20 {
         anyhow::bail!(
@@ -178,26 +184,31 @@ pub fn run_all(
         .arg(&mine)
         .arg(&theirs))
     .context("the extracted tree differs from debugfs rdump's")?;
-    for d in [&mine, &theirs] {
-        std::fs::remove_dir_all(d)?;
+    for d in &runs {
+        let _ = std::fs::remove_dir_all(d);
     }
 
     let vm = work.join("vm-qcow2");
-    let _ = std::fs::remove_dir_all(&vm);
-    let mut c = bv();
-    c.args(["restore", "vm", point, "--format", "qcow2", "--to"])
-        .arg(&vm);
-    out.push(timed("whole VM as qcow2", "blockvault", c, None, None)?);
+    out.push(best_of(|_| {
+        let _ = std::fs::remove_dir_all(&vm);
+        let mut c = bv();
+        c.args(["restore", "vm", point, "--format", "qcow2", "--to"])
+            .arg(&vm);
+        timed("whole VM as qcow2", "blockvault", c, None, None)
+    })?);
     let theirs = work.join("qemu-img.qcow2");
-    let mut c = Command::new("qemu-img");
-    c.args(["convert", "-O", "qcow2"]).arg(&r.raw).arg(&theirs);
-    out.push(timed(
-        "whole VM as qcow2",
-        "qemu-img convert",
-        c,
-        None,
-        None,
-    )?);
+    out.push(best_of(|_| {
+        let _ = std::fs::remove_file(&theirs);
+        let mut c = Command::new("qemu-img");
+        c.args(["convert", "-O", "qcow2"]).arg(&r.raw).arg(&theirs);
+        timed(
+            "whole VM as qcow2",
+            "qemu-img convert",
+            synced(c, &theirs),
+            None,
+            None,
+        )
+    })?);
     let ours = std::fs::read_dir(&vm)?
         .flatten()
         .map(|e| e.path())

@@ -65,6 +65,10 @@ pub struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Runs of each step that leaves nothing behind (restores, exports, verification, NBD
+    /// copies, extraction), for every tool alike; the fastest counts. Backups run once.
+    #[arg(long, default_value_t = 2)]
+    pub repeat: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +91,7 @@ impl Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    measure::set_repeat(args.repeat);
     let size = disk::parse_size(&args.size)?;
     std::fs::create_dir_all(&args.workdir)
         .with_context(|| format!("creating {}", args.workdir.display()))?;
