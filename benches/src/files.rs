@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 use crate::disk::{run, Reference};
-use crate::measure::{best_of, dir_bytes, synced, timed, Sample};
+use crate::measure::{best_of, dir_bytes, qemu_img_convert, timed, Sample};
 
 /// What the runs extracted, for the report.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -197,18 +197,13 @@ pub fn run_all(
         timed("whole VM as qcow2", "blockvault", c, None, None)
     })?);
     let theirs = work.join("qemu-img.qcow2");
-    out.push(best_of(|_| {
-        let _ = std::fs::remove_file(&theirs);
-        let mut c = Command::new("qemu-img");
-        c.args(["convert", "-O", "qcow2"]).arg(&r.raw).arg(&theirs);
-        timed(
-            "whole VM as qcow2",
-            "qemu-img convert",
-            synced(c, &theirs),
-            None,
-            None,
-        )
-    })?);
+    out.push(qemu_img_convert(
+        "whole VM as qcow2",
+        "qemu-img convert",
+        &["-O", "qcow2"],
+        &r.raw,
+        &theirs,
+    )?);
     let ours = std::fs::read_dir(&vm)?
         .flatten()
         .map(|e| e.path())

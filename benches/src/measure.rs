@@ -77,6 +77,28 @@ pub fn best_of(mut step: impl FnMut(usize) -> Result<Sample>) -> Result<Sample> 
     Ok(best)
 }
 
+/// `qemu-img convert ARGS SRC OUT`, the fastest of `--repeat` runs, each into a fresh `OUT`,
+/// timed until `OUT` is on disk (with `-t none` qemu-img flushes itself; else a sync follows).
+pub fn qemu_img_convert(
+    work: &str,
+    tool: &str,
+    args: &[&str],
+    src: &Path,
+    out: &Path,
+) -> Result<Sample> {
+    best_of(|_| {
+        let _ = std::fs::remove_file(out);
+        let mut c = Command::new("qemu-img");
+        c.arg("convert").args(args).arg(src).arg(out);
+        let c = if args.windows(2).any(|w| w == ["-t", "none"]) {
+            c
+        } else {
+            synced(c, out)
+        };
+        timed(work, tool, c, None, None)
+    })
+}
+
 /// `cmd` followed by a sync of the file it writes, as one command to time.
 ///
 /// blockvault's exports return only once their output is on disk (they sync it), while
@@ -84,7 +106,7 @@ pub fn best_of(mut step: impl FnMut(usize) -> Result<Sample>) -> Result<Sample> 
 /// `-t writeback` its VHDX driver flushes after every block allocation instead). Timing a reference
 /// writer up to its own sync compares the same work, and keeps its write-back from running into
 /// the next measurement.
-pub fn synced(cmd: Command, out: &Path) -> Command {
+fn synced(cmd: Command, out: &Path) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c")
         .arg(r#"out=$1; shift; "$@" && exec sync -- "$out""#)
@@ -255,32 +277,23 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
         timed("verify --read-data", "blockvault", c, None, None)
     })?);
     // qemu-img copying the raw image (sparse-aware) is what a raw export is held against.
-    out.push(best_of(|_| {
-        let _ = std::fs::remove_file(&restore);
-        let mut c = Command::new("qemu-img");
-        c.args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(&r.raw)
-            .arg(&restore);
-        timed(
-            "restore to a file",
-            "qemu-img",
-            synced(c, &restore),
-            None,
-            None,
-        )
-    })?);
-    std::fs::remove_file(&restore)?;
+    out.push(qemu_img_convert(
+        "restore to a file",
+        "qemu-img",
+        &["-f", "raw", "-O", "raw"],
+        &r.raw,
+        &restore,
+    )?);
     // The device's ceiling for writing this disk's data: the same copy with direct writes,
     // flushed at the end, as the exports write. An export cannot beat the slower of this and the
     // decoder (docs/BENCHMARKS.md, "Exports are bound by the disk").
-    out.push(best_of(|_| {
-        let _ = std::fs::remove_file(&restore);
-        let mut c = Command::new("qemu-img");
-        c.args(["convert", "-t", "none", "-f", "raw", "-O", "raw"])
-            .arg(&r.raw)
-            .arg(&restore);
-        timed(WRITE_CEILING, "qemu-img -t none", c, None, None)
-    })?);
+    out.push(qemu_img_convert(
+        WRITE_CEILING,
+        "qemu-img -t none",
+        &["-t", "none", "-f", "raw", "-O", "raw"],
+        &r.raw,
+        &restore,
+    )?);
     std::fs::remove_file(&restore)?;
     let mut failed = Vec::new();
     if args.runs(Part::Boot) {

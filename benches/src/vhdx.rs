@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 
 use crate::disk::{run, Reference};
-use crate::measure::{best_of, dir_bytes, synced, timed, Sample};
+use crate::measure::{best_of, dir_bytes, qemu_img_convert, timed, Sample};
 
 /// Writes in the incremental, and the length of each.
 pub const WRITES: u64 = 640;
@@ -232,37 +232,21 @@ pub fn run_blockvault(
     // What instant restore is held against (docs/BENCHMARKS.md): qemu-img turning the VHDX into
     // a raw disk.
     let out_raw = work.join("qemu-from-vhdx.raw");
-    out.push(best_of(|_| {
-        let _ = std::fs::remove_file(&out_raw);
-        let mut cmd = Command::new("qemu-img");
-        cmd.args(["convert", "-f", "vhdx", "-O", "raw"])
-            .arg(vhdx)
-            .arg(&out_raw);
-        timed(
-            "VHDX to a raw file",
-            "qemu-img",
-            synced(cmd, &out_raw),
-            None,
-            None,
-        )
-    })?);
+    out.push(qemu_img_convert(
+        "VHDX to a raw file",
+        "qemu-img",
+        &["-f", "vhdx", "-O", "raw"],
+        vhdx,
+        &out_raw,
+    )?);
     std::fs::remove_file(&out_raw)?;
-
-    out.push(best_of(|_| {
-        let _ = std::fs::remove_file(&out_vhdx);
-        let mut cmd = Command::new("qemu-img");
-        cmd.args(["convert", "-f", "raw", "-O", "vhdx"])
-            .args(["-o", "subformat=dynamic"])
-            .arg(&r.raw)
-            .arg(&out_vhdx);
-        timed(
-            "export to VHDX",
-            "qemu-img",
-            synced(cmd, &out_vhdx),
-            None,
-            None,
-        )
-    })?);
+    out.push(qemu_img_convert(
+        "export to VHDX",
+        "qemu-img",
+        &["-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic"],
+        &r.raw,
+        &out_vhdx,
+    )?);
     std::fs::remove_file(&out_vhdx)?;
 
     // Verification of the full point and its RCT incremental: everything, then a 5 % subset
