@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use super::error::Error;
 use super::format::*;
 use super::guid::Guid;
+use super::staged::{Failed, StagedWrites, DIRECT_ALIGN};
 
 const LOG_OFFSET: u64 = MIB;
 const LOG_LENGTH: u64 = MIB;
@@ -22,12 +23,6 @@ const METADATA_LENGTH: u64 = MIB;
 const BAT_OFFSET: u64 = 3 * MIB;
 /// Granularity of zero detection inside allocated blocks.
 const GRAIN: u64 = 64 * KIB;
-/// Payload data goes out in direct writes of up to this many bytes, gathered in a staging buffer.
-/// On the benchmark machine a single writer reached 728 MB/s with 256 KiB direct writes, 2 GB/s
-/// with 2 MiB ones, and about 520 MB/s through the page cache (docs/BENCHMARKS.md).
-const STAGE: usize = 4 * MIB as usize;
-/// What `O_DIRECT` needs aligned: file offsets, lengths and buffer addresses.
-const DIRECT_ALIGN: usize = 4096;
 
 /// Writes a dynamic VHDX. Data may come in any order; call `finish` at the end.
 pub struct VhdxWriter {
@@ -48,21 +43,20 @@ pub struct VhdxWriter {
     disk_id: Guid,
     data_write_guid: Guid,
     finished: bool,
-    /// Payload data gathered for the next direct write (`None`: the file system takes no direct
-    /// writes, and payload goes through the page cache like everything else).
-    stage: Option<Stage>,
+    /// Payload data gathered for direct writes, written on a thread of its own (`None`: the file
+    /// system takes no direct writes, and payload goes through the page cache like everything
+    /// else). Payload data goes out in direct writes of up to 4 MiB: on the benchmark machine a
+    /// single writer reached 728 MB/s with 256 KiB direct writes, 2 GB/s with 2 MiB ones, and
+    /// about 520 MB/s through the page cache (docs/BENCHMARKS.md).
+    stage: Option<StagedWrites>,
 }
 
-/// A second handle on the file, opened with `O_DIRECT`, and the aligned buffer that gathers
-/// adjacent payload writes for it.
-struct Stage {
-    direct: File,
-    buf: Vec<u8>,
-    /// Where the aligned part of `buf` starts.
-    start: usize,
-    /// File offset of the gathered bytes, and how many there are.
-    at: u64,
-    len: usize,
+/// A failed direct write, as the error of the write that found it (which names its own offset).
+fn failed_write(f: Failed) -> io::Error {
+    io::Error::new(
+        f.error.kind(),
+        format!("direct write at file offset {}: {}", f.at, f.error),
+    )
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -113,18 +107,8 @@ impl VhdxWriter {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .ok()
-            .map(|direct| {
-                let buf = vec![0u8; STAGE + DIRECT_ALIGN];
-                let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-                Stage {
-                    direct,
-                    buf,
-                    start,
-                    at: 0,
-                    len: 0,
-                }
-            })
-            .filter(|s| s.start < DIRECT_ALIGN);
+            .zip(file.try_clone().ok())
+            .and_then(|(direct, buffered)| StagedWrites::start(direct, buffered));
         let cr = chunk_ratio(logical_sector_size, block_size);
         let entries = bat_entry_count(virtual_size, block_size, cr, false);
         let bat_length = (entries * 8).div_ceil(MIB).max(1) * MIB;
@@ -279,55 +263,20 @@ impl VhdxWriter {
         Ok(())
     }
 
-    /// Writes payload bytes at file offset `at`: gathered for a direct write when they continue
-    /// the gathered run and are aligned, else (after writing out what was gathered) through the
-    /// page cache.
-    fn write_payload(&mut self, mut data: &[u8], mut at: u64) -> io::Result<()> {
+    /// Writes payload bytes at file offset `at`: gathered for a direct write when they are
+    /// aligned, else (after every gathered write has ended, so none can overtake this one) through
+    /// the page cache.
+    fn write_payload(&mut self, data: &[u8], at: u64) -> io::Result<()> {
         let aligned =
             at.is_multiple_of(DIRECT_ALIGN as u64) && data.len().is_multiple_of(DIRECT_ALIGN);
-        let Some(stage) = self.stage.as_mut().filter(|_| aligned) else {
-            self.flush_stage()?;
-            return self.file.write_all_at(data, at);
-        };
-        if stage.len > 0 && stage.at + stage.len as u64 != at {
-            self.flush_stage()?;
-        }
-        while !data.is_empty() {
-            let Some(stage) = self.stage.as_mut() else {
-                return self.file.write_all_at(data, at);
-            };
-            if stage.len == 0 {
-                stage.at = at;
+        match self.stage.as_mut() {
+            Some(stage) if aligned => stage.add(data, at).map_err(failed_write),
+            stage => {
+                if let Some(stage) = stage {
+                    stage.drain().map_err(failed_write)?;
+                }
+                self.file.write_all_at(data, at)
             }
-            let n = data.len().min(STAGE - stage.len);
-            let from = stage.start + stage.len;
-            stage.buf[from..from + n].copy_from_slice(&data[..n]);
-            stage.len += n;
-            (data, at) = (&data[n..], at + n as u64);
-            if stage.len == STAGE {
-                self.flush_stage()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes out the gathered payload bytes: directly, or through the page cache where the
-    /// file system refuses the direct write (and every later one goes that way too).
-    fn flush_stage(&mut self) -> io::Result<()> {
-        let Some(stage) = self.stage.as_mut().filter(|s| s.len > 0) else {
-            return Ok(());
-        };
-        let (at, len) = (stage.at, stage.len);
-        stage.len = 0;
-        let bytes = &stage.buf[stage.start..stage.start + len];
-        match stage.direct.write_all_at(bytes, at) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                let result = self.file.write_all_at(bytes, at);
-                self.stage = None;
-                result
-            }
-            Err(e) => Err(e),
         }
     }
 
@@ -355,9 +304,11 @@ impl VhdxWriter {
     /// file cut short by a crash has no valid header.
     pub fn finish(mut self) -> Result<(), Error> {
         self.finished = true;
-        self.flush_stage()
-            .map_err(|e| self.werr("payload data", self.next_free, e))?;
-        self.stage = None;
+        if let Some(mut stage) = self.stage.take() {
+            stage
+                .drain()
+                .map_err(|f| self.werr("payload data", f.at, f.error))?;
+        }
         let cr = self.chunk_ratio;
         let entries = bat_entry_count(self.virtual_size, self.block_size, cr, false);
         let mut bat = vec![0u8; self.bat_length as usize];
