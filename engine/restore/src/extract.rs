@@ -256,20 +256,17 @@ pub fn extract(
         None
     };
     let mut report = ExtractReport::default();
+    let walk_with =
+        |report: &mut ExtractReport,
+         file: &mut dyn FnMut(FileJob, &mut dyn Volume) -> Result<()>| {
+            walk(vol, src, to, top, root, opts, &shared, report, file)
+        };
     let walked = match maker {
         None => {
             let mut counts = Counts::default();
-            let r = walk(
-                vol,
-                src,
-                to,
-                top,
-                root,
-                opts,
-                &shared,
-                &mut report,
-                &mut |job, vol| put_file(&mut Inline(vol), job, &shared, &mut counts),
-            );
+            let r = walk_with(&mut report, &mut |job, vol| {
+                put_file(&mut Inline(vol), job, &shared, &mut counts)
+            });
             add(&mut report, &counts);
             r
         }
@@ -304,20 +301,10 @@ pub fn extract(
                     })
                 })
                 .collect();
-            let r = walk(
-                vol,
-                src,
-                to,
-                top,
-                root,
-                opts,
-                &shared,
-                &mut report,
-                &mut |job, _| {
-                    tx.send(job)
-                        .map_err(|_| Error::Invalid("the file writers stopped".into()))
-                },
-            );
+            let r = walk_with(&mut report, &mut |job, _| {
+                tx.send(job)
+                    .map_err(|_| Error::Invalid("the file writers stopped".into()))
+            });
             drop(tx);
             for w in workers {
                 match w.join() {
@@ -346,8 +333,16 @@ fn add(r: &mut ExtractReport, c: &Counts) {
     r.bytes += c.bytes;
 }
 
-/// Walks the tree under `src`, listing through `vol`. Each file goes to `file` with the same
-/// volume: the walking thread reads and writes it there, or hands it to a writer thread.
+struct Visit {
+    path: Vec<Vec<u8>>,
+    parent: Arc<HostDir>,
+    entry: Entry,
+    depth: usize,
+}
+
+/// Walks the tree under `src` depth first, listing through `vol`: creates directories and
+/// symlinks, and hands each regular file to `file` with the same volume (the walking thread
+/// reads and writes it there, or hands it to a writer thread).
 #[allow(clippy::too_many_arguments)]
 fn walk(
     vol: &mut dyn Volume,
@@ -360,50 +355,10 @@ fn walk(
     report: &mut ExtractReport,
     file: &mut dyn FnMut(FileJob, &mut dyn Volume) -> Result<()>,
 ) -> Result<()> {
-    // The walk borrows the volume for listings and for files, one at a time.
-    let vol = std::cell::RefCell::new(vol);
-    walk_with(
-        &mut |path, limit| vol.borrow_mut().list(path, limit),
-        &mut |path| vol.borrow_mut().read_link(path),
-        src,
-        to,
-        top,
-        root,
-        opts,
-        shared,
-        report,
-        &mut |job| file(job, &mut **vol.borrow_mut()),
-    )
-}
-
-struct Visit {
-    path: Vec<Vec<u8>>,
-    parent: Arc<HostDir>,
-    entry: Entry,
-    depth: usize,
-}
-
-type ListFn<'a> = dyn FnMut(&[Vec<u8>], usize) -> Result<crate::volume::Listing> + 'a;
-type LinkFn<'a> = dyn FnMut(&[Vec<u8>]) -> Result<Vec<u8>> + 'a;
-
-/// Walks the tree depth first: creates directories and symlinks, hands regular files to `file`.
-#[allow(clippy::too_many_arguments)]
-fn walk_with(
-    list: &mut ListFn<'_>,
-    read_link: &mut LinkFn<'_>,
-    src: &[Vec<u8>],
-    to: &Path,
-    top: Entry,
-    root: Arc<HostDir>,
-    opts: &ExtractOptions,
-    shared: &Arc<Shared>,
-    report: &mut ExtractReport,
-    file: &mut dyn FnMut(FileJob) -> Result<()>,
-) -> Result<()> {
     let mut stack = Vec::new();
     if src.is_empty() {
         // The root: its contents go straight into `to`.
-        list_into(list, src, root, 0, opts, &mut stack)?;
+        list_into(vol, src, root, 0, opts, &mut stack)?;
     } else {
         stack.push(Visit {
             path: src.to_vec(),
@@ -462,17 +417,20 @@ fn walk_with(
                     finish: Some((entry, shown)),
                     shared: shared.clone(),
                 });
-                list_into(list, &path, dir, depth + 1, opts, &mut stack)?;
+                list_into(vol, &path, dir, depth + 1, opts, &mut stack)?;
             }
-            EntryKind::File => file(FileJob {
-                path,
-                parent,
-                name,
-                entry,
-                shown,
-            })?,
+            EntryKind::File => file(
+                FileJob {
+                    path,
+                    parent,
+                    name,
+                    entry,
+                    shown,
+                },
+                vol,
+            )?,
             EntryKind::Symlink => {
-                let target = match read_link(&path) {
+                let target = match vol.read_link(&path) {
                     Ok(t) => t,
                     Err(e) => {
                         report.skip(&path, &format!("its link target cannot be read: {e}"));
@@ -511,7 +469,7 @@ fn exists_or(path: &Path, e: rustix::io::Errno) -> Error {
 }
 
 fn list_into(
-    list: &mut ListFn<'_>,
+    vol: &mut dyn Volume,
     path: &[Vec<u8>],
     dir: Arc<HostDir>,
     depth: usize,
@@ -520,7 +478,7 @@ fn list_into(
 ) -> Result<()> {
     // One listing is held in memory at a time per directory being walked: bound it.
     let limit = opts.max_entries.min(MAX_DIR_ENTRIES) as usize;
-    let listing = list(path, limit)?;
+    let listing = vol.list(path, limit)?;
     if listing.truncated {
         return Err(Error::Limit(format!(
             "{} holds more than {limit} entries",
