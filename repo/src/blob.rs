@@ -169,20 +169,17 @@ pub(crate) fn check(
     scratch: &mut crate::recycle::BlobScratch,
     what: &dyn Fn() -> String,
 ) -> Result<()> {
-    let mut sealed = std::mem::take(&mut scratch.sealed);
-    sealed.clear();
-    sealed.extend_from_slice(bytes);
-    let r = check_in_place(
+    scratch.sealed.clear();
+    scratch.sealed.extend_from_slice(bytes);
+    check_in_place(
         keys,
         id,
         kind,
         raw_len,
-        &mut sealed,
+        &mut scratch.sealed,
         &mut scratch.plain,
         what,
-    );
-    scratch.sealed = sealed;
-    r
+    )
 }
 
 /// [`check`] of a blob whose stored bytes the caller no longer needs: they are decrypted where

@@ -164,12 +164,11 @@ async fn decode_all(
                 e.offset
             )
         };
-        let (work, mut out) = carve(&entries, &mut spans, &fail, &what);
+        let (mut work, mut out) = carve(&entries, &mut spans, &fail, &what);
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .min(work.len().max(1));
         let per = work.len().div_ceil(threads).max(1);
-        let mut work = work;
         let checked: Vec<DamagedBlob> = std::thread::scope(|scope| {
             let handles: Vec<_> = work
                 .chunks_mut(per)
