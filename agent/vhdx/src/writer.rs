@@ -53,10 +53,13 @@ pub struct VhdxWriter {
 
 /// A failed direct write, as the error of the write that found it (which names its own offset).
 fn failed_write(f: Failed) -> io::Error {
-    io::Error::new(
-        f.error.kind(),
-        format!("direct write at file offset {}: {}", f.at, f.error),
-    )
+    match f.at {
+        Some(at) => io::Error::new(
+            f.error.kind(),
+            format!("direct write at file offset {at}: {}", f.error),
+        ),
+        None => f.error,
+    }
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -307,7 +310,7 @@ impl VhdxWriter {
         if let Some(mut stage) = self.stage.take() {
             stage
                 .drain()
-                .map_err(|f| self.werr("payload data", f.at, f.error))?;
+                .map_err(|f| self.werr("payload data", f.at.unwrap_or(self.next_free), f.error))?;
         }
         let cr = self.chunk_ratio;
         let entries = bat_entry_count(self.virtual_size, self.block_size, cr, false);
