@@ -216,21 +216,26 @@ mod tests {
     use std::fs::OpenOptions;
     use std::os::unix::fs::OpenOptionsExt;
 
-    fn open(path: &std::path::Path, direct: bool) -> File {
-        let mut o = OpenOptions::new();
-        o.write(true);
-        if direct {
-            o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
-        }
-        o.open(path).unwrap()
+    /// A file of `len` bytes in a temporary directory, and staged writes to it.
+    fn staged(len: u64) -> (tempfile::TempDir, std::path::PathBuf, StagedWrites) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        File::create(&path).unwrap().set_len(len).unwrap();
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.write(true);
+            if direct {
+                o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+            }
+            o.open(&path).unwrap()
+        };
+        let w = StagedWrites::start(open(true), open(false)).unwrap();
+        (dir, path, w)
     }
 
     #[test]
     fn gathered_writes_land_in_order_across_buffers() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        File::create(&path).unwrap().set_len(64 << 20).unwrap();
-        let mut w = StagedWrites::start(open(&path, true), open(&path, false)).unwrap();
+        let (_dir, path, mut w) = staged(64 << 20);
         let piece = |i: usize| vec![(i % 251) as u8 + 1; 256 << 10];
         // 40 adjacent pieces (10 MiB, more than every buffer together), then a jump, then a
         // rewrite of the first piece that must land after the first write of it.
@@ -253,10 +258,7 @@ mod tests {
 
     #[test]
     fn a_refused_direct_write_goes_through_the_page_cache() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        File::create(&path).unwrap().set_len(1 << 20).unwrap();
-        let mut w = StagedWrites::start(open(&path, true), open(&path, false)).unwrap();
+        let (_dir, path, mut w) = staged(1 << 20);
         // An offset O_DIRECT refuses (EINVAL): that write, and the aligned one after it, land
         // through the plain handle.
         w.add(&[5u8; 4096], 100).unwrap();
