@@ -548,7 +548,7 @@ pub struct VerifyArgs {
     /// Read at most this much in one run (e.g. 50GiB).
     #[arg(long, value_name = "SIZE")]
     pub max_bytes: Option<String>,
-    /// Packs checked at once (each is decoded on every core).
+    /// Packs fetched ahead of the two being decoded (each on every core).
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,
 }

@@ -20,6 +20,24 @@ pub struct Unchecked {
     pub error: Error,
 }
 
+/// A pack's bytes as fetched for checking, before any decoding: what [`Repository::fetch_pack`]
+/// gives and [`Repository::check_fetched`] takes. Fetching and decoding are apart so that a
+/// caller can keep the store busy while the cores decode.
+pub struct FetchedPack {
+    id: PackId,
+    result: PackResult,
+    body: Body,
+}
+
+enum Body {
+    /// The store does not have the pack.
+    Missing,
+    /// The whole pack.
+    Whole(Vec<u8>),
+    /// The spans (`(start offset, bytes)`) holding the named blobs, and those blobs.
+    Spans(Vec<(u64, Vec<u8>)>, Vec<(ChunkId, Location)>),
+}
+
 impl Repository {
     /// Reads pack `id` (`size` bytes per the listing) and checks its blobs: all of them when
     /// `only` is `None`, else just those. Missing and damaged packs are outcomes; a store error
@@ -30,54 +48,40 @@ impl Repository {
         size: u64,
         only: Option<Vec<(ChunkId, Location)>>,
     ) -> std::result::Result<PackResult, Unchecked> {
+        let fetched = self.fetch_pack(id, size, only).await?;
+        self.check_fetched(fetched).await
+    }
+
+    /// The reading half of [`Repository::check_pack`]: the whole pack, or coalesced range reads
+    /// of the named blobs.
+    pub async fn fetch_pack(
+        &self,
+        id: PackId,
+        size: u64,
+        only: Option<Vec<(ChunkId, Location)>>,
+    ) -> std::result::Result<FetchedPack, Unchecked> {
         let unchecked = |error: Error| Unchecked { pack: id, error };
         let path = crate::objects::ObjectName::Pack(id).path();
-        let mut result = PackResult {
-            pack: id.to_hex(),
-            size,
-            outcome: PackOutcome::Ok,
-            detail: None,
-            table: None,
-            damaged: Vec::new(),
-            offsets: None,
-        };
-        let missing = |mut r: PackResult| {
-            r.outcome = PackOutcome::Missing;
-            r.detail = Some("missing from the repository".into());
-            Ok(r)
+        let fetched = |body| FetchedPack {
+            id,
+            result: PackResult {
+                pack: id.to_hex(),
+                size,
+                outcome: PackOutcome::Ok,
+                detail: None,
+                table: None,
+                damaged: Vec::new(),
+                offsets: None,
+            },
+            body,
         };
         let Some(only) = only else {
             let buf = self.recycled.pack_buffer();
-            let bytes = match self.storage().read_into(&path, None, buf).await {
-                Ok(b) => b,
-                Err(e) if e.is_not_found() => return missing(result),
-                Err(e) => return Err(unchecked(e)),
+            return match self.storage().read_into(&path, None, buf).await {
+                Ok(b) => Ok(fetched(Body::Whole(b))),
+                Err(e) if e.is_not_found() => Ok(fetched(Body::Missing)),
+                Err(e) => Err(unchecked(e)),
             };
-            let keys = self.keys().clone();
-            let (entries, table) = match crate::pack::open_whole(&keys, &id, &bytes) {
-                Ok(entries) => (entries, None),
-                Err(e) => {
-                    let index = self.local_index();
-                    let known = tokio::task::spawn_blocking(move || index.entries_of(&id))
-                        .await
-                        .map_err(|e| unchecked(Error::Invalid(e.to_string())))?
-                        .map_err(unchecked)?;
-                    let entries = known
-                        .into_iter()
-                        .map(|(cid, l)| PackEntry {
-                            id: cid,
-                            kind: l.kind,
-                            offset: l.offset,
-                            len: l.len,
-                            raw_len: l.raw_len,
-                        })
-                        .collect();
-                    (entries, Some(e.to_string()))
-                }
-            };
-            result.table = table;
-            let damaged = decode_all(self, id, vec![(0, bytes)], entries).await;
-            return Ok(finish(result, damaged));
         };
         // Only some blobs: coalesced range reads.
         let mut locs = only;
@@ -96,25 +100,71 @@ impl Repository {
             let buf = self.recycled.pack_buffer();
             match self.storage().read_into(&path, Some(s..e), buf).await {
                 Ok(b) => spans.push((s, b)),
-                Err(err) if err.is_not_found() => return missing(result),
+                Err(err) if err.is_not_found() => {
+                    for (_, b) in spans {
+                        self.recycled.return_pack_buffer(b);
+                    }
+                    return Ok(fetched(Body::Missing));
+                }
                 // A short read: the pack was cut off; the blobs past its end are damaged.
                 Err(Error::Malformed { .. }) => {}
                 Err(err) => return Err(unchecked(err)),
             }
         }
-        result.offsets = Some(locs.iter().map(|(_, l)| l.offset).collect());
-        let entries = locs
-            .into_iter()
-            .map(|(cid, l)| PackEntry {
-                id: cid,
-                kind: l.kind,
-                offset: l.offset,
-                len: l.len,
-                raw_len: l.raw_len,
-            })
-            .collect();
+        Ok(fetched(Body::Spans(spans, locs)))
+    }
+
+    /// The decoding half of [`Repository::check_pack`], on every core.
+    pub async fn check_fetched(
+        &self,
+        fetched: FetchedPack,
+    ) -> std::result::Result<PackResult, Unchecked> {
+        let FetchedPack {
+            id,
+            mut result,
+            body,
+        } = fetched;
+        let unchecked = |error: Error| Unchecked { pack: id, error };
+        let (spans, entries) = match body {
+            Body::Missing => {
+                result.outcome = PackOutcome::Missing;
+                result.detail = Some("missing from the repository".into());
+                return Ok(result);
+            }
+            Body::Whole(bytes) => {
+                let keys = self.keys().clone();
+                let entries = match crate::pack::open_whole(&keys, &id, &bytes) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        let index = self.local_index();
+                        let known = tokio::task::spawn_blocking(move || index.entries_of(&id))
+                            .await
+                            .map_err(|e| unchecked(Error::Invalid(e.to_string())))?
+                            .map_err(unchecked)?;
+                        result.table = Some(e.to_string());
+                        known.into_iter().map(entry_at).collect()
+                    }
+                };
+                (vec![(0, bytes)], entries)
+            }
+            Body::Spans(spans, locs) => {
+                result.offsets = Some(locs.iter().map(|(_, l)| l.offset).collect());
+                (spans, locs.into_iter().map(entry_at).collect())
+            }
+        };
         let damaged = decode_all(self, id, spans, entries).await;
         Ok(finish(result, damaged))
+    }
+}
+
+/// The table entry of a blob the index places at `l`.
+fn entry_at((id, l): (ChunkId, Location)) -> PackEntry {
+    PackEntry {
+        id,
+        kind: l.kind,
+        offset: l.offset,
+        len: l.len,
+        raw_len: l.raw_len,
     }
 }
 

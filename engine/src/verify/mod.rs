@@ -12,6 +12,7 @@
 /// blobs wanted from it.
 type PackJob = (PackId, u64, u64, Option<Vec<(ChunkId, Location)>>);
 
+mod reading;
 mod references;
 pub mod select;
 mod state;
@@ -23,7 +24,6 @@ use blockvault_repo::{
     ChunkId, DiskDamage, LeaseKind, Location, PackId, PackResult, PointId, PointManifest,
     PointStatus, Repository, StorageStats, VerifyRecord, SLOTS_PER_PAGE,
 };
-use futures::StreamExt;
 use serde::Serialize;
 
 use crate::progress::Progress;
@@ -42,7 +42,7 @@ pub struct VerifyOptions {
     pub vms: Vec<String>,
     /// Cap on the bytes one run reads.
     pub max_bytes: Option<u64>,
-    /// Packs read at once.
+    /// Packs fetched ahead of the two being decoded.
     pub parallel: usize,
     /// Host name stored in the record.
     pub host: String,
@@ -246,8 +246,6 @@ pub async fn verify(
         .bytes_total
         .store(chosen.bytes, std::sync::atomic::Ordering::Relaxed);
     let mut results: Vec<PackResult> = Vec::new();
-    // Owned job descriptions: the stream must not borrow locals (the future stays `Send` for
-    // callers that spawn it).
     let jobs: Vec<PackJob> = chosen
         .packs
         .iter()
@@ -256,14 +254,7 @@ pub async fn verify(
             (*id, listed_ids[id], sizes[id], part)
         })
         .collect();
-    let reader = repo.clone();
-    let mut stream = futures::stream::iter(jobs)
-        .map(move |(id, size, charged, part)| {
-            let repo = reader.clone();
-            async move { (charged, repo.check_pack(id, size, part).await) }
-        })
-        .buffer_unordered(opts.parallel.max(1));
-    while let Some((charged, r)) = stream.next().await {
+    reading::read_packs(&repo, jobs, opts.parallel, |charged, r| {
         Progress::add(&progress.bytes_done, charged);
         match r {
             Ok(res) => {
@@ -276,8 +267,8 @@ pub async fn verify(
                 detail: u.error.to_string(),
             }),
         }
-    }
-    drop(stream);
+    })
+    .await;
     let finished = now_secs();
     results.sort_by(|a, b| a.pack.cmp(&b.pack));
     history.apply(&results, finished);
