@@ -20,9 +20,49 @@ use crate::{FilesAction, FilesArgs, Global};
 
 /// The disk of a restore point as positioned reads, for the synchronous parsers. Called only from
 /// a blocking thread, which waits on the runtime for each read.
+///
+/// The parsers read a block or a few at a time, mostly within the chunk they read last (the
+/// ext4 crate reads a file one 4 KiB block per call). Each thread keeps the chunk it read last
+/// and copies from it while reads stay inside: a profile of a tree extraction put the reader's
+/// per-read bookkeeping (the wait on the runtime, the cache lookup, the read-ahead detection) at
+/// about a tenth of the CPU (docs/BENCHMARKS.md, "Tree extraction reads whole chunks").
 struct PointDisk {
     reader: Arc<RandomReader>,
     rt: tokio::runtime::Handle,
+    /// Tells this disk's chunks from another's in the threads' kept chunks.
+    id: u64,
+}
+
+/// The chunk a thread read last: which disk, its first byte, its data.
+type KeptChunk = (u64, u64, Segment);
+
+thread_local! {
+    static KEPT: std::cell::RefCell<Option<KeptChunk>> = const { std::cell::RefCell::new(None) };
+}
+
+impl PointDisk {
+    fn new(reader: Arc<RandomReader>, rt: tokio::runtime::Handle) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Self {
+            reader,
+            rt,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    fn read_segments(&self, offset: u64, len: u64) -> std::io::Result<Vec<Segment>> {
+        self.rt
+            .block_on(self.reader.read_at(offset, len))
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Fills `buf` from `seg`'s bytes starting at `from`.
+fn copy_out(seg: &Segment, from: usize, buf: &mut [u8]) {
+    match seg {
+        Segment::Data(b) => buf.copy_from_slice(&b[from..from + buf.len()]),
+        Segment::Zero(_) => buf.fill(0),
+    }
 }
 
 impl ReadAt for PointDisk {
@@ -31,22 +71,37 @@ impl ReadAt for PointDisk {
     }
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let segs = self
-            .rt
-            .block_on(self.reader.read_at(offset, buf.len() as u64))
-            .map_err(std::io::Error::other)?;
+        let chunk = u64::from(self.reader.layout().chunk_size());
+        let start = offset - offset % chunk;
+        let end = offset.saturating_add(buf.len() as u64);
+        if end <= start + chunk && end <= self.size() {
+            let from = (offset - start) as usize;
+            let kept = KEPT.with_borrow(|k| match k {
+                Some((id, at, seg)) if *id == self.id && *at == start => {
+                    copy_out(seg, from, buf);
+                    true
+                }
+                _ => false,
+            });
+            if kept {
+                return Ok(());
+            }
+            // The whole chunk (one segment: its data or its length of zeros), kept for the next
+            // reads.
+            let len = chunk.min(self.size() - start);
+            let mut segs = self.read_segments(start, len)?;
+            if let (1, Some(seg)) = (segs.len(), segs.pop()) {
+                copy_out(&seg, from, buf);
+                KEPT.set(Some((self.id, start, seg)));
+                return Ok(());
+            }
+        }
+        let segs = self.read_segments(offset, buf.len() as u64)?;
         let mut at = 0usize;
         for s in segs {
-            match s {
-                Segment::Data(b) => {
-                    buf[at..at + b.len()].copy_from_slice(&b);
-                    at += b.len();
-                }
-                Segment::Zero(n) => {
-                    buf[at..at + n as usize].fill(0);
-                    at += n as usize;
-                }
-            }
+            let n = s.len() as usize;
+            copy_out(&s, 0, &mut buf[at..at + n]);
+            at += n;
         }
         Ok(())
     }
@@ -125,10 +180,10 @@ pub async fn files(g: &Global, a: FilesArgs) -> Result<()> {
         )
         .await?,
     );
-    let dev: Arc<dyn ReadAt> = Arc::new(PointDisk {
-        reader: rr.clone(),
-        rt: tokio::runtime::Handle::current(),
-    });
+    let dev: Arc<dyn ReadAt> = Arc::new(PointDisk::new(
+        rr.clone(),
+        tokio::runtime::Handle::current(),
+    ));
     let json_out = g.json;
     let quiet = g.quiet;
     let action = a.action;

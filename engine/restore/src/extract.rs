@@ -20,7 +20,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
@@ -157,6 +157,9 @@ struct Shared {
     /// Files seen, by their identity on the volume (inode), for hard links.
     names: Mutex<HashMap<u64, FirstName>>,
     named: Condvar,
+    /// Threads waiting on `named`, changed only with `names` locked: most files have one name,
+    /// and waking nobody still costs a system call per file.
+    waiting: AtomicUsize,
 }
 
 enum FirstName {
@@ -184,7 +187,9 @@ impl Shared {
     fn set_name(&self, id: u64, n: FirstName) {
         let mut m = self.names.lock().unwrap_or_else(|p| p.into_inner());
         m.insert(id, n);
-        self.named.notify_all();
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.named.notify_all();
+        }
     }
 }
 
@@ -243,6 +248,7 @@ pub fn extract(
         stop: AtomicBool::new(false),
         names: Mutex::new(HashMap::new()),
         named: Condvar::new(),
+        waiting: AtomicUsize::new(0),
     });
     let root = Arc::new(HostDir {
         fd: root_fd,
@@ -519,7 +525,9 @@ fn put_file(
                     break;
                 }
                 Some(FirstName::Creating) => {
+                    shared.waiting.fetch_add(1, Ordering::Relaxed);
                     m = shared.named.wait(m).unwrap_or_else(|p| p.into_inner());
+                    shared.waiting.fetch_sub(1, Ordering::Relaxed);
                 }
                 Some(FirstName::Created { rel, dev, ino }) => {
                     let (rel, dev, ino) = (rel.clone(), *dev, *ino);
@@ -620,8 +628,10 @@ fn link_to(shared: &Shared, rel: &[u8], id: (u64, u64), job: &FileJob) -> Result
     }
 }
 
-/// Copies one file's data; all-zero pieces are left as holes (the size is set at the end).
+/// Copies one file's data; all-zero pieces are left as holes (the size is set at the end, where
+/// the file ends in one).
 fn write_file(f: &mut dyn OpenFile, file: &File, shown: &Path) -> Result<u64> {
+    let mut written_to = 0u64;
     let size = f.read(1 << 20, &mut |off, data| {
         // Write runs of 4 KiB blocks that hold data; all-zero blocks stay holes.
         let mut run: Option<usize> = None;
@@ -632,6 +642,7 @@ fn write_file(f: &mut dyn OpenFile, file: &File, shown: &Path) -> Result<u64> {
                 (true, Some(start)) => {
                     file.write_all_at(&data[start..i * 4096], off + start as u64)
                         .map_err(|e| out_err(shown, e))?;
+                    written_to = off + (i * 4096) as u64;
                     run = None;
                 }
                 _ => {}
@@ -640,9 +651,12 @@ fn write_file(f: &mut dyn OpenFile, file: &File, shown: &Path) -> Result<u64> {
         if let Some(start) = run {
             file.write_all_at(&data[start..], off + start as u64)
                 .map_err(|e| out_err(shown, e))?;
+            written_to = off + data.len() as u64;
         }
         Ok(())
     })?;
-    file.set_len(size).map_err(|e| out_err(shown, e))?;
+    if written_to != size {
+        file.set_len(size).map_err(|e| out_err(shown, e))?;
+    }
     Ok(size)
 }
