@@ -453,7 +453,12 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
         },
     )?);
     let to_stdout = out == "-";
-    let target = if to_stdout {
+    let stdout_file = to_stdout && stdout_is_empty_file();
+    let target = if stdout_file {
+        // The same bytes as the stream, written as to `--out FILE`: holes for zero chunks,
+        // direct writes (docs/OPERATIONS.md, "Export formats").
+        ExportTarget::Path(PathBuf::from("/proc/self/fd/1"))
+    } else if to_stdout {
         // A duplicate of fd 1 as a plain file: unbuffered, where `Stdout` would scan every byte
         // of the disk for newlines.
         use std::os::fd::AsFd;
@@ -474,6 +479,15 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
     let r = export_raw_with(reader.clone(), target, progress, a.allow_damaged).await;
     bar.finish();
     let lost = r?;
+    if stdout_file {
+        // Whatever the shell writes after us goes after the disk, as it would after a stream.
+        use std::os::fd::AsFd;
+        rustix::fs::seek(
+            std::io::stdout().as_fd(),
+            rustix::fs::SeekFrom::Start(reader.size()),
+        )
+        .context("moving standard output past the exported disk")?;
+    }
     if !lost.is_empty() {
         eprintln!(
             "blockvault: disk {disk} of point {}: data lost, zeros written at bytes {}",
@@ -599,4 +613,20 @@ fn print_verify_report(r: &VerifyReport) {
         Verdict::Damaged => println!("damage found"),
         Verdict::Incomplete => println!("no damage found, but some objects could not be checked"),
     }
+}
+
+/// True when standard output is an empty regular file at its start, not in append mode (`>
+/// disk.raw`): writing the disk there by offset, with holes for zeros, leaves exactly the bytes a
+/// stream would. Anything else (a pipe, a terminal, `>>`, a file with contents) gets the stream.
+fn stdout_is_empty_file() -> bool {
+    use std::os::fd::AsFd;
+    let out = std::io::stdout();
+    let fd = out.as_fd();
+    let regular_and_empty = rustix::fs::fstat(fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            && st.st_size == 0
+    });
+    regular_and_empty
+        && rustix::fs::fcntl_getfl(fd).is_ok_and(|f| !f.contains(rustix::fs::OFlags::APPEND))
+        && rustix::fs::seek(fd, rustix::fs::SeekFrom::Current(0)).is_ok_and(|p| p == 0)
 }

@@ -1,3 +1,5 @@
+use std::io::Write;
+
 use crate::common::*;
 
 #[test]
@@ -35,6 +37,45 @@ fn backup_then_export_is_bit_exact_sparse_and_streams() {
         .unwrap();
     assert!(streamed.status.success(), "{}", stderr(&streamed));
     assert_eq!(streamed.stdout, std::fs::read(&img).unwrap());
+
+    // Standard output redirected to a new file (`> f`): the same bytes, sparse, and the shared
+    // offset left at the end, so what is written after lands after the disk.
+    let to = w.path("redirected.raw");
+    let f = std::fs::File::create(&to).unwrap();
+    let st = w
+        .cmd(&["restore", "export", &point, "--disk", "disk0", "--out", "-"])
+        .stdout(f.try_clone().unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    (&f).write_all(b"END").unwrap();
+    let mut want = std::fs::read(&img).unwrap();
+    want.extend_from_slice(b"END");
+    assert!(
+        std::fs::read(&to).unwrap() == want,
+        "redirected export differs"
+    );
+    assert!(
+        allocated_bytes(&to) <= allocated_bytes(&img) + (1 << 20),
+        "redirected export is not sparse"
+    );
+
+    // Appending (`>> f`) to a file with contents: streamed after them.
+    let to = w.path("appended.raw");
+    std::fs::write(&to, b"HEAD").unwrap();
+    let f = std::fs::OpenOptions::new().append(true).open(&to).unwrap();
+    let st = w
+        .cmd(&["restore", "export", &point, "--disk", "disk0", "--out", "-"])
+        .stdout(f)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut want = b"HEAD".to_vec();
+    want.extend_from_slice(&std::fs::read(&img).unwrap());
+    assert!(
+        std::fs::read(&to).unwrap() == want,
+        "appended export differs"
+    );
 }
 
 #[test]
