@@ -22,7 +22,7 @@ pub struct Unchecked {
 
 /// A pack's bytes as fetched for checking, before any decoding: what [`Repository::fetch_pack`]
 /// gives and [`Repository::check_fetched`] takes. Fetching and decoding are apart so that a
-/// caller can keep the store busy while the cores decode.
+/// caller can keep the store busy while the cores decode (`engine/src/verify/reading.rs`).
 pub struct FetchedPack {
     id: PackId,
     result: PackResult,
@@ -39,21 +39,10 @@ enum Body {
 }
 
 impl Repository {
-    /// Reads pack `id` (`size` bytes per the listing) and checks its blobs: all of them when
-    /// `only` is `None`, else just those. Missing and damaged packs are outcomes; a store error
-    /// that says nothing about the data (network, permissions) is `Err`.
-    pub async fn check_pack(
-        &self,
-        id: PackId,
-        size: u64,
-        only: Option<Vec<(ChunkId, Location)>>,
-    ) -> std::result::Result<PackResult, Unchecked> {
-        let fetched = self.fetch_pack(id, size, only).await?;
-        self.check_fetched(fetched).await
-    }
-
-    /// The reading half of [`Repository::check_pack`]: the whole pack, or coalesced range reads
-    /// of the named blobs.
+    /// Reads pack `id` (`size` bytes per the listing) for checking: the whole pack when `only` is
+    /// `None`, else coalesced range reads of those blobs. A missing pack is an outcome (checked
+    /// as such by [`Repository::check_fetched`]); a store error that says nothing about the data
+    /// (network, permissions) is `Err`.
     pub async fn fetch_pack(
         &self,
         id: PackId,
@@ -114,7 +103,8 @@ impl Repository {
         Ok(fetched(Body::Spans(spans, locs)))
     }
 
-    /// The decoding half of [`Repository::check_pack`], on every core.
+    /// Checks the blobs of a fetched pack on every core: each is decrypted, decompressed and
+    /// re-hashed. Missing and damaged packs are outcomes, not errors.
     pub async fn check_fetched(
         &self,
         fetched: FetchedPack,
