@@ -109,11 +109,11 @@ impl Qcow2Writer {
     /// Gathers `data` for the clusters allocated at `at` (the next ones of the front-to-back
     /// part), padded with zeros to whole clusters.
     fn put(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
-        debug_assert_eq!(
-            at,
-            self.run.at + self.run.len as u64,
-            "clusters out of order"
-        );
+        if at != self.run.at + self.run.len as u64 {
+            return Err(io::Error::other(format!(
+                "qcow2 cluster at {at} allocated out of write order"
+            )));
+        }
         let padded = (data.len() as u64).div_ceil(CLUSTER) as usize * CLUSTER as usize;
         if self.run.len + padded > RUN {
             self.write_run()?;
