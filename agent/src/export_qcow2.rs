@@ -1,12 +1,12 @@
 //! `restore export --format qcow2` and `restore vm --format qcow2`: a restore-point disk written as
 //! a qcow2 image (engine/restore's `Qcow2Writer`, docs/qcow2.md).
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use blockvault_engine::{DiskReader, Progress};
 use blockvault_restore::qcow2::Qcow2Writer;
+use blockvault_vhdx::staged::StagedWrites;
 
 use crate::chunk_feed::{feed_in_order, writer_channel};
 use crate::{Error, Result};
@@ -29,15 +29,12 @@ pub async fn export_qcow2(
     let writing = || format!("writing {}", path.display());
     let file = std::fs::File::create(path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-    let mut w = Qcow2Writer::new(file, layout.disk_size()).map_err(|e| Error::io(writing(), e))?;
     // Data goes past the page cache where the file system allows: it is written once and never
     // read back here.
-    if let Ok(direct) = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(path)
-    {
-        w = w.with_direct(direct);
+    let stage = StagedWrites::open(path, &file);
+    let mut w = Qcow2Writer::new(file, layout.disk_size()).map_err(|e| Error::io(writing(), e))?;
+    if let Some(stage) = stage {
+        w = w.with_stage(stage);
     }
     let (tx, mut rx) = writer_channel(&reader);
     let writer = std::thread::spawn(move || -> std::io::Result<()> {

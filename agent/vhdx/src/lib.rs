@@ -18,7 +18,7 @@ mod ranges;
 pub mod rct;
 mod reader;
 mod source;
-mod staged;
+pub mod staged;
 pub mod testing;
 mod writer;
 

@@ -1,4 +1,5 @@
-//! Payload writes that bypass the page cache, on a thread of their own.
+//! Payload writes that bypass the page cache, on a thread of their own: the VHDX writer's, and
+//! the qcow2 writer's in `blockvault-restore`.
 //!
 //! Adjacent payload writes are gathered in an aligned buffer and written with `O_DIRECT`. The
 //! write runs on a second thread while the caller fills the next buffer: written in place, each
@@ -14,9 +15,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
 /// Bytes gathered for one direct write.
-pub(crate) const STAGE: usize = 4 << 20;
+pub const STAGE: usize = 4 << 20;
 /// What `O_DIRECT` needs aligned: file offsets, lengths and buffer addresses.
-pub(crate) const DIRECT_ALIGN: usize = 4096;
+pub const DIRECT_ALIGN: usize = 4096;
 /// Buffers: one being filled, the rest written or waiting to be.
 const BUFFERS: usize = 3;
 
@@ -49,13 +50,26 @@ impl Buffer {
 
 /// A write that failed: where (`None` when the writing itself could not go on), and why.
 #[derive(Debug)]
-pub(crate) struct Failed {
+pub struct Failed {
     pub at: Option<u64>,
     pub error: io::Error,
 }
 
+impl From<Failed> for io::Error {
+    /// The error of the write that found it, which names its own offset.
+    fn from(f: Failed) -> Self {
+        match f.at {
+            Some(at) => io::Error::new(
+                f.error.kind(),
+                format!("direct write at file offset {at}: {}", f.error),
+            ),
+            None => f.error,
+        }
+    }
+}
+
 /// Gathers aligned payload bytes and writes them on the writing thread.
-pub(crate) struct StagedWrites {
+pub struct StagedWrites {
     filling: Buffer,
     free: Vec<Buffer>,
     jobs: Option<SyncSender<Buffer>>,
@@ -69,7 +83,7 @@ impl StagedWrites {
     /// Starts the writing thread for `direct` (opened with `O_DIRECT`); `buffered` is a plain
     /// handle on the same file for writes the file system refuses to take directly. `None` when
     /// no aligned buffer can be had or the thread cannot start.
-    pub(crate) fn start(direct: File, buffered: File) -> Option<Self> {
+    pub fn start(direct: File, buffered: File) -> Option<Self> {
         let filling = Buffer::new()?;
         let (jobs, inbox) = sync_channel::<Buffer>(BUFFERS);
         let (report, done) = sync_channel(BUFFERS);
@@ -107,9 +121,21 @@ impl StagedWrites {
         })
     }
 
+    /// Staged writes for the file at `path`, which `file` has open for writing: a second handle
+    /// opened with `O_DIRECT`. `None` where the file system does not take the flag.
+    pub fn open(path: &std::path::Path, file: &File) -> Option<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .ok()?;
+        Self::start(direct, file.try_clone().ok()?)
+    }
+
     /// Adds `data` (aligned in offset and length) at file offset `at`; sends full buffers, and a
     /// buffer `data` does not continue, to the writing thread.
-    pub(crate) fn add(&mut self, mut data: &[u8], mut at: u64) -> Result<(), Failed> {
+    pub fn add(&mut self, mut data: &[u8], mut at: u64) -> Result<(), Failed> {
         if self.filling.len > 0 && self.filling.at + self.filling.len as u64 != at {
             self.send()?;
         }
@@ -173,7 +199,7 @@ impl StagedWrites {
 
     /// Writes out everything gathered and waits until every write has ended: after this, a
     /// write through another handle cannot be overtaken by one of these.
-    pub(crate) fn drain(&mut self) -> Result<(), Failed> {
+    pub fn drain(&mut self) -> Result<(), Failed> {
         self.send()?;
         while self.in_flight > 0 {
             let b = self.wait_one()?;

@@ -8,13 +8,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::error::Error;
 use super::format::*;
 use super::guid::Guid;
-use super::staged::{Failed, StagedWrites, DIRECT_ALIGN};
+use super::staged::{StagedWrites, DIRECT_ALIGN};
 
 const LOG_OFFSET: u64 = MIB;
 const LOG_LENGTH: u64 = MIB;
@@ -49,17 +49,6 @@ pub struct VhdxWriter {
     /// single writer reached 728 MB/s with 256 KiB direct writes, 2 GB/s with 2 MiB ones, and
     /// about 520 MB/s through the page cache (docs/BENCHMARKS.md).
     stage: Option<StagedWrites>,
-}
-
-/// A failed direct write, as the error of the write that found it (which names its own offset).
-fn failed_write(f: Failed) -> io::Error {
-    match f.at {
-        Some(at) => io::Error::new(
-            f.error.kind(),
-            format!("direct write at file offset {at}: {}", f.error),
-        ),
-        None => f.error,
-    }
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -105,13 +94,7 @@ impl VhdxWriter {
             .truncate(true)
             .open(path)
             .map_err(|e| Error::io(&name, "file", 0, e))?;
-        let stage = OpenOptions::new()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path)
-            .ok()
-            .zip(file.try_clone().ok())
-            .and_then(|(direct, buffered)| StagedWrites::start(direct, buffered));
+        let stage = StagedWrites::open(path, &file);
         let cr = chunk_ratio(logical_sector_size, block_size);
         let entries = bat_entry_count(virtual_size, block_size, cr, false);
         let bat_length = (entries * 8).div_ceil(MIB).max(1) * MIB;
@@ -273,10 +256,10 @@ impl VhdxWriter {
         let aligned =
             at.is_multiple_of(DIRECT_ALIGN as u64) && data.len().is_multiple_of(DIRECT_ALIGN);
         match self.stage.as_mut() {
-            Some(stage) if aligned => stage.add(data, at).map_err(failed_write),
+            Some(stage) if aligned => stage.add(data, at).map_err(io::Error::from),
             stage => {
                 if let Some(stage) = stage {
-                    stage.drain().map_err(failed_write)?;
+                    stage.drain().map_err(io::Error::from)?;
                 }
                 self.file.write_all_at(data, at)
             }

@@ -13,14 +13,17 @@
 //! exactly once, so every refcount is 1 and every L1/L2 entry carries the COPIED flag.
 //!
 //! Data clusters and L2 tables are allocated in the order they are written, so from the first
-//! data cluster on the file is written front to back. Those clusters are gathered into runs of
-//! 4 MiB and, where a direct handle is given, written bypassing the page cache: through the
-//! cache, 64 KiB at a time, an export spent as much time in the kernel as the whole raw export
-//! took, and twice that in some runs (docs/BENCHMARKS.md, "qcow2 export writes directly").
+//! data cluster on the file is written front to back. Where staged writes are given (the VHDX
+//! writer's, `blockvault_vhdx::staged`), those clusters are gathered into 4 MiB runs and written
+//! bypassing the page cache on a thread of their own: through the cache, 64 KiB at a time, an
+//! export spent as much time in the kernel as the whole raw export took, and twice that in some
+//! runs (docs/BENCHMARKS.md, "qcow2 export writes directly").
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+
+use blockvault_vhdx::staged::StagedWrites;
 
 pub const MAGIC: u32 = 0x5146_49fb;
 /// 64 KiB clusters, qemu-img's default.
@@ -32,25 +35,11 @@ const REFCOUNT_ORDER: u32 = 4;
 const REFCOUNTS_PER_BLOCK: u64 = CLUSTER * 8 / (1 << REFCOUNT_ORDER);
 const COPIED: u64 = 1 << 63;
 const HEADER_LENGTH: u32 = 104;
-/// Bytes gathered for one write of the front-to-back part.
-const RUN: usize = 4 << 20;
-/// What `O_DIRECT` needs aligned: file offsets, lengths and buffer addresses.
-const DIRECT_ALIGN: usize = 4096;
-
-/// The clusters gathered for the next write: `len` bytes for file offset `at`, from the aligned
-/// `start` of `buf`.
-struct Run {
-    buf: Vec<u8>,
-    start: usize,
-    len: usize,
-    at: u64,
-}
 
 pub struct Qcow2Writer {
     file: File,
-    /// A handle on the same file opened with `O_DIRECT`, until the file system refuses a write.
-    direct: Option<File>,
-    run: Run,
+    /// Direct writes of the front-to-back part, where given.
+    stage: Option<StagedWrites>,
     size: u64,
     l1: Vec<u64>,
     /// The L2 table being filled: its L1 index and entries.
@@ -75,80 +64,38 @@ impl Qcow2Writer {
         let l1_size = clusters.div_ceil(L2_ENTRIES);
         let l1_clusters = (l1_size * 8).div_ceil(CLUSTER);
         file.set_len(0)?;
-        let buf = vec![0u8; RUN + DIRECT_ALIGN];
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        let first = (1 + l1_clusters) * CLUSTER;
         Ok(Self {
             file,
-            direct: None,
-            run: Run {
-                buf,
-                start,
-                len: 0,
-                at: first,
-            },
+            stage: None,
             size,
             l1: vec![0; l1_size as usize],
             l2: None,
-            next_free: first,
+            next_free: (1 + l1_clusters) * CLUSTER,
             next_guest: 0,
         })
     }
 
-    /// Writes the front-to-back part through `direct`, a handle on the same file opened with
-    /// `O_DIRECT`. Where the file system refuses a direct write, that one and the rest go
-    /// through the page cache.
-    pub fn with_direct(mut self, direct: File) -> Self {
-        // An unaligned buffer (never, from the allocator) would be refused by every write.
-        if self.run.start < DIRECT_ALIGN {
-            self.direct = Some(direct);
-        }
+    /// Writes the front-to-back part through `stage` (staged direct writes on the same file).
+    pub fn with_stage(mut self, stage: StagedWrites) -> Self {
+        self.stage = Some(stage);
         self
     }
 
-    /// Gathers `data` for the clusters allocated at `at` (the next ones of the front-to-back
-    /// part), padded with zeros to whole clusters.
+    /// Writes `data` for the clusters allocated at `at`, padded with zeros to whole clusters.
     fn put(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
-        if at != self.run.at + self.run.len as u64 {
-            return Err(io::Error::other(format!(
-                "qcow2 cluster at {at} allocated out of write order"
-            )));
-        }
-        let padded = (data.len() as u64).div_ceil(CLUSTER) as usize * CLUSTER as usize;
-        if self.run.len + padded > RUN {
-            self.write_run()?;
-        }
-        let r = &mut self.run;
-        let from = r.start + r.len;
-        r.buf[from..from + data.len()].copy_from_slice(data);
-        r.buf[from + data.len()..from + padded].fill(0);
-        r.len += padded;
-        if r.len == RUN {
-            self.write_run()?;
-        }
-        Ok(())
-    }
-
-    /// Writes what is gathered.
-    fn write_run(&mut self) -> io::Result<()> {
-        let r = &mut self.run;
-        let bytes = &r.buf[r.start..r.start + r.len];
-        if let Some(d) = &self.direct {
-            match d.write_all_at(bytes, r.at) {
-                Ok(()) => {}
-                // The file system takes the flag at open but not the write.
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                    self.direct = None;
-                    self.file.write_all_at(bytes, r.at)?;
-                }
-                Err(e) => return Err(e),
-            }
+        let padded;
+        let data = if (data.len() as u64).is_multiple_of(CLUSTER) {
+            data
         } else {
-            self.file.write_all_at(bytes, r.at)?;
+            let mut full = data.to_vec();
+            full.resize((data.len() as u64).next_multiple_of(CLUSTER) as usize, 0);
+            padded = full;
+            &padded
+        };
+        match self.stage.as_mut() {
+            Some(stage) => stage.add(data, at).map_err(io::Error::from),
+            None => self.file.write_all_at(data, at),
         }
-        r.at += r.len as u64;
-        r.len = 0;
-        Ok(())
     }
 
     pub fn cluster_size() -> u64 {
@@ -213,7 +160,10 @@ impl Qcow2Writer {
     /// Writes the remaining L2 table, the refcounts, the L1 table and the header; syncs.
     pub fn finish(mut self) -> io::Result<File> {
         self.flush_l2()?;
-        self.write_run()?;
+        // Every staged write ends before the tables are written through the page cache.
+        if let Some(mut stage) = self.stage.take() {
+            stage.drain()?;
+        }
         let used = self.next_free / CLUSTER;
         // The refcount blocks and table count themselves too: grow until they cover everything.
         let (mut blocks, mut table) = (0u64, 0u64);
@@ -276,8 +226,6 @@ impl Qcow2Writer {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::OpenOptionsExt;
-
     use super::*;
 
     #[test]
@@ -335,13 +283,10 @@ mod tests {
             let img = dir.path().join(format!("direct-{direct}.qcow2"));
             let mut w = Qcow2Writer::new(File::create(&img).unwrap(), size).unwrap();
             if direct {
-                let d = std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-                    .open(&img)
-                    .expect("the test directory takes O_DIRECT");
-                w = w.with_direct(d);
-                assert!(w.direct.is_some());
+                let f = w.file.try_clone().unwrap();
+                let stage =
+                    StagedWrites::open(&img, &f).expect("the test directory takes O_DIRECT");
+                w = w.with_stage(stage);
             }
             // Cluster by cluster, and several clusters in one call.
             w.write_at(0, &(0..64).flat_map(data).collect::<Vec<u8>>())
