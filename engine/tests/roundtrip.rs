@@ -108,15 +108,29 @@ async fn read_back(
 }
 
 fn run_case(size: usize, steps: Vec<Step>) -> Vec<PointManifest> {
+    run_case_in("memory://", 64 * 1024, size, steps, |_| {})
+}
+
+/// Runs `steps` against a repository at `location` (created with chunks of `chunk` bytes) and
+/// checks every point; `before_reading` gets the temporary directory (which holds a local
+/// repository's files) before the points are read back.
+fn run_case_in(
+    location: &str,
+    chunk: u32,
+    size: usize,
+    steps: Vec<Step>,
+    before_reading: impl FnOnce(&std::path::Path),
+) -> Vec<PointManifest> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let location = location.replace("{dir}", &dir.path().display().to_string());
     rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open("memory://", true).unwrap();
-        Repository::init(&storage, b"pw", 64 * 1024, KdfParams::with_memory(8 * 1024))
+        let storage = Storage::open(&location, true).unwrap();
+        Repository::init(&storage, b"pw", chunk, KdfParams::with_memory(8 * 1024))
             .await
             .unwrap();
         let opts = OpenOptions {
@@ -164,6 +178,7 @@ fn run_case(size: usize, steps: Vec<Step>) -> Vec<PointManifest> {
                 .manifest;
             history.push((m, disk.0.lock().unwrap().clone()));
         }
+        before_reading(dir.path());
         // Every point is complete on its own, whatever came after it.
         for (m, expect) in &history {
             let got = read_back(&repo, m, dir.path()).await;
@@ -209,4 +224,35 @@ fn incremental_reads_and_writes_only_what_changed() {
         "the untouched page is shared with the parent"
     );
     assert_eq!(inc.parent, Some(points[0].id));
+}
+
+/// Drops the page cache's copy of every file under `dir` (after writing it out).
+fn drop_cached_pages(dir: &std::path::Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            drop_cached_pages(&e.path());
+        } else {
+            let f = std::fs::File::open(e.path()).unwrap();
+            f.sync_all().unwrap();
+            rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        }
+    }
+}
+
+/// A local directory's blobs are decoded on the reading task when their bytes are in the page
+/// cache, and on a blocking thread when they are not or when a blob is over 1 MiB: every way
+/// reads back the same bytes (the points are read twice, first with the packs' pages dropped).
+#[test]
+fn local_packs_read_back_from_the_page_cache_and_from_the_device() {
+    for chunk in [64 * 1024, 2 << 20] {
+        let steps = vec![
+            (false, vec![(0usize, 5 << 20, Fill::Noise(3))]),
+            (true, vec![(1 << 20, 300_000, Fill::Noise(4))]),
+        ];
+        run_case_in("{dir}/repo", chunk, 6 << 20, steps.clone(), |dir| {
+            drop_cached_pages(&dir.join("repo"))
+        });
+        run_case_in("{dir}/repo", chunk, 6 << 20, steps, |_| {});
+    }
 }

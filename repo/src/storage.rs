@@ -782,6 +782,36 @@ pub(crate) fn read_file_range(
     Ok(buf)
 }
 
+/// Appends `len` bytes of `file` from `start` to `buf` only if the page cache holds all of them
+/// (`preadv2` with `RWF_NOWAIT`), so the caller may read on an async task without waiting for a
+/// device. `false` (and `buf` as it was) when the read would wait, came up short, failed, or the
+/// file system does not take the flag: the caller then reads on a blocking thread, which also
+/// reports any error.
+pub(crate) fn read_cached_range(
+    file: &std::fs::File,
+    start: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> bool {
+    use rustix::io::{preadv2, ReadWriteFlags};
+    let keep = buf.len();
+    let Some(want) = usize::try_from(len).ok().filter(|n| *n <= MAX_RESERVE) else {
+        return false;
+    };
+    buf.resize(keep + want, 0);
+    let got = preadv2(
+        file,
+        &mut [std::io::IoSliceMut::new(&mut buf[keep..])],
+        start,
+        ReadWriteFlags::NOWAIT,
+    );
+    if got.is_ok_and(|n| n == want) {
+        return true;
+    }
+    buf.truncate(keep);
+    false
+}
+
 fn fsync_file_and_dir(path: &Path) -> Result<()> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
@@ -796,4 +826,62 @@ fn fsync_file_and_dir(path: &Path) -> Result<()> {
             .map_err(io)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn file_of(bytes: &[u8]) -> (tempfile::TempDir, std::fs::File) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pack");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+        (dir, std::fs::File::open(&path).unwrap())
+    }
+
+    #[test]
+    fn a_cached_range_is_appended_after_what_the_buffer_holds() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let (_dir, file) = file_of(&data);
+        let mut buf = b"prefix".to_vec();
+        assert!(read_cached_range(&file, 1000, 9000, &mut buf));
+        assert_eq!(&buf[..6], b"prefix");
+        assert_eq!(&buf[6..], &data[1000..10_000]);
+    }
+
+    #[test]
+    fn a_range_past_the_end_leaves_the_buffer_as_it_was() {
+        let (_dir, file) = file_of(&[7u8; 4096]);
+        let mut buf = b"prefix".to_vec();
+        assert!(!read_cached_range(&file, 4000, 200, &mut buf));
+        assert_eq!(buf, b"prefix");
+        // The blocking read gives what there is; the caller reports the short range.
+        let got = read_file_range(file, 4000, 200, Vec::new()).unwrap();
+        assert_eq!(got.len(), 96);
+    }
+
+    #[test]
+    fn a_range_not_in_the_page_cache_is_left_to_a_blocking_read() {
+        let data = vec![9u8; 1 << 20];
+        let (_dir, file) = file_of(&data);
+        file.sync_all().unwrap();
+        // Clean pages of a disk-backed file are dropped on this advice (a temporary directory
+        // on tmpfs has no disk behind it and keeps them: this test needs a disk-backed TMPDIR).
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let mut buf = Vec::new();
+        assert!(
+            !read_cached_range(&file, 0, data.len() as u64, &mut buf),
+            "the range was read without waiting although its pages were dropped"
+        );
+        assert!(buf.is_empty());
+        let got =
+            read_file_range(file.try_clone().unwrap(), 0, data.len() as u64, Vec::new()).unwrap();
+        assert_eq!(got, data);
+        assert!(read_cached_range(&file, 0, data.len() as u64, &mut buf));
+        assert_eq!(buf, data);
+    }
 }

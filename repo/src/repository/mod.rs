@@ -123,6 +123,84 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Error::Invalid(format!("background task failed: {e}")))
 }
 
+/// Largest blob decoded on the calling task when its bytes are in the page cache (a default
+/// chunk is 256 KiB): decoding more would hold an async worker for milliseconds.
+const DECODE_HERE_MAX: u32 = 1 << 20;
+
+/// What one attempt at reading a blob straight from a local pack file came to.
+enum LocalBlob {
+    Decoded(Vec<u8>),
+    /// Not for this path (see `Repository::read_local_blob_into`); the buffer comes back.
+    Elsewhere(Vec<u8>),
+    /// The bytes are not all in the page cache, or the blob is large: read it on a blocking
+    /// thread.
+    WouldWait(Vec<u8>),
+}
+
+/// A blob read straight from its local pack file: index lookup, one range read, decoding.
+struct LocalBlobRead {
+    index: Arc<LocalIndex>,
+    keys: Keys,
+    recycled: Arc<crate::recycle::Recycled>,
+    storage: Storage,
+    id: ChunkId,
+    kind: Option<BlobKind>,
+}
+
+impl LocalBlobRead {
+    /// Reads and decodes the blob into `out` (after what it holds). Without `may_wait` nothing
+    /// waits for a device: the range must be in the page cache. The index lookup and the
+    /// file's opening are not held to that; both are served from memory in the normal case.
+    fn run(&self, mut out: Vec<u8>, may_wait: bool) -> Result<LocalBlob> {
+        let Some(loc) = self.index.get(&self.id)? else {
+            return Ok(LocalBlob::Elsewhere(out));
+        };
+        if !may_wait && loc.raw_len.max(loc.len) > DECODE_HERE_MAX {
+            return Ok(LocalBlob::WouldWait(out));
+        }
+        let name = ObjectName::Pack(loc.pack).path();
+        let Some(path) = self.storage.local_file(&name) else {
+            return Ok(LocalBlob::Elsewhere(out));
+        };
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(LocalBlob::Elsewhere(out))
+            }
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        let (start, len) = (loc.offset as u64, loc.len as u64);
+        let mut sealed = self.recycled.blob_buffer();
+        if may_wait {
+            sealed = crate::storage::read_file_range(file, start, len, sealed)
+                .map_err(|source| Error::Io { path, source })?;
+        } else if !crate::storage::read_cached_range(&file, start, len, &mut sealed) {
+            self.recycled.return_blob_buffer(sealed);
+            return Ok(LocalBlob::WouldWait(out));
+        }
+        self.storage.count_read(sealed.len() as u64);
+        if sealed.len() as u64 != len {
+            return Err(crate::storage::truncated(
+                &name,
+                &(start..start + len),
+                sealed.len(),
+            ));
+        }
+        let what = || blob_what(&self.id, &loc);
+        let decoded = blob::decode_into(
+            &self.keys,
+            &self.id,
+            self.kind,
+            loc.raw_len,
+            &mut sealed,
+            &mut out,
+            &what,
+        );
+        self.recycled.return_blob_buffer(sealed);
+        decoded.map(|()| LocalBlob::Decoded(out))
+    }
+}
+
 impl Repository {
     /// Creates a repository. Fails if one (or anything else) is already there.
     pub async fn init(
@@ -360,11 +438,15 @@ impl Repository {
         }
     }
 
-    /// From a local directory, a blob is located, read and decoded in one blocking call: one
-    /// thread hop per blob instead of three (lookup, the object store's read, decoding), whose
-    /// wake-ups cost a sequential export more than a third of its time. Gives `out` back when
-    /// the blob must take the general path: a remote or paced store, a chunk the local index
-    /// does not know, or a pack file that is gone.
+    /// From a local directory, a blob is located, read and decoded in one step instead of three
+    /// (lookup, the object store's read, decoding), each of which was a hop to the blocking pool
+    /// whose wake-ups cost a sequential export more than a third of its time. When the blob's
+    /// bytes are in the page cache the step runs right here, on the calling task: it is then a
+    /// few hundred microseconds of decoding, and even one hop (two thread switches) cost a mount
+    /// serving `nbdcopy` a tenth of its CPU (docs/BENCHMARKS.md). Otherwise it runs on a
+    /// blocking thread, so reads that wait for a device are still many at once. Gives `out`
+    /// back when the blob must take the general path: a remote or paced store, a chunk the
+    /// local index does not know, or a pack file that is gone.
     async fn read_local_blob_into(
         &self,
         id: &ChunkId,
@@ -374,42 +456,23 @@ impl Repository {
         if self.blob_cache.is_some() || !self.storage.reads_local_files() {
             return Ok(Err(out));
         }
-        let (index, keys, recycled) =
-            (self.index.clone(), self.keys.clone(), self.recycled.clone());
-        let (storage, id) = (self.storage.clone(), *id);
-        blocking(move || {
-            let mut out = out;
-            let Some(loc) = index.get(&id)? else {
-                return Ok(Err(out));
-            };
-            let name = ObjectName::Pack(loc.pack).path();
-            let Some(path) = storage.local_file(&name) else {
-                return Ok(Err(out));
-            };
-            let file = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(out)),
-                Err(source) => return Err(Error::Io { path, source }),
-            };
-            let (start, len) = (loc.offset as u64, loc.len as u64);
-            let mut sealed =
-                crate::storage::read_file_range(file, start, len, recycled.blob_buffer())
-                    .map_err(|source| Error::Io { path, source })?;
-            storage.count_read(sealed.len() as u64);
-            if sealed.len() as u64 != len {
-                return Err(crate::storage::truncated(
-                    &name,
-                    &(start..start + len),
-                    sealed.len(),
-                ));
-            }
-            let what = || blob_what(&id, &loc);
-            let decoded =
-                blob::decode_into(&keys, &id, kind, loc.raw_len, &mut sealed, &mut out, &what);
-            recycled.return_blob_buffer(sealed);
-            decoded.map(|()| Ok(out))
-        })
-        .await?
+        let read = LocalBlobRead {
+            index: self.index.clone(),
+            keys: self.keys.clone(),
+            recycled: self.recycled.clone(),
+            storage: self.storage.clone(),
+            id: *id,
+            kind,
+        };
+        let out = match read.run(out, false)? {
+            LocalBlob::Decoded(plain) => return Ok(Ok(plain)),
+            LocalBlob::Elsewhere(out) => return Ok(Err(out)),
+            LocalBlob::WouldWait(out) => out,
+        };
+        match blocking(move || read.run(out, true)).await?? {
+            LocalBlob::Decoded(plain) => Ok(Ok(plain)),
+            LocalBlob::Elsewhere(out) | LocalBlob::WouldWait(out) => Ok(Err(out)),
+        }
     }
 
     /// Decrypts fetched bytes where they lie (they are normally this reader's own buffer; a
