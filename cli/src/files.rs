@@ -52,7 +52,7 @@ impl PointDisk {
 
     fn read_segments(&self, offset: u64, len: u64) -> std::io::Result<Vec<Segment>> {
         self.rt
-            .block_on(self.reader.read_at(offset, len))
+            .block_on(self.reader.read_at_here(offset, len))
             .map_err(std::io::Error::other)
     }
 }

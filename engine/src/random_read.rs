@@ -157,6 +157,22 @@ impl RandomReader {
         self.cache.get(slot).await
     }
 
+    /// [`RandomReader::chunk`] on a task of its own. A fetch from a local directory decodes on
+    /// the task that runs it when the bytes are in the page cache, so the chunks of one request
+    /// spread over tasks are decoded on every core at once, not one after another.
+    async fn chunk_on_a_task(&self, slot: u64) -> Result<Bytes> {
+        let (cache, fetches) = (self.cache.clone(), self.fetches.clone());
+        tokio::spawn(async move {
+            let _permit = fetches
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Cancelled)?;
+            cache.get(slot).await
+        })
+        .await
+        .map_err(Error::task)?
+    }
+
     pub(crate) fn check(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.size()) {
             return Err(Error::Invalid(format!(
@@ -169,6 +185,17 @@ impl RandomReader {
 
     /// Reads `len` bytes at `offset` as segments covering exactly that range, in order.
     pub async fn read_at(&self, offset: u64, len: u64) -> Result<Vec<Segment>> {
+        self.read(offset, len, true).await
+    }
+
+    /// [`RandomReader::read_at`] with every chunk fetched on the calling task, for callers that
+    /// read on several threads of their own (file extraction): handing chunks to other tasks
+    /// would only add thread switches there.
+    pub async fn read_at_here(&self, offset: u64, len: u64) -> Result<Vec<Segment>> {
+        self.read(offset, len, false).await
+    }
+
+    async fn read(&self, offset: u64, len: u64, spread: bool) -> Result<Vec<Segment>> {
         self.check(offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -188,13 +215,20 @@ impl RandomReader {
                 let _ = tx.try_send(s);
             }
         }
+        let first = slots.start;
         let chunks: Vec<(u64, Option<Bytes>)> = stream::iter(slots.clone())
             .map(|s| async move {
-                if self.is_allocated(s) {
-                    Ok::<_, Error>((s, Some(self.chunk(s).await?)))
-                } else {
-                    Ok((s, None))
+                if !self.is_allocated(s) {
+                    return Ok::<_, Error>((s, None));
                 }
+                // The first chunk, and any already cached or in flight, right here; the others
+                // of a longer read each on a task, so they decode in parallel.
+                let data = if !spread || s == first || self.cache.contains(s) {
+                    self.chunk(s).await?
+                } else {
+                    self.chunk_on_a_task(s).await?
+                };
+                Ok((s, Some(data)))
             })
             .buffered(self.opts.parallel)
             .try_collect()
