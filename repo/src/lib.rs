@@ -1,9 +1,10 @@
 //! The blockvault repository: its format on an object store, its keys, and the local index that
 //! caches where every chunk lives.
 //!
-//! Byte-level layouts are specified in `docs/FORMAT.md`; the constants live in [`format`](mod@format). The
-//! repository in the object store is the only truth: the RocksDB index can be deleted at any time
-//! and is rebuilt from pack tables of contents and index segments.
+//! Byte-level layouts are specified in `docs/FORMAT.md`; the constants live in
+//! [`format`](mod@format). The repository in the object store is the only truth: the RocksDB
+//! index can be deleted at any time and is rebuilt from pack tables of contents and index
+//! segments.
 
 mod blob;
 mod blob_cache;

@@ -127,77 +127,89 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// chunk is 256 KiB): decoding more would hold an async worker for milliseconds.
 const DECODE_HERE_MAX: u32 = 1 << 20;
 
-/// What one attempt at reading a blob straight from a local pack file came to.
-enum LocalBlob {
-    Decoded(Vec<u8>),
-    /// Not for this path (see `Repository::read_local_blob_into`); the buffer comes back.
-    Elsewhere(Vec<u8>),
-    /// The bytes are not all in the page cache, or the blob is large: read it on a blocking
-    /// thread.
-    WouldWait(Vec<u8>),
-}
+/// What a read that would wait for a device gives back: the output buffer and the open pack file.
+type NotCached = (Vec<u8>, std::fs::File);
 
-/// A blob read straight from its local pack file: index lookup, one range read, decoding.
+/// A blob read straight from its local pack file, whose location the index gave: one range
+/// read, then decoding.
 struct LocalBlobRead {
-    index: Arc<LocalIndex>,
     keys: Keys,
     recycled: Arc<crate::recycle::Recycled>,
     storage: Storage,
     id: ChunkId,
     kind: Option<BlobKind>,
+    loc: Location,
+    name: String,
+    path: PathBuf,
 }
 
 impl LocalBlobRead {
-    /// Reads and decodes the blob into `out` (after what it holds). Without `may_wait` nothing
-    /// waits for a device: the range must be in the page cache. The index lookup and the
-    /// file's opening are not held to that; both are served from memory in the normal case.
-    fn run(&self, mut out: Vec<u8>, may_wait: bool) -> Result<LocalBlob> {
-        let Some(loc) = self.index.get(&self.id)? else {
-            return Ok(LocalBlob::Elsewhere(out));
-        };
-        if !may_wait && loc.raw_len.max(loc.len) > DECODE_HERE_MAX {
-            return Ok(LocalBlob::WouldWait(out));
+    /// The pack file, `None` when it is gone (deleted by a prune since the index was read).
+    fn open(&self) -> Result<Option<std::fs::File>> {
+        match std::fs::File::open(&self.path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Io {
+                path: self.path.clone(),
+                source,
+            }),
         }
-        let name = ObjectName::Pack(loc.pack).path();
-        let Some(path) = self.storage.local_file(&name) else {
-            return Ok(LocalBlob::Elsewhere(out));
-        };
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(LocalBlob::Elsewhere(out))
-            }
-            Err(source) => return Err(Error::Io { path, source }),
-        };
-        let (start, len) = (loc.offset as u64, loc.len as u64);
+    }
+
+    fn range(&self) -> (u64, u64) {
+        (self.loc.offset as u64, self.loc.len as u64)
+    }
+
+    /// Decodes the blob into `out` if the page cache holds all of its bytes, without waiting for
+    /// a device; else gives `out` and `file` back.
+    fn decode_cached(
+        &self,
+        file: std::fs::File,
+        out: Vec<u8>,
+    ) -> Result<std::result::Result<Vec<u8>, NotCached>> {
+        let (start, len) = self.range();
         let mut sealed = self.recycled.blob_buffer();
-        if may_wait {
-            sealed = crate::storage::read_file_range(file, start, len, sealed)
-                .map_err(|source| Error::Io { path, source })?;
-        } else if !crate::storage::read_cached_range(&file, start, len, &mut sealed) {
+        if !crate::storage::read_cached_range(&file, start, len, &mut sealed) {
             self.recycled.return_blob_buffer(sealed);
-            return Ok(LocalBlob::WouldWait(out));
+            return Ok(Err((out, file)));
         }
+        self.decode(sealed, out).map(Ok)
+    }
+
+    /// Reads the blob's bytes from `file`, waiting for the device as long as it takes, and
+    /// decodes them into `out`.
+    fn read_and_decode(&self, file: std::fs::File, out: Vec<u8>) -> Result<Vec<u8>> {
+        let (start, len) = self.range();
+        let sealed = crate::storage::read_file_range(file, start, len, self.recycled.blob_buffer())
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.decode(sealed, out)
+    }
+
+    fn decode(&self, mut sealed: Vec<u8>, mut out: Vec<u8>) -> Result<Vec<u8>> {
+        let (start, len) = self.range();
         self.storage.count_read(sealed.len() as u64);
         if sealed.len() as u64 != len {
             return Err(crate::storage::truncated(
-                &name,
+                &self.name,
                 &(start..start + len),
                 sealed.len(),
             ));
         }
-        let what = || blob_what(&self.id, &loc);
+        let what = || blob_what(&self.id, &self.loc);
         let decoded = blob::decode_into(
             &self.keys,
             &self.id,
             self.kind,
-            loc.raw_len,
+            self.loc.raw_len,
             &mut sealed,
             &mut out,
             &what,
         );
         self.recycled.return_blob_buffer(sealed);
-        decoded.map(|()| LocalBlob::Decoded(out))
+        decoded.map(|()| out)
     }
 }
 
@@ -456,23 +468,38 @@ impl Repository {
         if self.blob_cache.is_some() || !self.storage.reads_local_files() {
             return Ok(Err(out));
         }
+        // The lookup and the file's opening are served from memory in the normal case.
+        let Some(loc) = self.index.get(id)? else {
+            return Ok(Err(out));
+        };
+        let name = ObjectName::Pack(loc.pack).path();
+        let Some(path) = self.storage.local_file(&name) else {
+            return Ok(Err(out));
+        };
         let read = LocalBlobRead {
-            index: self.index.clone(),
             keys: self.keys.clone(),
             recycled: self.recycled.clone(),
             storage: self.storage.clone(),
             id: *id,
             kind,
+            loc,
+            name,
+            path,
         };
-        let out = match read.run(out, false)? {
-            LocalBlob::Decoded(plain) => return Ok(Ok(plain)),
-            LocalBlob::Elsewhere(out) => return Ok(Err(out)),
-            LocalBlob::WouldWait(out) => out,
+        let Some(file) = read.open()? else {
+            return Ok(Err(out));
         };
-        match blocking(move || read.run(out, true)).await?? {
-            LocalBlob::Decoded(plain) => Ok(Ok(plain)),
-            LocalBlob::Elsewhere(out) | LocalBlob::WouldWait(out) => Ok(Err(out)),
-        }
+        let (out, file) = if loc.raw_len.max(loc.len) <= DECODE_HERE_MAX {
+            match read.decode_cached(file, out)? {
+                Ok(plain) => return Ok(Ok(plain)),
+                Err(back) => back,
+            }
+        } else {
+            (out, file)
+        };
+        blocking(move || read.read_and_decode(file, out))
+            .await?
+            .map(Ok)
     }
 
     /// Decrypts fetched bytes where they lie (they are normally this reader's own buffer; a
