@@ -450,15 +450,15 @@ impl Repository {
         }
     }
 
-    /// From a local directory, a blob is located, read and decoded in one step instead of three
-    /// (lookup, the object store's read, decoding), each of which was a hop to the blocking pool
-    /// whose wake-ups cost a sequential export more than a third of its time. When the blob's
-    /// bytes are in the page cache the step runs right here, on the calling task: it is then a
-    /// few hundred microseconds of decoding, and even one hop (two thread switches) cost a mount
-    /// serving `nbdcopy` a tenth of its CPU (docs/BENCHMARKS.md). Otherwise it runs on a
-    /// blocking thread, so reads that wait for a device are still many at once. Gives `out`
-    /// back when the blob must take the general path: a remote or paced store, a chunk the
-    /// local index does not know, or a pack file that is gone.
+    /// From a local directory, a blob is located and its pack opened on the calling task, then
+    /// read and decoded, not through the object store: each of those was once a hop to the
+    /// blocking pool, whose wake-ups cost a sequential export more than a third of its time.
+    /// When the blob's bytes are in the page cache they are decoded right here too: a few
+    /// hundred microseconds, where even one hop (two thread switches) cost a mount serving
+    /// `nbdcopy` a tenth of its CPU (docs/BENCHMARKS.md). Otherwise the read and the decoding
+    /// run on a blocking thread, so reads that wait for a device are still many at once. Gives
+    /// `out` back when the blob must take the general path: a remote or paced store, a chunk
+    /// the local index does not know, or a pack file that is gone.
     async fn read_local_blob_into(
         &self,
         id: &ChunkId,
