@@ -204,12 +204,16 @@ impl RandomReader {
         let slots = self.layout.chunks_of(offset..end);
         let sequential = self.last_end.swap(end, Ordering::Relaxed) == offset;
         self.record(slots.clone());
+        // Hydration copies the chunks a guest reads from the cache, so while it runs they stay
+        // there rather than leaving once served.
+        let mut drop_behind = true;
         if let Some(tx) = self
             .demand
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
         {
+            drop_behind = false;
             for s in slots.clone().filter(|s| self.is_allocated(*s)) {
                 // A full queue only means hydration is busy with earlier demands.
                 let _ = tx.try_send(s);
@@ -242,7 +246,11 @@ impl RandomReader {
             let (from, to) = (offset.max(r.start), end.min(r.end));
             let seg = match data {
                 Some(b) => {
-                    Segment::Data(b.slice((from - r.start) as usize..(to - r.start) as usize))
+                    let within = (from - r.start) as usize..(to - r.start) as usize;
+                    if drop_behind {
+                        self.cache.served(s, within.clone());
+                    }
+                    Segment::Data(b.slice(within))
                 }
                 None => Segment::Zero(to - from),
             };
@@ -337,7 +345,7 @@ impl RandomReader {
     fn read_ahead(&self, next: u64) {
         let last = (next + self.opts.readahead_chunks).min(self.layout.chunk_count());
         for s in next..last {
-            if !self.is_allocated(s) || self.cache.contains(s) {
+            if !self.is_allocated(s) || !self.cache.wanted_ahead(s) {
                 continue;
             }
             let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
@@ -346,7 +354,7 @@ impl RandomReader {
             let cache = self.cache.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(e) = cache.get(s).await {
+                if let Err(e) = cache.get_ahead(s).await {
                     tracing::debug!(slot = s, error = %e, "readahead failed");
                 }
             });

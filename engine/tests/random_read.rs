@@ -223,3 +223,53 @@ fn overlay_merges_over_the_backup_and_hydration_copies_everything() {
         );
     });
 }
+
+/// A chunk leaves the memory cache once readers were given every byte of it ("drop-behind"),
+/// and only then: a chunk read in part stays, also while a sequential scan of the rest of the
+/// disk (with readahead) goes through a cache too small to hold both.
+#[test]
+fn chunks_served_in_full_leave_the_cache_and_a_scan_does_not_push_out_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = image();
+    let c = CHUNK as u64;
+    rt().block_on(async {
+        let (r, _) = mounted(dir.path(), &data, 6 * CHUNK).await;
+        let read = |off: u64, len: u64| {
+            let r = r.clone();
+            let data = &data;
+            async move {
+                let got = flatten(r.read_at(off, len).await.unwrap());
+                assert!(
+                    got == data[off as usize..(off + len) as usize],
+                    "read at {off}"
+                );
+            }
+        };
+        // Half of chunk 0: it stays.
+        read(0, c / 2).await;
+        assert_eq!(r.cache_stats().chunks, 1);
+        // Chunk 2 in 4 KiB pieces, last first (no readahead): it stays until the last piece.
+        let pieces: Vec<u64> = (0..16).rev().map(|i| 2 * c + i * 4096).collect();
+        for &off in &pieces[..15] {
+            read(off, 4096).await;
+        }
+        assert_eq!(r.cache_stats().chunks, 2);
+        read(pieces[15], 4096).await;
+        assert_eq!(r.cache_stats().chunks, 1, "chunk 2 was served in full");
+        // A scan of chunks 3..40 in reads of three quarters of a chunk, with readahead.
+        let mut off = 3 * c;
+        while off < data.len() as u64 {
+            let len = (c / 4 * 3).min(data.len() as u64 - off);
+            read(off, len).await;
+            off += len;
+            assert!(r.cache_stats().bytes <= 6 * CHUNK);
+        }
+        // Readahead started during the scan has settled.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let stats = r.cache_stats();
+        assert_eq!((stats.chunks, stats.bytes), (1, CHUNK), "{stats:?}");
+        // The chunk left is chunk 0: reading its other half empties the cache.
+        read(c / 2, c / 2).await;
+        assert_eq!(r.cache_stats().chunks, 0);
+    });
+}
