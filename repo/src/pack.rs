@@ -234,12 +234,7 @@ pub(crate) fn open_whole(keys: &Keys, pack: &PackId, bytes: &[u8]) -> Result<Vec
     if bytes.len() < PACK_HEADER_LEN + PACK_TRAILER_LEN {
         return Err(Error::malformed(format!("pack {pack}"), "too short"));
     }
-    if bytes[..8] != PACK_MAGIC || bytes[8..PACK_HEADER_LEN] != pack.0 {
-        return Err(Error::tampered(
-            format!("pack {pack}"),
-            "header does not carry this pack's magic and id",
-        ));
-    }
+    check_header(pack, &bytes[..PACK_HEADER_LEN])?;
     let toc_len = parse_trailer(pack, size, &bytes[bytes.len() - PACK_TRAILER_LEN..])? as usize;
     let toc_start = bytes.len() - PACK_TRAILER_LEN - toc_len;
     open_toc(
@@ -248,6 +243,48 @@ pub(crate) fn open_whole(keys: &Keys, pack: &PackId, bytes: &[u8]) -> Result<Vec
         size,
         &bytes[toc_start..bytes.len() - PACK_TRAILER_LEN],
     )
+}
+
+/// [`open_whole`] of a pack file, reading only its header, trailer and table of contents.
+/// Returns the entries and the file's size; a failed read is `Error::Io` naming `path`, which
+/// says nothing about the pack's data.
+pub(crate) fn open_file(
+    keys: &Keys,
+    pack: &PackId,
+    file: &std::fs::File,
+    path: &std::path::Path,
+) -> Result<(Vec<PackEntry>, u64)> {
+    use std::os::unix::fs::FileExt;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = file.metadata().map_err(io)?.len();
+    if size < (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64 {
+        return Err(Error::malformed(format!("pack {pack}"), "too short"));
+    }
+    let mut header = [0u8; PACK_HEADER_LEN];
+    file.read_exact_at(&mut header, 0).map_err(io)?;
+    check_header(pack, &header)?;
+    let mut trailer = [0u8; PACK_TRAILER_LEN];
+    file.read_exact_at(&mut trailer, size - PACK_TRAILER_LEN as u64)
+        .map_err(io)?;
+    let toc_len = parse_trailer(pack, size, &trailer)?;
+    let mut toc = vec![0u8; toc_len as usize];
+    let toc_start = size - PACK_TRAILER_LEN as u64 - toc_len as u64;
+    file.read_exact_at(&mut toc, toc_start).map_err(io)?;
+    Ok((open_toc(keys, pack, size, &toc)?, size))
+}
+
+/// Checks that a pack starts with the pack magic and its own id.
+fn check_header(pack: &PackId, header: &[u8]) -> Result<()> {
+    if header[..8] != PACK_MAGIC || header[8..PACK_HEADER_LEN] != pack.0 {
+        return Err(Error::tampered(
+            format!("pack {pack}"),
+            "header does not carry this pack's magic and id",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -286,5 +323,40 @@ mod tests {
             open_whole(&keys, &sealed.id, &t),
             Err(Error::Tampered { .. })
         ));
+    }
+
+    /// A pack file's table, read in three small pieces, is the whole pack's table; a cut,
+    /// foreign or damaged file fails as the whole pack does.
+    #[test]
+    fn a_pack_file_opens_like_the_whole_pack() {
+        let keys = Keys::derive(&random_master_key());
+        let mut b = PackBuilder::new(1 << 20);
+        for i in 0..7u8 {
+            let d = vec![i; 3000 + i as usize];
+            b.add(&encode(&keys, BlobKind::Data, keys.hasher.id(&d), &d, 1));
+        }
+        let sealed = b.seal(&keys);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pack");
+        let open = |bytes: &[u8], id: &PackId| {
+            std::fs::write(&path, bytes).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            open_file(&keys, id, &file, &path)
+        };
+        let (entries, size) = open(&sealed.bytes, &sealed.id).unwrap();
+        assert_eq!(entries, sealed.entries);
+        assert_eq!(size, sealed.bytes.len() as u64);
+        assert!(matches!(
+            open(&sealed.bytes, &PackId::random()),
+            Err(Error::Tampered { .. })
+        ));
+        for cut in [0, 5, 30, sealed.bytes.len() - 1] {
+            let e = open(&sealed.bytes[..cut], &sealed.id).unwrap_err();
+            assert!(matches!(e, Error::Malformed { .. }), "cut at {cut}: {e}");
+        }
+        let mut t = sealed.bytes.to_vec();
+        let n = t.len();
+        t[n - 20] ^= 0x40;
+        assert!(matches!(open(&t, &sealed.id), Err(Error::Tampered { .. })));
     }
 }

@@ -2,8 +2,17 @@
 //! decompressed and re-hashed, on every core. A pack whose own table of contents is damaged or
 //! cut off is still checked blob by blob through the index's entries for it (which come from the
 //! index segments), so a truncated pack reports exactly the blobs it lost.
+//!
+//! A pack in a local directory is not read into memory first: each decoding thread reads the
+//! blob it checks next into its own buffer and decodes it there, while the bytes are still in
+//! the core's cache. Reading whole packs into 16 MiB buffers made every later pass over them
+//! (decrypting, then decompressing) fetch them from memory again, which cost verify 5-10 % of
+//! its CPU (docs/BENCHMARKS.md, "Drop-behind, and verify reads blob by blob"). The kernel is
+//! asked to read the pack ahead (`POSIX_FADV_WILLNEED`) when the pack is taken up, so a cold
+//! disk is still read while earlier packs decode.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use crate::verify_record::{DamagedBlob, PackOutcome, PackResult};
 use crate::{blob, ChunkId, ChunkIdHex, Error, Location, PackEntry, PackId, Repository};
@@ -34,6 +43,8 @@ enum Body {
     Missing,
     /// The whole pack.
     Whole(Vec<u8>),
+    /// The pack's file in a local directory, opened, its blobs still to be read.
+    File(std::fs::File, PathBuf),
     /// The spans (`(start offset, bytes)`) holding the named blobs, and those blobs.
     Spans(Vec<(u64, Vec<u8>)>, Vec<(ChunkId, Location)>),
 }
@@ -65,6 +76,13 @@ impl Repository {
             body,
         };
         let Some(only) = only else {
+            if let Some(local) = self.storage().local_file(&path) {
+                return match open_for_checking(local).await {
+                    Ok(Some((file, local))) => Ok(fetched(Body::File(file, local))),
+                    Ok(None) => Ok(fetched(Body::Missing)),
+                    Err(e) => Err(unchecked(e)),
+                };
+            }
             let buf = self.recycled.pack_buffer();
             return match self.storage().read_into(&path, None, buf).await {
                 Ok(b) => Ok(fetched(Body::Whole(b))),
@@ -137,14 +155,77 @@ impl Repository {
                 };
                 (vec![(0, bytes)], entries)
             }
+            Body::File(file, path) => {
+                let damaged = self
+                    .check_file(id, file, path, &mut result)
+                    .await
+                    .map_err(unchecked)?;
+                return Ok(finish(result, damaged));
+            }
             Body::Spans(spans, locs) => {
                 result.offsets = Some(locs.iter().map(|(_, l)| l.offset).collect());
                 (spans, locs.into_iter().map(entry_at).collect())
             }
         };
-        let damaged = decode_all(self, id, spans, entries).await;
+        let damaged = decode_all(self, id, spans, entries)
+            .await
+            .map_err(unchecked)?;
         Ok(finish(result, damaged))
     }
+
+    /// Checks every blob of a local pack file, each read by the thread that decodes it. A
+    /// table that cannot be read is noted in `result`, and the index's entries for the pack are
+    /// checked instead, as for a whole pack. `Err` when the file could not be read (not its data).
+    async fn check_file(
+        &self,
+        id: PackId,
+        file: std::fs::File,
+        path: PathBuf,
+        result: &mut PackResult,
+    ) -> Result<Vec<DamagedBlob>, Error> {
+        let (keys, index) = (self.keys().clone(), self.local_index());
+        let (recycled, storage) = (self.recycled.clone(), self.storage().clone());
+        let (table, damaged) = tokio::task::spawn_blocking(move || {
+            let (entries, size, table) = match crate::pack::open_file(&keys, &id, &file, &path) {
+                Ok((entries, size)) => (entries, size, None),
+                Err(e @ Error::Io { .. }) => return Err(e),
+                Err(e) => {
+                    let size = file
+                        .metadata()
+                        .map_err(|source| Error::Io {
+                            path: path.clone(),
+                            source,
+                        })?
+                        .len();
+                    let known = index.entries_of(&id)?;
+                    (known.into_iter().map(entry_at).collect(), size, Some(e))
+                }
+            };
+            let damaged = decode_file(&keys, &recycled, id, &file, &path, size, entries)?;
+            storage.count_read(size);
+            Ok((table.map(|e| e.to_string()), damaged))
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))??;
+        result.table = table;
+        Ok(damaged)
+    }
+}
+
+/// Opens a local pack file for checking and asks the kernel to start reading it; `None` when
+/// there is no such file.
+async fn open_for_checking(path: PathBuf) -> Result<Option<(std::fs::File, PathBuf)>, Error> {
+    tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
+        Ok(file) => {
+            // Only advice: a file system that ignores it is read on demand instead.
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
+            Ok(Some((file, path)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io { path, source }),
+    })
+    .await
+    .map_err(|e| Error::Invalid(e.to_string()))?
 }
 
 /// The table entry of a blob the index places at `l`.
@@ -185,70 +266,166 @@ async fn decode_all(
     pack: PackId,
     mut spans: Vec<(u64, Vec<u8>)>,
     mut entries: Vec<PackEntry>,
-) -> Vec<DamagedBlob> {
+) -> Result<Vec<DamagedBlob>, Error> {
     let keys = repo.keys().clone();
     let recycled = repo.recycled.clone();
     let task = tokio::task::spawn_blocking(move || {
-        entries.sort_by_key(|e| (e.offset, e.len));
-        entries.dedup_by(|a, b| a.offset == b.offset && a.len == b.len && a.id == b.id);
-        let fail = |e: &PackEntry, detail: String| DamagedBlob {
-            chunk: ChunkIdHex(e.id),
-            offset: e.offset,
-            len: e.len,
-            detail,
-        };
-        let what = |e: &PackEntry| {
-            format!(
-                "chunk {} in pack {pack} at offset {}",
-                e.id.short(),
-                e.offset
-            )
-        };
-        let (mut work, mut out) = carve(&entries, &mut spans, &fail, &what);
-        let threads = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .min(work.len().max(1));
-        let per = work.len().div_ceil(threads).max(1);
-        let checked: Vec<DamagedBlob> = std::thread::scope(|scope| {
-            let handles: Vec<_> = work
-                .chunks_mut(per)
-                .map(|part| {
-                    let (keys, recycled, fail, what) = (&keys, &recycled, &fail, &what);
-                    scope.spawn(move || {
-                        let mut scratch = recycled.scratch();
-                        let mut bad = Vec::new();
-                        for (e, sealed) in part.iter_mut() {
-                            let describe = || what(e);
-                            if let Err(err) = blob::check_in_place(
-                                keys,
-                                &e.id,
-                                e.kind,
-                                e.raw_len,
-                                sealed,
-                                &mut scratch.plain,
-                                &describe,
-                            ) {
-                                bad.push(fail(e, err.to_string()));
-                            }
-                        }
-                        recycled.return_scratch(scratch);
-                        bad
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
+        in_order(&mut entries);
+        let (mut work, mut out) = carve(pack, &entries, &mut spans);
+        let checked = on_every_core(&mut work, |part| {
+            let mut scratch = recycled.scratch();
+            let mut bad = Vec::new();
+            for (e, sealed) in part.iter_mut() {
+                if let Some(d) = check_one(&keys, pack, e, sealed, &mut scratch.plain) {
+                    bad.push(d);
+                }
+            }
+            recycled.return_scratch(scratch);
+            bad
         });
-        out.extend(checked);
+        out.extend(checked.into_iter().flatten());
         for (_, buf) in spans {
             recycled.return_pack_buffer(buf);
         }
         out.sort_by_key(|d| d.offset);
         out
     });
-    task.await.unwrap_or_default()
+    task.await
+        .map_err(|e| Error::Invalid(format!("checking pack {pack}: {e}")))
+}
+
+/// Checks every entry of a pack file of `size` bytes, split over all cores; each thread reads
+/// the blob it checks next into its own buffer, so the bytes are decrypted and decompressed
+/// while still in its core's cache. `Err` when the file could not be read.
+fn decode_file(
+    keys: &crate::crypto::Keys,
+    recycled: &crate::recycle::Recycled,
+    pack: PackId,
+    file: &std::fs::File,
+    path: &std::path::Path,
+    size: u64,
+    mut entries: Vec<PackEntry>,
+) -> Result<Vec<DamagedBlob>, Error> {
+    use std::os::unix::fs::FileExt;
+    in_order(&mut entries);
+    let (mut work, mut out) = (Vec::with_capacity(entries.len()), Vec::new());
+    let mut claimed = 0u64;
+    for e in &entries {
+        let (s, end) = (e.offset as u64, e.offset as u64 + e.len as u64);
+        if end > size {
+            out.push(damaged(pack, e, BEYOND_END));
+        } else if s < claimed {
+            out.push(damaged(pack, e, OVERLAPS));
+        } else {
+            claimed = end;
+            work.push(e);
+        }
+    }
+    let checked = on_every_core(&mut work, |part| {
+        let mut scratch = recycled.scratch();
+        let mut bad = Vec::new();
+        let mut failed = None;
+        for e in part.iter() {
+            let len = e.len as usize;
+            // Grown once to the largest blob, never cleared: no zero-filling per blob.
+            if scratch.sealed.len() < len {
+                scratch.sealed.resize(len, 0);
+            }
+            let sealed = &mut scratch.sealed[..len];
+            match file.read_exact_at(sealed, e.offset as u64) {
+                Ok(()) => {}
+                // The file shrank since its size was read.
+                Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    bad.push(damaged(pack, e, BEYOND_END));
+                    continue;
+                }
+                Err(source) => {
+                    failed = Some(Error::Io {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                    break;
+                }
+            }
+            if let Some(d) = check_one(keys, pack, e, sealed, &mut scratch.plain) {
+                bad.push(d);
+            }
+        }
+        recycled.return_scratch(scratch);
+        failed.map_or(Ok(bad), Err)
+    });
+    for part in checked {
+        out.extend(part?);
+    }
+    out.sort_by_key(|d| d.offset);
+    Ok(out)
+}
+
+const BEYOND_END: &str = "lies beyond the end of the pack (truncated)";
+const OVERLAPS: &str = "overlaps the blob before it in the pack's table";
+
+/// Sorts entries by offset and drops repeats (the index may list a blob the table lists too).
+fn in_order(entries: &mut Vec<PackEntry>) {
+    entries.sort_by_key(|e| (e.offset, e.len));
+    entries.dedup_by(|a, b| a.offset == b.offset && a.len == b.len && a.id == b.id);
+}
+
+/// Decrypts, decompresses and re-hashes one blob (`sealed` is left holding garbage); the
+/// damage found, if any.
+fn check_one(
+    keys: &crate::crypto::Keys,
+    pack: PackId,
+    e: &PackEntry,
+    sealed: &mut [u8],
+    plain: &mut Vec<u8>,
+) -> Option<DamagedBlob> {
+    let describe = || what(pack, e);
+    blob::check_in_place(keys, &e.id, e.kind, e.raw_len, sealed, plain, &describe)
+        .err()
+        .map(|err| DamagedBlob {
+            chunk: ChunkIdHex(e.id),
+            offset: e.offset,
+            len: e.len,
+            detail: err.to_string(),
+        })
+}
+
+/// A blob found damaged without decoding it.
+fn damaged(pack: PackId, e: &PackEntry, problem: &str) -> DamagedBlob {
+    DamagedBlob {
+        chunk: ChunkIdHex(e.id),
+        offset: e.offset,
+        len: e.len,
+        detail: format!("{}: {problem}", what(pack, e)),
+    }
+}
+
+fn what(pack: PackId, e: &PackEntry) -> String {
+    format!(
+        "chunk {} in pack {pack} at offset {}",
+        e.id.short(),
+        e.offset
+    )
+}
+
+/// Runs `check` on `work` split into one part per core, each on a thread of its own; what each
+/// part returned. A panic in a part is raised again here.
+fn on_every_core<T: Send, R: Send>(work: &mut [T], check: impl Fn(&mut [T]) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(work.len().max(1));
+    let per = work.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let check = &check;
+        let handles: Vec<_> = work
+            .chunks_mut(per)
+            .map(|part| scope.spawn(move || check(part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// Entries with the bytes each is decoded in, and the entries found damaged without decoding.
@@ -258,10 +435,9 @@ type Carved<'a> = (Vec<(&'a PackEntry, &'a mut [u8])>, Vec<DamagedBlob>);
 /// lies. An entry past the spans' end (a truncated pack), or one that overlaps the entry
 /// before it (a damaged table: two blobs cannot share bytes), is reported damaged instead.
 fn carve<'a>(
+    pack: PackId,
     entries: &'a [PackEntry],
     spans: &'a mut [(u64, Vec<u8>)],
-    fail: &dyn Fn(&PackEntry, String) -> DamagedBlob,
-    what: &dyn Fn(&PackEntry) -> String,
 ) -> Carved<'a> {
     let ranges: Vec<(u64, u64)> = spans
         .iter()
@@ -276,18 +452,13 @@ fn carve<'a>(
     for e in entries {
         let (s, end) = (e.offset as u64, e.offset as u64 + e.len as u64);
         let Some(i) = ranges.iter().position(|(a, b)| s >= *a && end <= *b) else {
-            let detail = format!("{}: lies beyond the end of the pack (truncated)", what(e));
-            bad.push(fail(e, detail));
+            bad.push(damaged(pack, e, BEYOND_END));
             continue;
         };
         let (at, rest) = std::mem::take(&mut rests[i]);
         if s < at {
             rests[i] = (at, rest);
-            let detail = format!(
-                "{}: overlaps the blob before it in the pack's table",
-                what(e)
-            );
-            bad.push(fail(e, detail));
+            bad.push(damaged(pack, e, OVERLAPS));
             continue;
         }
         let (_, tail) = rest.split_at_mut((s - at) as usize);
@@ -338,14 +509,7 @@ mod tests {
             entry(6, 200, 10),
             entry(7, 300, 1), // past every span
         ];
-        let fail = |e: &PackEntry, detail: String| DamagedBlob {
-            chunk: ChunkIdHex(e.id),
-            offset: e.offset,
-            len: e.len,
-            detail,
-        };
-        let what = |e: &PackEntry| format!("blob {}", e.id.0[0]);
-        let (work, bad) = carve(&entries, &mut spans, &fail, &what);
+        let (work, bad) = carve(PackId([9; 16]), &entries, &mut spans);
         let got: Vec<(u8, Vec<u8>)> = work.iter().map(|(e, b)| (e.id.0[0], b.to_vec())).collect();
         assert_eq!(
             got,
