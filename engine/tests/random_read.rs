@@ -224,8 +224,8 @@ fn overlay_merges_over_the_backup_and_hydration_copies_everything() {
     });
 }
 
-/// A chunk leaves the memory cache once readers were given every byte of it ("drop-behind"),
-/// and only then: a chunk read in part stays, also while a sequential scan of the rest of the
+/// A chunk leaves the memory cache once block-device readers were given every byte of it
+/// ("drop-behind"), and only then: a chunk read in part stays, also while a sequential scan of the rest of the
 /// disk (with readahead) goes through a cache too small to hold both.
 #[test]
 fn chunks_served_in_full_leave_the_cache_and_a_scan_does_not_push_out_the_rest() {
@@ -271,5 +271,9 @@ fn chunks_served_in_full_leave_the_cache_and_a_scan_does_not_push_out_the_rest()
         // The chunk left is chunk 0: reading its other half empties the cache.
         read(c / 2, c / 2).await;
         assert_eq!(r.cache_stats().chunks, 0);
+        // A file system reader's chunks stay, served in full or not.
+        let got = flatten(r.read_at_here(0, c).await.unwrap());
+        assert!(got == data[..CHUNK]);
+        assert_eq!(r.cache_stats().chunks, 1);
     });
 }
