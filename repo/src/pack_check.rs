@@ -4,12 +4,13 @@
 //! index segments), so a truncated pack reports exactly the blobs it lost.
 //!
 //! A pack in a local directory is not read into memory first: each decoding thread reads the
-//! blob it checks next into its own buffer and decodes it there, while the bytes are still in
-//! the core's cache. Reading whole packs into 16 MiB buffers made every later pass over them
+//! blobs it checks next into its own buffer and decodes them there, while the bytes are still
+//! in the core's cache. Reading whole packs into 16 MiB buffers made every later pass over them
 //! (decrypting, then decompressing) fetch them from memory again, which cost verify 5-10 % of
-//! its CPU (docs/BENCHMARKS.md, "Drop-behind, and verify reads blob by blob"). The kernel is
-//! asked to read the pack ahead (`POSIX_FADV_WILLNEED`) when the pack is taken up, so a cold
-//! disk is still read while earlier packs decode.
+//! its CPU (docs/BENCHMARKS.md, "Drop-behind, and verify reads blob by blob"). The reads go
+//! around the page cache (`direct_read`) in windows of up to [`DIRECT_WINDOW`]; where the file
+//! system does not allow that, blob by blob through it, with the kernel asked to read the pack
+//! ahead (`POSIX_FADV_WILLNEED`) so that a cold disk is still read while earlier packs decode.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ use crate::{blob, ChunkId, ChunkIdHex, Error, Location, PackEntry, PackId, Repos
 const COALESCE_GAP: u64 = 256 * 1024;
 /// Largest single range read when only some blobs are read (the pack window of remote reads).
 const MAX_RANGE: u64 = 4 << 20;
+/// Largest direct read of a local pack (more when one blob is larger): the blobs it holds are
+/// decoded while it is still in the core's cache.
+const DIRECT_WINDOW: u64 = 1 << 20;
 
 /// A pack check that could not be done (the store failed, not the data).
 #[derive(Debug)]
@@ -44,7 +48,7 @@ enum Body {
     /// The whole pack.
     Whole(Vec<u8>),
     /// The pack's file in a local directory, opened, its blobs still to be read.
-    File(std::fs::File, PathBuf),
+    File(LocalPack),
     /// The spans (`(start offset, bytes)`) holding the named blobs, and those blobs.
     Spans(Vec<(u64, Vec<u8>)>, Vec<(ChunkId, Location)>),
 }
@@ -78,7 +82,7 @@ impl Repository {
         let Some(only) = only else {
             if let Some(local) = self.storage().local_file(&path) {
                 return match open_for_checking(local).await {
-                    Ok(Some((file, local))) => Ok(fetched(Body::File(file, local))),
+                    Ok(Some(file)) => Ok(fetched(Body::File(file))),
                     Ok(None) => Ok(fetched(Body::Missing)),
                     Err(e) => Err(unchecked(e)),
                 };
@@ -155,9 +159,9 @@ impl Repository {
                 };
                 (vec![(0, bytes)], entries)
             }
-            Body::File(file, path) => {
+            Body::File(file) => {
                 let damaged = self
-                    .check_file(id, file, path, &mut result)
+                    .check_file(id, file, &mut result)
                     .await
                     .map_err(unchecked)?;
                 return Ok(finish(result, damaged));
@@ -179,29 +183,31 @@ impl Repository {
     async fn check_file(
         &self,
         id: PackId,
-        file: std::fs::File,
-        path: PathBuf,
+        file: LocalPack,
         result: &mut PackResult,
     ) -> Result<Vec<DamagedBlob>, Error> {
         let (keys, index) = (self.keys().clone(), self.local_index());
         let (recycled, storage) = (self.recycled.clone(), self.storage().clone());
         let (table, damaged) = tokio::task::spawn_blocking(move || {
-            let (entries, size, table) = match crate::pack::open_file(&keys, &id, &file, &path) {
-                Ok((entries, size)) => (entries, size, None),
-                Err(e @ Error::Io { .. }) => return Err(e),
-                Err(e) => {
-                    let size = file
-                        .metadata()
-                        .map_err(|source| Error::Io {
-                            path: path.clone(),
-                            source,
-                        })?
-                        .len();
-                    let known = index.entries_of(&id)?;
-                    (known.into_iter().map(entry_at).collect(), size, Some(e))
-                }
-            };
-            let damaged = decode_file(&keys, &recycled, id, &file, &path, size, entries)?;
+            let path = &file.path;
+            let (entries, size, table) =
+                match crate::pack::open_file(&keys, &id, &file.buffered, path) {
+                    Ok((entries, size)) => (entries, size, None),
+                    Err(e @ Error::Io { .. }) => return Err(e),
+                    Err(e) => {
+                        let size = file
+                            .buffered
+                            .metadata()
+                            .map_err(|source| Error::Io {
+                                path: path.clone(),
+                                source,
+                            })?
+                            .len();
+                        let known = index.entries_of(&id)?;
+                        (known.into_iter().map(entry_at).collect(), size, Some(e))
+                    }
+                };
+            let damaged = decode_file(&keys, &recycled, id, &file, size, entries)?;
             storage.count_read(size);
             Ok((table.map(|e| e.to_string()), damaged))
         })
@@ -212,17 +218,38 @@ impl Repository {
     }
 }
 
-/// Opens a local pack file for checking and asks the kernel to start reading it; `None` when
-/// there is no such file.
-async fn open_for_checking(path: PathBuf) -> Result<Option<(std::fs::File, PathBuf)>, Error> {
-    tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
-        Ok(file) => {
+/// A local pack file opened for checking: through the page cache (its table is read so), and
+/// around it when the file system allows (its blobs are read so).
+struct LocalPack {
+    buffered: std::fs::File,
+    direct: Option<std::fs::File>,
+    path: PathBuf,
+}
+
+/// Opens a local pack file for checking; `None` when there is no such file. When its blobs are
+/// to be read through the page cache, the kernel is asked to start reading it.
+async fn open_for_checking(path: PathBuf) -> Result<Option<LocalPack>, Error> {
+    tokio::task::spawn_blocking(move || {
+        let buffered = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        let direct = match crate::direct_read::open(&path) {
+            Ok(direct) => direct,
+            // Deleted since the first open, which still reads it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        if direct.is_none() {
             // Only advice: a file system that ignores it is read on demand instead.
-            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
-            Ok(Some((file, path)))
+            let _ = rustix::fs::fadvise(&buffered, 0, None, rustix::fs::Advice::WillNeed);
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::Io { path, source }),
+        Ok(Some(LocalPack {
+            buffered,
+            direct,
+            path,
+        }))
     })
     .await
     .map_err(|e| Error::Invalid(e.to_string()))?
@@ -295,18 +322,16 @@ async fn decode_all(
 }
 
 /// Checks every entry of a pack file of `size` bytes, split over all cores; each thread reads
-/// the blob it checks next into its own buffer, so the bytes are decrypted and decompressed
+/// the blobs it checks next into its own buffer, so the bytes are decrypted and decompressed
 /// while still in its core's cache. `Err` when the file could not be read.
 fn decode_file(
     keys: &crate::crypto::Keys,
     recycled: &crate::recycle::Recycled,
     pack: PackId,
-    file: &std::fs::File,
-    path: &std::path::Path,
+    file: &LocalPack,
     size: u64,
     mut entries: Vec<PackEntry>,
 ) -> Result<Vec<DamagedBlob>, Error> {
-    use std::os::unix::fs::FileExt;
     in_order(&mut entries);
     let (mut work, mut out) = (Vec::with_capacity(entries.len()), Vec::new());
     let mut claimed = 0u64;
@@ -324,41 +349,103 @@ fn decode_file(
     let checked = on_every_core(&mut work, |part| {
         let mut scratch = recycled.scratch();
         let mut bad = Vec::new();
-        let mut failed = None;
-        for e in part.iter() {
-            let len = e.len as usize;
-            // Grown once to the largest blob, never cleared: no zero-filling per blob.
-            if scratch.sealed.len() < len {
-                scratch.sealed.resize(len, 0);
-            }
-            let sealed = &mut scratch.sealed[..len];
-            match file.read_exact_at(sealed, e.offset as u64) {
-                Ok(()) => {}
-                // The file shrank since its size was read.
-                Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    bad.push(damaged(pack, e, BEYOND_END));
-                    continue;
-                }
-                Err(source) => {
-                    failed = Some(Error::Io {
-                        path: path.to_path_buf(),
-                        source,
-                    });
-                    break;
-                }
-            }
-            if let Some(d) = check_one(keys, pack, e, sealed, &mut scratch.plain) {
-                bad.push(d);
+        let mut left: &[&PackEntry] = part;
+        let mut read = Ok(());
+        if let Some(direct) = &file.direct {
+            read = check_direct(keys, pack, direct, &mut left, &mut scratch, &mut bad);
+            if read.as_ref().is_err_and(crate::direct_read::refused) {
+                // The device wants another alignment: the rest goes through the page cache.
+                read = Ok(());
             }
         }
+        let read = read.and_then(|()| {
+            check_buffered(keys, pack, &file.buffered, left, &mut scratch, &mut bad)
+        });
         recycled.return_scratch(scratch);
-        failed.map_or(Ok(bad), Err)
+        read.map(|()| bad).map_err(|source| Error::Io {
+            path: file.path.clone(),
+            source,
+        })
     });
     for part in checked {
         out.extend(part?);
     }
     out.sort_by_key(|d| d.offset);
     Ok(out)
+}
+
+/// Checks `left` (in offset order) from direct reads of up to [`DIRECT_WINDOW`] each, taking
+/// each blob off `left` once checked; stops at the first failed read.
+fn check_direct(
+    keys: &crate::crypto::Keys,
+    pack: PackId,
+    file: &std::fs::File,
+    left: &mut &[&PackEntry],
+    scratch: &mut crate::recycle::BlobScratch,
+    bad: &mut Vec<DamagedBlob>,
+) -> std::io::Result<()> {
+    use crate::direct_read::{align_down, align_up, aligned_mut, read_at};
+    let end_of = |e: &PackEntry| e.offset as u64 + e.len as u64;
+    while let Some(first) = left.first() {
+        let start = align_down(first.offset as u64);
+        // As many whole blobs as the window holds, and at least one.
+        let n = 1 + left[1..]
+            .iter()
+            .take_while(|e| align_up(end_of(e)) - start <= DIRECT_WINDOW)
+            .count();
+        let window = aligned_mut(
+            &mut scratch.sealed,
+            (align_up(end_of(left[n - 1])) - start) as usize,
+        );
+        let got = read_at(file, window, start)? as u64;
+        for e in &left[..n] {
+            let at = e.offset as u64 - start;
+            if at + e.len as u64 > got {
+                // The file shrank since its size was read.
+                bad.push(damaged(pack, e, BEYOND_END));
+                continue;
+            }
+            let sealed = &mut window[at as usize..(at + e.len as u64) as usize];
+            if let Some(d) = check_one(keys, pack, e, sealed, &mut scratch.plain) {
+                bad.push(d);
+            }
+        }
+        *left = &left[n..];
+    }
+    Ok(())
+}
+
+/// Checks `entries` from reads of one blob each, through the page cache.
+fn check_buffered(
+    keys: &crate::crypto::Keys,
+    pack: PackId,
+    file: &std::fs::File,
+    entries: &[&PackEntry],
+    scratch: &mut crate::recycle::BlobScratch,
+    bad: &mut Vec<DamagedBlob>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    for e in entries {
+        let len = e.len as usize;
+        // Grown once to the largest blob, never cleared: no zero-filling per blob.
+        if scratch.sealed.len() < len {
+            scratch.sealed.resize(len, 0);
+        }
+        let sealed = &mut scratch.sealed[..len];
+        match file.read_exact_at(sealed, e.offset as u64) {
+            Ok(()) => {}
+            // The file shrank since its size was read.
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                bad.push(damaged(pack, e, BEYOND_END));
+                continue;
+            }
+            Err(err) => return Err(err),
+        }
+        if let Some(d) = check_one(keys, pack, e, sealed, &mut scratch.plain) {
+            bad.push(d);
+        }
+    }
+    Ok(())
 }
 
 const BEYOND_END: &str = "lies beyond the end of the pack (truncated)";
@@ -526,5 +613,73 @@ mod tests {
             .collect();
         assert_eq!(reported, vec![(112, true), (145, false), (300, false)]);
         assert!(bad[1].detail.contains("truncated"));
+    }
+
+    /// Direct reads in windows and reads through the page cache blob by blob find the same
+    /// damage: flipped bytes, blobs beyond an end cut off after the size was read, and a blob
+    /// larger than a window among smaller ones.
+    #[test]
+    fn direct_and_buffered_reads_of_a_pack_file_find_the_same_damage() {
+        use crate::crypto::{random_master_key, Keys};
+        use rand::RngCore;
+        let keys = Keys::derive(&random_master_key());
+        let mut builder = crate::pack::PackBuilder::new(64 << 20);
+        for i in 0..40usize {
+            // Random, so stored as it is: sizes from 1 KiB to a blob wider than a window.
+            let len = if i == 17 {
+                1536 << 10
+            } else {
+                1024 + i * 37_000
+            };
+            let mut d = vec![0u8; len];
+            rand::thread_rng().fill_bytes(&mut d);
+            builder.add(&blob::encode(
+                &keys,
+                BlobKind::Data,
+                keys.hasher.id(&d),
+                &d,
+                1,
+            ));
+        }
+        let sealed = builder.seal(&keys);
+        let entries = sealed.entries.clone();
+        let mut bytes = sealed.bytes.to_vec();
+        for i in [3, 17, 30] {
+            bytes[entries[i].offset as usize + 50] ^= 0x10;
+        }
+        let size = bytes.len() as u64;
+        let cut = entries[36].offset as usize + 100;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pack");
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let recycled = crate::recycle::Recycled::new();
+        let check = |direct: bool| {
+            let file = LocalPack {
+                buffered: std::fs::File::open(&path).unwrap(),
+                direct: direct.then(|| {
+                    crate::direct_read::open(&path).unwrap().expect(
+                        "the temporary directory's file system does direct reads (not tmpfs)",
+                    )
+                }),
+                path: path.clone(),
+            };
+            decode_file(&keys, &recycled, sealed.id, &file, size, entries.clone()).unwrap()
+        };
+        let found = |d: &[DamagedBlob]| -> Vec<(u32, String)> {
+            d.iter().map(|d| (d.offset, d.detail.clone())).collect()
+        };
+        let (direct, buffered) = (check(true), check(false));
+        assert_eq!(found(&direct), found(&buffered));
+        let offsets: Vec<u32> = direct.iter().map(|d| d.offset).collect();
+        let want: Vec<u32> = [3, 17, 30, 36, 37, 38, 39]
+            .iter()
+            .map(|i| entries[*i].offset)
+            .collect();
+        assert_eq!(offsets, want);
+        assert!(
+            direct[0].detail.contains("authentication failed"),
+            "{direct:?}"
+        );
+        assert!(direct[3].detail.contains("truncated"), "{direct:?}");
     }
 }

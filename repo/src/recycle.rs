@@ -19,7 +19,8 @@ pub(crate) struct BlobScratch {
 
 /// Idle buffers of a repository's pack readers.
 pub(crate) struct Recycled {
-    /// Scratch sets kept: one per core.
+    /// Scratch sets kept: two per core, as verify checks two packs at a time on every core.
+    /// With one per core, half its threads allocated (and zero-filled) a scratch set per pack.
     keep_scratch: usize,
     packs: Mutex<Vec<Vec<u8>>>,
     blobs: Mutex<Vec<Vec<u8>>>,
@@ -38,7 +39,7 @@ const KEEP_PACKS: usize = 4;
 impl Recycled {
     pub fn new() -> Self {
         Self {
-            keep_scratch: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            keep_scratch: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
             packs: Mutex::new(Vec::new()),
             blobs: Mutex::new(Vec::new()),
             scratch: Mutex::new(Vec::new()),
