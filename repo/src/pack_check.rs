@@ -349,18 +349,19 @@ fn decode_file(
     let checked = on_every_core(&mut work, |part| {
         let mut scratch = recycled.scratch();
         let mut bad = Vec::new();
-        let mut left: &[&PackEntry] = part;
-        let mut read = Ok(());
-        if let Some(direct) = &file.direct {
-            read = check_direct(keys, pack, direct, &mut left, &mut scratch, &mut bad);
-            if read.as_ref().is_err_and(crate::direct_read::refused) {
-                // The device wants another alignment: the rest goes through the page cache.
-                read = Ok(());
-            }
-        }
-        let read = read.and_then(|()| {
-            check_buffered(keys, pack, &file.buffered, left, &mut scratch, &mut bad)
-        });
+        let mut direct = file
+            .direct
+            .as_ref()
+            .map(|f| move |buf: &mut [u8], at: u64| crate::direct_read::read_at(f, buf, at));
+        let read = check_part(
+            keys,
+            pack,
+            direct.as_mut().map(|d| d as &mut DirectRead),
+            &file.buffered,
+            part,
+            &mut scratch,
+            &mut bad,
+        );
         recycled.return_scratch(scratch);
         read.map(|()| bad).map_err(|source| Error::Io {
             path: file.path.clone(),
@@ -374,17 +375,42 @@ fn decode_file(
     Ok(out)
 }
 
+/// A direct read: fills an aligned buffer from an aligned offset, as `direct_read::read_at`.
+type DirectRead<'a> = dyn FnMut(&mut [u8], u64) -> std::io::Result<usize> + 'a;
+
+/// Checks one thread's `part` of a pack's entries (in offset order): by `direct` reads while
+/// there are any and the device takes them, the rest through the page cache from `buffered`.
+fn check_part(
+    keys: &crate::crypto::Keys,
+    pack: PackId,
+    direct: Option<&mut DirectRead>,
+    buffered: &std::fs::File,
+    part: &[&PackEntry],
+    scratch: &mut crate::recycle::BlobScratch,
+    bad: &mut Vec<DamagedBlob>,
+) -> std::io::Result<()> {
+    let mut left = part;
+    if let Some(direct) = direct {
+        match check_direct(keys, pack, direct, &mut left, scratch, bad) {
+            // The device wants another alignment: the rest goes through the page cache.
+            Err(e) if crate::direct_read::refused(&e) => {}
+            r => r?,
+        }
+    }
+    check_buffered(keys, pack, buffered, left, scratch, bad)
+}
+
 /// Checks `left` (in offset order) from direct reads of up to [`DIRECT_WINDOW`] each, taking
 /// each blob off `left` once checked; stops at the first failed read.
 fn check_direct(
     keys: &crate::crypto::Keys,
     pack: PackId,
-    file: &std::fs::File,
+    read: &mut DirectRead,
     left: &mut &[&PackEntry],
     scratch: &mut crate::recycle::BlobScratch,
     bad: &mut Vec<DamagedBlob>,
 ) -> std::io::Result<()> {
-    use crate::direct_read::{align_down, align_up, aligned_mut, read_at};
+    use crate::direct_read::{align_down, align_up, aligned_mut};
     let end_of = |e: &PackEntry| e.offset as u64 + e.len as u64;
     while let Some(first) = left.first() {
         let start = align_down(first.offset as u64);
@@ -397,7 +423,7 @@ fn check_direct(
             &mut scratch.sealed,
             (align_up(end_of(left[n - 1])) - start) as usize,
         );
-        let got = read_at(file, window, start)? as u64;
+        let got = read(window, start)? as u64;
         for e in &left[..n] {
             let at = e.offset as u64 - start;
             if at + e.len as u64 > got {
@@ -615,9 +641,10 @@ mod tests {
         assert!(bad[1].detail.contains("truncated"));
     }
 
-    /// Direct reads in windows and reads through the page cache blob by blob find the same
-    /// damage: flipped bytes, blobs beyond an end cut off after the size was read, and a blob
-    /// larger than a window among smaller ones.
+    /// Direct reads in windows, reads through the page cache blob by blob, and direct reads
+    /// that the device starts refusing part-way find the same damage: flipped bytes, blobs
+    /// beyond an end cut off after the size was read, and a blob larger than a window among
+    /// smaller ones.
     #[test]
     fn direct_and_buffered_reads_of_a_pack_file_find_the_same_damage() {
         use crate::crypto::{random_master_key, Keys};
@@ -670,6 +697,36 @@ mod tests {
         };
         let (direct, buffered) = (check(true), check(false));
         assert_eq!(found(&direct), found(&buffered));
+
+        // A device that takes three direct reads, then refuses them: the rest is read through
+        // the page cache, and no blob is left out or checked twice.
+        let direct_file = crate::direct_read::open(&path)
+            .unwrap()
+            .expect("direct reads");
+        let mut reads = 0;
+        let mut refusing = |buf: &mut [u8], at: u64| {
+            reads += 1;
+            if reads > 3 {
+                let einval = rustix::io::Errno::INVAL.raw_os_error();
+                return Err(std::io::Error::from_raw_os_error(einval));
+            }
+            crate::direct_read::read_at(&direct_file, buf, at)
+        };
+        let part: Vec<&PackEntry> = entries.iter().collect();
+        let (mut scratch, mut fell_back) = (Default::default(), Vec::new());
+        let buffered_file = std::fs::File::open(&path).unwrap();
+        check_part(
+            &keys,
+            sealed.id,
+            Some(&mut refusing),
+            &buffered_file,
+            &part,
+            &mut scratch,
+            &mut fell_back,
+        )
+        .unwrap();
+        assert_eq!(reads, 4, "three windows read directly, the fourth refused");
+        assert_eq!(found(&fell_back), found(&buffered));
         let offsets: Vec<u32> = direct.iter().map(|d| d.offset).collect();
         let want: Vec<u32> = [3, 17, 30, 36, 37, 38, 39]
             .iter()
