@@ -3,13 +3,13 @@
 //! Verify reads every byte once, so the page cache only costs it: copying 1.4 GB out of it took
 //! a fifth of verify's CPU (docs/BENCHMARKS.md, "Verify reads around the page cache"), and a
 //! nightly scan of a large repository would push out every other cached page. Reading around it
-//! also checks what the disk holds, not a cached copy of a pack written minutes ago. Writes of
-//! whole exports bypass the cache for the same reason (`engine/src/direct_write.rs`).
+//! also checks what the disk holds, not a cached copy of a pack written minutes ago. Exports
+//! write around the cache too, as they write each byte once (`engine/src/direct_write.rs`).
 //!
 //! Direct reads need the buffer, the offset and the length aligned to the device's logical
 //! block; [`ALIGN`] (4 KiB) covers the usual 512-byte and 4 KiB devices. A file system that
-//! refuses `O_DIRECT` (tmpfs) is read through the page cache instead, and so is a file whose
-//! direct reads fail with `EINVAL` (a device with larger blocks).
+//! refuses `O_DIRECT` (tmpfs before Linux 6.6) is read through the page cache instead, and so is
+//! a file whose direct reads fail with `EINVAL` (a device with larger blocks).
 
 use std::fs::File;
 use std::io;
@@ -78,19 +78,49 @@ pub(crate) fn refused(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
 }
 
+/// A temporary directory on a file system whose direct reads bypass its cache (they refuse an
+/// unaligned offset): the default one, else `/var/tmp` (where `/tmp` is a tmpfs, which refuses
+/// `O_DIRECT` or, since Linux 6.6, takes it as buffered, `/var/tmp` is normally on disk).
+#[cfg(test)]
+pub(crate) fn disk_tempdir() -> tempfile::TempDir {
+    let does_direct = |dir: &tempfile::TempDir| {
+        let probe = dir.path().join("probe");
+        if std::fs::write(&probe, vec![0u8; 2 * ALIGN as usize]).is_err() {
+            return false;
+        }
+        let Ok(Some(file)) = open(&probe) else {
+            return false;
+        };
+        let mut buf = Vec::new();
+        file.read_at(aligned_mut(&mut buf, ALIGN as usize), 1)
+            .is_err_and(|e| refused(&e))
+    };
+    let default = tempfile::tempdir().expect("a temporary directory");
+    if does_direct(&default) {
+        return default;
+    }
+    let var_tmp = tempfile::tempdir_in("/var/tmp").expect("a directory under /var/tmp");
+    assert!(
+        does_direct(&var_tmp),
+        "neither {} nor /var/tmp takes O_DIRECT reads: set TMPDIR to a disk-backed directory",
+        std::env::temp_dir().display()
+    );
+    var_tmp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn aligned_reads_return_the_file_and_stop_at_its_end() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = disk_tempdir();
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..3 * ALIGN as usize + 100).map(|i| i as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let file = open(&path).unwrap().expect(
-            "the temporary directory's file system does direct reads (not tmpfs: set TMPDIR)",
-        );
+        let file = open(&path)
+            .unwrap()
+            .expect("disk_tempdir does direct reads");
         let mut buf = Vec::new();
         let whole = aligned_mut(&mut buf, 8 * ALIGN as usize);
         assert_eq!(whole.as_ptr() as usize % ALIGN as usize, 0);

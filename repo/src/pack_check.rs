@@ -676,7 +676,7 @@ mod tests {
         }
         let size = bytes.len() as u64;
         let cut = entries[36].offset as usize + 100;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::direct_read::disk_tempdir();
         let path = dir.path().join("pack");
         std::fs::write(&path, &bytes[..cut]).unwrap();
         let recycled = crate::recycle::Recycled::new();
@@ -684,9 +684,9 @@ mod tests {
             let file = LocalPack {
                 buffered: std::fs::File::open(&path).unwrap(),
                 direct: direct.then(|| {
-                    crate::direct_read::open(&path).unwrap().expect(
-                        "the temporary directory's file system does direct reads (not tmpfs)",
-                    )
+                    crate::direct_read::open(&path)
+                        .unwrap()
+                        .expect("disk_tempdir does direct reads")
                 }),
                 path: path.clone(),
             };
