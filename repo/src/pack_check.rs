@@ -644,7 +644,7 @@ mod tests {
     /// Direct reads in windows, reads through the page cache blob by blob, and direct reads
     /// that the device starts refusing part-way find the same damage: flipped bytes, blobs
     /// beyond an end cut off after the size was read, and a blob larger than a window among
-    /// smaller ones.
+    /// smaller ones. A read that fails otherwise stops the check.
     #[test]
     fn direct_and_buffered_reads_of_a_pack_file_find_the_same_damage() {
         use crate::crypto::{random_master_key, Keys};
@@ -727,6 +727,22 @@ mod tests {
         .unwrap();
         assert_eq!(reads, 4, "three windows read directly, the fourth refused");
         assert_eq!(found(&fell_back), found(&buffered));
+
+        // Any other failed read is the device's, not the data's: the part stops with it.
+        let mut failing = |_: &mut [u8], _: u64| Err(std::io::Error::other("device gone"));
+        let mut none = Vec::new();
+        let err = check_part(
+            &keys,
+            sealed.id,
+            Some(&mut failing),
+            &buffered_file,
+            &part,
+            &mut scratch,
+            &mut none,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "device gone");
+        assert!(none.is_empty(), "{none:?}");
         let offsets: Vec<u32> = direct.iter().map(|d| d.offset).collect();
         let want: Vec<u32> = [3, 17, 30, 36, 37, 38, 39]
             .iter()
