@@ -16,7 +16,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-const ALIGN: usize = 4096;
+use blockvault_repo::direct_read::{aligned_mut, refused};
+
+const ALIGN: usize = blockvault_repo::direct_read::ALIGN as usize;
 
 /// A file opened for direct writes, shared by the writes in flight.
 pub struct DirectWriter {
@@ -59,11 +61,8 @@ impl DirectWriter {
             self.file.write_all_at(data, offset)
         } else {
             let pool = || self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut buf = pool()
-                .pop()
-                .unwrap_or_else(|| vec![0; self.max_len + ALIGN]);
-            let start = buf.as_ptr().align_offset(ALIGN);
-            let aligned = &mut buf[start..start + data.len()];
+            let mut buf = pool().pop().unwrap_or_default();
+            let aligned = aligned_mut(&mut buf, data.len());
             aligned.copy_from_slice(data);
             let written = self.file.write_all_at(aligned, offset);
             pool().push(buf);
@@ -72,7 +71,7 @@ impl DirectWriter {
         match written {
             Ok(()) => Ok(true),
             // The file system takes the flag at open but not the write.
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            Err(e) if refused(&e) => {
                 self.refused.store(true, Ordering::Relaxed);
                 Ok(false)
             }

@@ -200,7 +200,6 @@ impl RandomReader {
     /// `mount`: a block-device client's read, whose chunks are spread over tasks and dropped
     /// behind once served in full (`cache.rs`).
     async fn read(&self, offset: u64, len: u64, mount: bool) -> Result<Vec<Segment>> {
-        let spread = mount;
         self.check(offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -232,7 +231,7 @@ impl RandomReader {
                 }
                 // The first chunk, and any already cached or in flight, right here; the others
                 // of a longer read each on a task, so they decode in parallel.
-                let data = if !spread || s == first || self.cache.contains(s) {
+                let data = if !mount || s == first || self.cache.contains(s) {
                     self.chunk(s).await?
                 } else {
                     self.chunk_on_a_task(s).await?

@@ -1,4 +1,5 @@
-//! Reads of local pack files around the page cache (`O_DIRECT`), for verification.
+//! Reads of local pack files around the page cache (`O_DIRECT`), for verification, and the
+//! alignment helpers that exports' direct writes share (`engine/src/direct_write.rs`).
 //!
 //! Verify reads every byte once, so the page cache only costs it: copying 1.4 GB out of it took
 //! a fifth of verify's CPU (docs/BENCHMARKS.md, "Verify reads around the page cache"), and a
@@ -17,7 +18,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Alignment of direct reads: buffer address, file offset and length.
-pub(crate) const ALIGN: u64 = 4096;
+pub const ALIGN: u64 = 4096;
 
 /// Opens `path` for direct reads; `None` when its file system does not do them.
 pub(crate) fn open(path: &Path) -> io::Result<Option<File>> {
@@ -27,7 +28,7 @@ pub(crate) fn open(path: &Path) -> io::Result<Option<File>> {
         .open(path)
     {
         Ok(f) => Ok(Some(f)),
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => Ok(None),
+        Err(e) if refused(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -41,7 +42,7 @@ pub(crate) fn align_up(x: u64) -> u64 {
 }
 
 /// `len` bytes of `buf` starting at an [`ALIGN`] boundary; `buf` grows (once) to hold them.
-pub(crate) fn aligned_mut(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+pub fn aligned_mut(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
     let need = len + ALIGN as usize;
     if buf.len() < need {
         // Grown, never cleared: no zero-filling per read.
@@ -73,8 +74,8 @@ pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<us
     Ok(got)
 }
 
-/// Whether a read failed because the file's device wants another alignment.
-pub(crate) fn refused(e: &io::Error) -> bool {
+/// Whether a read or write failed because the file's device wants another alignment.
+pub fn refused(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
 }
 

@@ -11,7 +11,7 @@ mod blob_cache;
 mod boot_trace;
 mod config;
 mod crypto;
-mod direct_read;
+pub mod direct_read;
 mod error;
 pub mod format;
 mod ids;
