@@ -376,7 +376,7 @@ fn decode_file(
 }
 
 /// A direct read: fills an aligned buffer from an aligned offset, as `direct_read::read_at`.
-type DirectRead<'a> = dyn FnMut(&mut [u8], u64) -> std::io::Result<usize> + 'a;
+type DirectRead<'a> = dyn FnMut(&mut [u8], u64) -> std::io::Result<usize> + Send + 'a;
 
 /// Checks one thread's `part` of a pack's entries (in offset order): by `direct` reads while
 /// there are any and the device takes them, the rest through the page cache from `buffered`.
@@ -410,35 +410,120 @@ fn check_direct(
     scratch: &mut crate::recycle::BlobScratch,
     bad: &mut Vec<DamagedBlob>,
 ) -> std::io::Result<()> {
-    use crate::direct_read::{align_down, align_up, aligned_mut};
-    let end_of = |e: &PackEntry| e.offset as u64 + e.len as u64;
-    while let Some(first) = left.first() {
-        let start = align_down(first.offset as u64);
-        // As many whole blobs as the window holds, and at least one.
-        let n = 1 + left[1..]
-            .iter()
-            .take_while(|e| align_up(end_of(e)) - start <= DIRECT_WINDOW)
-            .count();
-        let window = aligned_mut(
-            &mut scratch.sealed,
-            (align_up(end_of(left[n - 1])) - start) as usize,
-        );
-        let got = read(window, start)? as u64;
-        for e in &left[..n] {
-            let at = e.offset as u64 - start;
-            if at + e.len as u64 > got {
+    let windows = windows(left);
+    let mut buffers = [
+        std::mem::take(&mut scratch.sealed),
+        std::mem::take(&mut scratch.ahead),
+    ];
+    let plain = &mut scratch.plain;
+    let read = read_ahead(read, &windows, &mut buffers, |w, bytes| {
+        for e in &left[..w.blobs] {
+            let at = (e.offset as u64 - w.start) as usize;
+            let Some(sealed) = bytes.get_mut(at..at + e.len as usize) else {
                 // The file shrank since its size was read.
                 bad.push(damaged(pack, e, BEYOND_END));
                 continue;
-            }
-            let sealed = &mut window[at as usize..(at + e.len as u64) as usize];
-            if let Some(d) = check_one(keys, pack, e, sealed, &mut scratch.plain) {
+            };
+            if let Some(d) = check_one(keys, pack, e, sealed, plain) {
                 bad.push(d);
             }
         }
-        *left = &left[n..];
+        *left = &left[w.blobs..];
+    });
+    [scratch.sealed, scratch.ahead] = buffers;
+    read
+}
+
+/// One direct read: its aligned start and length, and how many blobs it holds.
+struct Window {
+    start: u64,
+    len: usize,
+    blobs: usize,
+}
+
+/// Splits `entries` (in offset order) into direct reads: as many whole blobs as fit in
+/// [`DIRECT_WINDOW`], and at least one.
+fn windows(mut entries: &[&PackEntry]) -> Vec<Window> {
+    use crate::direct_read::{align_down, align_up};
+    let end_of = |e: &PackEntry| align_up(e.offset as u64 + e.len as u64);
+    let mut out = Vec::new();
+    while let Some(first) = entries.first() {
+        let start = align_down(first.offset as u64);
+        let blobs = 1 + entries[1..]
+            .iter()
+            .take_while(|e| end_of(e) - start <= DIRECT_WINDOW)
+            .count();
+        let len = (end_of(entries[blobs - 1]) - start) as usize;
+        out.push(Window { start, len, blobs });
+        entries = &entries[blobs..];
     }
-    Ok(())
+    out
+}
+
+/// Reads `windows` in order and hands each one's bytes (fewer than asked at the end of the
+/// file) to `each`, stopping at the first failed read. A helper thread reads the next window
+/// while `each` works on the last, in the other of the two `buffers`: a direct read waits for
+/// the device, and without this the core waited through every read (docs/BENCHMARKS.md, "Direct
+/// reads overlap decoding").
+fn read_ahead(
+    read: &mut DirectRead,
+    windows: &[Window],
+    buffers: &mut [Vec<u8>; 2],
+    mut each: impl FnMut(&Window, &mut [u8]),
+) -> std::io::Result<()> {
+    use crate::direct_read::aligned_mut;
+    use std::sync::mpsc::sync_channel;
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(2);
+    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, std::io::Result<usize>)>(1);
+    for b in buffers.iter_mut() {
+        empty_tx
+            .send(std::mem::take(b))
+            .expect("the receiver is here");
+    }
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            for w in windows {
+                let Ok(mut buf) = empty_rx.recv() else { break };
+                let got = read(aligned_mut(&mut buf, w.len), w.start);
+                let failed = got.is_err();
+                if full_tx.send((buf, got)).is_err() || failed {
+                    break;
+                }
+            }
+            drop(full_tx);
+            // The buffers handed back after the last read.
+            empty_rx.iter().collect::<Vec<_>>()
+        });
+        let mut result = Ok(());
+        let mut kept = Vec::new();
+        for w in windows {
+            let Ok((mut buf, got)) = full_rx.recv() else {
+                break;
+            };
+            match got {
+                Ok(got) => each(w, &mut aligned_mut(&mut buf, w.len)[..got]),
+                Err(e) => result = Err(e),
+            }
+            if result.is_err() {
+                kept.push(buf);
+                break;
+            }
+            if let Err(back) = empty_tx.send(buf) {
+                kept.push(back.0);
+            }
+        }
+        drop(empty_tx);
+        kept.extend(full_rx.iter().map(|(buf, _)| buf));
+        kept.extend(
+            reader
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        );
+        for (slot, buf) in buffers.iter_mut().zip(kept) {
+            *slot = buf;
+        }
+        result
+    })
 }
 
 /// Checks `entries` from reads of one blob each, through the page cache.
@@ -639,6 +724,51 @@ mod tests {
             .collect();
         assert_eq!(reported, vec![(112, true), (145, false), (300, false)]);
         assert!(bad[1].detail.contains("truncated"));
+    }
+
+    /// Reads ahead hand every window over once, in order, with the bytes read for it (fewer at
+    /// the end of the file); a failed read ends them there, without reading further; and both
+    /// buffers come back for the next pack.
+    #[test]
+    fn reads_ahead_hand_over_each_window_in_order_and_stop_at_a_failure() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let block = crate::direct_read::ALIGN;
+        let windows: Vec<Window> = (0..10)
+            .map(|i| Window {
+                start: i * block,
+                len: block as usize,
+                blobs: 1,
+            })
+            .collect();
+        let run = |fail_at: Option<u64>| {
+            let reads = AtomicUsize::new(0);
+            let mut read = |buf: &mut [u8], at: u64| {
+                reads.fetch_add(1, Ordering::SeqCst);
+                let i = at / block;
+                if Some(i) == fail_at {
+                    return Err(std::io::Error::other("device gone"));
+                }
+                buf.fill(i as u8);
+                // The file ends half-way through the last window.
+                Ok(if i == 9 { buf.len() / 2 } else { buf.len() })
+            };
+            let (mut seen, mut buffers) = (Vec::new(), [Vec::new(), Vec::new()]);
+            let r = read_ahead(&mut read, &windows, &mut buffers, |w, bytes| {
+                let i = w.start / block;
+                assert!(bytes.iter().all(|&b| b == i as u8), "window {i}");
+                seen.push((i, bytes.len()));
+            });
+            assert!(buffers.iter().all(|b| b.len() >= block as usize));
+            (r, seen, reads.into_inner())
+        };
+        let (r, seen, reads) = run(None);
+        r.unwrap();
+        let mut want: Vec<_> = (0..10).map(|i| (i, block as usize)).collect();
+        want[9].1 /= 2;
+        assert_eq!((seen, reads), (want.clone(), 10));
+        let (r, seen, reads) = run(Some(6));
+        assert_eq!(r.unwrap_err().to_string(), "device gone");
+        assert_eq!((seen, reads), (want[..6].to_vec(), 7));
     }
 
     /// Direct reads in windows, reads through the page cache blob by blob, and direct reads

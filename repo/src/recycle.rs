@@ -14,6 +14,8 @@ use std::sync::{Mutex, PoisonError};
 #[derive(Default)]
 pub(crate) struct BlobScratch {
     pub sealed: Vec<u8>,
+    /// The second buffer of reads ahead (`pack_check`'s direct reads).
+    pub ahead: Vec<u8>,
     pub plain: Vec<u8>,
 }
 
