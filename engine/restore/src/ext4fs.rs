@@ -106,9 +106,9 @@ impl Ext4Volume {
             detail,
         };
         if log > 6 || per_group < 8 {
+            // `log` is the stored exponent as it is: any u32, so not added to.
             return Err(corrupt(format!(
-                "its superblock gives block size 2^{} and {per_group} blocks per group",
-                10 + log
+                "its superblock gives block size 1024 << {log} and {per_group} blocks per group"
             )));
         }
         let block = 1024u64 << log;
