@@ -29,8 +29,18 @@ pub use volume::{
 
 /// Runs a file-system or partition-table parse, turning a panic inside a third-party parser into
 /// an error: a hostile guest disk must never take the process down.
+///
+/// The panic is reported once, in the error (with where the parser panicked), not also on
+/// standard error by the panic hook: the first call installs a hook that keeps quiet about
+/// panics raised inside `guarded` on the same thread and hands every other panic to the hook it
+/// replaced. So a fuzz target whose hook aborts on a panic (libFuzzer's) aborts only on panics
+/// that would take the process down, as in production.
 pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    quiet_inside_guarded();
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(g.get() - 1));
+    match r {
         Ok(r) => r,
         Err(p) => {
             let msg = p
@@ -38,12 +48,39 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T>
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown".into());
+            let at = PANICKED_AT
+                .with(|a| a.take())
+                .map(|a| format!(", at {a}"))
+                .unwrap_or_default();
             Err(Error::Corrupt {
                 what: what.to_string(),
-                detail: format!("the parser gave up ({msg})"),
+                detail: format!("the parser gave up ({msg}{at})"),
             })
         }
     }
+}
+
+thread_local! {
+    /// How many `guarded` calls this thread is inside.
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Where the last panic inside `guarded` on this thread was raised.
+    static PANICKED_AT: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };
+}
+
+fn quiet_inside_guarded() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let outer = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|g| g.get()) == 0 {
+                return outer(info);
+            }
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            PANICKED_AT.with(|a| a.set(at));
+        }));
+    });
 }
 
 /// Runs the whole restore path over `data` taken as a disk image: partition table, file-system
@@ -174,4 +211,22 @@ pub fn decode_sparse(data: &[u8]) -> Option<Vec<u8>> {
         }
     }
     Some(img)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_parser_panic_becomes_an_error_naming_the_volume_the_panic_and_where() {
+        let r: crate::Result<()> = crate::guarded("the test volume", || {
+            let v: Vec<u8> = Vec::new();
+            std::hint::black_box(&v[v.len() + 8..]);
+            Ok(())
+        });
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("the test volume"), "{e}");
+        assert!(e.contains("range start index 8 out of range"), "{e}");
+        assert!(e.contains("engine/restore/src/lib.rs:"), "{e}");
+        assert_eq!(crate::guarded("the test volume", || Ok(1)).unwrap(), 1);
+        assert_eq!(super::GUARDED.with(|g| g.get()), 0);
+    }
 }
