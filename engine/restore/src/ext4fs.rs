@@ -84,40 +84,55 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
 }
 
+/// Block groups a file system may have at most: 128 TiB with 4 KiB blocks and the usual 32,768
+/// blocks per group, twice a VHDX's largest disk.
+const MAX_BLOCK_GROUPS: u64 = 1 << 20;
+
+/// Refuses a superblock whose geometry the crate would size its tables from beyond reason: more
+/// blocks than the partition holds (a truncated or hostile file system), or more than
+/// [`MAX_BLOCK_GROUPS`] groups. The crate allocates one descriptor per group before reading any,
+/// so this bounds its memory by a real file system's, not by what a superblock claims.
+fn check_geometry(sb: &[u8; 1024], partition_len: u64) -> std::result::Result<(), String> {
+    let log = u32_at(sb, 24);
+    let per_group = u32_at(sb, 32) as u64;
+    // The crate takes the high half of the block count whether or not the 64-bit feature is
+    // set, so the check does too.
+    let blocks = (u32_at(sb, 0x150) as u64) << 32 | u32_at(sb, 4) as u64;
+    if log > 6 {
+        // The stored exponent as it is: any u32, so not added to.
+        return Err(format!("its superblock gives block size 1024 << {log}"));
+    }
+    if per_group < 8 {
+        return Err(format!("its superblock gives {per_group} blocks per group"));
+    }
+    let block = 1024u64 << log;
+    if blocks.checked_mul(block).is_none_or(|b| b > partition_len) {
+        return Err(format!(
+            "it claims {blocks} blocks of {block} bytes but only {partition_len} bytes are there \
+             (truncated?)"
+        ));
+    }
+    let groups = blocks.div_ceil(per_group);
+    if groups > MAX_BLOCK_GROUPS {
+        return Err(format!(
+            "it claims {groups} block groups, more than {MAX_BLOCK_GROUPS}"
+        ));
+    }
+    Ok(())
+}
+
 impl Ext4Volume {
     pub fn open(mut w: Window, what: &str) -> Result<Self> {
-        // The crate sizes its tables from the superblock; a superblock claiming more blocks than
-        // the partition holds (a truncated or hostile file system) is refused first, so memory
-        // stays proportional to the partition.
         let mut sb = [0u8; 1024];
         w.read_exact_at(1024, &mut sb).map_err(|e| Error::Corrupt {
             what: format!("the ext4 file system of {what}"),
             detail: format!("its superblock cannot be read: {e}"),
         })?;
-        let log = u32_at(&sb, 24);
-        let per_group = u32_at(&sb, 32) as u64;
-        let incompat = u32_at(&sb, 0x60);
-        let mut blocks = u32_at(&sb, 4) as u64;
-        if incompat & 0x80 != 0 {
-            blocks |= (u32_at(&sb, 0x150) as u64) << 32;
-        }
         let corrupt = |detail: String| Error::Corrupt {
             what: format!("the ext4 file system of {what}"),
             detail,
         };
-        if log > 6 || per_group < 8 {
-            // `log` is the stored exponent as it is: any u32, so not added to.
-            return Err(corrupt(format!(
-                "its superblock gives block size 1024 << {log} and {per_group} blocks per group"
-            )));
-        }
-        let block = 1024u64 << log;
-        if blocks.checked_mul(block).is_none_or(|b| b > w.len()) {
-            return Err(corrupt(format!(
-                "it claims {blocks} blocks of {block} bytes but only {} bytes are there (truncated?)",
-                w.len()
-            )));
-        }
+        check_geometry(&sb, w.len()).map_err(corrupt)?;
         let fs = guarded(&format!("the ext4 file system of {what}"), || {
             Ext4::load(Box::new(w.clone())).map_err(|e| corrupt(e.to_string()))
         })?;
@@ -381,4 +396,40 @@ fn read_all(
         }
         Ok(size)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn superblock(log: u32, per_group: u32, blocks_lo: u32, blocks_hi: u32) -> [u8; 1024] {
+        let mut b = [0u8; 1024];
+        b[4..8].copy_from_slice(&blocks_lo.to_le_bytes());
+        b[24..28].copy_from_slice(&log.to_le_bytes());
+        b[32..36].copy_from_slice(&per_group.to_le_bytes());
+        b[0x150..0x154].copy_from_slice(&blocks_hi.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn geometry_beyond_the_partition_or_the_group_limit_is_refused() {
+        let tib = 1u64 << 40;
+        assert_eq!(
+            check_geometry(&superblock(2, 32768, 1 << 20, 0), tib),
+            Ok(())
+        );
+        // The high half counts without the 64-bit feature too, as the crate reads it.
+        let e = check_geometry(&superblock(2, 32768, 1 << 20, 1), 8 << 30).unwrap_err();
+        assert!(e.contains("claims 4296015872 blocks"), "{e}");
+        // Within the partition, but 8 blocks per group: 33,554,432 groups.
+        let e = check_geometry(&superblock(2, 8, 1 << 28, 0), tib).unwrap_err();
+        assert!(
+            e.contains("33554432 block groups, more than 1048576"),
+            "{e}"
+        );
+        let e = check_geometry(&superblock(u32::MAX, 32768, 1, 0), tib).unwrap_err();
+        assert!(e.contains("1024 << 4294967295"), "{e}");
+        let e = check_geometry(&superblock(2, 4, 1, 0), tib).unwrap_err();
+        assert!(e.contains("4 blocks per group"), "{e}");
+    }
 }
