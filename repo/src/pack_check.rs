@@ -500,14 +500,15 @@ fn read_ahead(
             let Ok((mut buf, got)) = full_rx.recv() else {
                 break;
             };
-            match got {
-                Ok(got) => each(w, &mut aligned_mut(&mut buf, w.len)[..got]),
-                Err(e) => result = Err(e),
-            }
-            if result.is_err() {
-                kept.push(buf);
-                break;
-            }
+            let got = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    kept.push(buf);
+                    result = Err(e);
+                    break;
+                }
+            };
+            each(w, &mut aligned_mut(&mut buf, w.len)[..got]);
             if let Err(back) = empty_tx.send(buf) {
                 kept.push(back.0);
             }
