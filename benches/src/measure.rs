@@ -270,7 +270,8 @@ pub fn run_all(args: &Args, r: &Reference) -> Result<Results> {
     )?);
     check_same(&r.raw, &restore)?;
     std::fs::remove_file(&restore)?; // 8 GiB of disk space
-                                     // The decoder alone: fetch, decrypt, decompress and re-hash every chunk, nothing written.
+
+    // The decoder alone: fetch, decrypt, decompress and re-hash every chunk, nothing written.
     out.push(best_of(|_| {
         let mut c = bv(args, &repo, &cache);
         c.args(["verify", "--read-data"]);

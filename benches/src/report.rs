@@ -68,6 +68,18 @@ const TARGETS: &[Target] = &[
         1.3,
     ),
     t(
+        "NBD nbdcopy, unix socket",
+        "NBD nbdcopy, unix socket",
+        "qemu-nbd",
+        1.0,
+    ),
+    t(
+        "NBD nbdcopy, unix socket",
+        "verify --read-data",
+        "blockvault",
+        1.3,
+    ),
+    t(
         "forget to 7 and prune",
         "forget to 7 and prune",
         "restic",
