@@ -377,6 +377,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
     })?;
     let mut schedules = Vec::new();
     let mut names = std::collections::HashSet::new();
+    let mut vm_jobs = std::collections::HashMap::new();
     if config.limits.max_concurrent_runs == 0 {
         return Err(c.plain("limits.max_concurrent_runs", "must be at least 1"));
     }
@@ -385,6 +386,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
             "repository.compression_level",
             "zstd levels run from 1 to 19",
         ));
+    }
+    if let Some(h) = config.alerts.no_good_backup_hours {
+        // Zero or less would find every VM overdue at every check: an alert storm, not "off".
+        if !(h.is_finite() && h > 0.0) {
+            return Err(c.plain(
+                "alerts.no_good_backup_hours",
+                format!(
+                    "{h} is not a number of hours above 0 (leave it out to turn the alert off)"
+                ),
+            ));
+        }
     }
     std::fs::metadata(&config.repository.password_file).map_err(|e| {
         c.plain(
@@ -557,6 +569,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
                     format!("VM name '{vname}' is empty or given twice in job '{name}'"),
                 ));
             }
+            // A job's retention thins out all of a VM's points, and two jobs' runs of one VM
+            // would share its checkpoints and change files: a VM belongs to one job.
+            if let Some(other) = vm_jobs.insert(vname.clone(), name.clone()) {
+                return Err(c.at(
+                    vm.name.span(),
+                    "jobs.vms.name",
+                    format!(
+                        "VM '{vname}' is in job '{other}' and job '{name}': a VM belongs to one \
+                         job (one job's retention would remove the other's restore points; use \
+                         one job with keep-daily, keep-monthly ... instead)"
+                    ),
+                ));
+            }
             if let Some(cons) = &vm.consistency {
                 if !["application", "crash"].contains(&cons.get_ref().as_str()) {
                     return Err(c.at(
@@ -725,6 +750,37 @@ mod tests {
         assert!(parse(Path::new("a.toml"), &t).is_err());
         let e = parse(Path::new("a.toml"), &t2).err().unwrap().to_string();
         assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn alert_hours_and_vms_in_two_jobs_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let alerts =
+            |h: &str| base(d.path()) + &format!("[alerts]\nno_good_backup_hours = {h}\n") + JOB;
+        let l = parse(Path::new("a.toml"), &alerts("26")).unwrap();
+        assert_eq!(l.config.alerts.no_good_backup_hours, Some(26.0));
+        for bad in ["0", "-3", "nan", "inf"] {
+            let e = parse(Path::new("a.toml"), &alerts(bad))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("alerts.no_good_backup_hours"), "{bad}: {e}");
+        }
+        let twice = base(d.path()) + JOB + &JOB.replace("nightly", "hourly");
+        let e = parse(Path::new("a.toml"), &twice)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("VM 'web' is in job 'nightly' and job 'hourly'"),
+            "{e}"
+        );
+        let other_vm = base(d.path())
+            + JOB
+            + &JOB
+                .replace("nightly", "hourly")
+                .replace("\"web\"", "\"db\"");
+        parse(Path::new("a.toml"), &other_vm).unwrap();
     }
 
     #[test]

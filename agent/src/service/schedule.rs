@@ -18,13 +18,20 @@ pub struct Schedule {
 impl Schedule {
     pub fn parse(text: &str, tz: Tz) -> Result<Self, String> {
         let t = text.trim();
-        let pattern = if looks_like_cron(t) {
-            t.to_string()
-        } else {
+        let calendar = !looks_like_cron(t);
+        let pattern = if calendar {
             calendar_to_cron(t)?
+        } else {
+            t.to_string()
         };
-        let cron = Cron::new(&pattern)
-            .with_seconds_optional()
+        let mut cron = Cron::new(&pattern);
+        cron.with_seconds_optional();
+        if calendar {
+            // A calendar event's weekday and date must both match (`Mon *-*-1..7` is the first
+            // Monday of a month); cron's own rule, kept for cron text, fires when either does.
+            cron.with_dom_and_dow();
+        }
+        let cron = cron
             .parse()
             .map_err(|e| format!("'{text}' is not a valid schedule: {e}"))?;
         let s = Self {
@@ -57,14 +64,26 @@ fn looks_like_cron(t: &str) -> bool {
     (fields.len() == 5 || fields.len() == 6) && !t.contains(':') && !t.contains("..")
 }
 
-const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+const DAYS: [&str; 7] = [
+    "sunday",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+];
 
+/// A weekday by its three-letter or full English name, in any case; anything else (`Mon-Fri`,
+/// `Mond`) is refused rather than read as the day it starts with.
 fn day_number(s: &str) -> Result<u32, String> {
     let l = s.to_ascii_lowercase();
     DAYS.iter()
-        .position(|d| l.starts_with(d) && d.len() <= l.len())
+        .position(|d| l == *d || l == d[..3])
         .map(|i| i as u32)
-        .ok_or_else(|| format!("'{s}' is not a weekday (Mon, Tue, ... Sun)"))
+        .ok_or_else(|| {
+            format!("'{s}' is not a weekday (Mon, Tue, ... Sun, or full names; ranges as Mon..Fri)")
+        })
 }
 
 /// `Mon..Fri,Sun` to the cron weekday field `1-5,0`.
@@ -208,6 +227,20 @@ mod tests {
     }
 
     #[test]
+    fn a_weekday_with_a_date_needs_both() {
+        let t = at("2026-11-27T10:00:00Z"); // a Friday
+                                            // The first Monday of a month: 7 December 2026, not the next Monday (30 November) nor
+                                            // the 1st (a Tuesday).
+        let first_monday = Schedule::parse("Mon *-*-1..7 02:00", chrono_tz::UTC).unwrap();
+        assert_eq!(first_monday.next_after(t), Some(at("2026-12-07T02:00:00Z")));
+        let full_name = Schedule::parse("Monday *-*-1..7 02:00", chrono_tz::UTC).unwrap();
+        assert_eq!(full_name.next_after(t), first_monday.next_after(t));
+        // Cron text keeps cron's rule: day 1 to 7 or any Monday.
+        let cron = Schedule::parse("0 2 1-7 * 1", chrono_tz::UTC).unwrap();
+        assert_eq!(cron.next_after(t), Some(at("2026-11-30T02:00:00Z")));
+    }
+
+    #[test]
     fn time_zone_is_applied() {
         let s = Schedule::parse("*-*-* 02:30:00", chrono_tz::Europe::Berlin).unwrap();
         // 02:30 in Berlin in winter is 01:30 UTC.
@@ -220,6 +253,8 @@ mod tests {
         for bad in [
             "25:00",
             "Funday 02:00",
+            "Mon-Fri 02:30",
+            "Mond 02:30",
             "2027-01-01 00:00",
             "every day",
             "61 * * * *",
