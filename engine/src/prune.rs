@@ -177,6 +177,107 @@ struct Segments {
     modified_ms: HashMap<SegmentId, i64>,
 }
 
+/// The live chunks of which each pack holds a copy that can stand in for another: one
+/// verification has not found damaged. Deleting the only good copy because a damaged one exists
+/// would undo the backup that healed the chunk.
+fn good_copies(
+    repo: &Repository,
+    contents: &HashMap<PackId, Vec<PackEntry>>,
+    live: &HashSet<ChunkId>,
+) -> HashMap<PackId, Vec<ChunkId>> {
+    contents
+        .iter()
+        .filter_map(|(p, entries)| {
+            let mut ids: Vec<ChunkId> = entries
+                .iter()
+                .filter(|e| live.contains(&e.id) && !repo.is_damaged_at(p, e.offset))
+                .map(|e| e.id)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            (!ids.is_empty()).then_some((*p, ids))
+        })
+        .collect()
+}
+
+/// Where the other copies of the live chunks of the packs deleted now are (those packs are
+/// deletable because such copies exist). A host whose index points at a deleted copy must learn
+/// them, or the chunk is left with no location there.
+enum Keepers {
+    /// The packs holding those copies.
+    Packs(HashSet<PackId>),
+    /// A pack to delete is already gone (a sweep killed before its plan): what it held is
+    /// unknown, so hosts re-read every segment.
+    Unknown,
+}
+
+fn keepers(
+    to_delete: &[Condemned],
+    listed: &HashSet<PackId>,
+    live_in: &HashMap<PackId, Vec<ChunkId>>,
+    holders: &HashMap<PackId, Vec<ChunkId>>,
+    condemned: &HashSet<PackId>,
+) -> Keepers {
+    if to_delete.iter().any(|c| !listed.contains(&c.pack)) {
+        return Keepers::Unknown;
+    }
+    let orphaned: HashSet<ChunkId> = to_delete
+        .iter()
+        .filter_map(|c| live_in.get(&c.pack))
+        .flatten()
+        .copied()
+        .collect();
+    Keepers::Packs(if orphaned.is_empty() {
+        HashSet::new()
+    } else {
+        holders
+            .iter()
+            .filter(|(p, ids)| !condemned.contains(p) && ids.iter().any(|id| orphaned.contains(id)))
+            .map(|(p, _)| *p)
+            .collect()
+    })
+}
+
+/// The segments a plan names for re-reading so that hosts find the keepers: those listing them,
+/// and, for keepers no segment lists (a backup killed before its segment), one written now.
+async fn keepers_segments(
+    repo: &Arc<Repository>,
+    keepers: Keepers,
+    by_segment: &Segments,
+    record: &(dyn Fn(&PackId) -> Option<PackRecord> + Sync),
+) -> Result<Vec<SegmentId>> {
+    let keepers = match keepers {
+        Keepers::Unknown => {
+            let mut all: Vec<SegmentId> = by_segment.named.keys().copied().collect();
+            all.sort_unstable();
+            return Ok(all);
+        }
+        Keepers::Packs(k) if k.is_empty() => return Ok(Vec::new()),
+        Keepers::Packs(k) => k,
+    };
+    let mut segments: Vec<SegmentId> = Vec::new();
+    let mut listed_somewhere = HashSet::new();
+    for (s, packs) in &by_segment.named {
+        let mine: Vec<PackId> = packs
+            .iter()
+            .filter(|p| keepers.contains(p))
+            .copied()
+            .collect();
+        if !mine.is_empty() {
+            segments.push(*s);
+            listed_somewhere.extend(mine);
+        }
+    }
+    let mut unlisted: Vec<PackId> = keepers.difference(&listed_somewhere).copied().collect();
+    unlisted.sort_unstable();
+    let records: Vec<PackRecord> = unlisted.iter().filter_map(record).collect();
+    if !records.is_empty() {
+        segments.push(repo.write_segment(&records).await?);
+    }
+    segments.sort_unstable();
+    Ok(segments)
+}
+
 /// Every listed pack's entries, from the index segments and, for packs no segment covers, from
 /// the pack's own table of contents. Authoritative (every copy of a chunk counts), unlike the
 /// local index, which keeps one location per chunk.
@@ -404,9 +505,10 @@ async fn run(
         .collect();
     let live_packs: HashSet<PackId> = live_in.keys().copied().collect();
     let already: HashSet<PackId> = pending.iter().map(|c| c.pack).collect();
-    // Live chunks with a copy in a listed pack no plan condemns: a condemned pack holding only
-    // such live chunks (a repacked pack) may go.
-    let covered: HashSet<ChunkId> = live_in
+    let holders = good_copies(repo, &contents, &live);
+    // Live chunks with a good copy in a listed pack no plan condemns: a condemned pack holding
+    // only such live chunks (a repacked pack) may go.
+    let covered: HashSet<ChunkId> = holders
         .iter()
         .filter(|(p, _)| !already.contains(p))
         .flat_map(|(_, ids)| ids.iter().copied())
@@ -513,6 +615,7 @@ async fn run(
         return Ok(());
     };
 
+    let keepers = keepers(&to_delete, &listed, &live_in, &holders, &already);
     let deleted_ids: Vec<PackId> = to_delete.iter().map(|c| c.pack).collect();
     repo.delete_packs(claim, &deleted_ids).await?;
 
@@ -524,7 +627,7 @@ async fn run(
         .iter()
         .flat_map(|p| live_in[&p.id].iter().copied())
         .collect();
-    for (p, ids) in &live_in {
+    for (p, ids) in &holders {
         if !already.contains(p) && !gone.contains(p) && !repacking.contains(p) {
             for id in ids {
                 to_copy.remove(id);
@@ -548,6 +651,7 @@ async fn run(
         })
     };
     let merged_into = merge_segments(repo, &segs.merge, &by_segment.named, &record).await?;
+    let kept_copies_in = keepers_segments(repo, keepers, &by_segment, &record).await?;
     report.segments_written = merged_into.len() as u64;
     let mut retired = segs.retired;
     retired.extend(segs.merge.iter().flatten().copied());
@@ -583,6 +687,7 @@ async fn run(
         live_points,
         repacked_into: repacked.segment.into_iter().collect(),
         consolidated_into: merged_into,
+        kept_copies_in,
     };
     let published = repo.publish_plan(claim, plan).await?;
     for p in &repacked.packs {

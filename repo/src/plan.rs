@@ -68,12 +68,21 @@ pub struct Plan {
     /// repack's records whose own segment is gone.
     #[serde(default)]
     pub consolidated_into: Vec<SegmentId>,
+    /// Index segments listing the packs that keep the other copy of a live chunk of a pack this
+    /// run deleted (a chunk two backups stored at once, or stored again after verification found
+    /// a copy damaged). A reader applying the plan re-reads them: its index may point at the
+    /// deleted copy, and forgetting that would leave the chunk with no location.
+    #[serde(default)]
+    pub kept_copies_in: Vec<SegmentId>,
 }
 
 impl Plan {
     /// The segments a reader applying this plan reads again.
     pub fn segments_to_reread(&self) -> impl Iterator<Item = &SegmentId> {
-        self.repacked_into.iter().chain(&self.consolidated_into)
+        self.kept_copies_in
+            .iter()
+            .chain(&self.repacked_into)
+            .chain(&self.consolidated_into)
     }
 
     /// Packs condemned by this very epoch (not carried forward from earlier ones).
@@ -139,6 +148,7 @@ mod tests {
             retired_segments: vec![],
             live_points: vec![],
             repacked_into: vec![],
+            kept_copies_in: vec![],
             consolidated_into: vec![],
         }
     }

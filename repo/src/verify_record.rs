@@ -346,6 +346,11 @@ impl Repository {
     pub fn is_damaged(&self, loc: &crate::Location) -> bool {
         self.local_index().is_damaged(&loc.pack, loc.offset)
     }
+
+    /// True when verification found the blob at `offset` of `pack` damaged.
+    pub fn is_damaged_at(&self, pack: &PackId, offset: u32) -> bool {
+        self.local_index().is_damaged(pack, offset)
+    }
 }
 
 #[cfg(test)]

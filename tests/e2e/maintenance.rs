@@ -1133,3 +1133,164 @@ fn a_pack_with_damaged_live_blobs_is_not_repacked() {
     assert_eq!(num(&p2, &["deleted", "packs"]), 0, "{p2}");
     assert!(first.exists(), "the damaged pack is kept");
 }
+
+/// Three images sharing their first 2 MiB: `a|b`, `a|c`, and a small unrelated one.
+fn shared_halves(r: &Repo, seed: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let (one, two, small) = (r.path("one.raw"), r.path("two.raw"), r.path("small.raw"));
+    make_random_image(&one, 4 << 20, seed);
+    std::fs::copy(&one, &two).unwrap();
+    change_second_half(&two, seed + 1);
+    make_random_image(&small, 256 << 10, seed + 2);
+    (one, two, small)
+}
+
+/// Verification finds a blob damaged; the next backup of that content stores it again (the
+/// damaged copy is never deduplicated against). When the pack holding the good copy becomes
+/// partly dead, its repack must copy the chunk: the damaged copy elsewhere covers nothing, or
+/// the sweep would delete the only good copy and undo the healing.
+#[test]
+fn a_healed_chunk_keeps_its_good_copy_through_a_repack() {
+    let r = Repo::local();
+    let (one, two, _) = shared_halves(&r, 81);
+    let big = |vm: &str, img: &Path| {
+        let spec = format!("d0={}", img.display());
+        id(&r.json(&["backup", "--vm", vm, "--pack-size", "8MiB", "--disk", &spec]))
+    };
+    let kept = big("vm1", &one);
+    let packs = r.dir.join("repo/packs");
+    let first: Vec<PathBuf> = std::fs::read_dir(&packs)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| {
+            std::fs::read_dir(d.path())
+                .unwrap()
+                .flatten()
+                .map(|f| f.path())
+        })
+        .collect();
+    assert_eq!(first.len(), 1, "one pack");
+    // One byte in the first half's data (the 17th of 64 incompressible 64 KiB blobs).
+    let mut bytes = std::fs::read(&first[0]).unwrap();
+    bytes[1 << 20] ^= 0xff;
+    std::fs::write(&first[0], &bytes).unwrap();
+    let v = r.run(&["verify", "--read-data", "--json"]);
+    assert!(!v.status.success(), "verify finds the damage");
+    // The healing backup stores the damaged chunk again beside the second half's new data.
+    let healer = big("vm2", &two);
+    let v = r.json(&["verify", "--read-data"]);
+    assert_eq!(v["problems"], json!([]), "healed: {v}");
+    // The healer's pack becomes partly dead: only the healed chunk in it is still needed.
+    r.ok(&["forget", &healer]);
+    std::thread::sleep(SLACK);
+    let p1 = r.json(&["prune", "--grace", "0s", "--max-unused", "0%"]);
+    assert_eq!(num(&p1, &["repacked", "packs"]), 1, "{p1}");
+    assert_eq!(
+        num(&p1, &["repack_written", "packs"]),
+        1,
+        "the healed chunk is copied: {p1}"
+    );
+    std::thread::sleep(SLACK);
+    let p2 = r.json(&["prune", "--grace", "0s"]);
+    assert_eq!(num(&p2, &["deleted", "packs"]), 1, "{p2}");
+    let v = r.json(&["verify", "--read-data"]);
+    assert_eq!(v["problems"], json!([]), "still healed: {v}");
+    let out = r.path("kept.raw");
+    r.ok(&[
+        "restore",
+        "export",
+        &kept,
+        "--disk",
+        "d0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(same_content(&one, &out));
+}
+
+/// A chunk stored twice (a backup killed before its index segment, then the same data backed
+/// up by a host that never saw that pack). A new host's full sync reads segments first and the
+/// unlisted pack's table last, so its index points at the copy in the unlisted pack. That pack
+/// is partly dead, repacked without copying (the other copy stays) and deleted: the host must
+/// still find the other copy, which the deleting plan names for re-reading.
+#[test]
+fn a_host_indexing_the_deleted_copy_of_a_chunk_finds_the_other() {
+    let r = Repo::local();
+    let (one, two, small) = shared_halves(&r, 91);
+    let packs = r.dir.join("repo/packs");
+    // Host "other" opens the repository (and its index) before the unlisted pack exists.
+    let small_spec = format!("d0={}", small.display());
+    succeeded(
+        &["backup"],
+        r.cmd_on("other", &["backup", "--vm", "vm0", "--disk", &small_spec])
+            .output()
+            .unwrap(),
+    );
+    let spec = format!("d0={}", one.display());
+    let mut k = 1;
+    loop {
+        let out = r
+            .cmd(&[
+                "backup",
+                "--vm",
+                "vm1",
+                "--pack-size",
+                "8MiB",
+                "--disk",
+                &spec,
+            ])
+            .env("BLOCKVAULT_TEST_KILL_AT_STEP", k.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "step {k}: the backup was not stopped"
+        );
+        if files_under(&packs) > 1 {
+            assert_eq!(files_under(&r.dir.join("repo/index")), 1, "step {k}");
+            break;
+        }
+        k += 1;
+        assert!(k < 10, "no pack was ever written");
+    }
+    let spec = format!("d0={}", two.display());
+    let args = [
+        "backup",
+        "--vm",
+        "vm2",
+        "--pack-size",
+        "8MiB",
+        "--disk",
+        &spec,
+        "--json",
+    ];
+    let out = r.cmd_on("other", &args).output().unwrap();
+    let point = id(&json_of(&args, |a| succeeded(a, out)));
+    assert_eq!(files_under(&packs), 3, "the shared half is stored twice");
+    let restore_on = |host: &str| {
+        let out = r.path(&format!("{host}.raw"));
+        let to = out.to_str().unwrap();
+        let args = [
+            "restore",
+            "export",
+            "--overwrite",
+            &point,
+            "--disk",
+            "d0",
+            "--out",
+            to,
+        ];
+        succeeded(&args, r.cmd_on(host, &args).output().unwrap());
+        assert!(same_content(&two, &out), "{host} restored other bytes");
+    };
+    restore_on("new");
+    std::thread::sleep(SLACK);
+    let p1 = r.json(&["prune", "--grace", "0s", "--max-unused", "0%"]);
+    assert_eq!(num(&p1, &["repacked", "packs"]), 1, "{p1}");
+    assert_eq!(num(&p1, &["repack_written", "packs"]), 0, "{p1}");
+    std::thread::sleep(SLACK);
+    let p2 = r.json(&["prune", "--grace", "0s"]);
+    assert_eq!(num(&p2, &["deleted", "packs"]), 1, "{p2}");
+    restore_on("new");
+    restore_on("other");
+    restore_on("fresh");
+}
