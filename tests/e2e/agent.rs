@@ -730,6 +730,76 @@ capture = "touch {started}; sleep 1"
     assert_eq!(points.as_array().unwrap().len(), 1, "{points:#}");
 }
 
+/// Damage found by the verify after a job's backups makes the run `partial`, with the reason in
+/// its error (not `success` with a log line only).
+#[test]
+fn agent_run_whose_verify_finds_damage_is_partial() {
+    let w = World::with_repo("64KiB");
+    let disk = w.path("vm.raw");
+    let config = w.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{head}[[jobs]]
+name = "checked"
+schedule = "0 0 1 1 *"
+source = "files"
+[jobs.verify]
+read_data = true
+[[jobs.vms]]
+name = "vm"
+disks = {{ disk0 = {disk} }}
+"#,
+            head = local_head(&w),
+            disk = toml_str(&disk),
+        ),
+    )
+    .unwrap();
+    let a = Agent::start(&config, &w.path("agent.log"), &[]);
+    // The whole run (its VM rows end before its verify does).
+    let run_once = || {
+        let now = a.json(&["agent", "run-now", "checked"]);
+        let run = now["run"].as_i64().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = a.json(&["runs", "show", &run]);
+            if s["status"] != "running" && s["status"] != "queued" {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "run {run} did not end: {s:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    make_image(&disk, 2 << 20, 7, 6);
+    let shown = run_once();
+    assert_eq!(
+        shown["status"],
+        "success",
+        "{shown:#}; log {}",
+        a.log_text()
+    );
+    // Flip a byte in the middle of every pack, then back up new data so the run verifies.
+    let packs = w.repo.join("packs");
+    for dir in std::fs::read_dir(&packs).unwrap().flatten() {
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let mut b = std::fs::read(f.path()).unwrap();
+            let mid = b.len() / 2;
+            b[mid] ^= 0xff;
+            std::fs::write(f.path(), &b).unwrap();
+        }
+    }
+    make_image(&disk, 2 << 20, 8, 6);
+    let shown = run_once();
+    assert_eq!(
+        shown["status"],
+        "partial",
+        "{shown:#}; log {}",
+        a.log_text()
+    );
+    let error = shown["error"].as_str().unwrap_or_default();
+    assert!(error.contains("verify found"), "{shown:#}");
+}
+
 /// Retention, prune and sampled verify as the agent runs them after a job's backups: four runs
 /// of a VM whose disk changes every time, keep-last 2, prune with no grace: two points are left,
 /// the forgotten points' packs are condemned and then deleted by later runs, every run's verify

@@ -117,7 +117,7 @@ pub fn render(state: &State, g: &Gauges) -> String {
     );
     let _ = writeln!(
         o,
-        "# HELP blockvault_agent_verify_total Verify runs by job and outcome (ok, damaged, error)."
+        "# HELP blockvault_agent_verify_total Verify runs by job and outcome (ok, damaged, incomplete, error)."
     );
     let _ = writeln!(o, "# TYPE blockvault_agent_verify_total counter");
     for ((job, outcome), n) in g.verify.lock().unwrap_or_else(|p| p.into_inner()).iter() {

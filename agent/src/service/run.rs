@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockvault_engine::{
-    forget, prune, verify, ForgetOptions, ForgetTarget, Progress, PruneOptions, Selection,
+    forget, prune, verify, ForgetOptions, ForgetTarget, Progress, PruneOptions, Selection, Verdict,
     VerifyOptions,
 };
 use blockvault_repo::{OpenOptions, Repository, Storage, StoreOptions};
@@ -159,7 +159,12 @@ pub async fn run_job(agent: Arc<Agent>, job_idx: usize, run: i64, cancel: Cancel
         }
         if let Some(v) = &job.verify {
             if v.after_backup && !cancel.is_cancelled() && outcomes.iter().any(|o| o.ok) {
-                run_verify(&agent, &name, run, repo.clone(), v, &cancel).await;
+                if let Some(e) = run_verify(&agent, &name, run, repo.clone(), v, &cancel).await {
+                    maintenance_error = Some(match maintenance_error {
+                        Some(m) => format!("{m}; {e}"),
+                        None => e,
+                    });
+                }
             }
         }
         if let Ok(packs) = repo.list_packs().await {
@@ -339,7 +344,9 @@ fn verify_selection(v: &VerifyPolicy) -> Selection {
     }
 }
 
-/// Verify after a run; damage is reported by webhook and counted.
+/// Verify after a run; damage is reported by webhook and counted. Returns what makes the run
+/// `partial`: damage, data that could not be checked (a store that failed mid-run is not
+/// damage, and must not page anyone as such), or a verify that failed outright.
 async fn run_verify(
     agent: &Agent,
     job: &str,
@@ -347,18 +354,21 @@ async fn run_verify(
     repo: Arc<Repository>,
     policy: &VerifyPolicy,
     cancel: &CancellationToken,
-) {
+) -> Option<String> {
     let progress = Arc::new(Progress::default());
     let mut opts = VerifyOptions::new(verify_selection(policy));
     opts.max_bytes = policy.max_bytes;
     opts.host = agent.host.clone();
     let r = tokio::select! {
         r = verify(repo, opts, progress) => r,
-        _ = cancel.cancelled() => return,
+        _ = cancel.cancelled() => return None,
     };
     let outcome = match &r {
-        Ok(rep) if rep.is_ok() => "ok",
-        Ok(_) => "damaged",
+        Ok(rep) => match rep.verdict {
+            Verdict::Clean => "ok",
+            Verdict::Damaged => "damaged",
+            Verdict::Incomplete => "incomplete",
+        },
         Err(_) => "error",
     };
     *agent
@@ -368,17 +378,35 @@ async fn run_verify(
         .unwrap_or_else(|p| p.into_inner())
         .entry((job.to_string(), outcome.to_string()))
         .or_default() += 1;
-    match r {
-        Ok(rep) if !rep.is_ok() => {
-            tracing::error!("verify found {} problem(s)", rep.problems.len());
-            agent.webhooks.emit(
-                "verify.damage",
-                json!({"job": job, "run": run, "problems": rep.problems}),
-            );
-        }
-        Ok(_) => tracing::info!("verify found no problem"),
-        Err(e) => tracing::error!("verify failed: {e}"),
-    }
+    let problem = match r {
+        Ok(rep) => match rep.verdict {
+            Verdict::Clean => {
+                tracing::info!("verify found no problem");
+                return None;
+            }
+            Verdict::Damaged => {
+                agent.webhooks.emit(
+                    "verify.damage",
+                    json!({"job": job, "run": run, "problems": rep.problems}),
+                );
+                format!("verify found {} problem(s)", rep.problems.len())
+            }
+            Verdict::Incomplete => {
+                let first = rep
+                    .unchecked
+                    .first()
+                    .map(|u| format!(" (first: {}: {})", u.object, u.detail))
+                    .unwrap_or_default();
+                format!(
+                    "verify could not check {} object(s){first}",
+                    rep.unchecked.len()
+                )
+            }
+        },
+        Err(e) => format!("verify failed: {e}"),
+    };
+    tracing::error!("{problem}");
+    Some(problem)
 }
 
 /// The RCT id each disk of the VM's newest point recorded.
