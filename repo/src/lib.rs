@@ -9,6 +9,7 @@
 mod blob;
 mod blob_cache;
 mod boot_trace;
+mod cache_file;
 mod config;
 mod crypto;
 pub mod direct_read;

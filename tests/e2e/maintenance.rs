@@ -1294,3 +1294,41 @@ fn a_host_indexing_the_deleted_copy_of_a_chunk_finds_the_other() {
     restore_on("other");
     restore_on("fresh");
 }
+
+/// The local copy of a plan is a cache: one torn by a crash or a full disk is fetched again,
+/// not taken for tampering (which would stop every backup and prune on that host).
+#[test]
+fn a_torn_cached_plan_is_fetched_again() {
+    let r = Repo::local();
+    let img = r.path("d.raw");
+    make_random_image(&img, 1 << 20, 95);
+    let old = id(&r.backup("vm", &img, &[]));
+    change_second_half(&img, 96);
+    r.backup("vm", &img, &[]);
+    r.ok(&["forget", &old]);
+    std::thread::sleep(SLACK);
+    r.json(&["prune", "--grace", "0s"]);
+    let mut cached = Vec::new();
+    for repo_dir in std::fs::read_dir(r.path("cache")).unwrap().flatten() {
+        let plans = repo_dir.path().join("plans");
+        for f in std::fs::read_dir(&plans).into_iter().flatten().flatten() {
+            cached.push(f.path());
+        }
+    }
+    assert_eq!(cached.len(), 1, "one cached plan: {cached:?}");
+    let len = std::fs::metadata(&cached[0]).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cached[0])
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    std::thread::sleep(SLACK);
+    let p = r.json(&["prune", "--grace", "0s"]);
+    assert_eq!(num(&p, &["epoch"]), 2, "{p}");
+    assert_eq!(
+        std::fs::metadata(&cached[0]).unwrap().len(),
+        len,
+        "cached again"
+    );
+}

@@ -52,13 +52,8 @@ impl Repository {
     /// Caches a manifest under its id and the store's entity tag: a manifest changed in the
     /// store (damage, tampering) has another tag and is fetched again.
     fn catalog_put(&self, id: &PointId, tag: &str, sealed: &[u8]) {
-        let dir = self.catalog_dir();
-        let path = dir.join(catalog_leaf(id, tag));
-        let tmp = dir.join(format!(".{}.tmp-{}", id.to_hex(), std::process::id()));
-        let r = std::fs::create_dir_all(&dir)
-            .and_then(|_| std::fs::write(&tmp, sealed))
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = r {
+        let path = self.catalog_dir().join(catalog_leaf(id, tag));
+        if let Err(e) = crate::cache_file::write_whole(&path, sealed) {
             tracing::debug!(error = %e, "could not cache manifest {id}");
         }
     }

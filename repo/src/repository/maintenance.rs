@@ -58,12 +58,8 @@ impl Repository {
 
     fn save_maint_state(&self, state: &MaintState) {
         let path = state_path(&self.cache_root);
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         let json = serde_json::to_vec(state).expect("state serialises");
-        let r = std::fs::create_dir_all(&self.cache_root)
-            .and_then(|_| std::fs::write(&tmp, json))
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = r {
+        if let Err(e) = crate::cache_file::write_whole(&path, &json) {
             // A cache: losing it costs a re-read of the plans, nothing else.
             tracing::warn!(path = %path.display(), error = %e, "could not save maintenance state");
         }
@@ -105,20 +101,36 @@ impl Repository {
     pub async fn read_plan(&self, epoch: Epoch) -> Result<Option<Plan>> {
         let name = ObjectName::Plan(epoch);
         let cached = self.cache_root.join("plans").join(format!("{epoch:020}"));
-        let bytes = match std::fs::read(&cached) {
-            Ok(b) => Bytes::from(b),
-            Err(_) => match self.get_object(name).await? {
+        let open = |bytes: Bytes| {
+            let keys = self.keys.clone();
+            blocking(move || name.open_json::<Plan>(&keys, &bytes))
+        };
+        let from_cache = match std::fs::read(&cached) {
+            // A cached copy that does not open (a write torn by a crash or a full disk) is
+            // only a cache: it is dropped and the plan fetched again.
+            Ok(b) => match open(Bytes::from(b)).await? {
+                Ok(plan) => Some(plan),
+                Err(e) => {
+                    tracing::warn!(plan = %name, error = %e, "cached plan unreadable; fetching it again");
+                    let _ = std::fs::remove_file(&cached);
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let plan = match from_cache {
+            Some(plan) => plan,
+            None => match self.get_object(name).await? {
                 Some(b) => {
-                    // Plans never change once written: keep the sealed bytes for next time.
-                    let _ = std::fs::create_dir_all(cached.parent().expect("has a parent"))
-                        .and_then(|_| std::fs::write(&cached, &b));
-                    b
+                    let plan = open(b.clone()).await??;
+                    // Plans never change once written: keep the sealed bytes for next time,
+                    // written whole or not at all.
+                    let _ = crate::cache_file::write_whole(&cached, &b);
+                    plan
                 }
                 None => return Ok(None),
             },
         };
-        let keys = self.keys.clone();
-        let plan: Plan = blocking(move || name.open_json(&keys, &bytes)).await??;
         if plan.epoch != epoch || plan.version != PLAN_VERSION {
             return Err(Error::tampered(
                 name.to_string(),
