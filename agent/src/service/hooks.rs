@@ -54,7 +54,23 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(r: Option<R>, log: LogTail, tag: 
     }
 }
 
-/// Runs `cmd` through `sh -c`. A non-zero exit, a timeout or a cancel is an error naming the hook.
+/// How long a finished hook's output is still read: a process it left in the background (`cmd &`)
+/// may hold its output open for as long as it runs, and the run must not wait for it.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+/// Kills the hook's whole process group: `sh` and everything it started, so a command it left
+/// running can neither outlive a timeout or cancel nor keep the output pipes open.
+fn kill_group(child: &tokio::process::Child) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+    {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Runs `cmd` through `sh -c`, in a process group of its own. A non-zero exit, a timeout or a
+/// cancel is an error naming the hook; on a timeout or cancel the whole group is killed.
 pub async fn run_hook(
     what: &str,
     cmd: &str,
@@ -70,6 +86,7 @@ pub async fn run_hook(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     for (k, v) in env {
         c.env(k, v);
@@ -79,21 +96,37 @@ pub async fn run_hook(
         .map_err(|e| Error::Source(format!("{what}: cannot start sh: {e}")))?;
     let p1 = tokio::spawn(pump(child.stdout.take(), log.clone(), ""));
     let p2 = tokio::spawn(pump(child.stderr.take(), log.clone(), "stderr: "));
+    let drain = |p1: tokio::task::JoinHandle<()>, p2: tokio::task::JoinHandle<()>| async move {
+        let (a1, a2) = (p1.abort_handle(), p2.abort_handle());
+        if tokio::time::timeout(OUTPUT_DRAIN, async {
+            let _ = p1.await;
+            let _ = p2.await;
+        })
+        .await
+        .is_err()
+        {
+            a1.abort();
+            a2.abort();
+        }
+    };
     let status = tokio::select! {
         s = child.wait() => s.map_err(|e| Error::Source(format!("{what}: {e}")))?,
         _ = tokio::time::sleep(timeout) => {
+            kill_group(&child);
             let _ = child.kill().await;
+            drain(p1, p2).await;
             log.push(format!("{what}: killed after {}s", timeout.as_secs()));
             return Err(Error::Source(format!("{what} did not finish within {}s", timeout.as_secs())));
         }
         _ = cancel.cancelled() => {
+            kill_group(&child);
             let _ = child.kill().await;
+            drain(p1, p2).await;
             log.push(format!("{what}: killed (cancelled)"));
             return Err(Error::Cancelled);
         }
     };
-    let _ = p1.await;
-    let _ = p2.await;
+    drain(p1, p2).await;
     if status.success() {
         log.push(format!("{what}: done"));
         Ok(())
@@ -145,5 +178,66 @@ mod tests {
         .await
         .unwrap_err();
         assert!(e.to_string().contains("did not finish"), "{e}");
+    }
+
+    /// A hook that leaves a command running in the background, holding its output open, does
+    /// not hold the run; a hook that times out takes what it started down with it.
+    #[tokio::test]
+    async fn background_commands_neither_hold_the_run_nor_outlive_a_timeout() {
+        let log = LogTail::default();
+        let c = CancellationToken::new();
+        let started = std::time::Instant::now();
+        run_hook(
+            "capture",
+            "echo frozen; (sleep 30; echo late) &",
+            &[],
+            Duration::from_secs(20),
+            &log,
+            &c,
+        )
+        .await
+        .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(log.text().contains("frozen"), "{}", log.text());
+
+        let d = tempfile::tempdir().unwrap();
+        let pidfile = d.path().join("pid");
+        let cmd = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+        let started = std::time::Instant::now();
+        let e = run_hook("release", &cmd, &[], Duration::from_millis(500), &log, &c)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("did not finish"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The background sleep was killed with the group (a zombie until reaped by init counts
+        // as gone: its state is Z, or its /proc entry is already gone).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(|r| r.trim().chars().next()))
+                .flatten();
+            if state.is_none_or(|c| c == 'Z') {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep {pid} still runs: {state:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
