@@ -35,6 +35,9 @@ pub struct BackupRequest {
     pub workers: Option<usize>,
     pub pack_size: Option<usize>,
     pub packs_per_segment: Option<usize>,
+    /// Cancelling stops the backup before its restore point is written; `run` returns once
+    /// nothing of the backup reads the disks any more.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 /// A disk name the repository accepts: letters, digits, `.`, `_`, `-`.
@@ -236,6 +239,7 @@ pub async fn run(
         opts.packs_per_segment = n;
     }
     opts.configs = configs;
+    opts.cancel = req.cancel.clone();
     if let Some(w) = req.workers {
         opts.workers = w.max(1);
     }

@@ -25,6 +25,7 @@ use blockvault_repo::{
 };
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 
 use crate::progress::Progress;
 use crate::{DiskSource, Error, Result};
@@ -45,6 +46,10 @@ pub struct BackupOptions {
     pub packs_per_segment: usize,
     /// VM configuration files to keep in the point: (name, contents).
     pub configs: Vec<(String, Vec<u8>)>,
+    /// Cancelling stops the backup before its restore point is written: its threads stop
+    /// reading, the uploads in flight land, and `backup` returns [`Error::Cancelled`] once
+    /// nothing of it runs any more (a caller may then release its snapshots).
+    pub cancel: CancellationToken,
 }
 
 impl BackupOptions {
@@ -59,7 +64,22 @@ impl BackupOptions {
             uploads_in_flight: 2,
             packs_per_segment: 64,
             configs: Vec::new(),
+            cancel: CancellationToken::new(),
         }
+    }
+}
+
+/// Stops the pipeline's threads when `backup`'s future is dropped before it ends: a caller that
+/// gave up must not leave them reading disks and uploading packs behind its back.
+struct StopWhenDropped {
+    abort: Arc<Abort>,
+    watcher: tokio::task::AbortHandle,
+}
+
+impl Drop for StopWhenDropped {
+    fn drop(&mut self) {
+        self.abort.fail(Error::Cancelled);
+        self.watcher.abort();
     }
 }
 
@@ -287,11 +307,27 @@ pub async fn backup(
     }
     let handle = Handle::current();
     let relied: Relied = Arc::default();
+    let abort = Arc::new(Abort::default());
+    let watcher = {
+        let (cancel, abort) = (opts.cancel.clone(), abort.clone());
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            abort.fail(Error::Cancelled);
+        })
+    };
+    let _stop = StopWhenDropped {
+        abort: abort.clone(),
+        watcher: watcher.abort_handle(),
+    };
     let (r2, o2, rel2) = (repo.clone(), opts.clone(), relied.clone());
-    let (disks, configs) =
-        tokio::task::spawn_blocking(move || run_pipeline(r2, jobs, &o2, progress, handle, rel2))
-            .await
-            .map_err(Error::task)??;
+    let (disks, configs) = tokio::task::spawn_blocking(move || {
+        run_pipeline(r2, jobs, &o2, progress, handle, rel2, abort)
+    })
+    .await
+    .map_err(Error::task)??;
+    if opts.cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
     let manifest = PointManifest {
         version: 1,
         id: PointId::random(),
@@ -417,6 +453,7 @@ fn run_pipeline(
     progress: Arc<Progress>,
     handle: Handle,
     relied: Relied,
+    abort: Arc<Abort>,
 ) -> Result<(Vec<DiskManifest>, Vec<blockvault_repo::ConfigFile>)> {
     let mut disks: Vec<DiskState> = jobs
         .iter()
@@ -427,7 +464,6 @@ fn run_pipeline(
         .bytes_total
         .store(total, std::sync::atomic::Ordering::Relaxed);
 
-    let abort = Arc::new(Abort::default());
     let inflight: InFlight = Arc::default();
     let chunk_size = repo.chunk_size() as usize;
     let workers = opts.workers.max(1);

@@ -473,21 +473,32 @@ async fn attempt(
             parent_path_maps: cap.parent_path_maps.clone(),
             host: agent.host.clone(),
             workers: agent.config().limits.workers,
+            cancel: cx.cancel.clone(),
             ..BackupRequest::default()
         };
         let prepared = vm_backup::prepare(req)?;
         cx.log.push("backup: disks opened");
         let progress = Arc::new(Progress::default());
-        // Dropping the backup future on cancel stops it before its restore point is written; the
-        // packs it already uploaded are unreferenced and go at the next prune.
-        tokio::select! {
-            r = vm_backup::run(repo, prepared, progress) => r,
-            _ = cx.cancel.cancelled() => Err(Error::Cancelled),
-        }
+        // A cancel stops the backup before its restore point is written, and the backup returns
+        // only once its threads no longer read the disks: release below must not pull a
+        // snapshot from under them. Packs already uploaded are unreferenced and go at the next
+        // prune.
+        vm_backup::run(repo, prepared, progress).await
     }
     .await;
     let released = source.release(cx, backed_up.as_ref().ok()).await;
-    let report = backed_up?;
+    let report = match (backed_up, released.as_ref()) {
+        (Ok(r), _) => r,
+        (Err(e), Ok(())) => return Err(e),
+        // Both: the operator must hear that a snapshot may have been left behind too.
+        (Err(e), Err(r)) => {
+            cx.log.push(format!("release failed too: {r}"));
+            return Err(match e {
+                Error::Cancelled => Error::Cancelled,
+                e => Error::Source(format!("{e}; release failed too: {r}")),
+            });
+        }
+    };
     if let Err(e) = released {
         // The point is stored; a failed release is worth a failed VM (a snapshot may remain).
         return Err(Error::Source(format!(
