@@ -37,6 +37,9 @@ pub enum Error {
     /// The run was cancelled (agent cancel, or SIGTERM).
     #[error("cancelled")]
     Cancelled,
+    /// The agent stopped before its cancelled runs had finished.
+    #[error("{0}")]
+    StoppedEarly(String),
 }
 
 impl Error {

@@ -72,6 +72,13 @@ pub struct Limits {
     /// Hashing/compression threads per VM backup.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Days of run history kept (finished runs older than this are deleted once a day).
+    #[serde(default = "history_days")]
+    pub history_days: u32,
+}
+
+fn history_days() -> u32 {
+    400
 }
 
 impl Default for Limits {
@@ -82,6 +89,7 @@ impl Default for Limits {
             upload_bytes_per_sec: None,
             download_bytes_per_sec: None,
             workers: None,
+            history_days: history_days(),
         }
     }
 }
@@ -380,6 +388,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
     let mut vm_jobs = std::collections::HashMap::new();
     if config.limits.max_concurrent_runs == 0 {
         return Err(c.plain("limits.max_concurrent_runs", "must be at least 1"));
+    }
+    if config.limits.history_days == 0 {
+        return Err(c.plain(
+            "limits.history_days",
+            "must be at least 1 (the running runs and the last day are always kept)",
+        ));
     }
     if !(1..=19).contains(&config.repository.compression_level) {
         return Err(c.plain(

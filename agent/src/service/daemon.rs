@@ -224,6 +224,13 @@ impl Agent {
     }
 }
 
+/// How often overdue backups are looked for: a twentieth of the alert's hours, at least every
+/// second and at most every minute (the query scans the run history).
+fn alert_interval(hours: Option<f64>) -> Duration {
+    let limit = hours.unwrap_or(1.0) * 3600.0;
+    Duration::from_secs_f64((limit / 20.0).clamp(1.0, 60.0))
+}
+
 /// Options of `agent run` that tests use.
 #[derive(Default)]
 pub struct RunOptions {
@@ -430,19 +437,33 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| Error::io("installing the SIGINT handler", e))?;
     let mut last_alert_check = std::time::Instant::now() - Duration::from_secs(3600);
+    let alert_every = alert_interval(agent.config().alerts.no_good_backup_hours);
+    let mut last_history_prune = std::time::Instant::now() - Duration::from_secs(86_400);
     loop {
         let now = Utc::now();
         let mut earliest = now + chrono::Duration::seconds(60);
         for i in 0..agent.config().jobs.len() {
             let name = agent.config().jobs[i].name.get_ref().clone();
-            let next = state.schedule(&name)?.1;
+            // A state database that fails (busy beyond its timeout, a full disk) must not stop
+            // the agent with work running: the job is looked at again at the next tick.
+            let next = match state.schedule(&name) {
+                Ok((_, next)) => next,
+                Err(e) => {
+                    tracing::error!(job = %name, "reading the schedule: {e}");
+                    continue;
+                }
+            };
             let Some(next) = next else { continue };
             if next <= now {
                 let upcoming = agent
                     .schedule(i)
                     .next_after(now)
                     .unwrap_or(now + chrono::Duration::days(3650));
-                state.set_ran(&name, now, upcoming)?;
+                if let Err(e) = state.set_ran(&name, now, upcoming) {
+                    // Not recorded: running it now could run it again at every tick.
+                    tracing::error!(job = %name, "recording the scheduled run: {e}; not started");
+                    continue;
+                }
                 match agent.trigger(i, "schedule") {
                     Ok(run) => tracing::info!(job = %name, run, "scheduled run queued"),
                     Err(e) => tracing::warn!(job = %name, "scheduled run skipped: {e}"),
@@ -452,9 +473,18 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
                 earliest = earliest.min(next);
             }
         }
-        if last_alert_check.elapsed() >= Duration::from_secs(1) {
+        if last_alert_check.elapsed() >= alert_every {
             agent.check_alerts();
             last_alert_check = std::time::Instant::now();
+        }
+        if last_history_prune.elapsed() >= Duration::from_secs(86_400) {
+            let keep = chrono::Duration::days(i64::from(agent.config().limits.history_days));
+            match state.prune_history(Utc::now() - keep) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("deleted {n} run(s) older than the history limit"),
+                Err(e) => tracing::warn!("pruning the run history: {e}"),
+            }
+            last_history_prune = std::time::Instant::now();
         }
         let wait = (earliest - Utc::now())
             .to_std()
@@ -470,16 +500,13 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
     tracing::info!("stopping: cancelling running work");
     stop.cancel();
     // Runs record themselves as cancelled (release hooks included) before the agent exits.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !agent
-        .active
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_empty()
-        && std::time::Instant::now() < deadline
-    {
+    let deadline = std::time::Instant::now() + STOP_WAIT;
+    let still_running =
+        |agent: &Agent| agent.active.lock().unwrap_or_else(|p| p.into_inner()).len();
+    while still_running(&agent) > 0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let left = still_running(&agent);
     // Give queued webhook deliveries (the cancellation events) a moment to go out.
     let flush_until = std::time::Instant::now() + Duration::from_secs(2);
     while state.pending_deliveries().unwrap_or(0) > 0 && std::time::Instant::now() < flush_until {
@@ -488,6 +515,18 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
     webhook_stop.cancel();
     let _ = deliveries.await;
     let _ = std::fs::remove_file(&socket_path);
+    if left > 0 {
+        // Exiting 0 would tell systemd all went well while a release hook was cut short.
+        return Err(Error::StoppedEarly(format!(
+            "stopped with {left} run(s) still finishing after {}s (a release hook may not have \
+             completed; they are recorded as interrupted at the next start)",
+            STOP_WAIT.as_secs()
+        )));
+    }
     tracing::info!("agent stopped");
     Ok(())
 }
+
+/// How long a stopping agent waits for its cancelled runs (their release hooks) to finish:
+/// inside the 90 s the systemd unit gives it (`TimeoutStopSec`).
+const STOP_WAIT: Duration = Duration::from_secs(75);

@@ -521,9 +521,62 @@ impl State {
     }
 }
 
+impl State {
+    /// Deletes the finished runs (and their VM rows) that ended before `before`; returns how
+    /// many runs went. Running and queued runs stay whatever their age.
+    pub fn prune_history(&self, before: DateTime<Utc>) -> Result<usize> {
+        let before = ts(before);
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
+                "DELETE FROM vm_runs WHERE run IN (SELECT id FROM runs WHERE ended IS NOT NULL AND ended < ?1 AND status NOT IN ('running', 'queued'))",
+                params![before],
+            )?;
+            let n = tx.execute(
+                "DELETE FROM runs WHERE ended IS NOT NULL AND ended < ?1 AND status NOT IN ('running', 'queued')",
+                params![before],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_older_than_the_limit_goes_and_running_runs_stay() {
+        let d = tempfile::tempdir().unwrap();
+        let s = State::open(&d.path().join("s.db")).unwrap();
+        let now = Utc::now();
+        let old = now - chrono::Duration::days(500);
+        let gone = s.start_run("nightly", "schedule", old).unwrap();
+        s.start_vm(gone, "web", old).unwrap();
+        s.finish_run(gone, "success", None, old).unwrap();
+        let stuck = s.start_run("nightly", "schedule", old).unwrap();
+        let kept = s.start_run("nightly", "schedule", now).unwrap();
+        s.finish_run(kept, "success", None, now).unwrap();
+        assert_eq!(
+            s.prune_history(now - chrono::Duration::days(400)).unwrap(),
+            1
+        );
+        let ids: Vec<i64> = s
+            .list_runs(None, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert!(
+            ids.contains(&stuck) && ids.contains(&kept) && !ids.contains(&gone),
+            "{ids:?}"
+        );
+        let rows: i64 = s
+            .with(|c| c.query_row("SELECT COUNT(*) FROM vm_runs", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(rows, 0, "the old run's VM row went with it");
+    }
 
     #[test]
     fn history_survives_reopen_and_running_becomes_interrupted() {
