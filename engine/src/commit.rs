@@ -1,7 +1,8 @@
 //! The backup's side of the maintenance contract (docs/OPERATIONS.md, "Backups and prune").
 //!
 //! At start, an incremental whose parent's chunks or pages sit in packs the current plan
-//! condemns reads those ranges from the source again instead of reusing them.
+//! condemns, or were found damaged, reads those ranges from the source again instead of reusing
+//! them.
 //!
 //! At commit, the backup knows the maintenance epoch it started from and the packs it relies on
 //! (its own new packs, the packs of its dedup hits, the packs of the parent chunks it reused).
@@ -22,9 +23,11 @@ use blockvault_repo::{
 use crate::backup::{DiskJob, ReadPlan};
 use crate::{Error, Result};
 
-/// For an incremental: when the current plan condemns anything, every parent page or chunk that
-/// is not usable for dedup (its pack condemned, deleted, or unknown) is read from the source
-/// again: its range joins the changed ranges, and a page not usable is rebuilt from scratch.
+/// For an incremental: when the current plan condemns anything or verification found anything
+/// damaged, every parent page or chunk that is not usable for dedup (its pack condemned, deleted
+/// or unknown, or its copy damaged) is read from the source again: its range joins the changed
+/// ranges, and a page not usable is rebuilt from scratch. So an incremental heals a damaged
+/// chunk in a range the guest has not written since, as a full backup would.
 pub(crate) async fn revalidate_parent(repo: &Arc<Repository>, job: &mut DiskJob) -> Result<()> {
     let ReadPlan::Incremental {
         parent_pages,
@@ -34,7 +37,7 @@ pub(crate) async fn revalidate_parent(repo: &Arc<Repository>, job: &mut DiskJob)
     else {
         return Ok(());
     };
-    if repo.condemned_packs().is_empty() {
+    if repo.condemned_packs().is_empty() && !repo.knows_damage() {
         return Ok(());
     }
     let chunk = repo.chunk_size() as u64;
@@ -64,7 +67,7 @@ pub(crate) async fn revalidate_parent(repo: &Arc<Repository>, job: &mut DiskJob)
         tracing::info!(
             disk = %job.name,
             ranges = extra.len(),
-            "parent data sits in condemned packs; reading those ranges again"
+            "parent data sits in condemned packs or was found damaged; reading those ranges again"
         );
         let mut all: Vec<std::ops::Range<u64>> = changed.ranges().to_vec();
         all.extend(extra);

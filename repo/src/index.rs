@@ -334,6 +334,15 @@ impl LocalIndex {
         }))
     }
 
+    /// True when verification found any blob damaged (per the records loaded).
+    pub(crate) fn has_damage(&self) -> bool {
+        !self
+            .damaged
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
     pub(crate) fn is_damaged(&self, pack: &PackId, offset: u32) -> bool {
         let d = self
             .damaged

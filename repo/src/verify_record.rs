@@ -347,6 +347,11 @@ impl Repository {
         self.local_index().is_damaged(&loc.pack, loc.offset)
     }
 
+    /// True when any host's verification found some blob damaged (per the records loaded).
+    pub fn knows_damage(&self) -> bool {
+        self.local_index().has_damage()
+    }
+
     /// True when verification found the blob at `offset` of `pack` damaged.
     pub fn is_damaged_at(&self, pack: &PackId, offset: u32) -> bool {
         self.local_index().is_damaged(pack, offset)
