@@ -13,7 +13,9 @@ use crate::{Error, Result};
 
 /// Writes the disk `reader` reads as a qcow2 image at `path` (created or truncated). Chunks
 /// arrive in disk order and go to one writer thread; the chunk size is a power of two of at least
-/// 64 KiB, so every chunk is whole qcow2 clusters.
+/// 64 KiB, so every chunk is whole qcow2 clusters. The image's tables and header are written
+/// only once every chunk arrived: on any failure the file is removed, never left as a valid
+/// image with zeros where the failure struck.
 pub async fn export_qcow2(
     reader: Arc<DiskReader>,
     path: &Path,
@@ -37,22 +39,35 @@ pub async fn export_qcow2(
         w = w.with_stage(stage);
     }
     let (tx, mut rx) = writer_channel(&reader);
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+    // The channel closes both when the last chunk was sent and when fetching failed: the thread
+    // gives the writer back, and only a complete feed finishes the image.
+    let writer = std::thread::spawn(move || -> std::io::Result<Qcow2Writer> {
         while let Some((offset, data)) = rx.blocking_recv() {
             w.write_at(offset, &data)?;
         }
-        w.finish().map(|_| ())
+        Ok(w)
     });
     let fetched = feed_in_order(&reader, &progress, tx).await;
-    let written = tokio::task::spawn_blocking(move || writer.join())
-        .await
-        .map_err(|e| Error::io(writing(), std::io::Error::other(e.to_string())))?
-        .map_err(|_| {
-            Error::io(
-                writing(),
-                std::io::Error::other("the qcow2 writer panicked"),
-            )
-        })?;
-    fetched?;
-    written.map_err(|e| Error::io(writing(), e))
+    let done = async {
+        let written = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|e| Error::io(writing(), std::io::Error::other(e.to_string())))?
+            .map_err(|_| {
+                Error::io(
+                    writing(),
+                    std::io::Error::other("the qcow2 writer panicked"),
+                )
+            })?;
+        fetched?;
+        let w = written.map_err(|e| Error::io(writing(), e))?;
+        tokio::task::spawn_blocking(move || w.finish().map(|_| ()))
+            .await
+            .map_err(|e| Error::io(writing(), std::io::Error::other(e.to_string())))?
+            .map_err(|e| Error::io(writing(), e))
+    }
+    .await;
+    if done.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    done
 }

@@ -438,6 +438,13 @@ async fn export(g: &Global, a: ExportArgs) -> Result<()> {
         blockvault_agent::vm_restore::check_overwrite(Path::new(&out), a.overwrite)
             .map_err(lift)?;
     }
+    if a.allow_damaged && a.format != "raw" {
+        bail!(InputError(format!(
+            "--allow-damaged writes zeros into a raw image only; export --format raw, then \
+             convert it (--format {} would ignore it)",
+            a.format
+        )));
+    }
     if a.format == "vhdx" {
         return crate::disk::export_vhdx_file(g, repo, &m, &disk, &out, &a).await;
     }

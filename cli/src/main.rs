@@ -522,7 +522,7 @@ pub struct ExportArgs {
     /// Chunks fetched at once.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,
-    /// Write zeros where data is damaged or missing (and say where) instead of failing.
+    /// Write zeros where data is damaged or missing (and say where) instead of failing (raw only).
     #[arg(long)]
     pub allow_damaged: bool,
 }

@@ -78,8 +78,35 @@ fn is_data_loss(e: &Error) -> bool {
     };
     matches!(
         repo,
-        Some(R::Tampered { .. } | R::Malformed { .. } | R::ChunkMissing { .. })
+        Some(
+            R::Tampered { .. }
+                | R::Malformed { .. }
+                | R::ChunkMissing { .. }
+                | R::PackMissing { .. }
+        )
     )
+}
+
+/// A regular output file until the export finishes: on any failure (lost data without
+/// `--allow-damaged`, a store or output error, a cancel) it must not pass for the disk, so it is
+/// removed; a path that cannot be unlinked (standard output as `/proc/self/fd/1`) is truncated
+/// to nothing instead.
+struct Unfinished {
+    path: PathBuf,
+    file: Arc<std::fs::File>,
+    finished: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let _ = self.file.set_len(0);
+        if !self.path.starts_with("/proc") {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// [`export_raw`], and with `allow_damaged` lost chunks are written as zeros instead of failing
@@ -121,7 +148,7 @@ pub async fn export_raw_with(
         .store(layout.disk_size(), std::sync::atomic::Ordering::Relaxed);
     let parallel = reader.options().parallel.max(1);
     let mut chunks = std::pin::pin!(reader.chunks_in_order());
-    let mut created: Option<PathBuf> = None;
+    let mut unfinished: Option<Unfinished> = None;
     match target {
         ExportTarget::Path(path) => {
             let out_err = |source| Error::Output {
@@ -135,15 +162,17 @@ pub async fn export_raw_with(
                 .open(&path)
                 .map_err(out_err)?;
             let is_file = file.metadata().map_err(out_err)?.is_file();
+            let file = Arc::new(file);
             if is_file {
-                created = Some(path.clone());
-            }
-            if is_file {
+                unfinished = Some(Unfinished {
+                    path: path.clone(),
+                    file: file.clone(),
+                    finished: false,
+                });
                 // Truncate to zero first so the old contents cannot show through the holes.
                 file.set_len(0).map_err(out_err)?;
                 file.set_len(layout.disk_size()).map_err(out_err)?;
             }
-            let file = Arc::new(file);
             let zeros = bytes::Bytes::from(vec![0u8; layout.chunk_size() as usize]);
             // Several writes in flight: a direct write returns only when the device has the
             // data, so one at a time would leave the device idle between chunks.
@@ -248,16 +277,17 @@ pub async fn export_raw_with(
         }
     }
     if !lost.is_empty() && !allow_damaged {
-        if let Some(p) = created {
-            // A regular file with holes where data was lost must not pass for the disk.
-            let _ = std::fs::remove_file(p);
-        }
+        // `unfinished` removes the file: with holes where data was lost, it must not pass for
+        // the disk.
         return Err(Error::Lost {
             point: reader.point().to_string(),
             disk: reader.name().to_string(),
             ranges: lost,
             first: first_loss.unwrap_or_default(),
         });
+    }
+    if let Some(u) = &mut unfinished {
+        u.finished = true;
     }
     Ok(lost)
 }

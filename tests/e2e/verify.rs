@@ -655,3 +655,53 @@ fn verify_killed_at_any_moment_leaves_the_repository_as_it_was() {
     assert_eq!(c, 0, "{v}");
     p.ok(&["prune", "--grace", "0s"]);
 }
+
+/// A failed export leaves no file that could pass for the disk, in any format: lost data
+/// without --allow-damaged, and a pack gone from the store (exit 6 both).
+#[test]
+fn a_failed_export_leaves_no_image_behind() {
+    let p = Place::local();
+    let (_img, point) = one_pack_point(&p, 41);
+    let pack = only_pack(&p);
+    flip(&pack, 24 + 2 * BLOB + 77);
+    for format in ["raw", "vhdx", "qcow2"] {
+        let out = p.path(&format!("out.{format}"));
+        let o = p.export(&point, "d", &out, &["--format", format]);
+        assert_eq!(code(&o), 6, "{format}: {}", stderr(&o));
+        assert!(
+            !out.exists(),
+            "{format}: a failed export left {}",
+            out.display()
+        );
+    }
+    // --allow-damaged fills zeros in a raw image only.
+    let out = p.path("out.qcow2");
+    let o = p.export(&point, "d", &out, &["--format", "qcow2", "--allow-damaged"]);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(stderr(&o).contains("raw image only"), "{}", stderr(&o));
+    // The pack unreadable (a directory in its place: a store error, not lost data): no file.
+    std::fs::remove_file(&pack).unwrap();
+    std::fs::create_dir(&pack).unwrap();
+    for format in ["raw", "vhdx", "qcow2"] {
+        let out = p.path(&format!("unreadable.{format}"));
+        let o = p.export(&point, "d", &out, &["--format", format]);
+        assert_ne!(code(&o), 0, "{format}");
+        assert!(
+            !out.exists(),
+            "{format}: a failed export left {}",
+            out.display()
+        );
+    }
+    // The pack deleted behind the index's back: the same.
+    std::fs::remove_dir(&pack).unwrap();
+    for format in ["raw", "vhdx", "qcow2"] {
+        let out = p.path(&format!("gone.{format}"));
+        let o = p.export(&point, "d", &out, &["--format", format]);
+        assert_ne!(code(&o), 0, "{format}");
+        assert!(
+            !out.exists(),
+            "{format}: a failed export left {}",
+            out.display()
+        );
+    }
+}
