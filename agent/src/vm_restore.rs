@@ -119,7 +119,16 @@ pub async fn export_configs(
             ConfigTarget::File(file) => file.clone(),
         };
         check_overwrite(&out, overwrite)?;
-        std::fs::write(&out, &data)
+        // Without --overwrite, a file that appeared since the check is not replaced either.
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true);
+        if overwrite {
+            open.create(true).truncate(true);
+        } else {
+            open.create_new(true);
+        }
+        open.open(&out)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &data))
             .map_err(|e| Error::io(format!("writing {}", out.display()), e))?;
         configs.push(ExportedConfig {
             name: c.name.clone(),
@@ -220,20 +229,34 @@ pub async fn restore_vm(
     let disks = chosen_disks(m, &req.disks)?;
     std::fs::create_dir_all(&req.to)
         .map_err(|e| Error::io(format!("creating {}", req.to.display()), e))?;
+    let _lock = lock_target(&req.to)?;
     let plan = plan(m, &disks, req)?;
-    if let Err(e) = write_all(repo, m, &disks, &plan, req, started).await {
-        for p in &plan {
+    let remove_parts = |from: usize| {
+        for p in &plan[from..] {
             let _ = std::fs::remove_file(&p.tmp);
         }
+    };
+    if let Err(e) = write_all(repo, m, &disks, &plan, req, started).await {
+        remove_parts(0);
         return Err(e);
     }
-    for p in &plan {
-        std::fs::rename(&p.tmp, &p.dest).map_err(|e| {
-            Error::io(
-                format!("renaming {} to {}", p.tmp.display(), p.dest.display()),
+    for (i, p) in plan.iter().enumerate() {
+        if let Err(e) = put_in_place(&p.tmp, &p.dest, req.overwrite) {
+            remove_parts(i);
+            let placed: Vec<String> = plan[..i]
+                .iter()
+                .map(|p| p.dest.display().to_string())
+                .collect();
+            let placed = if placed.is_empty() {
+                String::new()
+            } else {
+                format!(" (already in place: {})", placed.join(", "))
+            };
+            return Err(Error::io(
+                format!("moving {} to {}{placed}", p.tmp.display(), p.dest.display()),
                 e,
-            )
-        })?;
+            ));
+        }
     }
     std::fs::File::open(&req.to)
         .and_then(|d| d.sync_all())
@@ -342,6 +365,63 @@ fn plan(
         }
     }
     Ok(plan)
+}
+
+/// An exclusive lock on `DIR/.blockvault-restore.lock` for the run: two restores into one
+/// directory would share part-file names and rename each other's half-written files. The file
+/// goes when the run ends.
+struct TargetLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl Drop for TargetLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn lock_target(dir: &Path) -> Result<TargetLock> {
+    let path = dir.join(".blockvault-restore.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        Error::Input(format!(
+            "another restore is writing into {} (it holds {}); wait for it or restore elsewhere",
+            dir.display(),
+            path.display()
+        ))
+    })?;
+    Ok(TargetLock { path, _file: f })
+}
+
+/// Renames a finished part file to its final name. Without `overwrite` a file that appeared at
+/// that name while the restore ran (the check before writing was hours ago) is not replaced.
+fn put_in_place(tmp: &Path, dest: &Path, overwrite: bool) -> std::io::Result<()> {
+    if overwrite {
+        return std::fs::rename(tmp, dest);
+    }
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        tmp,
+        rustix::fs::CWD,
+        dest,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(|e| {
+        if e == rustix::io::Errno::EXIST {
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "that name appeared while the restore ran; not replaced (pass --overwrite)",
+            )
+        } else {
+            e.into()
+        }
+    })
 }
 
 async fn write_all(

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -1042,4 +1043,57 @@ fn one_file_from_a_64gib_disk_in_s3_fetches_only_what_it_needs() {
     );
     assert!(down < stored / 4, "fetched {down} of {stored} bytes: {v}");
     assert!(requests < 60, "{requests} requests: {v}");
+}
+
+/// Two `restore vm` runs into one directory would share part-file names: the second is refused
+/// while the first holds the directory's lock, and the lock file goes with the run.
+#[test]
+fn restore_vm_refuses_a_directory_another_restore_is_writing() {
+    let w = World::with_repo("64KiB");
+    let a = w.path("sys.raw");
+    make_image(&a, 4 << 20, 43, 3);
+    let sum = w.json(&[
+        "backup",
+        "--vm",
+        "web01",
+        "--disk",
+        &format!("sys={}", a.display()),
+    ]);
+    let point = sum["point"].as_str().unwrap();
+    let to = w.path("restored");
+    std::fs::create_dir_all(&to).unwrap();
+    let lock = to.join(".blockvault-restore.lock");
+    // flock(1) holds the lock as another restore would (-o: only flock holds it, not sleep).
+    let mut holder = Command::new("flock")
+        .arg("-o")
+        .arg(&lock)
+        .args(["sleep", "30"])
+        .process_group(0)
+        .spawn()
+        .expect("flock (util-linux)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flock never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = w.run(&["restore", "vm", point, "--to", to.to_str().unwrap()]);
+    // flock and its sleep, by their process group.
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", holder.id())])
+        .status();
+    let _ = holder.wait();
+    assert_eq!(code(&r), 5, "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("another restore is writing"),
+        "{}",
+        stderr(&r)
+    );
+    assert!(!to.join("sys.raw").exists());
+    w.ok(&["restore", "vm", point, "--to", to.to_str().unwrap()]);
+    assert!(to.join("sys.raw").exists());
+    assert!(!lock.exists(), "the lock file stays behind");
 }
