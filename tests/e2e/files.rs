@@ -504,6 +504,17 @@ fn ntfs_and_ext4_in_mbr_extract_like_ntfscat_and_debugfs() {
         .iter()
         .map(|(r, _)| (r.clone(), std::fs::metadata(mnt.join(r)).unwrap().mtime()))
         .collect();
+    // A junction (a directory with a mount-point reparse point, as `mklink /J` makes) to
+    // C:\Users\ann, written through ntfs-3g's reparse-data xattr.
+    let junction = mnt.join("Users/Links");
+    std::fs::create_dir(&junction).unwrap();
+    tool(Command::new("python3").args([
+        "-c",
+        r#"import os, struct, sys
+sub = "\\??\\C:\\Users\\ann".encode("utf-16-le"); prn = "C:\\Users\\ann".encode("utf-16-le")
+buf = struct.pack("<HHHH", 0, len(sub), len(sub) + 2, len(prn)) + sub + b"\0\0" + prn + b"\0\0"
+os.setxattr(sys.argv[1], "system.ntfs_reparse_data", struct.pack("<IHH", 0xA0000003, len(buf), 0) + buf)"#,
+    ]).arg(&junction));
     drop(guard);
     // ntfs-3g stored the compressed files compressed (ntfsinfo shows the flag on the attribute).
     let info = tool(
@@ -556,6 +567,15 @@ fn ntfs_and_ext4_in_mbr_extract_like_ntfscat_and_debugfs() {
     assert_eq!(x["size"], 150_000);
     // A case-insensitive lookup, as on Windows.
     files_json(&w, point, &["ls", "p1:/users/ANN"]);
+    // The junction is listed as what it is, not as a directory.
+    let users = files_json(&w, point, &["ls", "p1:/Users"]);
+    let links = users["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "Links")
+        .unwrap_or_else(|| panic!("{users}"));
+    assert_eq!(links["kind"], "other", "{users}");
     let c = files_json(&w, point, &["ls", "p1:/Compressed"]);
     assert!(
         c["entries"][0]["attributes"]
@@ -600,6 +620,10 @@ fn ntfs_and_ext4_in_mbr_extract_like_ntfscat_and_debugfs() {
     assert!(
         !out.join("$MFT").exists(),
         "metadata files are not user files"
+    );
+    assert!(
+        !out.join("Users/Links").exists(),
+        "a junction is skipped, not extracted as an empty directory"
     );
     assert_eq!(
         std::fs::read(out.join("hello.txt")).unwrap(),

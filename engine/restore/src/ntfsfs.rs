@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use ntfs::attribute_value::NtfsAttributeValue;
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
-use ntfs::{Ntfs, NtfsAttributeFlags, NtfsFile, NtfsReadSeek};
+use ntfs::{Ntfs, NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek};
 
 use crate::detect::FsKind;
 use crate::device::{Budget, Window};
@@ -377,6 +377,29 @@ impl Volume for NtfsVolume {
     }
 }
 
+/// Reparse tags of links: `IO_REPARSE_TAG_MOUNT_POINT` (junctions, volume mount points) and
+/// `IO_REPARSE_TAG_SYMLINK` ([MS-FSCC] 2.1.2.1).
+fn is_link_tag(tag: u32) -> bool {
+    tag == 0xA000_0003 || tag == 0xA000_000C
+}
+
+/// The reparse tag of a file: the first 4 bytes of its $REPARSE_POINT attribute (little endian);
+/// `None` when it has none or it cannot be read.
+fn reparse_tag(fs: &mut Window, file: &NtfsFile<'_>) -> Option<u32> {
+    let mut attributes = file.attributes();
+    while let Some(item) = attributes.next(fs) {
+        let item = item.ok()?;
+        let attribute = item.to_attribute().ok()?;
+        if attribute.ty().ok()? == NtfsAttributeType::ReparsePoint {
+            let mut value = attribute.value(fs).ok()?;
+            let mut tag = [0u8; 4];
+            value.read_exact(fs, &mut tag).ok()?;
+            return Some(u32::from_le_bytes(tag));
+        }
+    }
+    None
+}
+
 /// The parts of [`NtfsVolume`] that describing an entry needs, borrowed apart from `ntfs` (which
 /// the file being described borrows).
 struct Reader<'a> {
@@ -392,11 +415,16 @@ impl Reader<'_> {
         };
         let info = file.info().map_err(|e| corrupt(&e))?;
         let flags = info.file_attributes();
-        let kind = if file.is_directory() {
-            EntryKind::Dir
-        } else if flags.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
+        let link = flags.contains(NtfsFileAttributeFlags::REPARSE_POINT)
+            && (!file.is_directory() || reparse_tag(self.fs, file).is_some_and(is_link_tag));
+        let kind = if link {
             // Symbolic links and junctions point at Windows paths; they are listed, not followed.
+            // A junction or directory link is a directory record too: taken for a directory, it
+            // was extracted as an empty one instead of being skipped and listed.
             EntryKind::Other
+        } else if file.is_directory() {
+            // Other directory reparse points (cloud-file placeholders, say) hold real entries.
+            EntryKind::Dir
         } else {
             EntryKind::File
         };
