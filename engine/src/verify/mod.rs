@@ -64,7 +64,7 @@ impl VerifyOptions {
     }
 }
 
-/// The outcome a script or scheduler acts on (exit codes 0, 7 and 9 of the CLI).
+/// The outcome a script or scheduler acts on (exit codes 0, 7 and 10 of the CLI).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
@@ -163,7 +163,8 @@ pub async fn verify(
     repo.sync_verify_records().await?;
     repo.sync_index(true).await?;
 
-    let (points, unreadable_manifests) = repo.list_points().await?;
+    let (points, failed_manifests) = repo.list_points().await?;
+    let (unreadable_manifests, mut unchecked_manifests) = sort_failed_manifests(failed_manifests);
 
     // Packs and their store times.
     let listed: Vec<(PackId, u64, i64)> = repo
@@ -281,6 +282,7 @@ pub async fn verify(
     let mut refs = references::check(&repo, &points, &judge).await?;
     report.chunks_referenced = refs.chunk_count();
     report.unchecked.append(&mut refs.unchecked);
+    report.unchecked.append(&mut unchecked_manifests);
     attribute(&points, &refs, &judge, &unreadable_manifests, &mut report);
     report.point_states = point_states(&points, &refs, &judge, &unreadable_manifests);
     report.verdict = if !report.problems.is_empty() {
@@ -463,6 +465,26 @@ fn attribute(
     report.problems = problems;
 }
 
+/// Only a manifest that was read and does not open is damage. One a concurrent `forget` removed
+/// since the listing is no longer a point; one the store failed to give was not checked, and must
+/// not be reported (or alerted on) as damage. Returns (damaged, unchecked).
+fn sort_failed_manifests(
+    failed: Vec<(PointId, blockvault_repo::Error)>,
+) -> (Vec<(PointId, blockvault_repo::Error)>, Vec<Unchecked>) {
+    let (mut damaged, mut unchecked) = (Vec::new(), Vec::new());
+    for (id, e) in failed {
+        match e {
+            blockvault_repo::Error::PointNotFound(_) => {}
+            e if e.is_transient() => unchecked.push(Unchecked {
+                object: format!("restore point {id} manifest"),
+                detail: e.to_string(),
+            }),
+            e => damaged.push((id, e)),
+        }
+    }
+    (damaged, unchecked)
+}
+
 /// Sorted, touching ranges joined.
 pub(crate) fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     v.sort_unstable();
@@ -559,5 +581,43 @@ pub fn describe_state(s: &PointStatus) -> String {
             }
         }
         Never => "never verified".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_manifests_that_do_not_open_are_damage() {
+        let id = |n: u8| PointId([n; 8]);
+        let failed = vec![
+            (id(1), blockvault_repo::Error::PointNotFound("0101".into())),
+            (
+                id(2),
+                blockvault_repo::Error::Store {
+                    object: "points/0202".into(),
+                    source: object_store::Error::Generic {
+                        store: "S3",
+                        source: "connection reset".into(),
+                    },
+                },
+            ),
+            (
+                id(3),
+                blockvault_repo::Error::Tampered {
+                    object: "points/0303".into(),
+                    detail: "authentication failed".into(),
+                },
+            ),
+        ];
+        let (damaged, unchecked) = sort_failed_manifests(failed);
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].0, id(3));
+        assert_eq!(unchecked.len(), 1);
+        assert_eq!(
+            unchecked[0].object,
+            format!("restore point {} manifest", id(2))
+        );
     }
 }
