@@ -705,3 +705,46 @@ fn a_failed_export_leaves_no_image_behind() {
         );
     }
 }
+
+/// A pack deleted between verify's listing and its read is not counted as read and clean: the
+/// point that needs it is damaged (exit 7), not verified.
+#[test]
+fn a_pack_gone_between_listing_and_reading_is_damage_not_clean() {
+    let p = Place::local();
+    let (_img, point) = one_pack_point(&p, 61);
+    let (c, v) = p.verify(&["--read-data"]);
+    assert_eq!(c, 0, "{v}");
+    let Place::Local(w) = &p else { unreachable!() };
+    let hold = p.path("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let child = std::process::Command::new(BIN)
+        .args(["verify", "--read-data", "--json", "--repo"])
+        .arg(&w.repo)
+        .arg("--cache-dir")
+        .arg(&w.cache)
+        .arg("--password-file")
+        .arg(&w.password_file)
+        .env_remove("BLOCKVAULT_PASSWORD")
+        .env_remove("BLOCKVAULT_REPO")
+        .env(
+            "BLOCKVAULT_TEST_HOLD",
+            format!("verify-reading:{}", hold.display()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = p.path("hold.reached");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reached.exists() {
+        assert!(std::time::Instant::now() < deadline, "hold not reached");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::remove_file(only_pack(&p)).unwrap();
+    std::fs::remove_file(&hold).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(code(&out), 7, "{v}");
+    assert_eq!(v["packs_read"], 0, "{v}");
+    assert_ne!(state_of(&v, &point)["state"], "verified", "{v}");
+}

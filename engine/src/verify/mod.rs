@@ -177,7 +177,7 @@ pub async fn verify(
             Some((id, size, t))
         })
         .collect();
-    let listed_ids: HashMap<PackId, u64> = listed.iter().map(|(id, s, _)| (*id, *s)).collect();
+    let mut listed_ids: HashMap<PackId, u64> = listed.iter().map(|(id, s, _)| (*id, *s)).collect();
 
     let mut history = History::load(&repo).await?;
     let mut report = VerifyReport {
@@ -255,9 +255,16 @@ pub async fn verify(
             (*id, listed_ids[id], sizes[id], part)
         })
         .collect();
+    let mut vanished = Vec::new();
     reading::read_packs(&repo, jobs, opts.parallel, |charged, r| {
         Progress::add(&progress.bytes_done, charged);
         match r {
+            // Deleted since the listing: nothing was read, and the points that need it are
+            // judged as needing a pack that is gone, not by what earlier runs read of it.
+            Ok(res) if res.outcome == blockvault_repo::PackOutcome::Missing => {
+                vanished.extend(res.pack_id());
+                results.push(res);
+            }
             Ok(res) => {
                 report.packs_read += 1;
                 report.bytes_read += charged;
@@ -273,6 +280,10 @@ pub async fn verify(
     let finished = now_secs();
     results.sort_by(|a, b| a.pack.cmp(&b.pack));
     history.apply(&results, finished);
+
+    for pack in &vanished {
+        listed_ids.remove(pack);
+    }
 
     // References and damage, from this run and from earlier records.
     let judge = Arc::new(references::Judge {
