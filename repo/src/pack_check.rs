@@ -106,20 +106,45 @@ impl Repository {
                 _ => ranges.push((s, e)),
             }
         }
+        // Ranges are read up to the pack's end: a truncated pack gives the blobs before the cut
+        // as they are, and those past it are reported beyond the end (see `carve`), never a
+        // whole range lost because it crossed the cut, nor the pack unchecked because a range
+        // started past it.
+        let mut end_of_pack = size;
         let mut spans = Vec::new();
+        let missing = |spans: Vec<(u64, Vec<u8>)>| {
+            for (_, b) in spans {
+                self.recycled.return_pack_buffer(b);
+            }
+            Ok(fetched(Body::Missing))
+        };
         for (s, e) in ranges {
+            let e = e.min(end_of_pack);
+            if s >= e {
+                continue;
+            }
             let buf = self.recycled.pack_buffer();
             match self.storage().read_into(&path, Some(s..e), buf).await {
                 Ok(b) => spans.push((s, b)),
-                Err(err) if err.is_not_found() => {
-                    for (_, b) in spans {
-                        self.recycled.return_pack_buffer(b);
+                Err(err) if err.is_not_found() => return missing(spans),
+                Err(err) => {
+                    // Cut off since it was listed? Read what is left of the range.
+                    match self.storage().head(&path).await {
+                        Ok(None) => return missing(spans),
+                        Ok(Some(now)) if now < e => {
+                            end_of_pack = now;
+                            if s < now {
+                                let buf = self.recycled.pack_buffer();
+                                match self.storage().read_into(&path, Some(s..now), buf).await {
+                                    Ok(b) => spans.push((s, b)),
+                                    Err(err) if err.is_not_found() => return missing(spans),
+                                    Err(err) => return Err(unchecked(err)),
+                                }
+                            }
+                        }
+                        _ => return Err(unchecked(err)),
                     }
-                    return Ok(fetched(Body::Missing));
                 }
-                // A short read: the pack was cut off; the blobs past its end are damaged.
-                Err(Error::Malformed { .. }) => {}
-                Err(err) => return Err(unchecked(err)),
             }
         }
         Ok(fetched(Body::Spans(spans, locs)))
