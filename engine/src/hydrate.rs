@@ -163,9 +163,14 @@ pub fn start_hydration(
     let file = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(resumed_slots.is_none())
+        .truncate(false)
         .open(&part)
         .map_err(werr(&part))?;
+    // Locked before anything is changed: another mount hydrating into the same file keeps it.
+    crate::exclusive::lock(&file, &part, "another hydration into this file")?;
+    if resumed_slots.is_none() {
+        file.set_len(0).map_err(werr(&part))?;
+    }
     file.set_len(reader.size()).map_err(werr(&part))?;
     let file = Arc::new(file);
     let claimed = resumed_slots.unwrap_or_else(|| {
@@ -280,7 +285,7 @@ pub fn start_hydration(
                 let (f, part, path) = (file.clone(), part.clone(), path.clone());
                 tokio::task::spawn_blocking(move || -> Result<()> {
                     f.sync_all().map_err(werr(&part))?;
-                    std::fs::rename(&part, &path).map_err(werr(&path))?;
+                    crate::exclusive::rename_no_replace(&part, &path).map_err(werr(&path))?;
                     journal.remove();
                     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                         std::fs::File::open(dir)

@@ -8,6 +8,7 @@ mod commit;
 mod compact;
 mod direct_write;
 mod error;
+mod exclusive;
 mod export;
 pub mod forget;
 pub mod gc;

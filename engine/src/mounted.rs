@@ -264,6 +264,10 @@ impl MountedDisk {
         };
         let target = Arc::new(LocalFile::open(part)?);
         o.track_changes();
+        // What the passes copy is first made durable in the overlay's map: killed mid-merge,
+        // the next mount would otherwise read a block the map never named from the backup,
+        // while the part file, which the journal calls complete, already holds the guest's.
+        o.flush().await?;
         let everything: Vec<(u64, u64)> = o
             .runs(0, o.size())
             .into_iter()
@@ -272,6 +276,7 @@ impl MountedDisk {
             .collect();
         let mut merged = self.merge(o, &target, &everything).await?;
         let mut local = self.local.write().await;
+        o.flush().await?;
         let changed = o.take_changes();
         merged += self.merge(o, &target, &changed).await?;
         let t = target.clone();
@@ -280,7 +285,7 @@ impl MountedDisk {
         blockvault_repo::test_hold("hydration-merged").await;
         let (from, to) = (part.to_owned(), file.to_owned());
         blocking(move || {
-            std::fs::rename(&from, &to).map_err(|source| Error::Output {
+            crate::exclusive::rename_no_replace(&from, &to).map_err(|source| Error::Output {
                 path: to.clone(),
                 source,
             })?;

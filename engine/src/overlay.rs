@@ -120,6 +120,7 @@ impl Overlay {
             .truncate(false)
             .open(&map_path)
             .map_err(io(&map_path))?;
+        crate::exclusive::lock(&map_file, &map_path, "a writable mount of this overlay")?;
         let data = OpenOptions::new()
             .read(true)
             .write(true)

@@ -351,6 +351,17 @@ fn writable_overlay_is_shared_and_survives_a_restart() {
     // Same overlay, new process: every flushed write is still there.
     let m2 = Mount::start(&w, &args, 1);
     check(&m2.uris[0]);
+    // A second mount of the overlay in use is refused: each would flush its own map over the
+    // other's.
+    let mut again = vec!["restore", "mount"];
+    again.extend_from_slice(&args);
+    let o = w.run(&again);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("in use by another process"),
+        "{}",
+        stderr(&o)
+    );
     let out2 = w.path("out2.raw");
     copy_raw(&m2.uris[0], out2.to_str().unwrap());
     compare(&expect, &out2);
