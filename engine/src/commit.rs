@@ -203,8 +203,15 @@ pub(crate) async fn commit(
     }
     .await;
     if let Err(e) = checked {
-        // Not a point that may reference a missing chunk: take it back.
-        repo.delete_point(&point.id).await?;
+        // Not a point that may reference a missing chunk: take it back. If that fails too, the
+        // operator must hear of both, and which point to forget.
+        if let Err(d) = repo.delete_point(&point.id).await {
+            return Err(Error::Invalid(format!(
+                "{e}; restore point {id} could not be taken back ({d}): it may name data a prune \
+                 deleted, run 'blockvault forget {id}'",
+                id = point.id
+            )));
+        }
         return Err(e);
     }
     Ok(())
