@@ -274,6 +274,10 @@ fn local_head(w: &World) -> String {
 fn agent_runs_jobs_on_schedule_with_history_webhooks_and_metrics() {
     let w = World::with_repo("64KiB");
     let recv = Receiver::start();
+    // An endpoint that takes connections and never answers (each attempt waits out the
+    // 10 s timeout), listed first: it must not hold back the live endpoint's deliveries.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
     let secret = w.path("hook.secret");
     std::fs::write(&secret, format!("{WEBHOOK_SECRET}\n")).unwrap();
     let good = w.path("good.raw");
@@ -301,6 +305,10 @@ max_concurrent_runs = 2
 
 [alerts]
 no_good_backup_hours = 0.0008
+
+[[webhooks]]
+url = "http://127.0.0.1:{dead_port}/hook"
+secret_file = {secret}
 
 [[webhooks]]
 url = "http://127.0.0.1:{port}/hook"
@@ -337,6 +345,7 @@ release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS\" >> {released}"
             pw = toml_str(&w.password_file),
             cache = toml_str(&w.cache),
             port = recv.port,
+            dead_port = dead_port,
             secret = toml_str(&secret),
             good = toml_str(&good),
             flaky = toml_str(&flaky),
@@ -359,7 +368,15 @@ release = "echo \"$BLOCKVAULT_VM $BLOCKVAULT_STATUS\" >> {released}"
         "{text}"
     );
 
+    let started = Instant::now();
     let mut agent = Agent::start(&config, &w.path("agent.log"), &[]);
+    // The first event reaches the live endpoint before the dead one's first attempt times out.
+    recv.wait_for("run.started", |_| true);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the live endpoint waited {:?} behind the dead one",
+        started.elapsed()
+    );
     // The socket is the owner's only.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(w.path("agent.sock"))

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::config::WebhookConfig;
-use super::state::State;
+use super::state::{Delivery, State};
 use crate::error::{Error, Result};
 
 /// The signature header: `sha256=` and the hex HMAC-SHA256 of the body under the secret.
@@ -145,59 +145,86 @@ impl Webhooks {
                     vec![]
                 }
             };
+            // Endpoints are served side by side, each in its own order: one that does not
+            // answer (10 s per attempt) holds back only its own deliveries. After a failure the
+            // rest of that endpoint's batch waits for the next round.
+            let mut by_endpoint: Vec<(&Endpoint, Vec<Delivery>)> = Vec::new();
             for d in due {
                 let Some(ep) = self.endpoints.iter().find(|e| e.url == d.url) else {
                     // The endpoint left the configuration: its queue goes with it.
                     let _ = self.state.delivered(d.id);
                     continue;
                 };
-                let r = client
-                    .post(&d.url)
-                    .header("Content-Type", "application/json")
-                    .header(EVENT_HEADER, &d.event)
-                    .header(SIGNATURE_HEADER, sign(&ep.secret, d.body.as_bytes()))
-                    .body(d.body.clone())
-                    .send()
-                    .await;
-                let failure = match r {
-                    Ok(resp) if resp.status().is_success() => None,
-                    Ok(resp) => Some(format!("HTTP {}", resp.status())),
-                    // reqwest's error text carries the URL only, never the body or the secret.
-                    Err(e) => Some(e.to_string()),
-                };
-                match failure {
-                    None => {
-                        let _ = self.state.delivered(d.id);
-                    }
-                    Some(err) if d.attempts + 1 >= MAX_ATTEMPTS => {
-                        tracing::error!(
-                            "webhook {} to {}: giving up after {} attempts: {err}",
-                            d.event,
-                            d.url,
-                            d.attempts + 1
-                        );
-                        let _ = self.state.delivered(d.id);
-                    }
-                    Some(err) => {
-                        // 1 s, 2 s, 4 s ... capped at one hour.
-                        let wait = Duration::from_secs(1u64 << d.attempts.min(12))
-                            .min(Duration::from_secs(3600));
-                        tracing::warn!(
-                            "webhook {} to {}: {err}; retrying in {}s",
-                            d.event,
-                            d.url,
-                            wait.as_secs()
-                        );
-                        let next =
-                            Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-                        let _ = self.state.delivery_failed(d.id, next, &err);
-                    }
+                match by_endpoint.iter_mut().find(|(e, _)| e.url == ep.url) {
+                    Some((_, rows)) => rows.push(d),
+                    None => by_endpoint.push((ep, vec![d])),
                 }
             }
+            let rounds = by_endpoint.into_iter().map(|(ep, rows)| {
+                let (this, client) = (&self, &client);
+                async move {
+                    for d in rows {
+                        if !this.deliver(client, ep, d).await {
+                            break;
+                        }
+                    }
+                }
+            });
+            futures::future::join_all(rounds).await;
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}
+
+impl Webhooks {
+    /// One delivery attempt; true when the endpoint took it (or it was given up on).
+    async fn deliver(&self, client: &reqwest::Client, ep: &Endpoint, d: Delivery) -> bool {
+        let r = client
+            .post(&d.url)
+            .header("Content-Type", "application/json")
+            .header(EVENT_HEADER, &d.event)
+            .header(SIGNATURE_HEADER, sign(&ep.secret, d.body.as_bytes()))
+            .body(d.body.clone())
+            .send()
+            .await;
+        let failure = match r {
+            Ok(resp) if resp.status().is_success() => None,
+            Ok(resp) => Some(format!("HTTP {}", resp.status())),
+            // reqwest's error text carries the URL only, never the body or the secret.
+            Err(e) => Some(e.to_string()),
+        };
+        match failure {
+            None => {
+                let _ = self.state.delivered(d.id);
+                true
+            }
+            Some(err) if d.attempts + 1 >= MAX_ATTEMPTS => {
+                tracing::error!(
+                    "webhook {} to {}: giving up after {} attempts: {err}",
+                    d.event,
+                    d.url,
+                    d.attempts + 1
+                );
+                let _ = self.state.delivered(d.id);
+                false
+            }
+            Some(err) => {
+                // 1 s, 2 s, 4 s ... capped at one hour.
+                let wait =
+                    Duration::from_secs(1u64 << d.attempts.min(12)).min(Duration::from_secs(3600));
+                tracing::warn!(
+                    "webhook {} to {}: {err}; retrying in {}s",
+                    d.event,
+                    d.url,
+                    wait.as_secs()
+                );
+                let next = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                let _ = self.state.delivery_failed(d.id, next, &err);
+                false
             }
         }
     }
