@@ -72,11 +72,22 @@ impl S3Location {
             .strip_prefix("s3://")
             .ok_or_else(|| Error::Invalid(format!("'{location}' is not an s3:// location")))?;
         if rest.contains('@') || rest.contains('?') {
-            // user:secret@bucket forms would put credentials where they get displayed.
+            // user:secret@bucket and ?secret=... forms would put credentials where they get
+            // displayed: the message names the bucket only (after any userinfo, before any
+            // path or query).
+            let bucket = rest
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .rsplit('@')
+                .next()
+                .unwrap_or_default()
+                .split('/')
+                .next()
+                .unwrap_or_default();
             return Err(Error::Invalid(format!(
-                "repository location s3://{}: credentials and query parameters are not accepted \
-                 in the location; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead",
-                rest.split(['@', '?']).next_back().unwrap_or_default()
+                "repository location s3://{bucket}/...: credentials and query parameters are not \
+                 accepted in the location; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead"
             )));
         }
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -323,6 +334,14 @@ mod tests {
     fn rejects_bad_locations_without_echoing_secrets() {
         let e = S3Location::parse("s3://AKIA:hunter2secret@bucket/p").unwrap_err();
         assert!(!e.to_string().contains("hunter2secret"), "{e}");
+        for l in [
+            "s3://bucket/p?access_key_id=AKIAX&secret_access_key=hunter2secret",
+            "s3://bucket?secret=hunter2secret",
+        ] {
+            let e = S3Location::parse(l).unwrap_err().to_string();
+            assert!(!e.contains("hunter2secret") && !e.contains("AKIAX"), "{e}");
+            assert!(e.contains("s3://bucket/"), "{e}");
+        }
         assert!(S3Location::parse("s3://").is_err());
         assert!(S3Location::parse("s3://Bad_Bucket/x").is_err());
         assert!(S3Location::parse("s3://b/../x").is_err());

@@ -105,9 +105,10 @@ impl Storage {
             );
             return Ok(Self::from_store(wrapped, location));
         }
-        if location.contains("://") && !location.starts_with("file://") {
+        if let Some((scheme, _)) = location.split_once("://").filter(|(s, _)| *s != "file") {
+            // The scheme only: the rest may carry credentials.
             return Err(Error::Invalid(format!(
-                "repository location '{location}': unsupported scheme (use a directory path or \
+                "repository location {scheme}://...: unsupported scheme (use a directory path or \
                  s3://BUCKET/PREFIX)"
             )));
         }
