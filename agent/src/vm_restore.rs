@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blockvault_engine::{export_raw, DiskReader, ExportTarget, Progress, ReaderOptions};
-use blockvault_repo::{BlobKind, ConfigFile, DiskManifest, PointId, PointManifest, Repository};
+use blockvault_repo::{ConfigFile, DiskManifest, PointId, PointManifest, Repository};
 use serde::Serialize;
 
 use crate::export_qcow2::export_qcow2;
@@ -19,7 +19,7 @@ use crate::{Error, Result};
 pub async fn read_config(repo: &Repository, m: &PointManifest, c: &ConfigFile) -> Result<Vec<u8>> {
     let mut data = Vec::with_capacity(c.size as usize);
     for b in &c.blobs {
-        data.extend_from_slice(&repo.read_blob(&b.0, Some(BlobKind::File)).await?);
+        data.extend_from_slice(&repo.read_blob(&b.0, None).await?);
     }
     if data.len() as u64 != c.size {
         return Err(blockvault_repo::Error::Tampered {

@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use blockvault_chunker::ChunkLayout;
 use blockvault_repo::{
-    page_slots, BlobKind, ChunkId, ChunkMapPage, DiskManifest, PointManifest, Repository,
-    SLOTS_PER_PAGE,
+    page_slots, ChunkId, ChunkMapPage, DiskManifest, PointManifest, Repository, SLOTS_PER_PAGE,
 };
 use bytes::Bytes;
 
@@ -152,7 +151,7 @@ impl DiskReader {
         buf.resize(pad, 0);
         let data = self
             .repo
-            .read_blob_into(&id, Some(BlobKind::Data), buf)
+            .read_blob_into(&id, None, buf)
             .await
             .map_err(|source| Error::Chunk {
                 disk: self.disk.name.clone(),

@@ -274,3 +274,45 @@ fn compression_level_trades_size_and_every_level_restores() {
     }
     assert!(w.json(&["points", "list"]).as_array().unwrap().is_empty());
 }
+
+/// A configuration file whose bytes equal a disk chunk (a VM that holds a copy of its own
+/// configuration, say) is one blob: both the disk and the file restore exactly, whichever kind
+/// it was stored as first.
+#[test]
+fn a_config_file_equal_to_a_disk_chunk_restores_both() {
+    let w = World::with_repo("64KiB");
+    let disk = w.path("d.raw");
+    make_random_image(&disk, 1 << 20, 5);
+    let cfg = w.path("vm.vmcx");
+    let bytes = std::fs::read(&disk).unwrap();
+    std::fs::write(&cfg, &bytes[64 << 10..128 << 10]).unwrap();
+    let sum = w.json(&[
+        "backup",
+        "--vm",
+        "vm",
+        "--disk",
+        &format!("d0={}", disk.display()),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let point = sum["point"].as_str().unwrap().to_string();
+    let out = w.path("d.out");
+    w.export(&point, "d0", &out);
+    assert!(same_content(&disk, &out));
+    let one = w.path("one.vmcx");
+    w.ok(&[
+        "restore",
+        "export",
+        &point,
+        "--config",
+        "vm.vmcx",
+        "--out",
+        one.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&cfg).unwrap());
+    let (c, v) = {
+        let o = w.run(&["verify", "--read-data", "--json"]);
+        (code(&o), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    assert_eq!(c, 0, "{v}");
+}

@@ -691,7 +691,7 @@ impl Repository {
     /// Loads a chunk-map page.
     pub async fn load_page(&self, id: &ChunkId, slots: usize) -> Result<ChunkMapPage> {
         let plain = self
-            .read_blob_into(id, Some(BlobKind::Page), self.recycled.blob_buffer())
+            .read_blob_into(id, None, self.recycled.blob_buffer())
             .await?;
         let page =
             ChunkMapPage::decode(&plain, slots, &|| format!("chunk-map page {}", id.short()));
