@@ -162,12 +162,13 @@ pub(crate) async fn commit(
         }
     }
     repo.save_point(point).await?;
-    // Plans published while the manifest was written are checked too.
-    let plans = repo.plans_after(start_epoch).await?;
-    if !touches(&plans) {
-        return Ok(());
-    }
+    // Plans published while the manifest was written are checked too; a failure to read them is
+    // a failed check like any other (the point is taken back below).
     let checked = async {
+        let plans = repo.plans_after(start_epoch).await?;
+        if !touches(&plans) {
+            return Ok(());
+        }
         if let Err(e) = relied.complete(repo, point).await {
             return Err(
                 match plans.iter().rev().find(|p| !p.plan.deleted.is_empty()) {
