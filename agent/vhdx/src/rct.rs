@@ -143,6 +143,9 @@ pub struct ChangedRanges {
 
 /// Parses and validates a changed-ranges document against every rule of docs/changed-ranges.md.
 pub fn parse_changes(json: &[u8]) -> Result<ChangedRanges, RctError> {
+    // Windows PowerShell 5.1 writes UTF-8 with a byte-order mark (`Set-Content -Encoding UTF8`);
+    // JSON forbids one, so it is skipped rather than failing every incremental.
+    let json = json.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(json);
     let doc: RawDoc = serde_json::from_slice(json)?;
     if doc.format != FORMAT {
         return Err(RctError::WrongFormat(doc.format));

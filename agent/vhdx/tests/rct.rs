@@ -51,6 +51,15 @@ fn valid_document_sorted_and_merged() {
     .unwrap();
 }
 
+/// Windows PowerShell 5.1 writes UTF-8 with a byte-order mark: it is skipped.
+#[test]
+fn a_leading_utf8_byte_order_mark_is_skipped() {
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend(serde_json::to_vec(&doc()).unwrap());
+    let c = parse_changes(&bytes).unwrap();
+    assert_eq!(c, parse(&doc()).unwrap());
+}
+
 #[test]
 fn arrays_of_unequal_length() {
     let mut v = doc();
