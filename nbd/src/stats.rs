@@ -166,13 +166,19 @@ impl ServerStats {
     pub(crate) fn evict_idle(&self, handshake_grace: Duration, idle_after: Duration) -> bool {
         let now = now_ms();
         let sessions = lock(&self.inner.sessions);
+        // A client still negotiating goes before any in transmission, however long that one has
+        // been quiet: a newcomer, which has shown no credentials yet, must not be able to cut
+        // off a guest while an unauthenticated connection could make the room instead.
         let victim = sessions
             .iter()
             .filter_map(|(&id, s)| {
-                s.idle_for(now, handshake_grace, idle_after)
-                    .map(|t| (t, id, s))
+                s.idle_for(now, handshake_grace, idle_after).map(|t| {
+                    let negotiating = !s.transmitting.load(Ordering::Acquire);
+                    (negotiating, t, id, s)
+                })
             })
-            .max_by_key(|&(t, id, _)| (t, std::cmp::Reverse(id)));
+            .max_by_key(|&(negotiating, t, id, _)| (negotiating, t, std::cmp::Reverse(id)))
+            .map(|(_, t, id, s)| (t, id, s));
         let Some((idle_ms, id, s)) = victim else {
             return false;
         };

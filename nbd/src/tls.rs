@@ -89,13 +89,16 @@ fn base_builder() -> Result<SslContextBuilder, Error> {
         .map_err(|e| tls_err(format!("initialising OpenSSL: {e}")))?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))
         .map_err(|e| tls_err(format!("setting the minimum TLS version: {e}")))?;
+    // No session tickets and no session cache, in TLS 1.2 (`NO_TICKET`, the cache mode) as in
+    // 1.3 (`set_num_tickets(0)`): every connection authenticates afresh, and the server keeps
+    // no ticket keys.
     b.set_options(
         SslOptions::NO_COMPRESSION
             | SslOptions::CIPHER_SERVER_PREFERENCE
-            | SslOptions::NO_RENEGOTIATION,
+            | SslOptions::NO_RENEGOTIATION
+            | SslOptions::NO_TICKET,
     );
-    // No session tickets: every connection authenticates afresh and the server keeps no
-    // ticket keys.
+    b.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::OFF);
     b.set_num_tickets(0)
         .map_err(|e| tls_err(format!("disabling session tickets: {e}")))?;
     Ok(b)

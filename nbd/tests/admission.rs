@@ -193,3 +193,40 @@ async fn idle_close_drops_quiet_connections_only() {
     srv.stop().await.unwrap();
     assert_eq!(panics(), 0);
 }
+
+/// With slots to make, a client still negotiating (past the grace period) is closed before any
+/// quiet client in transmission, even one quiet for longer: a newcomer that has shown no
+/// credentials yet must not cut a guest off while an unauthenticated connection can go instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_negotiating_client_makes_room_before_a_quiet_guest() {
+    count_panics();
+    let dev = Arc::new(MemoryDevice::new(MIB));
+    let srv = TestServer::start(config(1), vec![export("d", dev)]).await;
+    let mut guests = Vec::new();
+    for _ in 0..CAP - 1 {
+        guests.push(RawClient::negotiate(srv.addr, "d", STRUCTURED).await.0);
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let silent = TcpStream::connect(srv.addr).await.unwrap();
+    let stats = srv.server.stats();
+    eventually("all slots taken", || {
+        stats.snapshot().active_connections == CAP as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let o = nbdinfo_size(&srv).await;
+    assert!(
+        o.status.success(),
+        "the 33rd client was locked out: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(stats.snapshot().evicted_connections, 1);
+    for g in &mut guests {
+        let (data, _) = g.read_structured(0, 4096, 0).await.unwrap();
+        assert_eq!(data, vec![0u8; 4096]);
+    }
+    drop(silent);
+    drop(guests);
+    srv.stop().await.unwrap();
+    assert_eq!(panics(), 0);
+}
