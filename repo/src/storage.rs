@@ -114,10 +114,18 @@ impl Storage {
         }
         let path = PathBuf::from(location.strip_prefix("file://").unwrap_or(location));
         if create {
-            std::fs::create_dir_all(&path).map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?;
+            // A new repository directory is the owner's only: `config` holds the wrapped key and
+            // its KDF parameters, which others could attack offline. An existing directory keeps
+            // the permissions its owner gave it.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&path)
+                .map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
         } else if !path.is_dir() {
             return Err(Error::NotFound {
                 location: path.display().to_string(),

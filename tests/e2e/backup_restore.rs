@@ -316,3 +316,13 @@ fn a_config_file_equal_to_a_disk_chunk_restores_both() {
     };
     assert_eq!(c, 0, "{v}");
 }
+
+/// `repo init` creates a local repository's directory owner-only: its `config` holds the wrapped
+/// key and KDF parameters, which another user could attack offline.
+#[test]
+fn a_new_local_repository_is_the_owners_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::with_repo("64KiB");
+    let mode = std::fs::metadata(&w.repo).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "repository directory mode {mode:o}");
+}
