@@ -252,6 +252,14 @@ pub(crate) fn lift(e: AgentError) -> anyhow::Error {
 }
 
 async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
+    let pack_size = parse_size(&a.pack_size).map_err(|e| anyhow!(InputError(e)))?;
+    // Blob offsets in a pack's table are 32-bit: a pack stays well below 4 GiB.
+    if !(1 << 20..=1 << 30).contains(&pack_size) {
+        bail!(InputError(format!(
+            "--pack-size {}: a pack size runs from 1MiB to 1GiB",
+            a.pack_size
+        )));
+    }
     let mut req = BackupRequest {
         vm: a.vm.clone(),
         tags: a.tags.clone(),
@@ -259,7 +267,7 @@ async fn run_backup(g: &Global, a: BackupArgs) -> Result<()> {
         consistency: a.consistency.clone(),
         host: vm_backup::hostname(),
         workers: a.workers,
-        pack_size: Some(parse_size(&a.pack_size).map_err(|e| anyhow!(InputError(e)))? as usize),
+        pack_size: Some(pack_size as usize),
         packs_per_segment: Some(a.packs_per_segment),
         ..BackupRequest::default()
     };

@@ -326,3 +326,17 @@ fn a_new_local_repository_is_the_owners_only() {
     let mode = std::fs::metadata(&w.repo).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "repository directory mode {mode:o}");
 }
+
+/// The hidden `--pack-size` stays within what a pack's 32-bit table offsets can address.
+#[test]
+fn a_pack_size_beyond_the_format_is_refused() {
+    let w = World::with_repo("64KiB");
+    let disk = w.path("d.raw");
+    make_random_image(&disk, 1 << 20, 6);
+    let spec = format!("d0={}", disk.display());
+    for size in ["8GiB", "64KiB"] {
+        let o = w.run(&["backup", "--vm", "vm", "--pack-size", size, "--disk", &spec]);
+        assert_eq!(code(&o), 5, "{size}: {}", stderr(&o));
+        assert!(stderr(&o).contains("1MiB to 1GiB"), "{}", stderr(&o));
+    }
+}
