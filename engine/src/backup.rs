@@ -402,6 +402,7 @@ impl Packer {
         if self.pack.is_empty() {
             return;
         }
+        self.reap_uploads();
         let builder = std::mem::replace(&mut self.pack, PackBuilder::new(self.pack_size));
         let sealed = self.repo.seal_pack(builder);
         let permit = match self.handle.block_on(self.permits.clone().acquire_owned()) {
@@ -431,6 +432,24 @@ impl Packer {
             }
             Ok(())
         }));
+    }
+
+    /// Joins the uploads that have finished, keeping their errors: a finished task keeps its
+    /// allocation until joined, so holding every handle to the end made memory grow with the
+    /// number of packs (hundreds of thousands in a multi-terabyte backup).
+    fn reap_uploads(&mut self) {
+        let mut i = 0;
+        while i < self.uploads.len() {
+            if !self.uploads[i].is_finished() {
+                i += 1;
+                continue;
+            }
+            match self.handle.block_on(self.uploads.swap_remove(i)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.abort.fail(e),
+                Err(e) => self.abort.fail(Error::task(e)),
+            }
+        }
     }
 
     /// Stores `data` as a blob of `kind` unless it is already stored; returns its id and whether
