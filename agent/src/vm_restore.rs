@@ -405,21 +405,14 @@ fn put_in_place(tmp: &Path, dest: &Path, overwrite: bool) -> std::io::Result<()>
     if overwrite {
         return std::fs::rename(tmp, dest);
     }
-    rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        tmp,
-        rustix::fs::CWD,
-        dest,
-        rustix::fs::RenameFlags::NOREPLACE,
-    )
-    .map_err(|e| {
-        if e == rustix::io::Errno::EXIST {
+    blockvault_engine::rename_no_replace(tmp, dest).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
             std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
+                e.kind(),
                 "that name appeared while the restore ran; not replaced (pass --overwrite)",
             )
         } else {
-            e.into()
+            e
         }
     })
 }

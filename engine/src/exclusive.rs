@@ -25,9 +25,9 @@ pub(crate) fn lock(file: &File, path: &Path, what: &str) -> Result<()> {
     })
 }
 
-/// Renames `from` to `to` unless `to` exists (a file created there while a hydration ran for
-/// hours is not replaced).
-pub(crate) fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Renames `from` to `to` unless `to` exists (a file created there while a hydration or a
+/// restore ran for hours is not replaced); then fails with `AlreadyExists` and `from` stays.
+pub fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     rustix::fs::renameat_with(
         rustix::fs::CWD,
         from,
@@ -40,7 +40,7 @@ pub(crate) fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
             std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 format!(
-                    "{} appeared while the copy was made; not replaced (the copy stays at {})",
+                    "{} appeared meanwhile; not replaced (the finished copy stays at {})",
                     to.display(),
                     from.display()
                 ),

@@ -27,6 +27,7 @@ mod verify;
 pub use backup::{backup, BackupOptions, BackupOutcome, DiskJob, ReadPlan};
 pub use cache::CacheStats;
 pub use error::{format_ranges, Error, Result};
+pub use exclusive::rename_no_replace;
 pub use export::{export_raw, export_raw_with, ExportTarget};
 pub use forget::{forget, ForgetDecision, ForgetOptions, ForgetReport, ForgetTarget};
 pub use hydrate::{start_hydration, Hydration, HydrationStatus};
