@@ -747,31 +747,36 @@ capture = "touch {started}; sleep 1"
     assert_eq!(points.as_array().unwrap().len(), 1, "{points:#}");
 }
 
-/// Damage found by the verify after a job's backups makes the run `partial`, with the reason in
-/// its error (not `success` with a log line only).
-#[test]
-fn agent_run_whose_verify_finds_damage_is_partial() {
-    let w = World::with_repo("64KiB");
+/// Writes `agent.toml` for the local repository with one job `name` that runs only when asked
+/// (`extra`: its further keys and sub-tables) and one VM, `vm`, whose disk is `vm.raw`.
+fn one_vm_job(w: &World, name: &str, extra: &str) -> (PathBuf, PathBuf) {
     let disk = w.path("vm.raw");
     let config = w.path("agent.toml");
     std::fs::write(
         &config,
         format!(
             r#"{head}[[jobs]]
-name = "checked"
+name = "{name}"
 schedule = "0 0 1 1 *"
 source = "files"
-[jobs.verify]
-read_data = true
-[[jobs.vms]]
+{extra}[[jobs.vms]]
 name = "vm"
 disks = {{ disk0 = {disk} }}
 "#,
-            head = local_head(&w),
+            head = local_head(w),
             disk = toml_str(&disk),
         ),
     )
     .unwrap();
+    (config, disk)
+}
+
+/// Damage found by the verify after a job's backups makes the run `partial`, with the reason in
+/// its error (not `success` with a log line only).
+#[test]
+fn agent_run_whose_verify_finds_damage_is_partial() {
+    let w = World::with_repo("64KiB");
+    let (config, disk) = one_vm_job(&w, "checked", "[jobs.verify]\nread_data = true\n");
     let a = Agent::start(&config, &w.path("agent.log"), &[]);
     // The whole run (its VM rows end before its verify does).
     let run_once = || {
@@ -824,30 +829,12 @@ disks = {{ disk0 = {disk} }}
 #[test]
 fn agent_applies_retention_prunes_and_verifies_a_sampled_share() {
     let w = World::with_repo("64KiB");
-    let disk = w.path("vm.raw");
-    let config = w.path("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"{head}[[jobs]]
-name = "kept"
-schedule = "0 0 1 1 *"
-source = "files"
-prune = true
-prune_grace_hours = 0
-[jobs.retention]
-keep-last = 2
-[jobs.verify]
-subset_percent = 100
-[[jobs.vms]]
-name = "vm"
-disks = {{ disk0 = {disk} }}
-"#,
-            head = local_head(&w),
-            disk = toml_str(&disk),
-        ),
-    )
-    .unwrap();
+    let (config, disk) = one_vm_job(
+        &w,
+        "kept",
+        "prune = true\nprune_grace_hours = 0\n[jobs.retention]\nkeep-last = 2\n\
+         [jobs.verify]\nsubset_percent = 100\n",
+    );
     let log = w.path("agent.log");
     let a = Agent::start(&config, &log, &[]);
     for seed in 1..=4u64 {

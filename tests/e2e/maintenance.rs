@@ -901,6 +901,21 @@ fn restores_as(w: &World, host: &str, point: &str, img: &Path) {
     assert!(same_content(img, &out), "{host} restored other bytes");
 }
 
+/// A local repository's pack files with their sizes, smallest first.
+fn packs_by_size(r: &Repo) -> Vec<(u64, PathBuf)> {
+    let mut packs: Vec<(u64, PathBuf)> = Vec::new();
+    for dir in std::fs::read_dir(r.dir.join("repo/packs"))
+        .unwrap()
+        .flatten()
+    {
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            packs.push((f.metadata().unwrap().len(), f.path()));
+        }
+    }
+    packs.sort();
+    packs
+}
+
 /// Files under `dir` (recursively), without temporary ones.
 fn files_under(dir: &Path) -> usize {
     let mut n = 0;
@@ -1103,16 +1118,7 @@ fn a_pack_with_damaged_live_blobs_is_not_repacked() {
     r.ok(&["forget", &old]);
     // The first pack (the larger one) holds 32 blobs, half of them live. Damage the first three
     // quarters of its body, away from its table: at least 8 live blobs are hit.
-    let mut packs: Vec<(u64, PathBuf)> = Vec::new();
-    for dir in std::fs::read_dir(r.dir.join("repo/packs"))
-        .unwrap()
-        .flatten()
-    {
-        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
-            packs.push((f.metadata().unwrap().len(), f.path()));
-        }
-    }
-    packs.sort();
+    let mut packs = packs_by_size(&r);
     let (size, first) = packs.pop().unwrap();
     let mut bytes = std::fs::read(&first).unwrap();
     for at in (1000..size as usize * 3 / 4).step_by(16 << 10) {
@@ -1157,22 +1163,12 @@ fn a_healed_chunk_keeps_its_good_copy_through_a_repack() {
         id(&r.json(&["backup", "--vm", vm, "--pack-size", "8MiB", "--disk", &spec]))
     };
     let kept = big("vm1", &one);
-    let packs = r.dir.join("repo/packs");
-    let first: Vec<PathBuf> = std::fs::read_dir(&packs)
-        .unwrap()
-        .flatten()
-        .flat_map(|d| {
-            std::fs::read_dir(d.path())
-                .unwrap()
-                .flatten()
-                .map(|f| f.path())
-        })
-        .collect();
+    let first = packs_by_size(&r);
     assert_eq!(first.len(), 1, "one pack");
     // One byte in the first half's data (the 17th of 64 incompressible 64 KiB blobs).
-    let mut bytes = std::fs::read(&first[0]).unwrap();
+    let mut bytes = std::fs::read(&first[0].1).unwrap();
     bytes[1 << 20] ^= 0xff;
-    std::fs::write(&first[0], &bytes).unwrap();
+    std::fs::write(&first[0].1, &bytes).unwrap();
     let v = r.run(&["verify", "--read-data", "--json"]);
     assert!(!v.status.success(), "verify finds the damage");
     // The healing backup stores the damaged chunk again beside the second half's new data.
@@ -1351,16 +1347,7 @@ fn an_incremental_heals_a_damaged_chunk_it_would_have_reused() {
     let first = id(&r.backup("rct", &img, &["--changes", &full]));
     // Damage one blob in the middle of the larger pack (away from its first chunk, which the
     // incremental reads anyway).
-    let mut packs: Vec<(u64, PathBuf)> = Vec::new();
-    for dir in std::fs::read_dir(r.dir.join("repo/packs"))
-        .unwrap()
-        .flatten()
-    {
-        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
-            packs.push((f.metadata().unwrap().len(), f.path()));
-        }
-    }
-    packs.sort();
+    let mut packs = packs_by_size(&r);
     let (len, pack) = packs.pop().unwrap();
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[len as usize / 2] ^= 0xff;

@@ -579,6 +579,38 @@ fn heal(p: &Place) {
     assert!(same_content(&img, &out));
 }
 
+/// Starts `verify --read-data --json` on `w`'s repository, held after its listing, before it
+/// reads, while `hold` exists; returns once it is there.
+fn verify_held_while_reading(w: &World, hold: &Path) -> std::process::Child {
+    std::fs::write(hold, b"").unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["verify", "--read-data", "--json", "--repo"])
+        .arg(&w.repo)
+        .arg("--cache-dir")
+        .arg(&w.cache)
+        .arg("--password-file")
+        .arg(&w.password_file)
+        .env_remove("BLOCKVAULT_PASSWORD")
+        .env_remove("BLOCKVAULT_REPO")
+        .env(
+            "BLOCKVAULT_TEST_HOLD",
+            format!("verify-reading:{}", hold.display()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reached = hold.as_os_str().to_owned();
+    reached.push(".reached");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !Path::new(&reached).exists() {
+        assert!(child.try_wait().unwrap().is_none(), "verify ended early");
+        assert!(std::time::Instant::now() < deadline, "hold not reached");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
 /// Verify killed at any moment leaves the repository as it was: killed before each of its object
 /// writes (its lease, the lease's refresh, its record, the lease's removal), and with `kill -9`
 /// while it reads packs. At most a stale lease is left, which expires by itself; every later
@@ -632,24 +664,7 @@ fn verify_killed_at_any_moment_leaves_the_repository_as_it_was() {
     assert!(step > 1, "verify writes its lease through the object layer");
     let before = files(&p.root());
     // kill -9 while reading.
-    let hold = p.path("hold");
-    std::fs::write(&hold, b"").unwrap();
-    let mut child = verify_cmd()
-        .env(
-            "BLOCKVAULT_TEST_HOLD",
-            format!("verify-reading:{}", hold.display()),
-        )
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let reached = p.path("hold.reached");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !reached.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "verify ended early");
-        assert!(std::time::Instant::now() < deadline, "hold not reached");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut child = verify_held_while_reading(w, &p.path("hold"));
     assert!(
         !files(&p.root().join("leases")).is_empty(),
         "verify holds a lease while it reads"
@@ -722,30 +737,7 @@ fn a_pack_gone_between_listing_and_reading_is_damage_not_clean() {
     assert_eq!(c, 0, "{v}");
     let Place::Local(w) = &p else { unreachable!() };
     let hold = p.path("hold");
-    std::fs::write(&hold, b"").unwrap();
-    let child = std::process::Command::new(BIN)
-        .args(["verify", "--read-data", "--json", "--repo"])
-        .arg(&w.repo)
-        .arg("--cache-dir")
-        .arg(&w.cache)
-        .arg("--password-file")
-        .arg(&w.password_file)
-        .env_remove("BLOCKVAULT_PASSWORD")
-        .env_remove("BLOCKVAULT_REPO")
-        .env(
-            "BLOCKVAULT_TEST_HOLD",
-            format!("verify-reading:{}", hold.display()),
-        )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reached = p.path("hold.reached");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !reached.exists() {
-        assert!(std::time::Instant::now() < deadline, "hold not reached");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let child = verify_held_while_reading(w, &hold);
     std::fs::remove_file(only_pack(&p)).unwrap();
     std::fs::remove_file(&hold).unwrap();
     let out = child.wait_with_output().unwrap();
