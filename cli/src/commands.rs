@@ -77,6 +77,12 @@ pub(crate) fn cache_dir(g: &Global) -> PathBuf {
 }
 
 pub(crate) async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
+    Ok(open_repo_keeping_password(g).await?.0)
+}
+
+/// Opens the repository and gives back the password it was opened with (which `repo passwd`
+/// needs again, and must not ask for twice).
+async fn open_repo_keeping_password(g: &Global) -> Result<(Arc<Repository>, password::Password)> {
     let storage = Storage::open_with(&location(g)?, false, &store_options(g)?)?;
     // Fail on a missing or foreign repository before asking for a password.
     Repository::read_config(&storage).await?;
@@ -85,7 +91,8 @@ pub(crate) async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
         cache_dir: cache_dir(g),
         zstd_level: compression_level(g)?,
     };
-    Ok(Repository::open(storage, &pw, &opts).await?)
+    let repo = Repository::open(storage, &pw, &opts).await?;
+    Ok((repo, pw))
 }
 
 /// The zstd level for blobs this process writes. Readers need no setting: every level decodes
@@ -205,19 +212,21 @@ async fn rebuild(g: &Global) -> Result<()> {
 }
 
 async fn passwd(g: &Global, new_file: Option<&Path>) -> Result<()> {
-    let repo = open_repo(g).await?;
-    let old = password::obtain(g.password_file.as_deref(), false)?;
+    let (repo, old) = open_repo_keeping_password(g).await?;
     let new = match (new_file, std::env::var_os("BLOCKVAULT_NEW_PASSWORD")) {
         (Some(f), _) => password::from_file(f)?,
         (None, Some(v)) if !v.is_empty() => password::Password::new(v.into_encoded_bytes()),
         _ => {
             let p = rpassword::prompt_password("new password: ").context("reading password")?;
-            let q =
-                rpassword::prompt_password("repeat new password: ").context("reading password")?;
-            if p != q || p.is_empty() {
+            // The repetition is dropped wiped; `p` becomes the (wiping) password itself.
+            let q = zeroize::Zeroizing::new(
+                rpassword::prompt_password("repeat new password: ").context("reading password")?,
+            );
+            let p = password::Password::new(p.into_bytes());
+            if *p != *q.as_bytes() || p.is_empty() {
                 bail!("the new passwords are empty or do not match");
             }
-            password::Password::new(p.into_bytes())
+            p
         }
     };
     let kdf = KdfParams::with_memory(repo.config().kdf.memory_kib);

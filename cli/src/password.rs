@@ -37,15 +37,19 @@ pub fn obtain(file: Option<&Path>, confirm: bool) -> Result<Password> {
             "no password: set BLOCKVAULT_PASSWORD, pass --password-file FILE, or run on a terminal"
         );
     }
-    let first = rpassword::prompt_password("repository password: ").context("reading password")?;
+    let first = zeroize::Zeroizing::new(
+        rpassword::prompt_password("repository password: ").context("reading password")?,
+    );
     if first.is_empty() {
         bail!("empty password");
     }
     if confirm {
-        let again = rpassword::prompt_password("repeat password: ").context("reading password")?;
-        if again != first {
+        let again = zeroize::Zeroizing::new(
+            rpassword::prompt_password("repeat password: ").context("reading password")?,
+        );
+        if *again != *first {
             bail!("the passwords do not match");
         }
     }
-    Ok(Password::new(first.into_bytes()))
+    Ok(Password::new(first.as_bytes().to_vec()))
 }

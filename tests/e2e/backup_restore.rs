@@ -340,3 +340,56 @@ fn a_pack_size_beyond_the_format_is_refused() {
         assert!(stderr(&o).contains("1MiB to 1GiB"), "{}", stderr(&o));
     }
 }
+
+/// On a terminal, `repo passwd` asks for the current password once (it opened the repository
+/// with it), then for the new one twice; the new one works afterwards. Driven through a pty.
+#[test]
+fn repo_passwd_on_a_terminal_asks_for_the_old_password_once() {
+    let w = World::with_repo("64KiB");
+    const DRIVE: &str = r#"
+import os, pty, sys, time
+bin_, repo, cache = sys.argv[1:4]
+pid, fd = pty.fork()
+if pid == 0:
+    os.environ.pop("BLOCKVAULT_PASSWORD", None)
+    os.environ.pop("BLOCKVAULT_REPO", None)
+    os.execv(bin_, [bin_, "repo", "passwd", "--repo", repo, "--cache-dir", cache])
+seen = b""; asked = []
+prompts = [(b"repeat new password: ", b"brand new secret"), (b"new password: ", b"brand new secret"),
+           (b"repository password: ", b"correct horse battery staple")]
+deadline = time.time() + 60
+while time.time() < deadline:
+    try:
+        chunk = os.read(fd, 1024)
+    except OSError:
+        break
+    if not chunk:
+        break
+    seen += chunk
+    for p, answer in prompts:
+        if seen.endswith(p):
+            asked.append(p.decode().strip())
+            os.write(fd, answer + b"\n")
+            seen = b""
+            break
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+print("|".join(asked))
+"#;
+    let o = std::process::Command::new("python3")
+        .args(["-c", DRIVE, BIN])
+        .arg(&w.repo)
+        .arg(&w.cache)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"0"), "{out}\n{}", stderr(&o));
+    assert_eq!(
+        lines.get(1),
+        Some(&"repository password:|new password:|repeat new password:"),
+        "{out}"
+    );
+    std::fs::write(&w.password_file, "brand new secret").unwrap();
+    w.ok(&["repo", "info"]);
+}
