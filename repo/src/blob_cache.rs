@@ -115,17 +115,7 @@ impl BlobCache {
             return;
         }
         let p = self.entry_path(loc);
-        let Some(dir) = p.parent() else { return };
-        let tmp = dir.join(format!(
-            ".tmp-{}-{:016x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        let r = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &p));
-        if let Err(e) = r {
-            let _ = std::fs::remove_file(&tmp);
+        if let Err(e) = crate::cache_file::write_whole(&p, bytes) {
             tracing::debug!("blob cache: cannot store {}: {e}", p.display());
             return;
         }
@@ -159,7 +149,8 @@ impl BlobCache {
                 continue;
             };
             for f in files.flatten() {
-                if f.file_name().to_string_lossy().starts_with(".tmp-") {
+                // Entries are hex names; dot-files are `write_whole`'s temporaries.
+                if f.file_name().to_string_lossy().starts_with('.') {
                     continue;
                 }
                 if let Ok(m) = f.metadata() {

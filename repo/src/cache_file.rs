@@ -1,5 +1,5 @@
-//! Files of the local cache directory (plans, manifests, the maintenance state): written under a
-//! temporary name and renamed, so a crash or a full disk leaves the old file or none, never a
+//! Files of the local cache directory (plans, manifests, the maintenance state, cached blobs):
+//! written under a temporary name (a dot-file beside it) and renamed, so a crash or a full disk leaves the old file or none, never a
 //! torn one that a later run would take for the real thing.
 
 use std::path::Path;
