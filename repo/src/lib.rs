@@ -63,5 +63,6 @@ pub use segment::PackRecord;
 pub use storage::{ObjectInfo, ObjectVersion, Storage, StorageStats, Write};
 pub use verify_record::{
     ByteRange, DamagedBlob, DiskDamage, PackOutcome, PackResult, PointStatus, PointVerifyState,
-    RecordListing, RecordName, VerifyRecord, VERIFY_DIR,
+    RecordListing, RecordName, RecordSummary, VerifyRecord, VERIFY_DIR, VERIFY_RECORD_VERSION,
+    VERIFY_SUMMARY_VERSION,
 };

@@ -76,6 +76,8 @@ impl Repository {
                 table: None,
                 damaged: Vec::new(),
                 offsets: None,
+                read: None,
+                run: None,
             },
             body,
         };

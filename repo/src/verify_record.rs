@@ -7,6 +7,12 @@
 //! The name starts with the run's finishing time (`verify/<YYYYMMDDTHHMMSSmmmZ>-<16 hex digits>`), so
 //! the newest record is the last name of a listing and readers that want only the latest point
 //! states fetch one object. Layout in `docs/FORMAT.md`.
+//!
+//! Records would otherwise pile up one per run, and every run reads them all: a run that finds
+//! many records stores a summary of them (a record of its own, `summary` set) and then deletes
+//! the records it merges. Readers merge by read time, so a summary and the records it replaces
+//! read together (a run killed between the two steps, or a reader listing in between) give the
+//! same state as either alone.
 
 use std::collections::HashSet;
 
@@ -23,6 +29,9 @@ pub const VERIFY_DIR: &str = "verify";
 /// Associated-data label of a verify record.
 pub const AAD_VERIFY: &[u8] = b"blockvault/v1/verify-record";
 pub const VERIFY_RECORD_VERSION: u32 = 1;
+/// Version of a summary record. Distinct, so that a reader that knows no summaries refuses one
+/// (and reports it) instead of taking every read it holds as made at the summary's time.
+pub const VERIFY_SUMMARY_VERSION: u32 = 2;
 /// Largest plaintext accepted when opening a record (a hostile object cannot demand more memory).
 const MAX_RECORD_JSON: usize = 1 << 30;
 
@@ -58,6 +67,15 @@ impl RecordName {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A fresh name with the same time as `other` (a summary is named for the newest record
+    /// it merges, so that a record stored meanwhile still sorts after it).
+    pub fn beside(other: &RecordName) -> Self {
+        let stamp = other.0.split_once('-').map_or(other.0.as_str(), |(s, _)| s);
+        let mut r = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut r);
+        Self(format!("{stamp}-{}", hex::encode(r)))
     }
 
     fn path(&self) -> String {
@@ -109,6 +127,12 @@ pub struct PackResult {
     /// when the whole pack was read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offsets: Option<Vec<u32>>,
+    /// When this read was made (RFC 3339; summaries only, as they hold reads of many runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<String>,
+    /// The run that made this read (summaries only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u64>,
 }
 
 impl PackResult {
@@ -175,6 +199,19 @@ pub struct VerifyRecord {
     pub packs: Vec<PackResult>,
     /// The state of every restore point at the end of the run.
     pub points: Vec<PointStatus>,
+    /// Set on a summary of earlier records (version `VERIFY_SUMMARY_VERSION`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<RecordSummary>,
+}
+
+/// What a summary record stands for besides the reads it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordSummary {
+    /// The records it merges, deleted once it is stored.
+    pub replaces: Vec<String>,
+    /// Every merged data-reading run as (store time of its record, unix seconds; highest run
+    /// number up to then), which rotations count by.
+    pub runs: Vec<(i64, u64)>,
 }
 
 impl VerifyRecord {
@@ -195,10 +232,14 @@ impl VerifyRecord {
             .map_err(|e| Error::malformed(what(), format!("zstd: {e}")))?;
         let r: Self =
             serde_json::from_slice(&json).map_err(|e| Error::malformed(what(), e.to_string()))?;
-        if r.version != VERIFY_RECORD_VERSION {
+        let supported = match r.summary {
+            None => VERIFY_RECORD_VERSION,
+            Some(_) => VERIFY_SUMMARY_VERSION,
+        };
+        if r.version != supported {
             return Err(Error::UnsupportedVersion {
                 found: r.version,
-                supported: VERIFY_RECORD_VERSION,
+                supported,
             });
         }
         Ok(r)
@@ -224,6 +265,24 @@ pub struct RecordListing {
 
 /// Objects fetched at once while loading records.
 const LOAD_PARALLELISM: usize = 8;
+/// Listings taken while summaries keep replacing the records listed, before giving up.
+const LOAD_ATTEMPTS: usize = 4;
+
+fn records_kept_changing() -> Error {
+    Error::Conflict {
+        object: VERIFY_DIR.into(),
+        detail: "records were merged into summaries while being read".into(),
+    }
+}
+
+/// What loading one unseen record gave `sync_verify_records`.
+enum Absorbed {
+    Damage(RecordName, Vec<(PackId, u32)>),
+    /// Unreadable: reported by verify, tried again at the next sync.
+    Unreadable,
+    /// Deleted since the listing (merged into a summary).
+    Gone,
+}
 
 impl Repository {
     /// Stores a verify record under a fresh name (create-only). Returns the name.
@@ -288,22 +347,96 @@ impl Repository {
             .await
     }
 
+    /// Every verify record listed, loaded (`LOAD_PARALLELISM` at a time, oldest name first).
+    /// Unreadable ones are returned as errors beside the others. A record deleted between the
+    /// listing and its load was merged into a summary stored before the deletion: the listing
+    /// is taken again, so that the summary is read instead.
+    pub async fn load_all_verify_records(
+        &self,
+    ) -> Result<Vec<(RecordListing, Result<VerifyRecord>)>> {
+        for _ in 0..LOAD_ATTEMPTS {
+            let listing = self.list_verify_records().await?;
+            let names: Vec<RecordName> = listing.iter().map(|l| l.name.clone()).collect();
+            let loaded = self.load_verify_records(&names).await;
+            if loaded
+                .iter()
+                .any(|(_, r)| r.as_ref().is_err_and(Error::is_not_found))
+            {
+                continue;
+            }
+            return Ok(listing
+                .into_iter()
+                .zip(loaded)
+                .map(|(l, (_, r))| (l, r))
+                .collect());
+        }
+        Err(records_kept_changing())
+    }
+
     /// The newest readable verify record, if any (for `points list` and `points show`).
     pub async fn latest_verify_record(&self) -> Result<Option<(RecordName, VerifyRecord)>> {
-        let listing = self.list_verify_records().await?;
-        for l in listing.iter().rev() {
-            match self.load_verify_record(&l.name).await {
-                Ok(r) => return Ok(Some((l.name.clone(), r))),
-                Err(e) => tracing::warn!(record = %l.name, error = %e, "unreadable verify record"),
+        'listing: for _ in 0..LOAD_ATTEMPTS {
+            let listing = self.list_verify_records().await?;
+            for l in listing.iter().rev() {
+                match self.load_verify_record(&l.name).await {
+                    Ok(r) => return Ok(Some((l.name.clone(), r))),
+                    // Merged into a summary meanwhile: list again.
+                    Err(e) if e.is_not_found() => continue 'listing,
+                    Err(e) => {
+                        tracing::warn!(record = %l.name, error = %e, "unreadable verify record")
+                    }
+                }
             }
+            return Ok(None);
         }
-        Ok(None)
+        Err(records_kept_changing())
+    }
+
+    /// Stores `summary` under `name`, then deletes the records it replaces. Killed in between,
+    /// the records stay beside it and say nothing it does not (readers merge by read time); the
+    /// next summary merges them all.
+    pub async fn save_verify_summary(
+        &self,
+        summary: &VerifyRecord,
+        name: &RecordName,
+    ) -> Result<()> {
+        let Some(s) = &summary.summary else {
+            return Err(Error::Invalid("not a verify summary".into()));
+        };
+        let sealed = summary.seal(self.keys(), name);
+        self.storage()
+            .put(&name.path(), Bytes::from(sealed), Write::CreateUnique)
+            .await?;
+        let index = self.local_index();
+        let (n, locs): (RecordName, Vec<(PackId, u32)>) =
+            (name.clone(), summary.damaged_locations().collect());
+        tokio::task::spawn_blocking(move || index.insert_verify_record(n.as_str(), &locs))
+            .await
+            .map_err(|e| Error::Invalid(format!("background task failed: {e}")))??;
+        let replaced: Vec<String> = s
+            .replaces
+            .iter()
+            .filter_map(|r| RecordName::parse(r))
+            .map(|r| r.path())
+            .collect();
+        self.storage().delete_many(&replaced).await
     }
 
     /// Brings the local index's set of damaged blob locations up to date with the verify records
     /// in the repository: a blob any host found damaged is never used for deduplication, and a
     /// good copy of the same chunk is preferred for reads.
     pub async fn sync_verify_records(&self) -> Result<()> {
+        for _ in 0..LOAD_ATTEMPTS {
+            if self.sync_verify_records_once().await? {
+                return Ok(());
+            }
+        }
+        Err(records_kept_changing())
+    }
+
+    /// One pass of `sync_verify_records`; false when a record listed was gone when fetched (a
+    /// summary stored after the listing holds what it said).
+    async fn sync_verify_records_once(&self) -> Result<bool> {
         let listing = self.list_verify_records().await?;
         let index = self.local_index();
         let seen: HashSet<String> = {
@@ -317,29 +450,41 @@ impl Repository {
             .map(|l| l.name)
             .filter(|n| !seen.contains(n.as_str()))
             .collect();
-        let loaded: Vec<(RecordName, Vec<(PackId, u32)>)> = futures::stream::iter(unseen)
+        let loaded: Vec<Absorbed> = futures::stream::iter(unseen)
             .map(|n| async move {
                 match self.load_verify_record(&n).await {
-                    Ok(r) => Ok(Some((n, r.damaged_locations().collect()))),
+                    Ok(r) => {
+                        let locs = r.damaged_locations().collect();
+                        Ok(Absorbed::Damage(n, locs))
+                    }
+                    Err(e) if e.is_not_found() => Ok(Absorbed::Gone),
                     // A damaged record must not stop backups; verify reports it.
                     Err(e) if !e.is_transient() => {
                         tracing::warn!(record = %n, error = %e, "unreadable verify record");
-                        Ok(None)
+                        Ok(Absorbed::Unreadable)
                     }
                     Err(e) => Err(e),
                 }
             })
             .buffer_unordered(LOAD_PARALLELISM)
-            .try_filter_map(|x| async move { Ok(x) })
             .try_collect()
             .await?;
-        for (name, locs) in loaded {
+        let mut complete = true;
+        for entry in loaded {
+            let (name, locs) = match entry {
+                Absorbed::Damage(name, locs) => (name, locs),
+                Absorbed::Unreadable => continue,
+                Absorbed::Gone => {
+                    complete = false;
+                    continue;
+                }
+            };
             let index = index.clone();
             tokio::task::spawn_blocking(move || index.insert_verify_record(name.as_str(), &locs))
                 .await
                 .map_err(|e| Error::Invalid(format!("background task failed: {e}")))??;
         }
-        Ok(())
+        Ok(complete)
     }
 
     /// True when verification found the blob at `loc` damaged (per the verify records loaded).
@@ -384,6 +529,8 @@ mod tests {
                     detail: "authentication failed".into(),
                 }],
                 offsets: None,
+                read: None,
+                run: None,
             }],
             points: vec![PointStatus {
                 point: PointId([1; 8]),
@@ -397,6 +544,7 @@ mod tests {
                 }],
                 detail: None,
             }],
+            summary: None,
         }
     }
 

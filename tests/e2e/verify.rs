@@ -579,6 +579,78 @@ fn heal(p: &Place) {
     assert!(same_content(&img, &out));
 }
 
+fn verify_records(p: &Place) -> usize {
+    files(&p.root().join("verify")).len()
+}
+
+#[test]
+fn verify_records_are_merged_and_nothing_they_said_is_forgotten() {
+    let p = Place::local();
+    // Point a: one pack, blob 2 damaged. Point b: about 6 packs of its own.
+    let (img_a, a) = one_pack_point(&p, 41);
+    flip(&only_pack(&p), 24 + 2 * BLOB + 9);
+    let img_b = p.path("b.raw");
+    make_random_image(&img_b, 6 << 20, 42);
+    let b = p.backup("vm2", "d", &img_b);
+
+    let (c, v) = p.verify(&["--read-data"]);
+    assert_eq!(c, 7, "{v}");
+    assert_eq!(v["run"], 1);
+    // Then only b's blobs are read (a's pack never again, so only the records know its damage),
+    // newer than the whole reads: b is verified by them alone. Records up to 16: none merged.
+    for n in 2..=16 {
+        let (c, v) = p.verify(&["--point", &b]);
+        assert_eq!(c, 7, "a's damage is still reported: {v}");
+        assert_eq!(v["records_merged"], 0, "{v}");
+        assert_eq!(verify_records(&p), n);
+    }
+    // The 17th run merges the 16 before it into one summary.
+    let (c, v) = p.verify(&[]);
+    assert_eq!(c, 7, "{v}");
+    assert_eq!(v["records_merged"], 16, "{v}");
+    assert_eq!(
+        verify_records(&p),
+        2,
+        "the summary and the 17th run's record"
+    );
+    // Read with the summary, the history is what it was: a damaged, b verified, next run 2.
+    let (c, v) = p.verify_in("host3", &[]);
+    assert_eq!(c, 7, "{v}");
+    assert_eq!(ranges_of(&v, &a, "d"), vec![(2 * CHUNK, 3 * CHUNK)], "{v}");
+    assert_eq!(state_of(&v, &b)["state"], "verified", "{v}");
+    // A host that never saw the merged records learns the damage from the summary: its list
+    // shows it, and its backup of a disk holding the content stores the chunk again.
+    let out = p.run_in("host2", &["points", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let state = |pt: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == pt)
+            .unwrap_or_else(|| panic!("{pt} not in {list}"))["verify"]
+            .clone()
+    };
+    assert_eq!(state(&a)["state"], "damaged", "{list}");
+    assert_eq!(
+        state(&a)["damage"][0]["ranges"][0],
+        serde_json::json!([2 * CHUNK, 3 * CHUNK])
+    );
+    let spec = format!("d={}", img_a.display());
+    let o = p.run_in(
+        "host2",
+        &["backup", "--vm", "vm1", "--disk", &spec, "--json"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bk: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(bk["disks"][0]["stats"]["new_chunks"], 1, "{bk}");
+    // Run numbers go on from the summary's.
+    let (_, v) = p.verify(&["--read-data-subset", "1/7"]);
+    assert_eq!(v["run"], 2, "{v}");
+    let (c, v) = p.verify_in("host2", &["--read-data"]);
+    assert_eq!(c, 0, "healed: {v}");
+    assert_eq!(state_of(&v, &a)["state"], "verified", "{v}");
+}
+
 /// Starts `verify --read-data --json` on `w`'s repository, held after its listing, before it
 /// reads, while `hold` exists; returns once it is there.
 fn verify_held_while_reading(w: &World, hold: &Path) -> std::process::Child {

@@ -109,6 +109,8 @@ pub struct VerifyReport {
     pub run: Option<u64>,
     /// Name of the verify record written.
     pub record: Option<String>,
+    /// Earlier verify records this run merged into one summary record.
+    pub records_merged: usize,
     pub points: usize,
     pub chunks_referenced: usize,
     pub packs: usize,
@@ -166,6 +168,9 @@ pub async fn verify(
     let (points, failed_manifests) = repo.list_points().await?;
     let (unreadable_manifests, mut unchecked_manifests) = sort_failed_manifests(failed_manifests);
 
+    // Records before packs: a pack a record names existed before the record was stored, so one
+    // missing from the listing that follows was deleted, and a summary may forget it.
+    let mut history = History::load(&repo).await?;
     // Packs and their store times.
     let listed: Vec<(PackId, u64, i64)> = repo
         .storage()
@@ -178,13 +183,17 @@ pub async fn verify(
         })
         .collect();
     let mut listed_ids: HashMap<PackId, u64> = listed.iter().map(|(id, s, _)| (*id, *s)).collect();
-
-    let mut history = History::load(&repo).await?;
+    // Made now, from what earlier runs found; stored after this run's own record.
+    let summary = match opts.record {
+        true => history.summary(&opts.host, &listed_ids),
+        false => None,
+    };
     let mut report = VerifyReport {
         verdict: Verdict::Clean,
         selection: opts.selection.describe(),
         run: None,
         record: None,
+        records_merged: 0,
         points: points.len() + unreadable_manifests.len(),
         chunks_referenced: 0,
         packs: listed.len(),
@@ -232,6 +241,10 @@ pub async fn verify(
         (Selection::None, Some(_)) => Selection::All,
         (s, _) => s.clone(),
     };
+    if scoped.is_some() {
+        // What was read, not what was typed: `--point P` alone reads all of P's blobs.
+        report.selection = format!("{} of the chosen points", selection.describe());
+    }
     let run = history.next_run();
     let chosen = select::select(&candidates, &selection, run, started, opts.max_bytes);
     report.overdue_packs = chosen.overdue.len();
@@ -317,9 +330,18 @@ pub async fn verify(
             selection: report.selection.clone(),
             packs: results,
             points: report.point_states.clone(),
+            summary: None,
         };
         let name = repo.save_verify_record(&record).await?;
         report.record = Some(name.to_string());
+    }
+    if let Some((name, summary)) = summary {
+        let merged = summary.summary.as_ref().map_or(0, |s| s.replaces.len());
+        // Not a failed verify: the records stay, and a later run merges them.
+        match repo.save_verify_summary(&summary, &name).await {
+            Ok(()) => report.records_merged = merged,
+            Err(e) => tracing::warn!("merging {merged} verify records into {name}: {e}"),
+        }
     }
     if let Some(l) = lease {
         if let Err(e) = l.release().await {

@@ -2,21 +2,26 @@
 //! latest whole read (its run, time, damaged blobs, table damage), per blob the latest partial
 //! read, and the run numbers rotations count by.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use blockvault_repo::{
-    DiskDamage, Location, PackId, PackOutcome, PackResult, PointId, PointStatus, PointVerifyState,
-    Repository,
+    DamagedBlob, DiskDamage, Error as RepoError, Location, PackId, PackOutcome, PackResult,
+    PointId, PointStatus, PointVerifyState, RecordListing, RecordName, RecordSummary, Repository,
+    VerifyRecord, VERIFY_SUMMARY_VERSION,
 };
 
 use super::select::PackState;
 use crate::Result;
 
+/// A run that finds this many readable records merges them into one summary (so a repository
+/// holds at most about this many, and every run reads no more than that).
+pub(crate) const SUMMARIZE_AT: usize = 16;
+
 #[derive(Clone, Debug)]
 struct WholeRead {
     run: Option<u64>,
     time: i64,
-    damaged: HashMap<u32, String>,
+    damaged: HashMap<u32, DamagedBlob>,
     table: Option<String>,
 }
 
@@ -27,9 +32,13 @@ pub(crate) struct History {
     max_run: u64,
     whole: HashMap<PackId, WholeRead>,
     /// (pack, offset) -> (time, damage) of the latest read of that one blob.
-    partial: HashMap<(PackId, u32), (i64, Option<String>)>,
+    partial: HashMap<(PackId, u32), (i64, Option<DamagedBlob>)>,
     /// Records that could not be read: (name, error).
     pub unreadable: Vec<(String, String)>,
+    /// The readable records merged here, oldest first.
+    merged: Vec<RecordName>,
+    /// The newest of them, without its pack results (a summary keeps its point states).
+    newest: Option<VerifyRecord>,
 }
 
 fn parse_time(s: &str) -> Option<i64> {
@@ -40,22 +49,32 @@ fn parse_time(s: &str) -> Option<i64> {
 
 impl History {
     pub async fn load(repo: &Repository) -> Result<Self> {
-        let listing = repo.list_verify_records().await?;
-        let names: Vec<_> = listing.iter().map(|l| l.name.clone()).collect();
-        let stored: HashMap<_, _> = listing.iter().map(|l| (l.name.clone(), l.stored)).collect();
+        Self::from_records(repo.load_all_verify_records().await?)
+    }
+
+    /// Merges records loaded in name order (unreadable ones are kept as such).
+    fn from_records(
+        loaded: Vec<(RecordListing, std::result::Result<VerifyRecord, RepoError>)>,
+    ) -> Result<Self> {
         let mut h = History::default();
         let mut runs = Vec::new();
-        for (name, r) in repo.load_verify_records(&names).await {
+        for (listing, r) in loaded {
             match r {
-                Ok(rec) => {
-                    let t = parse_time(&rec.finished).unwrap_or(stored[&name]);
+                Ok(mut rec) => {
+                    let t = parse_time(&rec.finished).unwrap_or(listing.stored);
                     if let Some(run) = rec.run {
-                        runs.push((stored[&name], run));
+                        runs.push((listing.stored, run));
+                    }
+                    if let Some(s) = &rec.summary {
+                        runs.extend(s.runs.iter().copied());
                     }
                     h.apply_at(&rec.packs, t, rec.run);
+                    rec.packs = Vec::new();
+                    h.merged.push(listing.name);
+                    h.newest = Some(rec);
                 }
                 Err(e) if e.is_transient() => return Err(e.into()),
-                Err(e) => h.unreadable.push((name.to_string(), e.to_string())),
+                Err(e) => h.unreadable.push((listing.name.to_string(), e.to_string())),
             }
         }
         runs.sort();
@@ -79,6 +98,9 @@ impl History {
         self.apply_at(results, finished, Some(run));
     }
 
+    /// Merges reads made at `time` by `run` (a summary's reads carry their own). The latest read
+    /// of a pack or blob wins whatever the order records are applied in, so a summary and the
+    /// records it merged, read together, say what either says alone.
     fn apply_at(&mut self, results: &[PackResult], time: i64, run: Option<u64>) {
         for r in results {
             let Some(pack) = r.pack_id() else { continue };
@@ -86,13 +108,15 @@ impl History {
                 // The listing decides whether a pack exists now; nothing to remember.
                 continue;
             }
-            let damaged: HashMap<u32, String> = r
-                .damaged
-                .iter()
-                .map(|d| (d.offset, d.detail.clone()))
-                .collect();
+            let time = r.read.as_deref().and_then(parse_time).unwrap_or(time);
+            let run = r.run.or(run);
+            let damaged: HashMap<u32, DamagedBlob> =
+                r.damaged.iter().map(|d| (d.offset, d.clone())).collect();
             match &r.offsets {
                 None => {
+                    if self.whole.get(&pack).is_some_and(|w| w.time > time) {
+                        continue;
+                    }
                     self.whole.insert(
                         pack,
                         WholeRead {
@@ -105,12 +129,98 @@ impl History {
                 }
                 Some(offsets) => {
                     for o in offsets {
-                        self.partial
-                            .insert((pack, *o), (time, damaged.get(o).cloned()));
+                        let key = (pack, *o);
+                        if self.partial.get(&key).is_some_and(|(t, _)| *t > time) {
+                            continue;
+                        }
+                        self.partial.insert(key, (time, damaged.get(o).cloned()));
                     }
                 }
             }
         }
+    }
+
+    /// A summary of the records merged here, to store under the returned name, when there are
+    /// at least `SUMMARIZE_AT` of them. It keeps, for the packs in `live` (every pack listed
+    /// after the records were: a pack a record names that is not listed was deleted), the
+    /// latest whole read and the blob reads made after it, the run numbers, and the newest
+    /// record's point states.
+    pub fn summary(
+        &self,
+        host: &str,
+        live: &HashMap<PackId, u64>,
+    ) -> Option<(RecordName, VerifyRecord)> {
+        if self.merged.len() < SUMMARIZE_AT {
+            return None;
+        }
+        let newest_name = self.merged.last()?;
+        let newest = self.newest.as_ref()?;
+        let outcome = |damaged: &[DamagedBlob], table: &Option<String>| {
+            if damaged.is_empty() && table.is_none() {
+                PackOutcome::Ok
+            } else {
+                PackOutcome::Damaged
+            }
+        };
+        let mut packs = Vec::new();
+        for (id, w) in &self.whole {
+            let Some(size) = live.get(id) else { continue };
+            let mut damaged: Vec<DamagedBlob> = w.damaged.values().cloned().collect();
+            damaged.sort_by_key(|d| d.offset);
+            packs.push(PackResult {
+                pack: id.to_hex(),
+                size: *size,
+                outcome: outcome(&damaged, &w.table),
+                detail: None,
+                table: w.table.clone(),
+                damaged,
+                offsets: None,
+                read: Some(super::rfc3339(w.time)),
+                run: w.run,
+            });
+        }
+        let mut blob_reads: BTreeMap<(PackId, i64), (Vec<u32>, Vec<DamagedBlob>)> = BTreeMap::new();
+        for ((id, offset), (t, damage)) in &self.partial {
+            // A blob read no later than its pack's whole read says nothing the whole read
+            // does not (`damaged` and `verified_at` take the later one).
+            if !live.contains_key(id) || self.whole.get(id).is_some_and(|w| w.time >= *t) {
+                continue;
+            }
+            let group = blob_reads.entry((*id, *t)).or_default();
+            group.0.push(*offset);
+            group.1.extend(damage.clone());
+        }
+        for ((id, t), (mut offsets, mut damaged)) in blob_reads {
+            offsets.sort_unstable();
+            damaged.sort_by_key(|d| d.offset);
+            packs.push(PackResult {
+                pack: id.to_hex(),
+                size: live[&id],
+                outcome: outcome(&damaged, &None),
+                detail: None,
+                table: None,
+                damaged,
+                offsets: Some(offsets),
+                read: Some(super::rfc3339(t)),
+                run: None,
+            });
+        }
+        packs.sort_by(|a, b| a.pack.cmp(&b.pack));
+        let record = VerifyRecord {
+            version: VERIFY_SUMMARY_VERSION,
+            host: host.to_string(),
+            started: newest.started.clone(),
+            finished: newest.finished.clone(),
+            run: None,
+            selection: format!("summary of {} records", self.merged.len()),
+            packs,
+            points: newest.points.clone(),
+            summary: Some(RecordSummary {
+                replaces: self.merged.iter().map(|n| n.to_string()).collect(),
+                runs: self.runs.clone(),
+            }),
+        };
+        Some((RecordName::beside(newest_name), record))
     }
 
     /// The last run finished before a pack stored at `t` (store clock) existed.
@@ -138,11 +248,11 @@ impl History {
         let whole = self.whole.get(pack);
         let partial = self.partial.get(&(*pack, offset));
         match (whole, partial) {
-            (Some(w), Some((pt, pd))) if *pt > w.time => pd.as_deref(),
+            (Some(w), Some((pt, pd))) if *pt > w.time => pd.as_ref().map(|d| d.detail.as_str()),
             (_, None) | (Some(_), Some(_)) => whole
                 .and_then(|w| w.damaged.get(&offset))
-                .map(String::as_str),
-            (None, Some((_, pd))) => pd.as_deref(),
+                .map(|d| d.detail.as_str()),
+            (None, Some((_, pd))) => pd.as_ref().map(|d| d.detail.as_str()),
         }
     }
 
@@ -240,5 +350,240 @@ impl PointTally {
             damage,
             detail,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockvault_repo::{BlobKind, ChunkIdHex, VERIFY_RECORD_VERSION};
+    use proptest::prelude::*;
+
+    const PACKS: u8 = 4;
+    const OFFSETS: [u32; 4] = [24, 1000, 2000, 3000];
+    /// Pack 3 is gone when the summary is made; the others are live.
+    const GONE: u8 = 3;
+
+    fn pid(i: u8) -> PackId {
+        PackId([i + 1; 16])
+    }
+
+    /// One pack read of a generated record: whole (`offsets` empty) or of the blobs at the
+    /// offsets picked by the bits of `offsets`; damage at the offsets picked by `damage`.
+    #[derive(Clone, Debug)]
+    struct Read {
+        pack: u8,
+        offsets: u8,
+        damage: u8,
+        table: bool,
+        missing: bool,
+    }
+
+    #[derive(Clone, Debug)]
+    struct Rec {
+        /// Seconds after the previous record (0: same second).
+        gap: i64,
+        /// Store clock minus the run's clock.
+        skew: i64,
+        numbered: bool,
+        reads: Vec<Read>,
+    }
+
+    fn picked(bits: u8) -> impl Iterator<Item = u32> {
+        OFFSETS
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| bits & (1 << i) != 0)
+            .map(|(_, o)| *o)
+    }
+
+    fn records(recs: &[Rec]) -> Vec<(RecordListing, std::result::Result<VerifyRecord, RepoError>)> {
+        let mut t = 1_800_000_000;
+        let mut run = 0;
+        let mut out = Vec::new();
+        for r in recs {
+            t += r.gap;
+            if r.numbered {
+                run += 1;
+            }
+            let packs = r
+                .reads
+                .iter()
+                .map(|read| {
+                    let offsets: Option<Vec<u32>> =
+                        (read.offsets != 0).then(|| picked(read.offsets).collect());
+                    let damaged = picked(read.damage)
+                        .filter(|o| offsets.as_ref().is_none_or(|v| v.contains(o)))
+                        .map(|o| DamagedBlob {
+                            chunk: ChunkIdHex(blockvault_chunker::ChunkId([o as u8; 32])),
+                            offset: o,
+                            len: 100,
+                            detail: format!("flip in run at {t}"),
+                        })
+                        .collect();
+                    PackResult {
+                        pack: pid(read.pack).to_hex(),
+                        size: 4096,
+                        outcome: if read.missing {
+                            PackOutcome::Missing
+                        } else {
+                            PackOutcome::Damaged
+                        },
+                        detail: None,
+                        table: (read.table && offsets.is_none()).then(|| format!("table {t}")),
+                        damaged,
+                        offsets,
+                        read: None,
+                        run: None,
+                    }
+                })
+                .collect();
+            let at = time::OffsetDateTime::from_unix_timestamp(t).unwrap();
+            let record = VerifyRecord {
+                version: VERIFY_RECORD_VERSION,
+                host: "h".into(),
+                started: super::super::rfc3339(t - 1),
+                finished: super::super::rfc3339(t),
+                run: r.numbered.then_some(run),
+                selection: "5%".into(),
+                packs,
+                points: Vec::new(),
+                summary: None,
+            };
+            let listing = RecordListing {
+                name: RecordName::new(at),
+                stored: t + r.skew,
+            };
+            out.push((listing, Ok(record)));
+        }
+        out
+    }
+
+    /// Everything a run asks of its history, for the live packs.
+    fn view(h: &History) -> Vec<String> {
+        let mut v = vec![format!("next run {}", h.next_run())];
+        for p in (0..PACKS).filter(|p| *p != GONE) {
+            let id = pid(p);
+            for stored in [1_799_999_000, 1_800_000_005, 1_800_000_040, 1_800_000_300] {
+                let s = h.pack_state(id, 4096, stored);
+                v.push(format!(
+                    "{p} stored {stored}: base {} read {:?}",
+                    s.base, s.last_read
+                ));
+            }
+            for o in OFFSETS {
+                let loc = Location {
+                    pack: id,
+                    offset: o,
+                    len: 100,
+                    raw_len: 100,
+                    kind: BlobKind::Data,
+                };
+                v.push(format!(
+                    "{p}@{o}: damaged {:?} verified {:?}",
+                    h.damaged(&id, o),
+                    h.verified_at(&loc)
+                ));
+            }
+        }
+        v.extend(
+            h.table_damage()
+                .into_iter()
+                .filter(|(p, _)| *p != pid(GONE))
+                .map(|(p, t)| format!("{p:?}: {t}")),
+        );
+        v
+    }
+
+    fn arb_read() -> impl Strategy<Value = Read> {
+        (
+            0..PACKS,
+            0u8..16,
+            0u8..16,
+            any::<bool>(),
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(|(pack, offsets, damage, table, missing)| Read {
+                pack,
+                offsets,
+                damage,
+                table,
+                missing,
+            })
+    }
+
+    fn arb_rec() -> impl Strategy<Value = Rec> {
+        (
+            0i64..30,
+            -5i64..5,
+            any::<bool>(),
+            prop::collection::vec(arb_read(), 0..5),
+        )
+            .prop_map(|(gap, skew, numbered, reads)| Rec {
+                gap,
+                skew,
+                numbered,
+                reads,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// A summary says what the records it merges say, alone or read beside them (a run
+        /// killed before deleting them, or a reader listing in between).
+        #[test]
+        fn a_summary_says_what_its_records_said(
+            recs in prop::collection::vec(arb_rec(), SUMMARIZE_AT..SUMMARIZE_AT + 6)
+        ) {
+            let original = History::from_records(records(&recs)).unwrap();
+            let live: HashMap<PackId, u64> =
+                (0..PACKS).filter(|p| *p != GONE).map(|p| (pid(p), 4096)).collect();
+            let (name, summary) = original.summary("h", &live).expect("enough records");
+            prop_assert_eq!(summary.summary.as_ref().unwrap().replaces.len(), recs.len());
+            prop_assert!(summary
+                .packs
+                .iter()
+                .all(|p| p.pack_id() != Some(pid(GONE))));
+            let listing = RecordListing { name, stored: 1_900_000_000 };
+            let alone = History::from_records(vec![(listing.clone(), Ok(summary.clone()))]).unwrap();
+            prop_assert_eq!(view(&alone), view(&original));
+            // Names are random: the records are made again with the names they had.
+            let mut both: Vec<_> = records(&recs)
+                .into_iter()
+                .zip(&original.merged)
+                .map(|((l, r), name)| (RecordListing { name: name.clone(), ..l }, r))
+                .collect();
+            both.push((listing, Ok(summary)));
+            both.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+            // A summary whose name sorts first (another host's clock was behind): later reads
+            // still win, where no two runs finished in the same second.
+            let mut first: Vec<_> = both
+                .iter()
+                .map(|(l, r)| (l.clone(), Ok(r.as_ref().unwrap().clone())))
+                .collect();
+            let at = first.iter().position(|(_, r)| r.as_ref().unwrap().summary.is_some()).unwrap();
+            let summary_first = first.remove(at);
+            first.insert(0, summary_first);
+            let both = History::from_records(both).unwrap();
+            prop_assert_eq!(view(&both), view(&original));
+            if recs.iter().skip(1).all(|r| r.gap > 0) {
+                let first = History::from_records(first).unwrap();
+                prop_assert_eq!(view(&first), view(&original));
+            }
+        }
+    }
+
+    #[test]
+    fn few_records_are_not_summarised() {
+        let recs: Vec<Rec> = (0..SUMMARIZE_AT - 1)
+            .map(|_| Rec {
+                gap: 1,
+                skew: 0,
+                numbered: true,
+                reads: Vec::new(),
+            })
+            .collect();
+        let h = History::from_records(records(&recs)).unwrap();
+        assert!(h.summary("h", &HashMap::new()).is_none());
     }
 }
