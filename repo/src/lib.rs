@@ -13,6 +13,7 @@ mod cache_file;
 mod config;
 mod crypto;
 pub mod direct_read;
+mod durable_local;
 mod error;
 pub mod format;
 mod ids;

@@ -138,6 +138,7 @@ impl Storage {
         })?;
         let fs = LocalFileSystem::new_with_prefix(&root)
             .map_err(|e| Error::store(root.display().to_string(), e))?;
+        let fs = crate::durable_local::DurableLocal::new(Arc::new(fs), root.clone());
         let wrapped = Self::wrap(
             Arc::new(fs),
             opts.limit_upload,
@@ -244,8 +245,9 @@ impl Storage {
         &self.store
     }
 
-    /// Stores an object (see [`Write`] for an existing name). For a local directory the file and
-    /// its directory are fsynced before this returns, so a completed put survives power loss.
+    /// Stores an object (see [`Write`] for an existing name). On a local directory the object is
+    /// fsynced before its name appears and its directory after (`durable_local`), so a name
+    /// never stands for a torn object, and a completed put survives power loss.
     pub async fn put(&self, name: &str, bytes: Bytes, write: Write) -> Result<()> {
         let create_only = write != Write::Overwrite;
         let path = ObjPath::from(name);
@@ -319,12 +321,6 @@ impl Storage {
                     },
                 ));
             }
-        }
-        if let Some(root) = &self.local_root {
-            let path = root.join(name);
-            tokio::task::spawn_blocking(move || fsync_file_and_dir(&path))
-                .await
-                .map_err(|e| Error::Invalid(format!("fsync task: {e}")))??;
         }
         Ok(())
     }
@@ -819,22 +815,6 @@ pub(crate) fn read_cached_range(
     }
     buf.truncate(keep);
     false
-}
-
-fn fsync_file_and_dir(path: &Path) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
