@@ -406,8 +406,10 @@ pub async fn prune(repo: Arc<Repository>, opts: PruneOptions) -> Result<PruneRep
         blockvault_repo::test_hold("prune-after-claim").await;
     }
     let result = run(&repo, claim.as_ref(), &opts, &mut report).await;
-    if let Some(c) = claim {
-        c.release().await;
+    match (claim, &result) {
+        (Some(c), Ok(())) => c.release().await,
+        (Some(c), Err(_)) => c.end_failed(&repo).await,
+        (None, _) => {}
     }
     result?;
     let after = repo.storage().stats();

@@ -25,6 +25,10 @@ pub struct ClaimRecord {
     pub refresh_ms: u64,
     /// The claimer's local clock, RFC 3339: for people only.
     pub created: String,
+    /// Set when the prune stopped without publishing its plan (it failed): the next prune
+    /// claims the following epoch at once instead of waiting for the claim to go stale.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ended: bool,
 }
 
 /// One condemned pack: no restore point needed it when epoch `epoch` marked.

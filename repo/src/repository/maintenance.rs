@@ -39,6 +39,27 @@ impl PruneClaim {
         }
     }
 
+    /// Ends a prune that failed: stops refreshing the claim and marks it ended, so that the
+    /// next prune need not wait for it to go stale. Not marked (a store error), it goes stale.
+    pub async fn end_failed(mut self, repo: &Repository) {
+        if let Some(k) = self.keeper.take() {
+            k.stop().await;
+        }
+        let name = ObjectName::Claim(self.epoch);
+        let record = ClaimRecord {
+            ended: true,
+            ..self.record.clone()
+        };
+        let sealed = Bytes::from(name.seal_json(&repo.keys, &record));
+        if let Err(e) = repo
+            .storage
+            .put(&name.path(), sealed, Write::Overwrite)
+            .await
+        {
+            tracing::warn!(claim = %name, error = %e, "could not mark the failed prune's claim ended");
+        }
+    }
+
     pub fn record(&self) -> &ClaimRecord {
         &self.record
     }
@@ -249,18 +270,20 @@ impl Repository {
                 let record = self.get_sealed::<ClaimRecord>(ObjectName::Claim(c)).await?;
                 let now = self.clock().await?;
                 if let Some(r) = record {
-                    if is_live(r.refresh_ms, modified_ms, now) {
+                    if !r.ended && is_live(r.refresh_ms, modified_ms, now) {
                         return Err(Error::PruneRunning {
                             epoch: c,
                             host: r.host,
                             since: r.created,
                         });
                     }
-                    tracing::warn!(
-                        epoch = c,
-                        host = %r.host,
-                        "taking over from a prune that stopped refreshing its claim"
-                    );
+                    if !r.ended {
+                        tracing::warn!(
+                            epoch = c,
+                            host = %r.host,
+                            "taking over from a prune that stopped refreshing its claim"
+                        );
+                    }
                 }
             }
         }
@@ -273,6 +296,7 @@ impl Repository {
             pid: std::process::id(),
             refresh_ms: every.as_millis().max(1) as u64,
             created: now_rfc3339(),
+            ended: false,
         };
         let name = ObjectName::Claim(epoch);
         match self.put_sealed(name, &record, Write::CreateChecked).await {
