@@ -195,7 +195,11 @@ async fn rebuild(g: &Global) -> Result<()> {
             "index rebuilt: {} segments, {} packs read directly; {} chunks in {} packs",
             report.segments_loaded, report.packs_read, stats.chunks, stats.packs
         );
-        for p in &report.unreadable_packs {
+        for p in report
+            .unreadable_packs
+            .iter()
+            .chain(&report.unreadable_segments)
+        {
             println!("unreadable: {p}");
         }
     }

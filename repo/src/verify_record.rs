@@ -69,13 +69,15 @@ impl RecordName {
         &self.0
     }
 
-    /// A fresh name with the same time as `other` (a summary is named for the newest record
-    /// it merges, so that a record stored meanwhile still sorts after it).
+    /// A fresh name with the same time as `other` that sorts after every name of that time but
+    /// one in four billion (a summary is named for the newest record it merges: a record stored
+    /// later still sorts after it, and it sorts after the records it merges, so that where two
+    /// of them read alike in the same second, readers apply it, which holds the later read, last).
     pub fn beside(other: &RecordName) -> Self {
         let stamp = other.0.split_once('-').map_or(other.0.as_str(), |(s, _)| s);
-        let mut r = [0u8; 8];
+        let mut r = [0u8; 4];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut r);
-        Self(format!("{stamp}-{}", hex::encode(r)))
+        Self(format!("{stamp}-ffffffff{}", hex::encode(r)))
     }
 
     fn path(&self) -> String {

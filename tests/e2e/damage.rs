@@ -286,3 +286,77 @@ fn tampered_manifest_and_config() {
     assert_eq!(code(&out), 6, "{}", stderr(&out));
     assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
 }
+
+#[test]
+fn an_unreadable_index_segment_stops_no_restore_and_is_reported() {
+    let w = World::with_repo("64KiB");
+    let img = w.path("d.raw");
+    make_image(&img, 4 << 20, 9, 3);
+    let p = w.backup("vm", &[("d", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let segments: Vec<_> = std::fs::read_dir(w.repo.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    let seg = &segments[0];
+    let mut b = std::fs::read(seg).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x20;
+    std::fs::write(seg, &b).unwrap();
+    let id = seg.file_name().unwrap().to_string_lossy().to_string();
+
+    // A host that never read the segment (its own cache) restores the point exactly.
+    let out_file = w.path("out.raw");
+    let fresh = w.path("fresh-cache");
+    let on_fresh = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .arg("--repo")
+            .arg(&w.repo)
+            .arg("--cache-dir")
+            .arg(&fresh)
+            .arg("--password-file")
+            .arg(&w.password_file)
+            .env_remove("BLOCKVAULT_PASSWORD")
+            .env_remove("BLOCKVAULT_REPO")
+            .output()
+            .unwrap()
+    };
+    let o = on_fresh(&[
+        "restore",
+        "export",
+        &p,
+        "--disk",
+        "d",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(same_content(&img, &out_file));
+
+    // verify, on a host that reads the segment, names it as damage; prune refuses until it is
+    // deleted.
+    let o = on_fresh(&["verify", "--json"]);
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{v}");
+    assert_eq!(problems[0]["object"], format!("index segment {id}"), "{v}");
+    assert!(problems[0]["affected_points"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let o = w.run(&["prune", "--grace", "0s"]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains(&id), "{}", stderr(&o));
+    // The failed prune does not hold the next one back.
+    std::fs::remove_file(seg).unwrap();
+    w.ok(&["prune", "--grace", "0s"]);
+    let o = w.run(&["verify", "--read-data"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    w.export(&p, "d", &out_file);
+    assert!(same_content(&img, &out_file));
+}

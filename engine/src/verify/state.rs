@@ -456,7 +456,18 @@ mod tests {
             };
             out.push((listing, Ok(record)));
         }
+        // As listed: by name (records of one second in random order).
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         out
+    }
+
+    type Loaded = Vec<(RecordListing, std::result::Result<VerifyRecord, RepoError>)>;
+
+    fn dup(loaded: &Loaded) -> Loaded {
+        loaded
+            .iter()
+            .map(|(l, r)| (l.clone(), Ok(r.as_ref().unwrap().clone())))
+            .collect()
     }
 
     /// Everything a run asks of its history, for the live packs.
@@ -535,7 +546,8 @@ mod tests {
         fn a_summary_says_what_its_records_said(
             recs in prop::collection::vec(arb_rec(), SUMMARIZE_AT..SUMMARIZE_AT + 6)
         ) {
-            let original = History::from_records(records(&recs)).unwrap();
+            let loaded = records(&recs);
+            let original = History::from_records(dup(&loaded)).unwrap();
             let live: HashMap<PackId, u64> =
                 (0..PACKS).filter(|p| *p != GONE).map(|p| (pid(p), 4096)).collect();
             let (name, summary) = original.summary("h", &live).expect("enough records");
@@ -547,20 +559,12 @@ mod tests {
             let listing = RecordListing { name, stored: 1_900_000_000 };
             let alone = History::from_records(vec![(listing.clone(), Ok(summary.clone()))]).unwrap();
             prop_assert_eq!(view(&alone), view(&original));
-            // Names are random: the records are made again with the names they had.
-            let mut both: Vec<_> = records(&recs)
-                .into_iter()
-                .zip(&original.merged)
-                .map(|((l, r), name)| (RecordListing { name: name.clone(), ..l }, r))
-                .collect();
+            let mut both = dup(&loaded);
             both.push((listing, Ok(summary)));
             both.sort_by(|a, b| a.0.name.cmp(&b.0.name));
             // A summary whose name sorts first (another host's clock was behind): later reads
             // still win, where no two runs finished in the same second.
-            let mut first: Vec<_> = both
-                .iter()
-                .map(|(l, r)| (l.clone(), Ok(r.as_ref().unwrap().clone())))
-                .collect();
+            let mut first = dup(&both);
             let at = first.iter().position(|(_, r)| r.as_ref().unwrap().summary.is_some()).unwrap();
             let summary_first = first.remove(at);
             first.insert(0, summary_first);

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use super::{blocking, Repository, SyncReport, SYNC_PARALLELISM, TOC_PROBE};
 use crate::format::PACK_TRAILER_LEN;
@@ -47,35 +47,47 @@ impl Repository {
                 unseen.push((id, l.modified_ms));
             }
         }
-        let mut loaded: Vec<(SegmentId, i64, Vec<PackRecord>)> = futures::stream::iter(unseen)
-            .map(|(id, modified_ms)| async move {
-                // A segment a prune retired or merged since the listing: every pack it named is
-                // deleted or listed in the merged segment.
-                let Some(packs) = self.read_segment_if_any(&id).await? else {
-                    return Ok::<_, Error>(None);
-                };
-                Ok(Some((id, modified_ms, packs)))
-            })
-            .buffer_unordered(SYNC_PARALLELISM)
-            .try_filter_map(|x| async move { Ok(x) })
-            .try_collect()
-            .await?;
-        // Oldest first, so that of two copies of a chunk the one written last is kept.
-        loaded.sort_by_key(|(id, modified_ms, _)| (*modified_ms, *id));
+        // Oldest first, so that of two copies of a chunk the one written last is kept; absorbed
+        // as they arrive, so memory holds a few segments, not every one a new host reads.
+        unseen.sort_by_key(|(id, modified_ms)| (*modified_ms, *id));
         let (deleted, condemned) = {
             let m = self.maint.read().expect("maintenance state lock");
             (Arc::new(m.deleted.clone()), Arc::new(m.condemned.clone()))
         };
-        for (id, _, packs) in loaded {
-            self.absorb_segment(id, packs, deleted.clone(), condemned.clone())
-                .await?;
-            report.segments_loaded += 1;
+        let mut segments = futures::stream::iter(unseen)
+            .map(|(id, _)| async move { (id, self.read_segment_if_any(&id).await) })
+            .buffered(SYNC_PARALLELISM);
+        while let Some((id, read)) = segments.next().await {
+            match read {
+                Ok(Some(packs)) => {
+                    self.absorb_segment(id, packs, deleted.clone(), condemned.clone())
+                        .await?;
+                    report.segments_loaded += 1;
+                }
+                // A segment a prune retired or merged since the listing: every pack it named is
+                // deleted or listed in the merged segment.
+                Ok(None) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                // Segments only spare reading pack tables: the packs of one that cannot be read
+                // are indexed from their own tables (below), and every command goes on. Left
+                // unmarked, it is tried again next time; verify reports it.
+                Err(e) => {
+                    tracing::warn!(segment = %id, error = %e, "index segment unreadable");
+                    report
+                        .unreadable_segments
+                        .push(format!("index segment {id}: {e}"));
+                }
+            }
         }
+        drop(segments);
+        let full = full || !report.unreadable_segments.is_empty();
 
         if full {
-            let listed = self.list_packs().await?;
+            // What the index knew before the listing: a pack this process stores while the
+            // listing runs is missing from it but must not be forgotten.
             let index = self.index.clone();
             let known = blocking(move || index.packs()).await??;
+            let listed = self.list_packs().await?;
             let listed_ids: HashSet<PackId> = listed.iter().map(|(id, _)| *id).collect();
             let missing: Vec<(PackId, u64)> = listed
                 .into_iter()

@@ -50,6 +50,8 @@ pub struct SyncReport {
     pub packs_read: u64,
     pub packs_forgotten: u64,
     pub unreadable_packs: Vec<String>,
+    /// Index segments that could not be read (their packs were indexed from their tables).
+    pub unreadable_segments: Vec<String>,
 }
 
 pub struct Repository {
