@@ -155,9 +155,8 @@ impl BlockDevice for MountDevice {
     /// Prefetches the range into the chunk cache.
     async fn cache(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
         self.disk
-            .read_at(offset, u64::from(len))
+            .cache(offset, u64::from(len))
             .await
-            .map(|_| ())
             .map_err(to_device)
     }
 }

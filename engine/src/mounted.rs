@@ -152,6 +152,20 @@ impl MountedDisk {
         Ok(out)
     }
 
+    /// Prefetches the range into the chunk cache (NBD_CMD_CACHE): chunk by chunk, within the
+    /// cache's prefetch budget, nothing held once fetched, so a client asking for gigabytes
+    /// costs fetches, not memory. Nothing to do once served from the local file.
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.reader.check(offset, len)?;
+        if len == 0 || self.local.read().await.is_some() {
+            return Ok(());
+        }
+        let chunk = u64::from(self.reader.layout().chunk_size());
+        let slots: Vec<u64> = (offset / chunk..(offset + len).div_ceil(chunk)).collect();
+        self.reader.prefetch(&slots).await;
+        Ok(())
+    }
+
     fn overlay_mut(&self) -> Result<&Overlay> {
         self.overlay
             .as_ref()

@@ -731,3 +731,58 @@ fn a_stopped_hydration_resumes_where_it_was() {
     assert!(m.wait(Duration::from_secs(10)), "log:\n{}", m.log());
     compare(&img, &hyd);
 }
+
+/// Peak resident memory of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn cache_requests_for_the_whole_disk_hold_no_memory() {
+    let (w, img, point) = random_point(192 << 20, 77);
+    let m = Mount::start(
+        &w,
+        &[
+            &point,
+            "--disk",
+            "sys",
+            "--listen",
+            "127.0.0.1:0",
+            "--memory-cache",
+            "8MiB",
+        ],
+        1,
+    );
+    let uri = m.uris[0].clone();
+    // Sixteen NBD_CMD_CACHE requests for the whole 192 MiB disk at once, then a read of every
+    // byte. Holding what a request fetched takes the disk's size at least; prefetching into
+    // the cache takes the cache.
+    let script = "import nbd, sys\n\
+                  h = nbd.NBD(); h.connect_uri(sys.argv[1]); size = h.get_size()\n\
+                  cookies = [h.aio_cache(size, 0) for _ in range(16)]\n\
+                  while h.aio_in_flight() > 0:\n    h.poll(-1)\n\
+                  assert all(h.aio_command_completed(c) for c in cookies)\n\
+                  out = open(sys.argv[2], 'wb')\n\
+                  for off in range(0, size, 1 << 20):\n    out.write(h.pread(1 << 20, off))\n\
+                  out.close(); print('ok')\n";
+    let out = w.path("out.raw");
+    let o = ok(
+        "/usr/bin/python3",
+        &["-c", script, &uri, out.to_str().unwrap()],
+    );
+    assert_eq!(o.trim(), "ok");
+    compare(&img, &out);
+    let peak = peak_rss(m.pid());
+    assert!(
+        peak < 128 << 20,
+        "peak {} MiB after CACHE requests; log:\n{}",
+        peak >> 20,
+        m.log()
+    );
+}
