@@ -389,6 +389,12 @@ async fn open_disk(
                 )));
             }
             let part = PathBuf::from(format!("{}.part", file.display()));
+            if same_file(&part, &file) {
+                // Stopped after recording the merge, before the part name was removed.
+                std::fs::remove_file(&part)
+                    .map_err(|e| Error::io(format!("removing {}", part.display()), e))?;
+                let _ = std::fs::remove_file(format!("{}.done", part.display()));
+            }
             if !file.exists() && part.exists() {
                 // Stopped between recording the merge and the rename: finish it.
                 std::fs::rename(&part, &file).map_err(|e| {
@@ -532,5 +538,14 @@ async fn save_boot_trace(repo: &Arc<Repository>, point: &PointManifest, disks: &
         Ok(true) => tracing::info!(point = %point.id, "boot trace stored"),
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, "cannot store the boot trace"),
+    }
+}
+
+/// True when both names exist and are one file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
     }
 }

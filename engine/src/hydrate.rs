@@ -81,27 +81,43 @@ const JOURNAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 struct Journal {
     path: PathBuf,
     header: String,
+    /// The header once a merge of the overlay `merging=<overlay>` into the part file has begun:
+    /// the part then holds some of that overlay's blocks, and is a copy of the point plus those
+    /// writes, which only a mount of the same overlay may resume (its merge rewrites them all).
+    /// `None` for a read-only mount, which must never take such a part as a copy of the point.
+    merging: Option<String>,
+    /// Set once the merge is recorded; held while the record is written, so that a progress
+    /// record still being written when the copy ends can never replace the merge's.
+    merge_recorded: Mutex<bool>,
 }
 
 impl Journal {
-    fn new(part: &Path, reader: &RandomReader) -> Self {
+    fn new(part: &Path, reader: &RandomReader, overlay: Option<String>) -> Self {
         let d = reader.disk_reader();
+        let header = format!(
+            "blockvault hydration v1 point={} disk={} size={} chunk={}\n",
+            d.point(),
+            d.name(),
+            reader.size(),
+            reader.layout().chunk_size()
+        );
         Self {
             path: PathBuf::from(format!("{}.done", part.display())),
-            header: format!(
-                "blockvault hydration v1 point={} disk={} size={} chunk={}\n",
-                d.point(),
-                d.name(),
-                reader.size(),
-                reader.layout().chunk_size()
-            ),
+            merging: overlay.map(|o| format!("{} merging={o}\n", header.trim_end())),
+            header,
+            merge_recorded: Mutex::new(false),
         }
     }
 
-    /// The chunks an earlier hydration of this very disk recorded, if its record is intact.
+    /// The chunks an earlier hydration of this very disk recorded, if its record is intact and
+    /// its part file holds nothing but the point (or what this mount's overlay merges again).
     fn load(&self, count: usize) -> Option<Vec<bool>> {
         let bytes = std::fs::read(&self.path).ok()?;
-        let bits = bytes.strip_prefix(self.header.as_bytes())?;
+        let bits = bytes.strip_prefix(self.header.as_bytes()).or_else(|| {
+            self.merging
+                .as_ref()
+                .and_then(|m| bytes.strip_prefix(m.as_bytes()))
+        })?;
         if bits.len() != count.div_ceil(8) {
             return None;
         }
@@ -114,7 +130,35 @@ impl Journal {
 
     /// Replaces the record with `copied` (write to a temporary file, then rename).
     fn store(&self, copied: &[bool]) -> std::io::Result<()> {
-        let mut out = self.header.clone().into_bytes();
+        let recorded = self
+            .merge_recorded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *recorded {
+            return Ok(());
+        }
+        self.store_as(&self.header, copied)
+    }
+
+    /// Records that every chunk is in and the overlay's merge begins.
+    fn store_merging(&self, copied: &[bool]) -> std::io::Result<()> {
+        let header = self.merging.as_ref().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a read-only mount merges nothing",
+            )
+        })?;
+        let mut recorded = self
+            .merge_recorded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.store_as(header, copied)?;
+        *recorded = true;
+        Ok(())
+    }
+
+    fn store_as(&self, header: &str, copied: &[bool]) -> std::io::Result<()> {
+        let mut out = header.as_bytes().to_vec();
         let mut bits = vec![0u8; copied.len().div_ceil(8)];
         for (s, _) in copied.iter().enumerate().filter(|(_, c)| **c) {
             bits[s / 8] |= 1 << (s % 8);
@@ -155,7 +199,8 @@ pub fn start_hydration(
         .map(|s| u64::from(reader.layout().chunk_len(s)))
         .sum();
     let part = PathBuf::from(format!("{}.part", path.display()));
-    let journal = Arc::new(Journal::new(&part, &reader));
+    let overlay = disk.overlay().map(|o| o.identity());
+    let journal = Arc::new(Journal::new(&part, &reader, overlay));
     let resumed_slots = part
         .is_file()
         .then(|| journal.load(count as usize))
@@ -262,13 +307,18 @@ pub fn start_hydration(
                 Err(e)
             }
             None if disk.writable() => {
-                // Every chunk is durable: record it, so that a stop during the merge resumes
-                // straight into the merge.
+                // Every chunk is durable: record it, and that the merge begins, so that a stop
+                // during the merge resumes straight into the merge with this overlay, and only
+                // with it.
                 let (j, f, c) = (journal.clone(), file.clone(), copied.clone());
-                let recorded = tokio::task::spawn_blocking(move || record_once(&j, &f, &c))
-                    .await
-                    .map_err(Error::task)
-                    .and_then(|r| r.map_err(werr(&part)));
+                let recorded = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    let snapshot = c.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                    f.sync_data()?;
+                    j.store_merging(&snapshot)
+                })
+                .await
+                .map_err(Error::task)
+                .and_then(|r| r.map_err(werr(&part)));
                 match recorded {
                     Ok(()) => match disk.switch_to_local(&part, &path).await {
                         Ok(n) => {

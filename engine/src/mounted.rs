@@ -268,8 +268,9 @@ impl MountedDisk {
     /// every chunk is durable), renames it to `file` and serves the disk from it from then on.
     /// The guest keeps reading and writing meanwhile: a first pass copies the overlay while
     /// remembering what the guest changes; then requests are held for a second pass over just
-    /// those changes, the part file is synced, the overlay directory records that `file` now holds
-    /// the disk (`<disk>.local`), and the rename happens. Returns the bytes merged.
+    /// those changes, the part file is synced and linked as `file`, the overlay directory records
+    /// that `file` now holds the disk (`<disk>.local`), and the part name is removed. Returns the
+    /// bytes merged.
     pub async fn switch_to_local(&self, part: &Path, file: &Path) -> Result<u64> {
         let Some(o) = &self.overlay else {
             return Err(Error::Invalid(
@@ -289,24 +290,57 @@ impl MountedDisk {
             .map(|r| (r.0, r.1))
             .collect();
         let mut merged = self.merge(o, &target, &everything).await?;
+        blockvault_repo::test_hold("hydration-merge-pass").await;
+        // Made durable before requests are held: the sync below then has only the second
+        // pass's few blocks to write, and the guest waits milliseconds, not for the whole merge.
+        let t = target.clone();
+        blocking(move || t.file.sync_data().map_err(t.err())).await?;
         let mut local = self.local.write().await;
         o.flush().await?;
         let changed = o.take_changes();
         merged += self.merge(o, &target, &changed).await?;
         let t = target.clone();
         blocking(move || t.file.sync_all().map_err(t.err())).await?;
-        o.record_merged_into(file)?;
-        blockvault_repo::test_hold("hydration-merged").await;
+        // `file` is linked to the part file before the merge is recorded: a file of that name
+        // that appeared meanwhile makes the switch fail here, with nothing recorded, and the
+        // guest goes on writing to the overlay. Once the record says `file`, the disk is served
+        // from it whatever fails after, or the guest's next writes would go to an overlay the
+        // next mount no longer reads.
         let (from, to) = (part.to_owned(), file.to_owned());
-        blocking(move || {
-            crate::exclusive::rename_no_replace(&from, &to).map_err(|source| Error::Output {
+        let opened = blocking(move || {
+            std::fs::hard_link(&from, &to).map_err(|source| Error::Output {
                 path: to.clone(),
                 source,
             })?;
-            sync_parent(&to)
+            sync_parent(&to)?;
+            LocalFile::open(&to)
         })
         .await?;
-        *local = Some(Arc::new(LocalFile::open(file)?));
+        let recorded = o.record_merged_into(file);
+        if recorded.is_err() && o.merged_into().ok().flatten().as_deref() != Some(file) {
+            // Not recorded: the overlay still holds the disk. The link goes again.
+            let _ = std::fs::remove_file(file);
+            return recorded.map(|_| 0);
+        }
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, "recording the merge reported an error, but the record is there");
+        }
+        blockvault_repo::test_hold("hydration-merged").await;
+        *local = Some(Arc::new(opened));
+        drop(local);
+        let from = part.to_owned();
+        let unlinked = blocking(move || {
+            std::fs::remove_file(&from).map_err(|source| Error::Output {
+                path: from.clone(),
+                source,
+            })?;
+            sync_parent(&from)
+        })
+        .await;
+        if let Err(e) = unlinked {
+            // The next mount removes a part file that is the same file as `file`.
+            tracing::warn!(error = %e, "removing the part file after the merge");
+        }
         Ok(merged)
     }
 

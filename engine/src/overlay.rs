@@ -223,6 +223,16 @@ impl Overlay {
         &self.data_path
     }
 
+    /// What names this overlay in a hydration's record of a merge begun: its data file's
+    /// absolute path.
+    pub fn identity(&self) -> String {
+        let data = self.local_path.with_extension("data");
+        std::fs::canonicalize(&data)
+            .unwrap_or(data)
+            .display()
+            .to_string()
+    }
+
     /// The local file this overlay was merged into, if it was (`<disk>.local`, see
     /// `MountedDisk::switch_to_local`). A record for another restore point is an error.
     pub fn merged_into(&self) -> Result<Option<PathBuf>> {

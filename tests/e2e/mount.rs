@@ -584,7 +584,7 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
 /// it renamed `FILE.part` to `FILE`: mounting again finishes the rename and serves the file, which
 /// holds the point and the guest's writes.
 #[test]
-fn a_mount_killed_between_the_merge_record_and_the_rename_finishes_the_merge() {
+fn a_mount_killed_right_after_the_merge_record_serves_the_merged_file() {
     let (w, img, point) = random_point(8 << 20, 67);
     let hyd = w.path("hydrated.raw");
     let part = w.path("hydrated.raw.part");
@@ -636,8 +636,11 @@ fn a_mount_killed_between_the_merge_record_and_the_rename_finishes_the_merge() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(w.path("ov/sys.local").exists(), "no merge record");
-    assert!(!hyd.exists() && part.exists(), "renamed before the hold");
-    drop(m); // SIGKILL between the merge record and the rename
+    assert!(
+        hyd.exists() && part.exists(),
+        "the part name was removed before the hold"
+    );
+    drop(m); // SIGKILL between the merge record and the removal of the part name
 
     let expect = w.path("expect.raw");
     std::fs::copy(&img, &expect).unwrap();
@@ -653,10 +656,7 @@ fn a_mount_killed_between_the_merge_record_and_the_rename_finishes_the_merge() {
         "log:\n{}",
         m.log()
     );
-    assert!(
-        hyd.exists() && !part.exists(),
-        "the rename was not finished"
-    );
+    assert!(hyd.exists() && !part.exists(), "the part name stayed");
     assert!(
         !w.path("hydrated.raw.part.done").exists(),
         "the hydration record stayed"
@@ -785,4 +785,168 @@ fn cache_requests_for_the_whole_disk_hold_no_memory() {
         peak >> 20,
         m.log()
     );
+}
+
+/// Starts a writable mount of `point` with overlay `ov` hydrating into `hyd`, slowed so that a
+/// write lands in the overlay before the copy ends, held at test hook `hook` (see
+/// `BLOCKVAULT_TEST_HOLD`) while the file `hold` exists.
+fn held_hydrating_mount(w: &World, point: &str, ov: &Path, hyd: &Path, hook: &str) -> Mount {
+    let hold = w.path("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let mut cmd = w.cmd(&[
+        "restore",
+        "mount",
+        point,
+        "--disk",
+        "sys",
+        "--listen",
+        "127.0.0.1:0",
+        "--writable",
+        "--overlay",
+        ov.to_str().unwrap(),
+        "--hydrate-to",
+        hyd.to_str().unwrap(),
+        "--limit-download",
+        "2MiB/s",
+    ]);
+    cmd.env("BLOCKVAULT_TEST_HOLD", format!("{hook}:{}", hold.display()));
+    Mount::spawn(cmd, w.path("mount-held.log"), 1)
+}
+
+fn wait_for(path: &Path, m: &Mount) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{} never appeared; log:\n{}",
+            path.display(),
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_merge_stopped_half_way_is_never_taken_for_a_copy_of_the_point() {
+    let (w, img, point) = random_point(8 << 20, 71);
+    let hyd = w.path("hydrated.raw");
+    let ov = w.path("ov");
+    let m = held_hydrating_mount(&w, &point, &ov, &hyd, "hydration-merge-pass");
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1m 64k",
+            "-c",
+            "flush",
+            &m.uris[0],
+        ],
+    );
+    // Killed after the overlay's blocks were copied into the part file, before the switch.
+    wait_for(&w.path("hold.reached"), &m);
+    drop(m);
+    assert!(!hyd.exists());
+
+    // A read-only mount hydrating into the same file must copy the point, not the point plus
+    // the overlay's writes the part file now holds.
+    let mut m = Mount::start(
+        &w,
+        &[
+            &point,
+            "--disk",
+            "sys",
+            "--listen",
+            "127.0.0.1:0",
+            "--hydrate-to",
+            hyd.to_str().unwrap(),
+        ],
+        1,
+    );
+    let t = Instant::now();
+    while !hyd.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "hydration never finished; log:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(m.sigterm(), "log:\n{}", m.log());
+    compare(&img, &hyd);
+}
+
+#[test]
+fn a_file_that_appears_before_the_switch_leaves_the_guest_on_its_overlay() {
+    let (w, img, point) = random_point(8 << 20, 73);
+    let hyd = w.path("hydrated.raw");
+    let ov = w.path("ov");
+    let m = held_hydrating_mount(&w, &point, &ov, &hyd, "hydration-merge-pass");
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1m 64k",
+            "-c",
+            "flush",
+            &m.uris[0],
+        ],
+    );
+    wait_for(&w.path("hold.reached"), &m);
+    // Someone else's file takes the name; the switch must fail without recording a merge.
+    std::fs::write(&hyd, b"not the disk").unwrap();
+    std::fs::remove_file(w.path("hold")).unwrap();
+    let t = Instant::now();
+    while !m.log().contains("hydration failed") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the switch did not fail; log:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!w.path("ov/sys.local").exists(), "a merge was recorded");
+    assert_eq!(std::fs::read(&hyd).unwrap(), b"not the disk");
+    // The guest writes on; its writes are in the overlay, and a new mount of it sees them all.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 3m 64k",
+            "-c",
+            "flush",
+            &m.uris[0],
+        ],
+    );
+    drop(m);
+    let m = Mount::start(
+        &w,
+        &[
+            &point,
+            "--disk",
+            "sys",
+            "--listen",
+            "127.0.0.1:0",
+            "--writable",
+            "--overlay",
+            ov.to_str().unwrap(),
+        ],
+        1,
+    );
+    let expect = w.path("expect.raw");
+    std::fs::copy(&img, &expect).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&expect)
+        .unwrap();
+    f.write_all_at(&vec![0x5a; 64 << 10], 1 << 20).unwrap();
+    f.write_all_at(&vec![0x77; 64 << 10], 3 << 20).unwrap();
+    let out = w.path("out.raw");
+    copy_raw(&m.uris[0], out.to_str().unwrap());
+    compare(&expect, &out);
 }
