@@ -389,7 +389,7 @@ impl Packer {
 
     /// Appends a blob, first sending the open pack off when the blob would overflow it.
     fn add(&mut self, blob: &EncodedBlob) {
-        if !self.pack.is_empty() && self.pack.len() + blob.bytes.len() > self.pack_size {
+        if !self.pack.has_room(blob.bytes.len(), self.pack_size) {
             self.flush();
         }
         self.pack.add(blob);

@@ -76,7 +76,7 @@ pub(crate) async fn copy_live(
             }
         };
         for (entry, bytes) in blobs.iter().flat_map(|b| b.blobs()) {
-            if !builder.is_empty() && builder.len() + bytes.len() > opts.pack_size {
+            if !builder.has_room(bytes.len(), opts.pack_size) {
                 let full = std::mem::replace(&mut builder, PackBuilder::new(opts.pack_size));
                 records.push(store(repo, full, report).await?);
             }

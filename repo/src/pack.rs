@@ -11,8 +11,8 @@ use bytes::Bytes;
 use crate::blob::MAX_BLOB_RAW_LEN;
 use crate::crypto::{aad, Keys};
 use crate::format::{
-    AAD_TOC, MAX_TOC_LEN, PACK_HEADER_LEN, PACK_MAGIC, PACK_TRAILER_LEN, PACK_TRAILER_MAGIC,
-    TOC_ENTRY_LEN, TOC_VERSION,
+    AAD_TOC, MAX_TOC_LEN, NONCE_LEN, PACK_HEADER_LEN, PACK_MAGIC, PACK_TRAILER_LEN,
+    PACK_TRAILER_MAGIC, TAG_LEN, TOC_ENTRY_LEN, TOC_VERSION,
 };
 use crate::{BlobKind, ChunkId, EncodedBlob, Error, PackId, Result};
 
@@ -81,6 +81,14 @@ impl PackBuilder {
         self.entries.len()
     }
 
+    /// True when a blob of `len` bytes may go into this pack without passing `pack_size` bytes
+    /// or the most entries a reader accepts in a table of contents (`MAX_TOC_LEN`): a pack of
+    /// 1 GiB of tiny, highly compressed blobs would otherwise hold a table no reader opens. An
+    /// empty pack takes any blob.
+    pub fn has_room(&self, len: usize, pack_size: usize) -> bool {
+        self.is_empty() || (self.len() + len <= pack_size && self.entries.len() < MAX_PACK_ENTRIES)
+    }
+
     pub fn add(&mut self, blob: &EncodedBlob) {
         self.entries.push(PackEntry {
             id: blob.id,
@@ -117,6 +125,11 @@ impl PackBuilder {
         }
     }
 }
+
+/// Most blobs in one pack: its sealed table of contents (version, count, entries, nonce and
+/// tag) stays within `MAX_TOC_LEN`.
+pub const MAX_PACK_ENTRIES: usize =
+    (MAX_TOC_LEN as usize - 5 - NONCE_LEN - TAG_LEN) / TOC_ENTRY_LEN;
 
 fn encode_toc(entries: &[PackEntry]) -> Vec<u8> {
     let mut v = Vec::with_capacity(5 + entries.len() * TOC_ENTRY_LEN);
@@ -323,6 +336,23 @@ mod tests {
             open_whole(&keys, &sealed.id, &t),
             Err(Error::Tampered { .. })
         ));
+    }
+
+    /// A pack full of entries still has a table a reader accepts.
+    #[test]
+    fn a_pack_of_the_most_entries_opens() {
+        let keys = Keys::derive(&random_master_key());
+        let mut b = PackBuilder::new(1 << 20);
+        let blob = encode(&keys, BlobKind::Data, keys.hasher.id(b"x"), b"x", 1);
+        let mut n = 0;
+        while b.has_room(blob.bytes.len(), 1 << 30) {
+            b.add(&blob);
+            n += 1;
+        }
+        assert_eq!(n, MAX_PACK_ENTRIES);
+        let sealed = b.seal(&keys);
+        let entries = open_whole(&keys, &sealed.id, &sealed.bytes).unwrap();
+        assert_eq!(entries.len(), MAX_PACK_ENTRIES);
     }
 
     /// A pack file's table, read in three small pieces, is the whole pack's table; a cut,
