@@ -277,10 +277,27 @@ impl Storage {
                         // refused as existing: finding our own bytes there means it landed.
                         Err(e) if create_only => {
                             let e = self.err(name, e);
-                            if is_already_exists(&e) && self.holds(name, &bytes).await? {
-                                Ok(())
-                            } else {
-                                Err(e)
+                            if !is_already_exists(&e) {
+                                return Err(e);
+                            }
+                            match self.get(name).await {
+                                Ok(there) if there == bytes => Ok(()),
+                                Ok(_) => Err(e),
+                                // Refused as existing, yet nothing is there: S3's 409
+                                // ConditionalRequestConflict while an earlier try of this very
+                                // put is still being processed. Tried again, like any hiccup.
+                                Err(g) if g.is_not_found() => Err(self.err(
+                                    name,
+                                    object_store::Error::Generic {
+                                        store: "S3",
+                                        source: format!(
+                                            "a create-only put was refused as conflicting but no \
+                                             object is there yet ({e})"
+                                        )
+                                        .into(),
+                                    },
+                                )),
+                                Err(g) => Err(g),
                             }
                         }
                         Err(e) => Err(self.err(name, e)),

@@ -149,6 +149,37 @@ fn s3_create_only_put_whose_answer_was_lost_counts_as_done() {
     }
 }
 
+#[test]
+fn s3_create_only_put_refused_as_conflicting_is_tried_again() {
+    let moto = S3Server::start();
+    let proxy = FaultProxy::start(moto.port);
+    let w = S3World::new(&proxy.endpoint(), "conflict");
+    w.init();
+    proxy.set(Mode::Conflict);
+    let img = w.path("disk.img");
+    make_random_image(&img, 4 << 20, 19);
+    let args = S3World::backup_args(&img);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let b = w.json(&a);
+    assert!(
+        proxy.lost.load(Ordering::SeqCst) >= LOST_ANSWERS,
+        "no put was refused"
+    );
+    proxy.set(Mode::Pass);
+    let out = w.path("out.img");
+    let point = b["point"].as_str().unwrap();
+    w.ok(&[
+        "restore",
+        "export",
+        point,
+        "--disk",
+        "d0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(same_content(&img, &out));
+}
+
 fn s3_opts(endpoint: &str) -> StoreOptions {
     StoreOptions {
         s3_endpoint: Some(endpoint.into()),

@@ -227,6 +227,10 @@ pub enum Mode {
     LoseAnswers = 4,
     /// Requests are read and never answered (a server or network that hangs).
     Stall = 5,
+    /// The first few PUTs of packs are refused with 409 ConditionalRequestConflict without
+    /// reaching the server (what S3 answers a create-only put while an earlier try of it is
+    /// still being processed).
+    Conflict = 6,
 }
 
 /// How many pack PUTs [`Mode::LoseAnswers`] loses the answers of.
@@ -360,12 +364,22 @@ fn handle(
         }
         return Ok(());
     }
-    let lose_answer = mode == Mode::LoseAnswers as u8
-        && text.starts_with("PUT ")
+    let is_pack_put = text.starts_with("PUT ")
         && text
             .split_whitespace()
             .nth(1)
-            .is_some_and(|p| p.contains("/packs/"))
+            .is_some_and(|p| p.contains("/packs/"));
+    if mode == Mode::Conflict as u8
+        && is_pack_put
+        && lost.fetch_add(1, Ordering::SeqCst) < LOST_ANSWERS
+    {
+        let mut body = vec![0u8; len];
+        c.read_exact(&mut body)?;
+        faults.fetch_add(1, Ordering::SeqCst);
+        return respond(&mut c, "409 Conflict", "ConditionalRequestConflict");
+    }
+    let lose_answer = mode == Mode::LoseAnswers as u8
+        && is_pack_put
         && lost.fetch_add(1, Ordering::SeqCst) < LOST_ANSWERS;
     if mode == Mode::Forbidden as u8 || (mode == Mode::Flaky as u8 && matches!(n % 5, 1 | 3)) {
         let mut body = vec![0u8; len];
