@@ -87,12 +87,12 @@ async fn usable(repo: &Arc<Repository>, id: ChunkId) -> Result<bool> {
 /// Packs holding every page and chunk `point` references, per the local index: a superset of
 /// what the backup relied on (its dedup hits, its own packs, and the parent's pages and chunks
 /// an incremental reused without reading them).
-async fn point_packs(repo: &Arc<Repository>, point: &PointManifest) -> Result<HashSet<PackId>> {
-    let gone = |what: String| {
-        Error::Invalid(format!(
-            "{what} this backup reuses is no longer stored; run the backup again"
-        ))
-    };
+/// `Ok(Err(what))` names something the point references that is no longer stored; `Err` is a
+/// failure to find out (a store error, damage).
+async fn point_packs(
+    repo: &Arc<Repository>,
+    point: &PointManifest,
+) -> Result<Result<HashSet<PackId>, Gone>> {
     let mut ids = Vec::new();
     for c in &point.configs {
         ids.extend(c.blobs.iter().map(|b| b.0));
@@ -101,10 +101,16 @@ async fn point_packs(repo: &Arc<Repository>, point: &PointManifest) -> Result<Ha
         for (n, page) in d.pages.iter().enumerate() {
             let Some(page) = page else { continue };
             let slots = d.page_slots(point.chunk_size, n);
-            let loaded = repo
-                .load_page(&page.0, slots)
-                .await
-                .map_err(|_| gone(format!("chunk-map page {}", page.0.short())))?;
+            let loaded = match repo.load_page(&page.0, slots).await {
+                Ok(l) => l,
+                // Gone: what a newer plan's deletion explains. Anything else (a store error,
+                // damage) is reported as itself, not as a prune's doing.
+                Err(
+                    blockvault_repo::Error::ChunkMissing { .. }
+                    | blockvault_repo::Error::PackMissing { .. },
+                ) => return Ok(Err(Gone(format!("chunk-map page {}", page.0.short())))),
+                Err(e) => return Err(e.into()),
+            };
             ids.push(page.0);
             ids.extend(loaded.slots.into_iter().flatten());
         }
@@ -124,7 +130,24 @@ async fn point_packs(repo: &Arc<Repository>, point: &PointManifest) -> Result<Ha
     })
     .await
     .map_err(Error::task)??;
-    packs.map_err(|id| gone(format!("chunk {}", id.short())))
+    Ok(packs.map_err(|id| Gone(format!("chunk {}", id.short()))))
+}
+
+/// Something a point references that is no longer stored.
+struct Gone(String);
+
+impl Gone {
+    /// The error a commit fails with: a conflict with the newest plan that deleted packs, else
+    /// the thing that is gone.
+    fn into_error(self, plans: &[blockvault_repo::PublishedPlan]) -> Error {
+        match plans.iter().rev().find(|p| !p.plan.deleted.is_empty()) {
+            Some(p) => conflict(p.plan.epoch),
+            None => Error::Invalid(format!(
+                "{} this backup reuses is no longer stored; run the backup again",
+                self.0
+            )),
+        }
+    }
 }
 
 fn conflict(epoch: Epoch) -> Error {
@@ -146,14 +169,9 @@ pub(crate) async fn commit(
     };
     let plans = repo.plans_after(start_epoch).await?;
     if touches(&plans) {
-        if let Err(e) = relied.complete(repo, point).await {
+        if let Err(gone) = relied.complete(repo, point).await? {
             // Something the point names is gone: a newer plan deleted it.
-            return Err(
-                match plans.iter().rev().find(|p| !p.plan.deleted.is_empty()) {
-                    Some(p) => conflict(p.plan.epoch),
-                    None => e,
-                },
-            );
+            return Err(gone.into_error(&plans));
         }
         for p in &plans {
             if p.plan.deleted.iter().any(|d| relied.packs.contains(d)) {
@@ -161,7 +179,19 @@ pub(crate) async fn commit(
             }
         }
     }
-    repo.save_point(point).await?;
+    if let Err(e) = repo.save_point(point).await {
+        // The put may have landed though it failed (its answer lost, a retry refused): a
+        // manifest that was never checked must not stand. Gone already is what we want.
+        return Err(match repo.delete_point(&point.id).await {
+            Ok(()) => e.into(),
+            Err(d) if d.is_not_found() => e.into(),
+            Err(d) => Error::Invalid(format!(
+                "{e}; restore point {id} may have been written and could not be taken back \
+                 ({d}): run 'blockvault forget {id}'",
+                id = point.id
+            )),
+        });
+    }
     // Plans published while the manifest was written are checked too; a failure to read them is
     // a failed check like any other (the point is taken back below).
     let checked = async {
@@ -169,13 +199,8 @@ pub(crate) async fn commit(
         if !touches(&plans) {
             return Ok(());
         }
-        if let Err(e) = relied.complete(repo, point).await {
-            return Err(
-                match plans.iter().rev().find(|p| !p.plan.deleted.is_empty()) {
-                    Some(p) => conflict(p.plan.epoch),
-                    None => e,
-                },
-            );
+        if let Err(gone) = relied.complete(repo, point).await? {
+            return Err(gone.into_error(&plans));
         }
         let name = ObjectName::Point(point.id);
         let written_ms = repo
@@ -231,11 +256,18 @@ struct Relied {
 
 impl Relied {
     /// Adds the packs of everything the point references (once).
-    async fn complete(&mut self, repo: &Arc<Repository>, point: &PointManifest) -> Result<()> {
+    async fn complete(
+        &mut self,
+        repo: &Arc<Repository>,
+        point: &PointManifest,
+    ) -> Result<Result<(), Gone>> {
         if !self.complete {
-            self.packs.extend(point_packs(repo, point).await?);
+            match point_packs(repo, point).await? {
+                Ok(packs) => self.packs.extend(packs),
+                Err(gone) => return Ok(Err(gone)),
+            }
             self.complete = true;
         }
-        Ok(())
+        Ok(Ok(()))
     }
 }
