@@ -24,9 +24,20 @@ impl MountDevice {
     }
 }
 
+/// The NBD error a failed request is answered with: a full overlay or local file is ENOSPC, so
+/// a hypervisor can pause the guest (qemu's `werror=enospc`) instead of failing its I/O.
 fn to_device(e: blockvault_engine::Error) -> DeviceError {
+    use blockvault_engine::Error as E;
     match e {
-        blockvault_engine::Error::Invalid(m) => DeviceError::invalid(m),
+        E::Invalid(m) => DeviceError::invalid(m),
+        E::Output { ref source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            DeviceError::no_space(e.to_string())
+        }
         other => DeviceError::io(other.to_string()),
     }
 }
@@ -102,13 +113,13 @@ impl BlockDevice for MountDevice {
         offset: u64,
         len: u32,
         fua: bool,
-        _may_trim: bool,
+        may_trim: bool,
     ) -> Result<(), DeviceError> {
         if !self.disk.writable() {
             return Err(DeviceError::perm("the mount is read-only"));
         }
         self.disk
-            .write_zeroes(offset, u64::from(len))
+            .write_zeroes(offset, u64::from(len), may_trim)
             .await
             .map_err(to_device)?;
         if fua {
@@ -123,7 +134,7 @@ impl BlockDevice for MountDevice {
             return Err(DeviceError::perm("the mount is read-only"));
         }
         self.disk
-            .write_zeroes(offset, u64::from(len))
+            .write_zeroes(offset, u64::from(len), true)
             .await
             .map_err(to_device)
     }
@@ -158,5 +169,29 @@ impl BlockDevice for MountDevice {
             .cache(offset, u64::from(len))
             .await
             .map_err(to_device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockvault_nbd::DeviceErrorKind;
+
+    #[test]
+    fn a_full_overlay_is_enospc_and_a_failed_task_is_eio() {
+        let full = blockvault_engine::Error::Output {
+            path: "ov/sys.data".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        assert_eq!(to_device(full).kind(), DeviceErrorKind::NoSpace);
+        let other = blockvault_engine::Error::Output {
+            path: "ov/sys.data".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert_eq!(to_device(other).kind(), DeviceErrorKind::Io);
+        let task = blockvault_engine::Error::Task("panicked".into());
+        assert_eq!(to_device(task).kind(), DeviceErrorKind::Io);
+        let bad = blockvault_engine::Error::Invalid("past the end".into());
+        assert_eq!(to_device(bad).kind(), DeviceErrorKind::Invalid);
     }
 }

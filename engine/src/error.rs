@@ -43,6 +43,9 @@ pub enum Error {
     Invalid(String),
     #[error("cancelled")]
     Cancelled,
+    /// A blocking task panicked or was cancelled: an internal failure, not a bad request.
+    #[error("background task failed: {0}")]
+    Task(String),
     #[error(
         "prune epoch {epoch} condemned data this backup relies on (it was paused/ran longer than \
          the grace period?); run the backup again"
@@ -63,7 +66,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn task(e: tokio::task::JoinError) -> Self {
-        Error::Invalid(format!("background task failed: {e}"))
+        Error::Task(e.to_string())
     }
 }
 

@@ -177,7 +177,9 @@ fn overlay_merges_over_the_backup_and_hydration_copies_everything() {
         disk.write(8192, bytes::Bytes::from(vec![0xee; 12288]))
             .await
             .unwrap();
-        disk.write_zeroes(3 * CHUNK as u64, 4096).await.unwrap();
+        disk.write_zeroes(3 * CHUNK as u64, 4096, true)
+            .await
+            .unwrap();
         let mut expect = data.clone();
         expect[8192..20480].fill(0xee);
         expect[3 * CHUNK..3 * CHUNK + 4096].fill(0);
@@ -207,7 +209,7 @@ fn overlay_merges_over_the_backup_and_hydration_copies_everything() {
         disk.write(4 * CHUNK as u64, bytes::Bytes::from(vec![0x11; 4096]))
             .await
             .unwrap();
-        disk.write_zeroes(0, 4096).await.unwrap();
+        disk.write_zeroes(0, 4096, true).await.unwrap();
         disk.flush().await.unwrap();
         expect[4 * CHUNK..4 * CHUNK + 4096].fill(0x11);
         expect[..4096].fill(0);

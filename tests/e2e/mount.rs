@@ -550,6 +550,43 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
         ],
     );
     f.write_all_at(&vec![0x3e; 12 << 10], 6 << 20).unwrap();
+    // A trim gives the file's space back (a guest's fstrim must not fill the host), and reads
+    // as zeroes; zeroes written with NO_HOLE stay allocated.
+    let before = allocated_bytes(&hyd);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "discard 3m 1m",
+            "-c",
+            "flush",
+            &m.uris[0],
+        ],
+    );
+    assert!(
+        allocated_bytes(&hyd) + (1 << 20) <= before,
+        "trim left {} of {before} bytes allocated",
+        allocated_bytes(&hyd)
+    );
+    f.write_all_at(&vec![0; 1 << 20], 3 << 20).unwrap();
+    let before = allocated_bytes(&hyd);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -z 4m 256k",
+            "-c",
+            "flush",
+            &m.uris[0],
+        ],
+    );
+    assert!(allocated_bytes(&hyd) + (256 << 10) > before);
+    f.write_all_at(&vec![0; 256 << 10], 4 << 20).unwrap();
+    compare(&expect, &hyd);
     let killed = m.pid();
     drop(m); // SIGKILL
     assert!(!hyd.with_extension("raw.part").exists());
