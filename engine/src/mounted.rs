@@ -213,7 +213,8 @@ impl MountedDisk {
         }
     }
 
-    /// Allocation status from `offset`, covering `len` bytes.
+    /// Allocation status from `offset`, covering `len` bytes or, on a fragmented overlay, the
+    /// first `MAX_STATUS_RUNS` runs of it.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>> {
         if self.local_path().is_some() {
             self.reader.check(offset, len)?;
@@ -239,7 +240,10 @@ impl MountedDisk {
             None => backup(offset, len)?,
             Some(o) => {
                 let mut v = Vec::new();
-                for (from, n, st) in o.runs(offset, len) {
+                // A reply may describe less than the range asked for (the client asks again
+                // from where it ends): a fragmented overlay costs a bounded reply, not one run
+                // per 4 KiB block of a 4 GiB request.
+                for (from, n, st) in o.runs_upto(offset, len, MAX_STATUS_RUNS) {
                     match st {
                         BlockState::Backup => v.extend(backup(from, n)?),
                         BlockState::Data => v.push(StatusRun {
@@ -382,6 +386,9 @@ impl MountedDisk {
         Ok(merged)
     }
 }
+
+/// Most overlay runs one block-status reply describes.
+pub const MAX_STATUS_RUNS: usize = 8192;
 
 /// Zeroes a range of the local file without writing zeroes where the file system can: a guest's
 /// `fstrim` must not allocate every free block of its disk in the host's file, and a FAST_ZERO

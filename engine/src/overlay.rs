@@ -282,6 +282,11 @@ impl Overlay {
 
     /// Runs of equal block state over `offset..offset+len` (both 4 KiB aligned).
     pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, BlockState)> {
+        self.runs_upto(offset, len, usize::MAX)
+    }
+
+    /// The first `max` runs of `runs(offset, len)` (they may cover less than the range).
+    pub fn runs_upto(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u64, BlockState)> {
         let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
         let mut out: Vec<(u64, u64, BlockState)> = Vec::new();
         let first = offset / OVERLAY_BLOCK;
@@ -292,7 +297,12 @@ impl Overlay {
             let to = ((b + 1) * OVERLAY_BLOCK).min(offset + len);
             match out.last_mut() {
                 Some((_, l, s)) if *s == st => *l += to - from,
-                _ => out.push((from, to - from, st)),
+                _ => {
+                    if out.len() == max {
+                        break;
+                    }
+                    out.push((from, to - from, st));
+                }
             }
         }
         out
@@ -458,6 +468,19 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn runs_upto_stops_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+        for b in (0..64).step_by(2) {
+            o.zero(b * 4096, 4096).unwrap();
+        }
+        assert_eq!(o.runs(0, 64 * 4096).len(), 64);
+        let first = o.runs_upto(0, 64 * 4096, 5);
+        assert_eq!(first, o.runs(0, 64 * 4096)[..5]);
+        assert_eq!(o.runs_upto(0, 64 * 4096, 100).len(), 64);
     }
 
     #[test]

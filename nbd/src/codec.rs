@@ -158,7 +158,11 @@ impl Decoder for RequestCodec {
             return Ok(None);
         }
         src.advance(proto::REQUEST_HEADER_LEN);
-        let payload = src.split_to(payload_len).freeze();
+        // Copied out rather than split off: a split shares the read buffer's allocation, which
+        // a 32 MiB write grows to 64 MiB, and a 1-byte write waiting on a slow fetch would then
+        // pin all of it while the byte budget counts one byte.
+        let payload = Bytes::copy_from_slice(&src[..payload_len]);
+        src.advance(payload_len);
         Ok(Some(Request {
             flags,
             command,
