@@ -39,6 +39,8 @@ pub const METADATA_REGION: Guid = Guid::from_fields(
 pub const METADATA_SIGNATURE: &[u8; 8] = b"metadata";
 pub const METADATA_TABLE_SIZE: usize = 64 * 1024;
 pub const METADATA_MAX_ENTRIES: u16 = 2047;
+/// Longest parent locator item read (its key/value table; real ones are a few hundred bytes).
+pub const MAX_LOCATOR_LEN: u32 = 64 << 10;
 pub const MD_FLAG_IS_USER: u32 = 1;
 pub const MD_FLAG_IS_VIRTUAL_DISK: u32 = 2;
 pub const MD_FLAG_IS_REQUIRED: u32 = 4;

@@ -382,7 +382,7 @@ fn open_layer(name: &str, path: Option<PathBuf>, src: Arc<dyn ReadAt>) -> Result
     }
     spans.sort();
     for w in spans.windows(2) {
-        if w[0].0 + w[0].1 > w[1].0 {
+        if w[0].0.saturating_add(w[0].1) > w[1].0 {
             return Err(Error::corrupt(
                 name,
                 format!("region table {}", ti + 1),
@@ -391,7 +391,7 @@ fn open_layer(name: &str, path: Option<PathBuf>, src: Arc<dyn ReadAt>) -> Result
                     "{} [{}, {}) overlaps {} [{}, {})",
                     w[0].2,
                     w[0].0,
-                    w[0].0 + w[0].1,
+                    w[0].0.saturating_add(w[0].1),
                     w[1].2,
                     w[1].0,
                     w[1].0 + w[1].1
@@ -500,6 +500,22 @@ fn open_layer(name: &str, path: Option<PathBuf>, src: Arc<dyn ReadAt>) -> Result
                 format!("length {} is shorter than {min}", e.length),
             ));
         }
+        // Only what the reader uses is read: a fixed-size item's first `min` bytes, and at most
+        // MAX_LOCATOR_LEN of a parent locator. A hostile table could otherwise make each of
+        // five items gigabytes long and have them all read into memory.
+        let len = if label == "Parent Locator" {
+            if e.length > MAX_LOCATOR_LEN {
+                return Err(Error::corrupt(
+                    name,
+                    format!("{label} metadata item"),
+                    *at,
+                    format!("length {} is longer than {MAX_LOCATOR_LEN}", e.length),
+                ));
+            }
+            e.length
+        } else {
+            min
+        };
         let off = md_off + e.offset as u64;
         Ok(Some((
             read_struct(
@@ -507,7 +523,7 @@ fn open_layer(name: &str, path: Option<PathBuf>, src: Arc<dyn ReadAt>) -> Result
                 name,
                 &format!("{label} metadata item"),
                 off,
-                e.length as usize,
+                len as usize,
             )?,
             off,
         )))
@@ -636,7 +652,7 @@ fn open_layer(name: &str, path: Option<PathBuf>, src: Arc<dyn ReadAt>) -> Result
             ));
         }
         for (ro, rl, rn) in &reserved {
-            if fo < ro + rl && *ro < fo + need {
+            if fo < ro.saturating_add(*rl) && *ro < fo + need {
                 return Err(Error::corrupt(
                     name,
                     bat_what(idx),

@@ -289,6 +289,15 @@ fn bad_logs() {
         }],
     }];
     assert!(err(b.build()).contains("inside the file identifier or headers"));
+    // No log (LogGuid zero) but a log span at the top of the address space: it overlaps
+    // nothing and the disk opens; checking it must not overflow.
+    let mut img = base().build();
+    rewrite_headers(&mut img, |_, h| {
+        h.log_offset = 0xFFFF_FFFF_FFF0_0000;
+        h.log_length = MIB as u32;
+    });
+    let d = open(img).unwrap();
+    assert!(!d.info().log.replayed);
     // An absurd zero length.
     b.log_entries[0].descriptors = vec![LogDescriptor::Zero {
         file_offset: 4 * MIB,
