@@ -63,6 +63,7 @@ pub fn plan_from_points(
     vm: &str,
     disk: &str,
     disk_size: u64,
+    disk_id: Option<&str>,
     changes: Option<&[u8]>,
 ) -> DiskPlan {
     let Some(json) = changes else {
@@ -76,12 +77,26 @@ pub fn plan_from_points(
         // Without a valid document there is no trustworthy new_rct_id to record either.
         Err(e) => return DiskPlan::full(format!("changed-ranges file refused: {e}"), None),
     };
-    let rct_id = Some(doc.new_rct_id.clone());
+    // A document about another disk (its size or its id differ) says nothing about this one:
+    // the disk is read in full, and its reference point is not recorded, or the next run
+    // would take that disk's changes for this one's.
     if doc.disk.virtual_size != disk_size {
         // check_against reports this rule with the exact sizes.
         let e = doc.check_against(None, disk_size).unwrap_err();
-        return DiskPlan::full(format!("changed-ranges file refused: {e}"), rct_id);
+        return DiskPlan::full(format!("changed-ranges file refused: {e}"), None);
     }
+    if let (Some(theirs), Some(ours)) = (doc.disk.virtual_disk_id.as_deref(), disk_id) {
+        if !same_guid(theirs, ours) {
+            return DiskPlan::full(
+                format!(
+                    "changed-ranges file refused: rule disk-id: the document is about disk \
+                     {theirs}, the disk being backed up is {ours}"
+                ),
+                None,
+            );
+        }
+    }
+    let rct_id = Some(doc.new_rct_id.clone());
     if doc.full {
         let why = if doc.limit_id.is_none() {
             "the changed-ranges file has limit_id null (no reference point): full backup requested"
@@ -126,12 +141,24 @@ pub fn plan_from_points(
     }
 }
 
+/// Two GUIDs written alike but for case and braces (`{5BFD...}` and `5bfd...`).
+fn same_guid(a: &str, b: &str) -> bool {
+    let norm = |s: &str| {
+        s.trim()
+            .trim_start_matches('{')
+            .trim_end_matches('}')
+            .to_ascii_lowercase()
+    };
+    norm(a) == norm(b)
+}
+
 /// [`plan_from_points`] over the repository's readable points.
 pub async fn plan_disk(
     repo: &Repository,
     vm: &str,
     disk: &str,
     disk_size: u64,
+    disk_id: Option<&str>,
     changes: Option<&[u8]>,
 ) -> Result<DiskPlan, blockvault_repo::Error> {
     let points = if changes.is_some() {
@@ -140,7 +167,9 @@ pub async fn plan_disk(
     } else {
         Vec::new()
     };
-    Ok(plan_from_points(&points, vm, disk, disk_size, changes))
+    Ok(plan_from_points(
+        &points, vm, disk, disk_size, disk_id, changes,
+    ))
 }
 
 /// The id of the parent an incremental plan starts from.
@@ -212,6 +241,7 @@ mod tests {
             "vm",
             "disk0",
             SIZE,
+            None,
             Some(&doc(Some("rct:1"), false, SIZE)),
         );
         assert_eq!(p.rct_id.as_deref(), Some("rct:2"));
@@ -238,7 +268,7 @@ mod tests {
                 .expect("a full with a reason")
         };
         let d = doc(Some("rct:9"), false, SIZE);
-        let r = reason(plan_from_points(&pts, "vm", "disk0", SIZE, Some(&d)));
+        let r = reason(plan_from_points(&pts, "vm", "disk0", SIZE, None, Some(&d)));
         assert!(
             r.contains("rule chain") && r.contains("rct:9") && r.contains("rct:1"),
             "{r}"
@@ -248,6 +278,7 @@ mod tests {
             "vm",
             "disk0",
             SIZE,
+            None,
             Some(&doc(Some("rct:1"), true, SIZE)),
         ));
         assert!(r.contains("full: true"), "{r}");
@@ -256,6 +287,7 @@ mod tests {
             "vm",
             "disk0",
             SIZE,
+            None,
             Some(&doc(None, false, SIZE)),
         ));
         assert!(r.contains("limit_id null"), "{r}");
@@ -264,6 +296,7 @@ mod tests {
             "vm",
             "disk0",
             SIZE,
+            None,
             Some(&doc(Some("rct:1"), false, SIZE)),
         ));
         assert!(r.contains("rule parent"), "{r}");
@@ -272,6 +305,7 @@ mod tests {
             "vm",
             "disk0",
             SIZE * 2,
+            None,
             Some(&doc(Some("rct:1"), false, SIZE * 2)),
         ));
         assert!(r.contains("rule disk-size") && r.contains("parent"), "{r}");
@@ -280,10 +314,11 @@ mod tests {
             "vm",
             "disk0",
             SIZE,
+            None,
             Some(&doc(Some("rct:1"), false, SIZE * 2)),
         ));
         assert!(r.contains("rule disk-size"), "{r}");
-        let p = plan_from_points(&pts, "vm", "disk0", SIZE, Some(b"{not json"));
+        let p = plan_from_points(&pts, "vm", "disk0", SIZE, None, Some(b"{not json"));
         assert!(p.rct_id.is_none());
         assert!(reason(p).contains("rule malformed-json"));
         let pts = vec![point(1, "vm", "2026-01-01T00:00:00Z", None, SIZE)];
@@ -292,14 +327,50 @@ mod tests {
             "vm",
             "disk0",
             SIZE,
+            None,
             Some(&doc(Some("rct:1"), false, SIZE)),
         ));
         assert!(r.contains("rule chain"), "{r}");
     }
 
+    /// A document about another disk (another id, another size) is refused, and its reference
+    /// point is not recorded, so the next run cannot take that disk's changes for this one's.
+    #[test]
+    fn a_document_for_another_disk_is_refused_and_its_chain_not_recorded() {
+        let pts = vec![point(1, "vm", "2026-01-01T00:00:00Z", Some("rct:1"), SIZE)];
+        let mut d: serde_json::Value =
+            serde_json::from_slice(&doc(Some("rct:1"), false, SIZE)).unwrap();
+        d["disk"]["virtual_disk_id"] = "{5BFDE23B-CE75-4303-B54F-6C18394F105C}".into();
+        let d = serde_json::to_vec(&d).unwrap();
+        let ours = "{5bfde23b-ce75-4303-b54f-6c18394f105c}";
+        let p = plan_from_points(&pts, "vm", "disk0", SIZE, Some(ours), Some(&d));
+        assert!(
+            matches!(p.plan, ReadPlan::Incremental { .. }),
+            "same id, other case"
+        );
+        let other = "{00000000-ce75-4303-b54f-6c18394f105c}";
+        let p = plan_from_points(&pts, "vm", "disk0", SIZE, Some(other), Some(&d));
+        assert!(
+            p.full_reason().unwrap().contains("rule disk-id"),
+            "{:?}",
+            p.full_reason()
+        );
+        assert!(p.rct_id.is_none());
+        let p = plan_from_points(
+            &pts,
+            "vm",
+            "disk0",
+            SIZE,
+            None,
+            Some(&doc(Some("rct:1"), false, SIZE * 2)),
+        );
+        assert!(p.full_reason().unwrap().contains("rule disk-size"));
+        assert!(p.rct_id.is_none());
+    }
+
     #[test]
     fn no_changes_file_is_a_plain_full() {
-        let p = plan_from_points(&[], "vm", "disk0", SIZE, None);
+        let p = plan_from_points(&[], "vm", "disk0", SIZE, None, None);
         assert!(p.full_reason().is_none() && !p.is_incremental() && p.rct_id.is_none());
     }
 }

@@ -49,6 +49,10 @@ impl DiskSource for VhdxSource {
         self.disk.read_at(offset, buf).map_err(io::Error::other)
     }
 
+    fn disk_id(&self) -> Option<String> {
+        Some(self.disk.disk_id().to_string())
+    }
+
     fn describe(&self) -> SourceInfo {
         SourceInfo {
             format: "vhdx".into(),

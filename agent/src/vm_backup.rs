@@ -215,6 +215,7 @@ pub async fn run(
             &req.vm,
             &d.name,
             d.source.size(),
+            d.source.disk_id().as_deref(),
             d.changes.as_deref(),
         )
         .await?;

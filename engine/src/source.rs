@@ -20,6 +20,11 @@ pub trait DiskSource: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// How the restore point describes this source.
     fn describe(&self) -> SourceInfo;
+    /// The disk's own identity where its format records one (a VHDX's virtual disk id), to
+    /// match a changed-ranges document against.
+    fn disk_id(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A raw disk image (or block device). Holes of a sparse file are found with SEEK_DATA/SEEK_HOLE,
