@@ -55,25 +55,33 @@ pub async fn export_vhdx(
     .map_err(|e| output_error(path, e))?;
     let (tx, mut rx) = writer_channel(&reader);
     let out: PathBuf = path.to_path_buf();
-    let write_thread = tokio::task::spawn_blocking(move || -> Result<()> {
+    // The channel closes both when the last chunk was sent and when fetching failed: the thread
+    // gives the writer back, and only a complete feed finishes the image (its BAT, metadata and
+    // headers). A failed export never holds a VHDX that opens, even for the moment before its
+    // removal.
+    let write_thread = tokio::task::spawn_blocking(move || -> Result<VhdxWriter> {
         let mut writer = writer;
         while let Some((offset, data)) = rx.blocking_recv() {
             writer
                 .write_at(offset, &data)
                 .map_err(|e| output_error(&out, e))?;
         }
-        writer.finish().map_err(|e| output_error(&out, e))
+        Ok(writer)
     });
-    let failed = feed_in_order(&reader, &progress, tx).await.err();
-    let written = write_thread
-        .await
-        .map_err(|e| Error::Invalid(format!("background task failed: {e}")))?;
-    if let Some(e) = failed {
+    let fed = feed_in_order(&reader, &progress, tx).await;
+    let written = write_thread.await.map_err(Error::task);
+    let finished = match (fed, written) {
+        (Ok(()), Ok(Ok(writer))) => {
+            let out = path.to_path_buf();
+            tokio::task::spawn_blocking(move || writer.finish().map_err(|e| output_error(&out, e)))
+                .await
+                .map_err(Error::task)
+                .and_then(|r| r)
+        }
+        (Err(e), _) | (Ok(()), Err(e)) | (Ok(()), Ok(Err(e))) => Err(e),
+    };
+    if finished.is_err() {
         let _ = std::fs::remove_file(path);
-        return Err(e);
     }
-    if written.is_err() {
-        let _ = std::fs::remove_file(path);
-    }
-    written
+    finished
 }

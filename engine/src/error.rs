@@ -65,7 +65,7 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn task(e: tokio::task::JoinError) -> Self {
+    pub fn task(e: tokio::task::JoinError) -> Self {
         Error::Task(e.to_string())
     }
 }
