@@ -360,6 +360,14 @@ fn broken_changed_ranges_fall_back_to_full_with_the_reason() {
             },
             "rule range-inside-disk",
         ),
+        (
+            {
+                let mut d = rct_doc(size, Some("rct:1"), "rct:2", false, &[0..4096]);
+                d["disk"]["virtual_disk_id"] = json!("{00000000-1111-2222-3333-444444444444}");
+                d
+            },
+            "rule disk-id",
+        ),
     ];
     for (i, (doc, rule)) in cases.iter().enumerate() {
         // Each case follows a point whose rct id is rct:1, so only the broken rule differs.
@@ -375,14 +383,9 @@ fn broken_changed_ranges_fall_back_to_full_with_the_reason() {
         assert_eq!(p["disks"][0]["kind"], "full", "case {rule}");
         let r = reason(&p);
         assert!(r.contains(rule), "case {rule}: reason is {r:?}");
-        // A document that parsed gives its new_rct_id to the full; one that did not, nothing.
-        let parsed = [
-            "rule chain",
-            "full: true",
-            "limit_id null",
-            "rule disk-size",
-        ]
-        .contains(rule);
+        // A document that parsed gives its new_rct_id to the full; one that did not, or one
+        // about another disk (its size or id), nothing.
+        let parsed = ["rule chain", "full: true", "limit_id null"].contains(rule);
         let rid = show(&w, &point_id(&p))["disks"][0]["rct_id"].clone();
         assert_eq!(
             rid,
