@@ -20,6 +20,7 @@ use ext4_view::{Ext4, Ext4Error, Metadata};
 use crate::detect::FsKind;
 use crate::device::Window;
 use crate::error::BoxedError;
+use crate::ext4_unwritten::InodeTables;
 use crate::volume::{
     display_path, Entry, EntryKind, ListedFiles, ListedFilesMaker, Listing, OpenFile, Volume,
 };
@@ -27,6 +28,7 @@ use crate::{guarded, Error, Result};
 
 pub struct Ext4Volume {
     fs: Ext4,
+    tables: Option<InodeTables>,
     /// Opens listed files without checking checksums again (see the module's note); made on
     /// first use.
     listed: Option<ListedExt4>,
@@ -62,21 +64,59 @@ impl ext4_view::Ext4Read for UncheckedReads {
 /// The handle that opens listed files (one per thread: the crate's handle is not `Send`).
 pub struct ListedExt4 {
     fs: Ext4,
+    tables: Option<InodeTables>,
+    window: Window,
     what: String,
 }
 
 impl ListedExt4 {
     fn open(w: Window, what: &str) -> Result<Self> {
+        let tables = inode_tables(&mut w.clone());
         let fs = guarded(&format!("the ext4 file system of {what}"), || {
-            Ext4::load(Box::new(UncheckedReads(w))).map_err(|e| Error::Corrupt {
+            Ext4::load(Box::new(UncheckedReads(w.clone()))).map_err(|e| Error::Corrupt {
                 what: format!("the ext4 file system of {what}"),
                 detail: e.to_string(),
             })
         })?;
         Ok(Self {
             fs,
+            tables,
+            window: w,
             what: what.to_string(),
         })
+    }
+}
+
+fn inode_tables(w: &mut Window) -> Option<InodeTables> {
+    let mut sb = [0u8; 1024];
+    w.read_exact_at(1024, &mut sb).ok()?;
+    InodeTables::from_superblock(&sb)
+}
+
+/// Refuses a file that `ext4-view` would read wrong (see `ext4_unwritten`).
+fn check_extents(
+    tables: Option<&InodeTables>,
+    w: &mut Window,
+    f: &ext4_view::File,
+    what: &str,
+    path: &[Vec<u8>],
+) -> Result<()> {
+    let (Some(t), Some(ino)) = (tables, inode_of(f)) else {
+        return Ok(());
+    };
+    let shown = || format!("{} in the ext4 file system of {what}", display_path(path));
+    match t.has_unwritten_extents(w, ino) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(Error::Unsupported {
+            what: shown(),
+            found: "preallocated (unwritten) extents, which the ext4 reader would return as \
+                    the stale contents of their blocks"
+                .into(),
+        }),
+        Err(e) => Err(Error::Corrupt {
+            what: shown(),
+            detail: format!("its extent tree: {e}"),
+        }),
     }
 }
 
@@ -138,6 +178,7 @@ impl Ext4Volume {
         })?;
         Ok(Self {
             fs,
+            tables: InodeTables::from_superblock(&sb),
             listed: None,
             window: w,
             what: what.to_string(),
@@ -286,6 +327,7 @@ impl Volume for Ext4Volume {
             }
             self.fs.open(pp).map_err(|e| self.err(path, e))
         })?;
+        check_extents(self.tables.as_ref(), &mut self.window, &f, &self.what, path)?;
         read_all(&mut f, &self.what, path, piece, out)
     }
 
@@ -314,6 +356,7 @@ impl ListedFiles for ListedExt4 {
                 .map_err(|e| Error::Invalid(format!("{}: {e}", display_path(path))))?;
             self.fs.open(pp).map_err(|e| ext4_err(&self.what, path, e))
         })?;
+        check_extents(self.tables.as_ref(), &mut self.window, &f, &self.what, path)?;
         Ok(Box::new(Ext4File {
             f,
             what: &self.what,

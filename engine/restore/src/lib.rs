@@ -9,6 +9,7 @@
 mod detect;
 mod device;
 mod error;
+mod ext4_unwritten;
 mod ext4fs;
 mod extract;
 pub mod lznt1;

@@ -212,3 +212,65 @@ fn a_directory_block_that_fails_its_checksum_stops_the_extraction() {
         }
     }
 }
+
+/// A file with preallocated (unwritten) extents: the blocks behind them hold stale bytes, which
+/// must never come out as the file's contents. It is refused by name; its neighbours written
+/// before it are intact.
+#[test]
+fn a_file_with_unwritten_extents_is_refused_not_read_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let content = tmp.path().join("c");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("plain"), vec![7u8; 10_000]).unwrap();
+    std::fs::write(content.join("prealloc"), b"abc").unwrap();
+    let img = ext4(tmp.path(), 16, &content, &["-b", "4096"]);
+    // Blocks 1..63 of the file reserved but never written, and the size to cover them.
+    debugfs_w(&img, "fallocate /prealloc 1 63");
+    debugfs_w(&img, "sif /prealloc size 262144");
+    let extents = String::from_utf8(debugfs(&img, "dump_extents /prealloc")).unwrap();
+    assert!(extents.contains("Uninit"), "{extents}");
+    // Stale bytes where the unwritten extent points.
+    let physical: u64 = extents
+        .lines()
+        .find(|l| l.contains("Uninit"))
+        .and_then(|l| l.split_whitespace().nth(6))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no physical start in {extents}"));
+    let mut data = std::fs::read(&img).unwrap();
+    let at = (physical * 4096) as usize;
+    data[at..at + 63 * 4096].fill(0xee);
+    std::fs::write(&img, &data).unwrap();
+
+    let mut v = volume(&img);
+    let mut got = Vec::new();
+    let r = v.read_file(&[b"prealloc".to_vec()], 1 << 20, &mut |_, d| {
+        got.extend_from_slice(d);
+        Ok(())
+    });
+    match r {
+        Err(Error::Unsupported { what, found }) => {
+            assert!(what.contains("prealloc"), "{what}");
+            assert!(found.contains("unwritten"), "{found}");
+        }
+        other => panic!("expected a refusal, got {other:?} with {} bytes", got.len()),
+    }
+    assert!(!got.contains(&0xee), "stale bytes came out");
+    let r = extract(
+        v.as_mut(),
+        &[b"prealloc".to_vec()],
+        &tmp.path().join("out"),
+        &ExtractOptions::default(),
+    );
+    assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+    let mut plain = Vec::new();
+    v.read_file(&[b"plain".to_vec()], 1 << 20, &mut |_, d| {
+        plain.extend_from_slice(d);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(plain, vec![7u8; 10_000]);
+}
+
+fn debugfs_w(img: &Path, req: &str) {
+    run(Command::new("debugfs").args(["-w", "-R", req]).arg(img));
+}
