@@ -359,6 +359,7 @@ fn get(
             "get needs --to DIR (or --out - for one file)".into()
         ));
     };
+    let mut refused = 0u64;
     for spec in paths {
         let loc = parse_location(spec)?;
         let part = match loc.partition {
@@ -393,8 +394,27 @@ fn get(
                     report.skipped_total - report.skipped.len() as u64
                 );
             }
+            for s in &report.refused {
+                eprintln!("  NOT EXTRACTED {s}");
+            }
+            if report.refused_total > report.refused.len() as u64 {
+                eprintln!(
+                    "  ... and {} more not extracted",
+                    report.refused_total - report.refused.len() as u64
+                );
+            }
         }
+        refused += report.refused_total;
         results.push(json!({"path": spec, "partition": part, "report": report}));
+    }
+    if refused > 0 {
+        // Everything else is extracted; the run still fails, so no script takes the tree for
+        // complete.
+        return Err(blockvault_restore::Error::Unsupported {
+            what: format!("{refused} file(s) of what was asked for (listed as NOT EXTRACTED)"),
+            found: "content this reader does not read".into(),
+        }
+        .into());
     }
     Ok(json!({"to": to, "extracted": results}))
 }

@@ -67,6 +67,11 @@ pub struct ExtractReport {
     /// Objects not extracted, with the reason (the first 1000).
     pub skipped: Vec<String>,
     pub skipped_total: u64,
+    /// Files inside the tree whose content the reader refuses (an EFS-encrypted NTFS file, an
+    /// ext4 file with preallocated extents), with the reason (the first 1000). The rest of the
+    /// tree is extracted; the caller reports the extraction as incomplete.
+    pub refused: Vec<String>,
+    pub refused_total: u64,
 }
 
 impl ExtractReport {
@@ -151,6 +156,8 @@ struct Shared {
     root: OwnedFd,
     /// Components of a backup path before its name on the host (the extracted path's parent).
     skip: usize,
+    /// Components of the path asked for: a file with more is inside the tree extracted.
+    asked: usize,
     /// The first error; every thread stops at it.
     error: Mutex<Option<Error>>,
     stop: AtomicBool,
@@ -207,6 +214,17 @@ struct Counts {
     files: u64,
     hard_links: u64,
     bytes: u64,
+    refused: Vec<String>,
+    refused_total: u64,
+}
+
+impl Counts {
+    fn refuse(&mut self, path: &[Vec<u8>], e: &Error) {
+        self.refused_total += 1;
+        if self.refused.len() < 1000 {
+            self.refused.push(format!("{}: {e}", display_path(path)));
+        }
+    }
 }
 
 /// The walking thread's opener of listed files.
@@ -244,6 +262,7 @@ pub fn extract(
     let shared = Arc::new(Shared {
         root: open_root()?,
         skip: src.len().saturating_sub(1),
+        asked: src.len(),
         error: Mutex::new(None),
         stop: AtomicBool::new(false),
         names: Mutex::new(HashMap::new()),
@@ -337,6 +356,12 @@ fn add(r: &mut ExtractReport, c: &Counts) {
     r.files += c.files;
     r.hard_links += c.hard_links;
     r.bytes += c.bytes;
+    r.refused_total += c.refused_total;
+    for x in &c.refused {
+        if r.refused.len() < 1000 {
+            r.refused.push(x.clone());
+        }
+    }
 }
 
 struct Visit {
@@ -512,7 +537,17 @@ fn put_file(
     shared: &Shared,
     counts: &mut Counts,
 ) -> Result<()> {
-    let mut f = files.open_listed(&job.path)?;
+    let mut f = match files.open_listed(&job.path) {
+        Ok(f) => f,
+        // A file inside the tree this reader will not read: left out and named, so that one
+        // encrypted or preallocated file does not cost the rest of the tree. The file named
+        // on the command line itself is an error.
+        Err(e @ Error::Unsupported { .. }) if job.path.len() > shared.asked => {
+            counts.refuse(&job.path, &e);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     let id = f.id();
     let mut first = false;
     if let Some(id) = id {
@@ -568,7 +603,19 @@ fn put_file(
         );
     }
     let file = File::from(created?.0);
-    let size = write_file(f.as_mut(), &file, &job.shown)?;
+    let size = match write_file(f.as_mut(), &file, &job.shown) {
+        Ok(size) => size,
+        // Refused once reading began (NTFS tells encrypted data by its attribute): the file
+        // begun is removed, not left short under its name.
+        Err(e @ Error::Unsupported { .. }) if job.path.len() > shared.asked => {
+            drop(file);
+            rustix::fs::unlinkat(&job.parent.fd, &job.name, AtFlags::empty())
+                .map_err(|e| out_err(&job.shown, e))?;
+            counts.refuse(&job.path, &e);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     rustix::fs::fchmod(&file, mode_of(&job.entry)).map_err(|e| out_err(&job.shown, e))?;
     rustix::fs::futimens(&file, &timestamps(&job.entry)).map_err(|e| out_err(&job.shown, e))?;
     counts.files += 1;

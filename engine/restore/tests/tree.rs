@@ -262,6 +262,24 @@ fn a_file_with_unwritten_extents_is_refused_not_read_stale() {
         &ExtractOptions::default(),
     );
     assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+    // In a tree it is left out and named; everything else is extracted.
+    for threads in [0, 2] {
+        let out = tmp.path().join(format!("tree-{threads}"));
+        let r = extract(
+            v.as_mut(),
+            &[],
+            &out,
+            &ExtractOptions {
+                threads,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.refused_total, 1, "{:?}", r.refused);
+        assert!(r.refused[0].contains("prealloc"), "{:?}", r.refused);
+        assert!(!out.join("prealloc").exists());
+        assert_eq!(std::fs::read(out.join("plain")).unwrap(), vec![7u8; 10_000]);
+    }
     let mut plain = Vec::new();
     v.read_file(&[b"plain".to_vec()], 1 << 20, &mut |_, d| {
         plain.extend_from_slice(d);
