@@ -42,6 +42,11 @@ pub struct ExtractOptions {
     /// Threads writing regular files beside the one walking the tree (0: the walking thread
     /// writes them), where the volume allows.
     pub threads: usize,
+    /// Memory the objects listed but not yet extracted may hold (their paths and names): a
+    /// directory loop through wide directories piles up millions of them, each with a path
+    /// hundreds of names long, before the depth limit ends it. The default takes a directory of
+    /// the largest size extracted (a million entries).
+    pub max_pending_bytes: usize,
 }
 
 impl Default for ExtractOptions {
@@ -50,6 +55,7 @@ impl Default for ExtractOptions {
             max_entries: 10_000_000,
             max_depth: 256,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            max_pending_bytes: 1 << 30,
         }
     }
 }
@@ -371,6 +377,36 @@ struct Visit {
     depth: usize,
 }
 
+impl Visit {
+    /// Memory its path and names hold, roughly.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.path.iter().map(|c| c.len() + 24).sum::<usize>()
+            + self.entry.name.len()
+            + self.entry.raw_name.len()
+    }
+}
+
+/// Visits to make, depth first, with what they hold.
+#[derive(Default)]
+struct Pending {
+    visits: Vec<Visit>,
+    bytes: usize,
+}
+
+impl Pending {
+    fn push(&mut self, v: Visit) {
+        self.bytes += v.bytes();
+        self.visits.push(v);
+    }
+
+    fn pop(&mut self) -> Option<Visit> {
+        let v = self.visits.pop()?;
+        self.bytes -= v.bytes();
+        Some(v)
+    }
+}
+
 /// Walks the tree under `src` depth first, listing through `vol`: creates directories and
 /// symlinks, and hands each regular file to `file` with the same volume (the walking thread
 /// reads and writes it there, or hands it to a writer thread).
@@ -386,7 +422,7 @@ fn walk(
     report: &mut ExtractReport,
     file: &mut dyn FnMut(FileJob, &mut dyn Volume) -> Result<()>,
 ) -> Result<()> {
-    let mut stack = Vec::new();
+    let mut stack = Pending::default();
     if src.is_empty() {
         // The root: its contents go straight into `to`.
         list_into(vol, src, root, 0, opts, &mut stack)?;
@@ -410,7 +446,7 @@ fn walk(
             break;
         }
         seen += 1;
-        if seen > opts.max_entries {
+        if seen + stack.visits.len() as u64 > opts.max_entries {
             return Err(Error::Limit(format!(
                 "{} holds more than {} objects; extract a smaller part of it",
                 display_path(src),
@@ -505,7 +541,7 @@ fn list_into(
     dir: Arc<HostDir>,
     depth: usize,
     opts: &ExtractOptions,
-    stack: &mut Vec<Visit>,
+    stack: &mut Pending,
 ) -> Result<()> {
     // One listing is held in memory at a time per directory being walked: bound it.
     let limit = opts.max_entries.min(MAX_DIR_ENTRIES) as usize;
@@ -525,6 +561,16 @@ fn list_into(
             entry,
             depth,
         });
+    }
+    if stack.visits.len() as u64 > opts.max_entries || stack.bytes > opts.max_pending_bytes {
+        return Err(Error::Limit(format!(
+            "{} and the directories above it hold more objects waiting to be extracted than \
+             this extraction takes ({} of them, {} MiB of names; a directory loop?); extract a \
+             smaller part of it",
+            display_path(path),
+            stack.visits.len(),
+            stack.bytes >> 20
+        )));
     }
     Ok(())
 }

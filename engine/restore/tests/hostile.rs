@@ -39,6 +39,41 @@ fn a_directory_loop_ends_in_a_clear_error() {
     }
 }
 
+/// A loop through a wide directory: every level waits with thousands of visits, each with a
+/// longer path. What waits is bounded, whatever order the loop's link is listed in.
+#[test]
+fn a_directory_loop_through_a_wide_directory_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let content = tmp.path().join("c");
+    std::fs::create_dir_all(content.join("a")).unwrap();
+    for i in 0..3000 {
+        std::fs::write(
+            content.join(format!("a/file-with-a-longish-name-{i:05}")),
+            b"",
+        )
+        .unwrap();
+    }
+    let img = ext4(tmp.path(), 16, &content, &["-N", "8192"]);
+    run(Command::new("debugfs")
+        .args(["-w", "-R", "ln /a /a/aaa"])
+        .arg(&img));
+    let mut v = volume(&img);
+    let r = extract(
+        v.as_mut(),
+        &[b"a".to_vec()],
+        &tmp.path().join("out"),
+        &ExtractOptions {
+            threads: 0,
+            max_pending_bytes: 32 << 20,
+            ..Default::default()
+        },
+    );
+    match r {
+        Err(Error::Limit(m)) => assert!(m.contains("waiting"), "{m}"),
+        other => panic!("expected a limit, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_huge_directory_is_listed_partially_and_extraction_is_bounded() {
     let tmp = tempfile::tempdir().unwrap();
