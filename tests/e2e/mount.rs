@@ -824,10 +824,22 @@ fn cache_requests_for_the_whole_disk_hold_no_memory() {
     );
 }
 
-/// Starts a writable mount of `point` with overlay `ov` hydrating into `hyd`, slowed so that a
-/// write lands in the overlay before the copy ends, held at test hook `hook` (see
-/// `BLOCKVAULT_TEST_HOLD`) while the file `hold` exists.
-fn held_hydrating_mount(w: &World, point: &str, ov: &Path, hyd: &Path, hook: &str) -> Mount {
+/// Runs `cmd` (a qemu-io command) on the served disk, then a flush.
+fn guest_writes(uri: &str, cmd: &str) {
+    ok("qemu-io", &["-f", "raw", "-c", cmd, "-c", "flush", uri]);
+}
+
+/// A writable mount of `point` with overlay `ov` hydrating into `hyd`, slowed so that the guest's
+/// write (0x5a over 64 KiB at 1 MiB) lands in the overlay before the copy ends; returned once it
+/// holds after the merge's first pass (test hook `hydration-merge-pass`, while `hold` exists).
+fn mount_held_mid_merge(w: &World, point: &str, ov: &Path, hyd: &Path) -> Mount {
+    let m = hydrating_mount_held_at(w, point, ov, hyd, "hydration-merge-pass");
+    guest_writes(&m.uris[0], "write -P 0x5a 1m 64k");
+    wait_for(&w.path("hold.reached"), &m);
+    m
+}
+
+fn hydrating_mount_held_at(w: &World, point: &str, ov: &Path, hyd: &Path, hook: &str) -> Mount {
     let hold = w.path("hold");
     std::fs::write(&hold, b"").unwrap();
     let mut cmd = w.cmd(&[
@@ -868,21 +880,8 @@ fn a_merge_stopped_half_way_is_never_taken_for_a_copy_of_the_point() {
     let (w, img, point) = random_point(8 << 20, 71);
     let hyd = w.path("hydrated.raw");
     let ov = w.path("ov");
-    let m = held_hydrating_mount(&w, &point, &ov, &hyd, "hydration-merge-pass");
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5a 1m 64k",
-            "-c",
-            "flush",
-            &m.uris[0],
-        ],
-    );
+    let m = mount_held_mid_merge(&w, &point, &ov, &hyd);
     // Killed after the overlay's blocks were copied into the part file, before the switch.
-    wait_for(&w.path("hold.reached"), &m);
     drop(m);
     assert!(!hyd.exists());
 
@@ -919,20 +918,7 @@ fn a_file_that_appears_before_the_switch_leaves_the_guest_on_its_overlay() {
     let (w, img, point) = random_point(8 << 20, 73);
     let hyd = w.path("hydrated.raw");
     let ov = w.path("ov");
-    let m = held_hydrating_mount(&w, &point, &ov, &hyd, "hydration-merge-pass");
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5a 1m 64k",
-            "-c",
-            "flush",
-            &m.uris[0],
-        ],
-    );
-    wait_for(&w.path("hold.reached"), &m);
+    let m = mount_held_mid_merge(&w, &point, &ov, &hyd);
     // Someone else's file takes the name; the switch must fail without recording a merge.
     std::fs::write(&hyd, b"not the disk").unwrap();
     std::fs::remove_file(w.path("hold")).unwrap();

@@ -115,55 +115,31 @@ fn s3_access_denied_is_one_line_with_the_permissions_to_grant() {
 /// there, the backup goes on instead of failing.
 #[test]
 fn s3_create_only_put_whose_answer_was_lost_counts_as_done() {
-    let moto = S3Server::start();
     // s3s-fs: not run here yet (see the report); the same code path serves any server.
-    #[allow(clippy::single_element_loop)]
-    for (name, port) in [("moto", moto.port)] {
-        let proxy = FaultProxy::start(port);
-        let w = S3World::new(&proxy.endpoint(), "lost");
-        w.init();
-        proxy.set(Mode::LoseAnswers);
-        let img = w.path("disk.img");
-        make_random_image(&img, 4 << 20, 17);
-        let args = S3World::backup_args(&img);
-        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let b = w.json(&a);
-        assert!(
-            proxy.lost.load(Ordering::SeqCst) >= LOST_ANSWERS,
-            "{name}: no answer was lost"
-        );
-        proxy.set(Mode::Pass);
-        let out = w.path("out.img");
-        let point = b["point"].as_str().unwrap();
-        w.ok(&[
-            "restore",
-            "export",
-            point,
-            "--disk",
-            "d0",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(same_content(&img, &out), "{name}");
-        w.ok(&["verify", "--read-data"]);
-    }
+    backup_through(Mode::LoseAnswers, "lost", 17);
 }
 
 #[test]
 fn s3_create_only_put_refused_as_conflicting_is_tried_again() {
+    backup_through(Mode::Conflict, "conflict", 19);
+}
+
+/// A backup through the fault proxy in `mode` (for the first few pack puts) succeeds, and the
+/// point restores exactly and verifies.
+fn backup_through(mode: Mode, prefix: &str, seed: u64) {
     let moto = S3Server::start();
     let proxy = FaultProxy::start(moto.port);
-    let w = S3World::new(&proxy.endpoint(), "conflict");
+    let w = S3World::new(&proxy.endpoint(), prefix);
     w.init();
-    proxy.set(Mode::Conflict);
+    proxy.set(mode);
     let img = w.path("disk.img");
-    make_random_image(&img, 4 << 20, 19);
+    make_random_image(&img, 4 << 20, seed);
     let args = S3World::backup_args(&img);
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let b = w.json(&a);
     assert!(
         proxy.lost.load(Ordering::SeqCst) >= LOST_ANSWERS,
-        "no put was refused"
+        "{mode:?}: no fault was injected"
     );
     proxy.set(Mode::Pass);
     let out = w.path("out.img");
@@ -177,7 +153,8 @@ fn s3_create_only_put_refused_as_conflicting_is_tried_again() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(same_content(&img, &out));
+    assert!(same_content(&img, &out), "{mode:?}");
+    w.ok(&["verify", "--read-data"]);
 }
 
 fn s3_opts(endpoint: &str) -> StoreOptions {
