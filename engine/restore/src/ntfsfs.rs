@@ -131,7 +131,7 @@ impl NtfsVolume {
         &mut self,
         path: &[Vec<u8>],
         piece: usize,
-        out: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+        whole: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<u64> {
         let rec = self.resolve(path)?;
         let file = self
@@ -154,6 +154,35 @@ impl NtfsVolume {
                 found: "EFS-encrypted data".into(),
             });
         }
+        // Past the valid data length the file reads as zeros on Windows, whatever its clusters
+        // hold (a file extended with SetEndOfFile, a preallocated download).
+        let valid = match (
+            attr.is_resident(),
+            attr.position().value(),
+            file.position().value(),
+        ) {
+            (false, Some(at), Some(record))
+                if at.get() >= record.get()
+                    && at.get() - record.get() < u64::from(self.ntfs.file_record_size()) =>
+            {
+                valid_data_length(&mut self.fs, record.get(), at.get() - record.get())
+                    .map_err(|e| self.corrupt(path, format!("its data attribute: {e}")))?
+                    .min(size)
+            }
+            _ => size,
+        };
+        let mut zeroed = Vec::new();
+        let mut out = |off: u64, data: &[u8]| -> Result<()> {
+            if off + data.len() as u64 <= valid {
+                return whole(off, data);
+            }
+            let keep = valid.saturating_sub(off).min(data.len() as u64) as usize;
+            zeroed.clear();
+            zeroed.extend_from_slice(&data[..keep]);
+            zeroed.resize(data.len(), 0);
+            whole(off, &zeroed)
+        };
+        let out = &mut out;
         let value = attr
             .value(&mut self.fs)
             .map_err(|e| self.corrupt(path, e))?;
@@ -450,4 +479,40 @@ impl Reader<'_> {
             attributes: attribute_names(flags),
         })
     }
+}
+
+/// Offset of the initialized (valid data) length in a non-resident attribute's header.
+const INITIALIZED_SIZE_AT: u64 = 0x38;
+/// Update sequence stride of a file record: the last two bytes of each 512-byte stride hold the
+/// sequence number on disk, the real bytes are in the record's update sequence array.
+const USA_STRIDE: u64 = 512;
+
+/// The valid data length of the non-resident attribute at `attr` bytes into the file record at
+/// `record`. `ntfs` 0.4 parses this field but neither exposes nor honours it, so it is read
+/// here, with the record's update sequence applied to the bytes that need it.
+fn valid_data_length(fs: &mut Window, record: u64, attr: u64) -> std::io::Result<u64> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut head = [0u8; 8];
+    fs.read_exact_at(record, &mut head)?;
+    if &head[..4] != b"FILE" {
+        return Err(bad("file record signature missing"));
+    }
+    let usa_at = u64::from(u16::from_le_bytes([head[4], head[5]]));
+    let usa_count = u64::from(u16::from_le_bytes([head[6], head[7]]));
+    let field = attr + INITIALIZED_SIZE_AT;
+    let mut v = [0u8; 8];
+    fs.read_exact_at(record + field, &mut v)?;
+    for (k, b) in v.iter_mut().enumerate() {
+        let p = field + k as u64;
+        if p % USA_STRIDE >= USA_STRIDE - 2 {
+            let stride = p / USA_STRIDE;
+            if stride + 1 >= usa_count {
+                return Err(bad("update sequence array too short"));
+            }
+            let mut fix = [0u8; 2];
+            fs.read_exact_at(record + usa_at + 2 * (stride + 1), &mut fix)?;
+            *b = fix[(p % USA_STRIDE - (USA_STRIDE - 2)) as usize];
+        }
+    }
+    Ok(u64::from_le_bytes(v))
 }

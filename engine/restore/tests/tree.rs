@@ -292,3 +292,83 @@ fn a_file_with_unwritten_extents_is_refused_not_read_stale() {
 fn debugfs_w(img: &Path, req: &str) {
     run(Command::new("debugfs").args(["-w", "-R", req]).arg(img));
 }
+
+/// An NTFS file whose valid data length is short of its size (as `SetEndOfFile` or a
+/// preallocating download leaves it): past it the file reads as zeros, whatever its clusters
+/// hold. Compared with what ntfscat reads.
+#[test]
+fn ntfs_bytes_past_the_valid_data_length_read_as_zeros() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("ntfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    run(Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&img));
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(Command::new("ntfs-3g").arg(&img).arg(&mnt));
+    let written = std::fs::write(mnt.join("vdl.bin"), vec![0xabu8; 65536]);
+    run(Command::new("umount").arg(&mnt));
+    written.unwrap();
+
+    // The file's record: the MFT's place from the boot sector, the inode number from ntfsinfo.
+    let info = String::from_utf8(run(Command::new("ntfsinfo")
+        .args(["-F", "/vdl.bin"])
+        .arg(&img)))
+    .unwrap();
+    let inode: u64 = info
+        .split("Dumping Inode ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no inode in {info}"));
+    let mut data = std::fs::read(&img).unwrap();
+    let le = |b: &[u8]| b.iter().rev().fold(0u64, |a, x| a << 8 | u64::from(*x));
+    let cluster = le(&data[0x0b..0x0d]) * u64::from(data[0x0d]);
+    let record_size = match data[0x40] as i8 {
+        n if n < 0 => 1u64 << -n,
+        n => n as u64 * cluster,
+    };
+    let record = (le(&data[0x30..0x38]) * cluster + inode * record_size) as usize;
+    assert_eq!(&data[record..record + 4], b"FILE");
+    // Find the non-resident $DATA attribute and set its initialized size to 4096.
+    let mut at = record + le(&data[record + 0x14..record + 0x16]) as usize;
+    loop {
+        let ty = le(&data[at..at + 4]);
+        assert_ne!(ty, 0xffff_ffff, "no $DATA attribute");
+        if ty == 0x80 {
+            break;
+        }
+        at += le(&data[at + 4..at + 8]) as usize;
+    }
+    assert_eq!(data[at + 8], 1, "$DATA is not non-resident");
+    let field = at + 0x38 - record;
+    assert!(
+        field % 512 < 502,
+        "the field crosses an update sequence position"
+    );
+    assert_eq!(le(&data[at + 0x38..at + 0x40]), 65536);
+    data[at + 0x38..at + 0x40].copy_from_slice(&4096u64.to_le_bytes());
+    std::fs::write(&img, &data).unwrap();
+
+    let oracle = run(Command::new("ntfscat").arg(&img).arg("vdl.bin"));
+    let mut v = volume(&img);
+    // Holes may be left out of the pieces: fill a buffer of the file's size.
+    let mut got = vec![0u8; 65536];
+    let size = v
+        .read_file(&[b"vdl.bin".to_vec()], 1 << 20, &mut |off, d| {
+            got[off as usize..off as usize + d.len()].copy_from_slice(d);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(size, 65536);
+    assert!(
+        got == oracle,
+        "differs from ntfscat ({} bytes) from byte {:?}",
+        oracle.len(),
+        got.iter().zip(&oracle).position(|(a, b)| a != b)
+    );
+    assert!(got[..4096].iter().all(|b| *b == 0xab));
+    assert!(got[4096..].iter().all(|b| *b == 0));
+}
