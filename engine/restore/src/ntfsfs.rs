@@ -148,6 +148,20 @@ impl NtfsVolume {
         let attr = item.to_attribute().map_err(|e| self.corrupt(path, e))?;
         let size = attr.value_length();
         let flags = attr.flags();
+        let info = file.info().map_err(|e| self.corrupt(path, e))?;
+        if info
+            .file_attributes()
+            .contains(NtfsFileAttributeFlags::REPARSE_POINT)
+        {
+            if let Some(why) = reparse_tag(&mut self.fs, &file)
+                .and_then(|tag| elsewhere(tag, info.file_attributes()))
+            {
+                return Err(Error::Unsupported {
+                    what: display_path(path),
+                    found: why,
+                });
+            }
+        }
         if flags.contains(NtfsAttributeFlags::ENCRYPTED) {
             return Err(Error::Unsupported {
                 what: display_path(path),
@@ -406,10 +420,44 @@ impl Volume for NtfsVolume {
     }
 }
 
-/// Reparse tags of links: `IO_REPARSE_TAG_MOUNT_POINT` (junctions, volume mount points) and
-/// `IO_REPARSE_TAG_SYMLINK` ([MS-FSCC] 2.1.2.1).
+/// Reparse tags of links: `IO_REPARSE_TAG_MOUNT_POINT` (junctions, volume mount points),
+/// `IO_REPARSE_TAG_SYMLINK` and WSL's `IO_REPARSE_TAG_LX_SYMLINK` ([MS-FSCC] 2.1.2.1).
 fn is_link_tag(tag: u32) -> bool {
-    tag == 0xA000_0003 || tag == 0xA000_000C
+    matches!(tag, 0xA000_0003 | 0xA000_000C | 0xA000_001D)
+}
+
+/// Reparse tags of special files, listed and skipped like links: WSL sockets, FIFOs and
+/// character and block devices, and app execution aliases ([MS-FSCC] 2.1.2.1).
+fn is_special_tag(tag: u32) -> bool {
+    matches!(
+        tag,
+        0x8000_0023 | 0x8000_0024 | 0x8000_0025 | 0x8000_0026 | 0x8000_001B
+    )
+}
+
+/// `IO_REPARSE_TAG_CLOUD` and its sixteen variants `IO_REPARSE_TAG_CLOUD_1..F` (OneDrive and
+/// other cloud-file providers), which differ in bits 12-15 ([MS-FSCC] 2.1.2.1).
+fn is_cloud_tag(tag: u32) -> bool {
+    tag & 0xFFFF_0FFF == 0x9000_001A
+}
+
+/// Why the data of a regular file with reparse tag `tag` is not what its `$DATA` stream holds,
+/// if it is not: a cloud placeholder whose data may still be in the cloud (offline or sparse),
+/// a file whose data lives elsewhere (WOF-compressed, deduplicated) or a WSL special file.
+fn elsewhere(tag: u32, flags: NtfsFileAttributeFlags) -> Option<String> {
+    if is_cloud_tag(tag) {
+        let placeholder = flags.contains(NtfsFileAttributeFlags::OFFLINE)
+            || flags.contains(NtfsFileAttributeFlags::SPARSE_FILE);
+        return placeholder.then(|| {
+            "a cloud-file placeholder (OneDrive or the like) whose data may not be on this disk"
+                .to_string()
+        });
+    }
+    Some(match tag {
+        0x8000_0017 => "WOF-compressed data (compact OS), stored outside its $DATA stream".into(),
+        0x8000_0013 => "deduplicated data, stored in the volume's chunk store".into(),
+        t => format!("a reparse point of tag {t:#010x} (not a link or a cloud file)"),
+    })
 }
 
 /// The reparse tag of a file: the first 4 bytes of its $REPARSE_POINT attribute (little endian);
@@ -444,8 +492,10 @@ impl Reader<'_> {
         };
         let info = file.info().map_err(|e| corrupt(&e))?;
         let flags = info.file_attributes();
+        // Only links are left out; other reparse points (cloud files, say) are files or
+        // directories, and reading one whose data is elsewhere is refused by name.
         let link = flags.contains(NtfsFileAttributeFlags::REPARSE_POINT)
-            && (!file.is_directory() || reparse_tag(self.fs, file).is_some_and(is_link_tag));
+            && reparse_tag(self.fs, file).is_some_and(|t| is_link_tag(t) || is_special_tag(t));
         let kind = if link {
             // Symbolic links and junctions point at Windows paths; they are listed, not followed.
             // A junction or directory link is a directory record too: taken for a directory, it

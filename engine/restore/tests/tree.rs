@@ -372,3 +372,67 @@ fn ntfs_bytes_past_the_valid_data_length_read_as_zeros() {
     assert!(got[..4096].iter().all(|b| *b == 0xab));
     assert!(got[4096..].iter().all(|b| *b == 0));
 }
+
+/// NTFS files with reparse points that are not links: a hydrated cloud file (OneDrive) is
+/// extracted with its data; a cloud placeholder whose data is elsewhere and a WOF-compressed
+/// file are refused by name, and in a tree left out and listed, never skipped silently.
+#[test]
+fn ntfs_cloud_files_are_extracted_and_files_whose_data_is_elsewhere_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("ntfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    run(Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&img));
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(Command::new("ntfs-3g").arg(&img).arg(&mnt));
+    let made = (|| -> std::io::Result<()> {
+        std::fs::write(mnt.join("hydrated.docx"), vec![0x42u8; 20_000])?;
+        std::fs::write(mnt.join("wof.dll"), vec![0x43u8; 20_000])?;
+        std::fs::write(mnt.join("plain.txt"), b"plain")?;
+        Ok(())
+    })();
+    let tag = |file: &str, tag: u32| {
+        run(Command::new("python3")
+            .args([
+                "-c",
+                "import os, struct, sys\n\
+                 os.setxattr(sys.argv[1], 'system.ntfs_reparse_data', \
+                 struct.pack('<IHH', int(sys.argv[2]), 4, 0) + b'\\x01\\x00\\x00\\x00')",
+            ])
+            .arg(mnt.join(file))
+            .arg(tag.to_string()));
+    };
+    if made.is_ok() {
+        tag("hydrated.docx", 0x9000_101A);
+        tag("wof.dll", 0x8000_0017);
+    }
+    run(Command::new("umount").arg(&mnt));
+    made.unwrap();
+
+    let mut v = volume(&img);
+    let mut got = Vec::new();
+    v.read_file(&[b"hydrated.docx".to_vec()], 1 << 20, &mut |_, d| {
+        got.extend_from_slice(d);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, vec![0x42u8; 20_000]);
+    let r = v.read_file(&[b"wof.dll".to_vec()], 1 << 20, &mut |_, _| Ok(()));
+    assert!(
+        matches!(&r, Err(Error::Unsupported { found, .. }) if found.contains("WOF")),
+        "{r:?}"
+    );
+    let out = tmp.path().join("out");
+    let r = extract(v.as_mut(), &[], &out, &ExtractOptions::default()).unwrap();
+    assert_eq!(r.refused_total, 1, "{:?}", r.refused);
+    assert!(r.refused[0].contains("wof.dll"), "{:?}", r.refused);
+    assert_eq!(
+        std::fs::read(out.join("hydrated.docx")).unwrap(),
+        vec![0x42u8; 20_000]
+    );
+    assert_eq!(std::fs::read(out.join("plain.txt")).unwrap(), b"plain");
+    assert!(!out.join("wof.dll").exists());
+}
