@@ -383,20 +383,34 @@ impl Drop for TargetLock {
 
 fn lock_target(dir: &Path) -> Result<TargetLock> {
     let path = dir.join(".blockvault-restore.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+    let busy = || {
         Error::Input(format!(
             "another restore is writing into {} (it holds {}); wait for it or restore elsewhere",
             dir.display(),
             path.display()
         ))
-    })?;
-    Ok(TargetLock { path, _file: f })
+    };
+    for _ in 0..3 {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| busy())?;
+        // The lock file goes when its run ends: one opened just before that removal is locked
+        // here on a file no longer in the directory, while another run creates and locks a new
+        // one. Only the file that still has the name counts; otherwise open it again.
+        let held = rustix::fs::fstat(&f).ok();
+        let named = rustix::fs::stat(&path).ok();
+        if let (Some(h), Some(n)) = (held, named) {
+            if (h.st_dev, h.st_ino) == (n.st_dev, n.st_ino) {
+                return Ok(TargetLock { path, _file: f });
+            }
+        }
+    }
+    Err(busy())
 }
 
 /// Renames a finished part file to its final name. Without `overwrite` a file that appeared at
