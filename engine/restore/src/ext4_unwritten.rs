@@ -22,6 +22,9 @@ pub struct InodeTables {
     /// Byte offset of the group descriptor table, and the size of one descriptor.
     gdt: u64,
     desc_size: u64,
+    /// Each block group's inode table (its first block), as read: files of one directory
+    /// mostly share a group, so most checks read the inode alone.
+    tables: std::collections::HashMap<u64, u64>,
 }
 
 const EXTENTS_FL: u32 = 0x8_0000;
@@ -72,19 +75,27 @@ impl InodeTables {
             inode_size,
             gdt: (first_data_block + 1) * block_size,
             desc_size,
+            tables: std::collections::HashMap::new(),
         })
     }
 
     /// True when inode `ino` maps any unwritten extent.
-    pub fn has_unwritten_extents(&self, w: &mut Window, ino: u64) -> std::io::Result<bool> {
+    pub fn has_unwritten_extents(&mut self, w: &mut Window, ino: u64) -> std::io::Result<bool> {
         let index = ino.checked_sub(1).ok_or_else(|| corrupt("inode 0"))?;
         let group = index / self.inodes_per_group;
-        let mut desc = vec![0u8; self.desc_size as usize];
-        w.read_exact_at(self.gdt + group * self.desc_size, &mut desc)?;
-        let mut table = u64::from(u32_at(&desc, 0x08));
-        if self.desc_size >= 64 {
-            table |= u64::from(u32_at(&desc, 0x28)) << 32;
-        }
+        let table = match self.tables.get(&group) {
+            Some(t) => *t,
+            None => {
+                let mut desc = vec![0u8; self.desc_size as usize];
+                w.read_exact_at(self.gdt + group * self.desc_size, &mut desc)?;
+                let mut t = u64::from(u32_at(&desc, 0x08));
+                if self.desc_size >= 64 {
+                    t |= u64::from(u32_at(&desc, 0x28)) << 32;
+                }
+                self.tables.insert(group, t);
+                t
+            }
+        };
         let at = table
             .checked_mul(self.block_size)
             .and_then(|t| t.checked_add((index % self.inodes_per_group) * self.inode_size))

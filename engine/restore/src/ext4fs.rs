@@ -95,7 +95,7 @@ fn inode_tables(w: &mut Window) -> Option<InodeTables> {
 
 /// Refuses a file that `ext4-view` would read wrong (see `ext4_unwritten`).
 fn check_extents(
-    tables: Option<&InodeTables>,
+    tables: Option<&mut InodeTables>,
     w: &mut Window,
     f: &ext4_view::File,
     what: &str,
@@ -327,7 +327,7 @@ impl Volume for Ext4Volume {
             }
             self.fs.open(pp).map_err(|e| self.err(path, e))
         })?;
-        check_extents(self.tables.as_ref(), &mut self.window, &f, &self.what, path)?;
+        check_extents(self.tables.as_mut(), &mut self.window, &f, &self.what, path)?;
         read_all(&mut f, &self.what, path, piece, out)
     }
 
@@ -356,7 +356,7 @@ impl ListedFiles for ListedExt4 {
                 .map_err(|e| Error::Invalid(format!("{}: {e}", display_path(path))))?;
             self.fs.open(pp).map_err(|e| ext4_err(&self.what, path, e))
         })?;
-        check_extents(self.tables.as_ref(), &mut self.window, &f, &self.what, path)?;
+        check_extents(self.tables.as_mut(), &mut self.window, &f, &self.what, path)?;
         Ok(Box::new(Ext4File {
             f,
             what: &self.what,

@@ -299,18 +299,9 @@ fn debugfs_w(img: &Path, req: &str) {
 #[test]
 fn ntfs_bytes_past_the_valid_data_length_read_as_zeros() {
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("ntfs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    run(Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&img));
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    run(Command::new("ntfs-3g").arg(&img).arg(&mnt));
-    let written = std::fs::write(mnt.join("vdl.bin"), vec![0xabu8; 65536]);
-    run(Command::new("umount").arg(&mnt));
-    written.unwrap();
+    let img = ntfs_image(tmp.path(), |mnt| {
+        std::fs::write(mnt.join("vdl.bin"), vec![0xabu8; 65536])
+    });
 
     // The file's record: the MFT's place from the boot sector, the inode number from ntfsinfo.
     let info = String::from_utf8(run(Command::new("ntfsinfo")
@@ -379,38 +370,25 @@ fn ntfs_bytes_past_the_valid_data_length_read_as_zeros() {
 #[test]
 fn ntfs_cloud_files_are_extracted_and_files_whose_data_is_elsewhere_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("ntfs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    run(Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&img));
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    run(Command::new("ntfs-3g").arg(&img).arg(&mnt));
-    let made = (|| -> std::io::Result<()> {
+    let img = ntfs_image(tmp.path(), |mnt| {
         std::fs::write(mnt.join("hydrated.docx"), vec![0x42u8; 20_000])?;
         std::fs::write(mnt.join("wof.dll"), vec![0x43u8; 20_000])?;
         std::fs::write(mnt.join("plain.txt"), b"plain")?;
-        Ok(())
-    })();
-    let tag = |file: &str, tag: u32| {
-        run(Command::new("python3")
-            .args([
-                "-c",
-                "import os, struct, sys\n\
-                 os.setxattr(sys.argv[1], 'system.ntfs_reparse_data', \
-                 struct.pack('<IHH', int(sys.argv[2]), 4, 0) + b'\\x01\\x00\\x00\\x00')",
-            ])
-            .arg(mnt.join(file))
-            .arg(tag.to_string()));
-    };
-    if made.is_ok() {
+        let tag = |file: &str, tag: u32| {
+            run(Command::new("python3")
+                .args([
+                    "-c",
+                    "import os, struct, sys\n\
+                     os.setxattr(sys.argv[1], 'system.ntfs_reparse_data', \
+                     struct.pack('<IHH', int(sys.argv[2]), 4, 0) + b'\\x01\\x00\\x00\\x00')",
+                ])
+                .arg(mnt.join(file))
+                .arg(tag.to_string()));
+        };
         tag("hydrated.docx", 0x9000_101A);
         tag("wof.dll", 0x8000_0017);
-    }
-    run(Command::new("umount").arg(&mnt));
-    made.unwrap();
+        Ok(())
+    });
 
     let mut v = volume(&img);
     let mut got = Vec::new();
@@ -435,4 +413,22 @@ fn ntfs_cloud_files_are_extracted_and_files_whose_data_is_elsewhere_refused() {
     );
     assert_eq!(std::fs::read(out.join("plain.txt")).unwrap(), b"plain");
     assert!(!out.join("wof.dll").exists());
+}
+
+/// A 16 MiB NTFS image made with mkntfs and filled by `fill` through an ntfs-3g mount (unmounted
+/// before a failure of `fill` is reported).
+fn ntfs_image(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> std::path::PathBuf {
+    let img = dir.join("ntfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    run(Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&img));
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(Command::new("ntfs-3g").arg(&img).arg(&mnt));
+    let filled = fill(&mnt);
+    run(Command::new("umount").arg(&mnt));
+    filled.unwrap();
+    img
 }
