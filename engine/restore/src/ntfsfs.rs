@@ -113,12 +113,30 @@ impl NtfsVolume {
                 &mut self.fs,
                 &name,
             );
-            let entry = match found {
-                None => return Err(Error::NotFound(display_path(here))),
+            // The index is ordered by upper-cased name, so `find` is case-insensitive: in a
+            // case-sensitive directory (WSL, ntfs-3g) it may give `Report.txt` for `report.txt`.
+            // A name it does not give back exactly is looked for among all the entries, as the
+            // listing spelled it; only when none matches exactly does the case-insensitive
+            // match stand (a path typed in another case).
+            let insensitive = match found {
+                None => None,
                 Some(Err(e)) => return Err(self.corrupt(here, e)),
-                Some(Ok(e)) => e,
+                Some(Ok(e)) => {
+                    let key = e.key().transpose().map_err(|e| self.corrupt(here, e))?;
+                    let rec = e.file_reference().file_record_number();
+                    Some((rec, key.is_some_and(|k| k.name().to_string_lossy() == name)))
+                }
             };
-            let next = entry.file_reference().file_record_number();
+            let next = match insensitive {
+                Some((rec, true)) => rec,
+                other => match exact_entry(&mut self.fs, &self.what, &index, here, &name)? {
+                    Some(rec) => rec,
+                    None => match other {
+                        Some((rec, _)) => rec,
+                        None => return Err(Error::NotFound(display_path(here))),
+                    },
+                },
+            };
             if next < FIRST_USER_RECORD {
                 return Err(Error::NotFound(display_path(here)));
             }
@@ -418,6 +436,45 @@ impl Volume for NtfsVolume {
         let what = self.what.clone();
         guarded(&what, || self.read_stream(path, piece, out))
     }
+}
+
+/// The record of the one entry of `index` whose name reads exactly `name` (as a listing
+/// spells it, unpaired surrogates replaced). Several such records are refused rather than
+/// one picked: their names differ only in what the replacement hid.
+fn exact_entry(
+    fs: &mut Window,
+    what: &str,
+    index: &ntfs::NtfsIndex<'_, '_, ntfs::indexes::NtfsFileNameIndex>,
+    here: &[Vec<u8>],
+    name: &str,
+) -> Result<Option<u64>> {
+    let corrupt = |here: &[Vec<u8>], e: ntfs::NtfsError| Error::Corrupt {
+        what: format!("{} in {what}", display_path(here)),
+        detail: e.to_string(),
+    };
+    let mut it = index.entries();
+    let mut found = None;
+    while let Some(e) = it.next(fs) {
+        let e = e.map_err(|e| corrupt(here, e))?;
+        let Some(key) = e.key() else { continue };
+        let key = key.map_err(|e| corrupt(here, e))?;
+        if key.namespace() == NtfsFileNamespace::Dos || key.name().to_string_lossy() != name {
+            continue;
+        }
+        let rec = e.file_reference().file_record_number();
+        match found {
+            Some(r) if r != rec => {
+                return Err(Error::Unsupported {
+                    what: display_path(here),
+                    found: "several NTFS names that read the same once their unpaired \
+                            UTF-16 surrogates are replaced"
+                        .into(),
+                })
+            }
+            _ => found = Some(rec),
+        }
+    }
+    Ok(found)
 }
 
 /// Reparse tags of links: `IO_REPARSE_TAG_MOUNT_POINT` (junctions, volume mount points),

@@ -432,3 +432,33 @@ fn ntfs_image(dir: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> st
     filled.unwrap();
     img
 }
+
+/// A case-sensitive NTFS directory (as WSL and ntfs-3g make them) holding `Report.txt` and
+/// `report.txt`: each name reads its own file, alone and in a tree, while a name typed in
+/// another case still finds a file when no name matches exactly.
+#[test]
+fn ntfs_names_that_differ_only_in_case_are_different_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = ntfs_image(tmp.path(), |mnt| {
+        std::fs::create_dir(mnt.join("d"))?;
+        std::fs::write(mnt.join("d/Report.txt"), b"upper")?;
+        std::fs::write(mnt.join("d/report.txt"), b"lower")?;
+        std::fs::write(mnt.join("d/Only.txt"), b"only")
+    });
+    let mut v = volume(&img);
+    let read = |v: &mut Box<dyn Volume>, p: &str| {
+        let mut got = Vec::new();
+        v.read_file(&split_path(p).unwrap(), 1 << 20, &mut |_, d| {
+            got.extend_from_slice(d);
+            Ok(())
+        })
+        .map(|_| got)
+    };
+    assert_eq!(read(&mut v, "/d/Report.txt").unwrap(), b"upper");
+    assert_eq!(read(&mut v, "/d/report.txt").unwrap(), b"lower");
+    assert_eq!(read(&mut v, "/D/ONLY.TXT").unwrap(), b"only");
+    let out = tmp.path().join("out");
+    extract(v.as_mut(), &[], &out, &ExtractOptions::default()).unwrap();
+    assert_eq!(std::fs::read(out.join("d/Report.txt")).unwrap(), b"upper");
+    assert_eq!(std::fs::read(out.join("d/report.txt")).unwrap(), b"lower");
+}
