@@ -12,6 +12,11 @@ use super::source::{ReadAt, Sector};
 const MAX_LOG_LENGTH: u64 = 256 * MIB;
 /// Largest number of 4 KiB sectors a replay may touch (4 GiB).
 const MAX_OVERLAY_SECTORS: u64 = 1 << 20;
+/// Entries tile the log, so the lengths of the entries whose headers survive add up to about
+/// the log's length. A hostile log can put a header claiming the whole log at every 4 KiB; each
+/// would be checksummed over its full length (quadratic: 16 TiB for a 256 MiB log). Checking
+/// stops, with an error, once this many times the log's length has been checksummed.
+const MAX_CHECKED_LOG_LENGTHS: u64 = 4;
 
 #[derive(Debug)]
 enum Desc {
@@ -54,9 +59,37 @@ fn circular(log: &[u8], pos: u64, len: u64) -> Vec<u8> {
     out
 }
 
-/// Parses and fully validates the entry at `pos` (§2.3.1); `Err` says why it
-/// is not a valid entry of this log.
-fn parse_entry(log: &[u8], pos: u64, log_guid: &Guid) -> Result<Entry, String> {
+/// Why an entry header was not taken.
+enum Invalid {
+    /// Not a valid entry of this log; says why.
+    Entry(String),
+    /// Checking it would pass the log's checksum budget.
+    Budget,
+}
+
+impl From<String> for Invalid {
+    fn from(why: String) -> Self {
+        Invalid::Entry(why)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(why: &str) -> Self {
+        Invalid::Entry(why.into())
+    }
+}
+
+/// Parses and fully validates the entry at `pos` (§2.3.1); `Err` says why it is not a valid
+/// entry of this log. `budget` is what may still be checksummed; it is charged the entry's
+/// length. Only with `keep` are the descriptors (and their sectors) kept: the scan checks every
+/// header, and only the active sequence's entries are parsed again to be replayed.
+fn parse_entry(
+    log: &[u8],
+    pos: u64,
+    log_guid: &Guid,
+    budget: &mut u64,
+    keep: bool,
+) -> Result<Entry, Invalid> {
     let l = log.len() as u64;
     let h = &log[pos as usize..pos as usize + LOG_ENTRY_HEADER_SIZE];
     if &h[0..4] != LOG_ENTRY_SIGNATURE {
@@ -68,94 +101,98 @@ fn parse_entry(log: &[u8], pos: u64, log_guid: &Guid) -> Result<Entry, String> {
     let desc_count = le_u32(h, 24) as u64;
     let guid = Guid::from_bytes(&h[32..48]);
     if length == 0 || length % LOG_SECTOR != 0 || length > l {
-        return Err(format!("bad EntryLength {length}"));
+        return Err(format!("bad EntryLength {length}").into());
     }
     if tail % LOG_SECTOR != 0 || tail >= l {
-        return Err(format!("bad Tail {tail}"));
+        return Err(format!("bad Tail {tail}").into());
     }
     if seq == 0 {
         return Err("SequenceNumber 0".into());
     }
     if guid != *log_guid {
-        return Err(format!(
-            "LogGuid {guid} does not match the header's {log_guid}"
-        ));
+        return Err(format!("LogGuid {guid} does not match the header's {log_guid}").into());
     }
     let total_sectors = length / LOG_SECTOR;
     let desc_bytes = LOG_ENTRY_HEADER_SIZE as u64 + desc_count * LOG_DESCRIPTOR_SIZE as u64;
     let desc_sectors = desc_bytes.div_ceil(LOG_SECTOR);
     if desc_sectors > total_sectors {
-        return Err(format!(
-            "DescriptorCount {desc_count} does not fit EntryLength {length}"
-        ));
+        return Err(
+            format!("DescriptorCount {desc_count} does not fit EntryLength {length}").into(),
+        );
     }
+    *budget = budget.checked_sub(length).ok_or(Invalid::Budget)?;
     let bytes = circular(log, pos, length);
     let stored = le_u32(&bytes, 4);
     let computed = crc32c_with_zeroed_field(&bytes, 4);
     if stored != computed {
-        return Err(format!(
-            "CRC-32C mismatch (stored {stored:#010x}, computed {computed:#010x})"
-        ));
+        return Err(
+            format!("CRC-32C mismatch (stored {stored:#010x}, computed {computed:#010x})").into(),
+        );
     }
-    let mut descs = Vec::with_capacity(desc_count as usize);
+    let mut descs = Vec::new();
     let mut data_index = 0u64;
     for i in 0..desc_count as usize {
         let d = &bytes[LOG_ENTRY_HEADER_SIZE + i * LOG_DESCRIPTOR_SIZE..][..LOG_DESCRIPTOR_SIZE];
         let file_offset = le_u64(d, 16);
         let dseq = le_u64(d, 24);
         if dseq != seq {
-            return Err(format!(
-                "descriptor {i} has SequenceNumber {dseq}, entry has {seq}"
-            ));
+            return Err(
+                format!("descriptor {i} has SequenceNumber {dseq}, entry has {seq}").into(),
+            );
         }
         if file_offset % LOG_SECTOR != 0 {
-            return Err(format!(
-                "descriptor {i} FileOffset {file_offset} not 4 KiB aligned"
-            ));
+            return Err(
+                format!("descriptor {i} FileOffset {file_offset} not 4 KiB aligned").into(),
+            );
         }
         if &d[0..4] == LOG_ZERO_DESC_SIGNATURE {
             let zl = le_u64(d, 8);
             if zl % LOG_SECTOR != 0 {
-                return Err(format!(
-                    "zero descriptor {i} ZeroLength {zl} not 4 KiB aligned"
-                ));
+                return Err(
+                    format!("zero descriptor {i} ZeroLength {zl} not 4 KiB aligned").into(),
+                );
             }
-            descs.push(Desc::Zero {
-                file_offset,
-                length: zl,
-            });
+            if keep {
+                descs.push(Desc::Zero {
+                    file_offset,
+                    length: zl,
+                });
+            }
         } else if &d[0..4] == LOG_DATA_DESC_SIGNATURE {
             let sector_no = desc_sectors + data_index;
             if sector_no >= total_sectors {
                 return Err(format!(
                     "data descriptor {i} has no data sector inside EntryLength {length}"
-                ));
+                )
+                .into());
             }
             let s =
                 &bytes[(sector_no * LOG_SECTOR) as usize..((sector_no + 1) * LOG_SECTOR) as usize];
             if &s[0..4] != LOG_DATA_SECTOR_SIGNATURE {
-                return Err(format!("data sector {data_index} has a bad signature"));
+                return Err(format!("data sector {data_index} has a bad signature").into());
             }
             let sseq = ((le_u32(s, 4) as u64) << 32) | le_u32(s, 4092) as u64;
             if sseq != seq {
                 return Err(format!(
                     "data sector {data_index} has sequence {sseq}, entry has {seq}"
-                ));
+                )
+                .into());
             }
-            let mut sector = vec![0u8; LOG_SECTOR as usize].into_boxed_slice();
-            sector[0..8].copy_from_slice(&d[8..16]);
-            sector[8..4092].copy_from_slice(&s[8..4092]);
-            sector[4092..4096].copy_from_slice(&d[4..8]);
-            descs.push(Desc::Data {
-                file_offset,
-                sector,
-            });
+            if keep {
+                let mut sector = vec![0u8; LOG_SECTOR as usize].into_boxed_slice();
+                sector[0..8].copy_from_slice(&d[8..16]);
+                sector[8..4092].copy_from_slice(&s[8..4092]);
+                sector[4092..4096].copy_from_slice(&d[4..8]);
+                descs.push(Desc::Data {
+                    file_offset,
+                    sector,
+                });
+            }
             data_index += 1;
         } else {
-            return Err(format!(
-                "descriptor {i} has an unknown signature {:02x?}",
-                &d[0..4]
-            ));
+            return Err(
+                format!("descriptor {i} has an unknown signature {:02x?}", &d[0..4]).into(),
+            );
         }
     }
     Ok(Entry {
@@ -228,15 +265,27 @@ pub(crate) fn replay(
         .map_err(|e| Error::io(file, region, off, e))?;
 
     let mut valid: HashMap<u64, Entry> = HashMap::new();
+    let mut budget = MAX_CHECKED_LOG_LENGTHS * len;
     let mut pos = 0;
     while pos < len {
         if &log[pos as usize..pos as usize + 4] == LOG_ENTRY_SIGNATURE {
-            match parse_entry(&log, pos, &header.log_guid) {
+            match parse_entry(&log, pos, &header.log_guid, &mut budget, false) {
                 Ok(e) => {
                     valid.insert(pos, e);
                 }
-                Err(why) => {
+                Err(Invalid::Entry(why)) => {
                     tracing::debug!(file, log_pos = pos, why, "ignoring invalid log entry");
+                }
+                Err(Invalid::Budget) => {
+                    return Err(Error::corrupt(
+                        file,
+                        region,
+                        off + pos,
+                        format!(
+                            "its entry headers claim more than {MAX_CHECKED_LOG_LENGTHS} times \
+                             the log's {len} bytes; refusing to check them all"
+                        ),
+                    ));
                 }
             }
         }
@@ -314,9 +363,25 @@ pub(crate) fn replay(
         .max(physical_len);
     let mut overlay = BTreeMap::new();
     let mut touched = 0u64;
+    // The chain's lengths add up to at most the log's (checked as it was walked).
+    let mut chain_budget = len;
     for e in &seq {
         let where_ = format!("log entry {} (log offset {})", e.seq, e.pos);
-        for (i, d) in e.descs.iter().enumerate() {
+        let descs = match parse_entry(&log, e.pos, &header.log_guid, &mut chain_budget, true) {
+            Ok(full) => full.descs,
+            Err(Invalid::Entry(why)) => {
+                return Err(Error::corrupt(file, &where_, off + e.pos, why))
+            }
+            Err(Invalid::Budget) => {
+                return Err(Error::corrupt(
+                    file,
+                    &where_,
+                    off + e.pos,
+                    "the active sequence is longer than the log",
+                ))
+            }
+        };
+        for (i, d) in descs.iter().enumerate() {
             let (fo, l) = match d {
                 Desc::Data { file_offset, .. } => (*file_offset, LOG_SECTOR),
                 Desc::Zero {

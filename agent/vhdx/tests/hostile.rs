@@ -306,6 +306,30 @@ fn bad_logs() {
     assert!(err(b.build()).contains("past LastFileOffset"));
 }
 
+/// A log with an entry header claiming the whole log at every 4 KiB: each would be checksummed
+/// over the whole log (16 GiB of work for this 8 MiB log). It is refused once four times the
+/// log has been checked.
+#[test]
+fn a_log_of_overlapping_headers_is_refused_in_bounded_time() {
+    let mut b = base();
+    b.log_guid = Guid::random();
+    b.log_length = 8 * MIB as u32;
+    b.metadata_offset = 9 * MIB;
+    b.bat_offset = 10 * MIB;
+    let mut img = b.build();
+    let log_len = 8 * MIB as usize;
+    for pos in (0..log_len).step_by(4096) {
+        let mut h = [0u8; 64];
+        h[0..4].copy_from_slice(b"loge");
+        h[8..12].copy_from_slice(&(log_len as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&1u64.to_le_bytes());
+        h[32..48].copy_from_slice(&b.log_guid.0);
+        put(&mut img, MIB as usize + pos, &h);
+    }
+    let e = err(img);
+    assert!(e.contains("more than 4 times the log's"), "{e}");
+}
+
 #[test]
 fn reads_out_of_range() {
     let d = open(base().build()).unwrap();
