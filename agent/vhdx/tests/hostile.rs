@@ -259,6 +259,15 @@ fn bad_parent_locators() {
         .unwrap();
     put(&mut bad, at + 20, &0xFFFF_0000u32.to_le_bytes());
     assert!(err(bad).contains("outside the item"));
+    // A locator item longer than any real one (inside the region): refused before it is read.
+    let mut bad = img.clone();
+    let entry = (MD + 32..MD + 32 + 32 * 8)
+        .step_by(32)
+        .find(|&e| img[e + 16..e + 20] == ((at - MD) as u32).to_le_bytes())
+        .expect("the parent locator's entry");
+    put(&mut bad, entry + 20, &(128u32 << 10).to_le_bytes());
+    let e = err(bad);
+    assert!(e.contains("length 131072 is longer than 65536"), "{e}");
 }
 
 #[test]
