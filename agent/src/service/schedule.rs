@@ -3,7 +3,7 @@
 //! translated into the equivalent cron pattern, so one evaluator (the `croner` crate) computes every
 //! next run.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, LocalResult, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 
@@ -46,13 +46,34 @@ impl Schedule {
     }
 
     /// The first time strictly after `t` the schedule fires.
+    ///
+    /// croner searches wall-clock time and answers a wall time that occurs twice (the hour
+    /// repeated when clocks go back) with its first instant, which lies before `t` when `t` is
+    /// in the second pass (02:30 asked for at 02:10 the second time round is 02:30 the first
+    /// time round, an hour ago). Such an answer is replaced by its later instant when that is
+    /// after `t`, else the search goes on from it. Each wall time thus fires once: the first
+    /// time round, or the second when the search starts inside the repeated hour.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron
-            .find_next_occurrence(&t.with_timezone(&self.tz), false)
-            .ok()
-            .map(|d| d.with_timezone(&Utc))
+        let mut from = t.with_timezone(&self.tz);
+        for _ in 0..MAX_SEARCHES {
+            let next = self.cron.find_next_occurrence(&from, false).ok()?;
+            let instants = match self.tz.from_local_datetime(&next.naive_local()) {
+                LocalResult::Ambiguous(a, b) => [a, b],
+                // A time in a gap (moved on by croner) or an unambiguous one.
+                _ => [next, next],
+            };
+            if let Some(at) = instants.into_iter().find(|i| *i > t) {
+                return Some(at.with_timezone(&Utc));
+            }
+            from = next;
+        }
+        None
     }
 }
+
+/// Searches of croner for one next run. Each moves the wall time on by at least a second, and
+/// only answers inside a repeated hour (at most two hours anywhere) can lie at or before `t`.
+const MAX_SEARCHES: usize = 2 * 3600 + 2;
 
 /// Cron patterns are five or six fields of digits and cron punctuation (names allowed), never a
 /// `:` (which every calendar-event time has) and never a calendar shortcut.
@@ -246,6 +267,39 @@ mod tests {
         // 02:30 in Berlin in winter is 01:30 UTC.
         let t = Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap();
         assert_eq!(s.next_after(t), Some(at("2026-11-28T01:30:00Z")));
+    }
+
+    /// 25 October 2026, Europe/Berlin: at 01:00 UTC the clocks go back from 03:00 to 02:00, so
+    /// the wall times 02:00 to 02:59 occur twice (00:00 to 00:59 UTC, then 01:00 to 01:59 UTC).
+    #[test]
+    fn the_repeated_hour_never_yields_a_time_in_the_past() {
+        let daily = Schedule::parse("*-*-* 02:30", chrono_tz::Europe::Berlin).unwrap();
+        // 02:10 the second time round: 02:30 the first time round is in the past.
+        let t = at("2026-10-25T01:10:00Z");
+        assert_eq!(daily.next_after(t), Some(at("2026-10-25T01:30:00Z")));
+        // Once run the first time round, 02:30 does not come again that night.
+        let t = at("2026-10-25T00:30:00Z");
+        assert_eq!(daily.next_after(t), Some(at("2026-10-26T01:30:00Z")));
+
+        let quarter = Schedule::parse("*:0/15", chrono_tz::Europe::Berlin).unwrap();
+        let mut t = at("2026-10-24T23:20:00Z");
+        let mut seen = Vec::new();
+        while t < at("2026-10-25T03:00:00Z") {
+            let next = quarter.next_after(t).unwrap();
+            assert!(next > t, "{next} after {t}: {seen:?}");
+            assert!(next - t <= chrono::Duration::hours(1) + chrono::Duration::minutes(15));
+            seen.push(next);
+            t = next;
+        }
+        // Started inside the repeated hour, the next quarter is the next one on the clock.
+        for start in ["2026-10-25T01:10:00Z", "2026-10-25T01:00:00Z"] {
+            let t = at(start);
+            let next = quarter.next_after(t).unwrap();
+            assert!(
+                next > t && next - t <= chrono::Duration::minutes(15),
+                "{next} after {t}"
+            );
+        }
     }
 
     #[test]
