@@ -196,6 +196,11 @@ pub async fn export_raw_with(
                     Ok(d) => d,
                     Err(e) => {
                         note_loss(slot, e, &mut lost)?;
+                        if !allow_damaged && !is_file {
+                            // A device cannot be taken back like a file: stop at the first
+                            // lost chunk rather than fill it with zeros for the rest.
+                            break;
+                        }
                         None
                     }
                 };
@@ -255,7 +260,11 @@ pub async fn export_raw_with(
                     Ok(Some(d)) => d,
                     Ok(None) => zeros.slice(..len),
                     Err(e) => match note_loss(slot, e, &mut lost) {
-                        Ok(()) => zeros.slice(..len),
+                        Ok(()) if allow_damaged => zeros.slice(..len),
+                        // A stream cannot be taken back: it ends at the first lost chunk, so
+                        // whoever reads it (`| dd of=/dev/...`) gets a short image, never one
+                        // with zeros where the data was.
+                        Ok(()) => break,
                         Err(e) => {
                             fetched = Err(e);
                             break;
