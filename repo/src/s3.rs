@@ -138,6 +138,9 @@ pub fn open_s3(loc: &S3Location, opts: &StoreOptions) -> Result<Arc<dyn ObjectSt
     }
     // `AWS_ALLOW_HTTP=true` (object_store's own variable) counts like --s3-allow-http; the
     // client options set below would otherwise silently replace it.
+    if let Some(ep) = b.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+        refuse_userinfo(loc, &ep)?;
+    }
     let allow_http = opts.s3_allow_http
         || b.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
             .is_some_and(|v| truthy(&v));
@@ -207,12 +210,34 @@ fn truthy(v: &str) -> bool {
     )
 }
 
-/// An endpoint as shown in messages: any `user:secret@` part removed.
+/// An endpoint as shown in messages: any `user:secret@` part of its authority removed.
 fn without_userinfo(ep: &str) -> String {
-    match (ep.find("://"), ep.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}{}", &ep[..s + 3], &ep[at + 1..]),
-        _ => ep.to_string(),
+    let Some(s) = ep.find("://") else {
+        return ep.to_string();
+    };
+    let rest = &ep[s + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{}{}", &ep[..s + 3], &rest[at + 1..]),
+        None => ep.to_string(),
     }
+}
+
+/// Refuses an endpoint with `user:secret@` in it (from --s3-endpoint or AWS_ENDPOINT_URL): the
+/// S3 client would keep it in every request URL, and its error texts print that URL, so the
+/// secret would reach messages, `--json` output and logs. The message shows the endpoint without
+/// it.
+fn refuse_userinfo(loc: &S3Location, ep: &str) -> Result<()> {
+    let shown = without_userinfo(ep);
+    if shown == ep {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{}: the S3 endpoint {shown} was given with credentials (user:password@ before the \
+         host), which are not accepted there; give the endpoint without them and set \
+         AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead",
+        loc.display()
+    )))
 }
 
 /// The S3 error code in an error response body (`<Code>NoSuchBucket</Code>`), if any.
@@ -345,5 +370,32 @@ mod tests {
         assert!(S3Location::parse("s3://").is_err());
         assert!(S3Location::parse("s3://Bad_Bucket/x").is_err());
         assert!(S3Location::parse("s3://b/../x").is_err());
+    }
+
+    #[test]
+    fn an_endpoint_with_credentials_is_refused_without_echoing_them() {
+        let loc = S3Location::parse("s3://bucket/p").unwrap();
+        for ep in [
+            "https://AKIAX:hunter2secret@s3.example.com:9000",
+            "http://hunter2secret@127.0.0.1:9000/",
+        ] {
+            let opts = StoreOptions {
+                s3_endpoint: Some(ep.into()),
+                s3_allow_http: true,
+                ..StoreOptions::default()
+            };
+            let e = open_s3(&loc, &opts).expect_err("refused").to_string();
+            assert!(!e.contains("hunter2secret") && !e.contains("AKIAX"), "{e}");
+            assert!(e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+        }
+        // An '@' in the path is no userinfo.
+        assert_eq!(
+            without_userinfo("https://host:9000/a@b"),
+            "https://host:9000/a@b"
+        );
+        assert_eq!(
+            without_userinfo("https://u:p@host:9000/a@b"),
+            "https://host:9000/a@b"
+        );
     }
 }
