@@ -27,7 +27,7 @@ use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
     HttpResponseBody, HttpService,
 };
-use object_store::ClientOptions;
+use object_store::{ClientConfigKey, ClientOptions};
 use tokio::time::{Instant, Sleep};
 
 use crate::throttle::TokenBucket;
@@ -37,15 +37,26 @@ use crate::throttle::TokenBucket;
 pub(crate) struct PacedConnector {
     pub upload: Option<Arc<TokenBucket>>,
     pub idle: Duration,
+    /// Connect timeout when the client options name none.
     pub connect: Duration,
-    pub allow_http: bool,
 }
 
 impl HttpConnector for PacedConnector {
-    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+    /// Plain HTTP and the connect timeout follow the options of each client: object_store asks
+    /// for one client per purpose, and the credential clients differ from the store's (the
+    /// instance and container metadata services are plain HTTP on a link-local address, with a
+    /// short connect timeout; the web-identity token service is HTTPS only).
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let allow_http = options
+            .get_config_value(&ClientConfigKey::AllowHttp)
+            .is_some_and(|v| crate::s3::truthy(&v));
+        let connect = options
+            .get_config_value(&ClientConfigKey::ConnectTimeout)
+            .and_then(|v| parse_duration(&v))
+            .unwrap_or(self.connect);
         let client = reqwest::Client::builder()
-            .https_only(!self.allow_http)
-            .connect_timeout(self.connect)
+            .https_only(!allow_http)
+            .connect_timeout(connect)
             // S3 speaks HTTP/1.1; services close idle connections after about 20 s.
             .http1_only()
             .pool_idle_timeout(Duration::from_secs(15))
@@ -61,6 +72,26 @@ impl HttpConnector for PacedConnector {
             idle: self.idle,
         }))
     }
+}
+
+/// A duration as object_store shows its settings (`10s`, `1s 500ms`, `2m`); `None` for any other
+/// form.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for part in text.split_whitespace() {
+        let digits = part.find(|c: char| !c.is_ascii_digit())?;
+        let n: u64 = part[..digits].parse().ok()?;
+        total += match &part[digits..] {
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            "m" | "min" => Duration::from_secs(n.checked_mul(60)?),
+            "s" => Duration::from_secs(n),
+            "ms" => Duration::from_millis(n),
+            "us" => Duration::from_micros(n),
+            "ns" => Duration::from_nanos(n),
+            _ => return None,
+        };
+    }
+    (total > Duration::ZERO).then_some(total)
 }
 
 #[derive(Debug)]
@@ -264,9 +295,8 @@ mod tests {
             upload: None,
             idle,
             connect: Duration::from_secs(2),
-            allow_http: true,
         }
-        .connect(&ClientOptions::new())
+        .connect(&ClientOptions::new().with_allow_http(true))
         .unwrap()
     }
 
@@ -363,6 +393,50 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    /// The instance metadata credentials are fetched over plain HTTP through this connector,
+    /// with options that allow it; the store's own client refuses it unless allowed.
+    #[tokio::test]
+    async fn plain_http_follows_the_options_of_each_client() {
+        let port = server(|mut s| async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        })
+        .await;
+        let connector = PacedConnector {
+            upload: None,
+            idle: Duration::from_secs(5),
+            connect: Duration::from_secs(2),
+        };
+        let metadata = connector
+            .connect(&ClientOptions::new().with_allow_http(true))
+            .unwrap();
+        let r = metadata.execute(get(port)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.into_body().bytes().await.unwrap(), &b"ok"[..]);
+        let store = connector.connect(&ClientOptions::new()).unwrap();
+        let e = store.execute(get(port)).await.unwrap_err();
+        let mut text = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            text = format!("{text}: {s}");
+            src = s.source();
+        }
+        assert!(text.contains("URL scheme is not allowed"), "{text}");
+    }
+
+    #[test]
+    fn durations_read_as_object_store_shows_them() {
+        assert_eq!(parse_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_duration("1s 500ms"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration(""), None);
     }
 
     #[test]

@@ -186,7 +186,6 @@ pub fn open_s3(loc: &S3Location, opts: &StoreOptions) -> Result<Arc<dyn ObjectSt
             upload: opts.limit_upload.map(|r| Arc::new(TokenBucket::new(r))),
             idle: opts.request_timeout,
             connect: opts.connect_timeout,
-            allow_http,
         });
     // The builder's own errors name configuration keys, never their values.
     let s3 = b
@@ -203,7 +202,7 @@ pub fn open_s3(loc: &S3Location, opts: &StoreOptions) -> Result<Arc<dyn ObjectSt
 }
 
 /// True for the values object_store reads as true in its boolean settings.
-fn truthy(v: &str) -> bool {
+pub(crate) fn truthy(v: &str) -> bool {
     matches!(
         v.trim().to_ascii_lowercase().as_str(),
         "1" | "true" | "on" | "yes" | "y"
