@@ -151,9 +151,8 @@ impl HttpService for PacedService {
             .parse()
             .map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
         let mut request = reqwest::Request::new(parts.method, url);
-        // object_store sets Content-Length itself, so the streamed body below is still sent with
-        // a known length (S3 refuses chunked transfer encoding).
         *request.headers_mut() = parts.headers;
+        set_content_length(request.headers_mut(), body.content_length() as u64);
         let progress = Arc::new(Progress {
             last: Mutex::new(Instant::now()),
             pacing: AtomicBool::new(false),
@@ -221,6 +220,15 @@ impl HttpService for PacedService {
             timer: Box::pin(tokio::time::sleep(idle)),
         };
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// Gives a request with a body its length when it has none. The body is streamed below, which
+/// without the header goes out with `Transfer-Encoding: chunked`, and S3 refuses that (501 Not
+/// Implemented). object_store sets the header on PUTs only, not on the POST of a bulk delete.
+fn set_content_length(headers: &mut http::HeaderMap, len: u64) {
+    if len > 0 && !headers.contains_key(http::header::CONTENT_LENGTH) {
+        headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     }
 }
 
@@ -425,6 +433,44 @@ mod tests {
             src = s.source();
         }
         assert!(text.contains("URL scheme is not allowed"), "{text}");
+    }
+
+    /// A POST with a body but no Content-Length from object_store (a bulk delete) goes out
+    /// with its length, not chunked.
+    #[tokio::test]
+    async fn a_body_without_a_length_header_is_sent_with_its_length() {
+        let (heads, mut got) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).await.unwrap() == 1 {
+                head.push(b[0]);
+            }
+            heads
+                .send(String::from_utf8_lossy(&head).to_lowercase())
+                .unwrap();
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+        });
+        let body = bytes::Bytes::from_static(b"<Delete><Object><Key>a</Key></Object></Delete>");
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://127.0.0.1:{port}/bucket?delete"))
+            .body(HttpRequestBody::from(body.clone()))
+            .unwrap();
+        let r = client(Duration::from_secs(5)).execute(req).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let head = got.recv().await.unwrap();
+        server.await.unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}\r\n", body.len())),
+            "{head}"
+        );
+        assert!(!head.contains("transfer-encoding"), "{head}");
     }
 
     #[test]
