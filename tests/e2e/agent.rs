@@ -890,3 +890,72 @@ fn agent_applies_retention_prunes_and_verifies_a_sampled_share() {
     ]);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
 }
+
+/// Polls `runs show RUN` until `pred` holds.
+fn wait_run(a: &Agent, run: i64, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = a.json(&["runs", "show", &run.to_string()]);
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {run}: {s:#}; log {}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A run cancelled while it waits for a slot never started: it is recorded as cancelled, and
+/// none of its hooks run (no `after` or `on_error` for work no `before` prepared).
+#[test]
+fn agent_cancel_of_a_queued_run_runs_none_of_its_hooks() {
+    let w = World::with_repo("64KiB");
+    let flag = w.path("slow.flag");
+    std::fs::write(&flag, "").unwrap();
+    let config = slow_job_config(&w, "0 0 1 1 *", &flag, &w.path("released.txt"));
+    let hooks = w.path("hooks.txt");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        r#"[[jobs]]
+name = "waiting"
+schedule = "0 0 1 1 *"
+source = "files"
+[jobs.hooks]
+before = "echo before >> {hooks}"
+after = "echo after >> {hooks}"
+on_error = "echo on_error >> {hooks}"
+[[jobs.vms]]
+name = "other"
+disks = {{ disk0 = {disk} }}
+"#,
+        hooks = hooks.display(),
+        disk = toml_str(&w.path("vm.raw")),
+    ));
+    std::fs::write(&config, text).unwrap();
+    let mut a = Agent::start(&config, &w.path("agent.log"), &[]);
+    // The only slot is taken by the slow job.
+    a.json(&["agent", "run-now", "slow"]);
+    a.wait_row("the slow run", |r| r["status"] == "running");
+    let run = a.json(&["agent", "run-now", "waiting"])["run"]
+        .as_i64()
+        .unwrap();
+    let st = a.json(&["agent", "status"]);
+    assert_eq!(st["jobs"][1]["active"]["status"], "queued", "{st:#}");
+    a.json(&["agent", "cancel", &run.to_string()]);
+    let shown = wait_run(&a, run, |s| s["status"] != "running");
+    assert_eq!(shown["status"], "cancelled", "{shown:#}");
+    assert!(
+        shown["error"].as_str().unwrap_or("").contains("queued"),
+        "{shown:#}"
+    );
+    a.signal("-TERM");
+    assert!(a.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        !hooks.exists(),
+        "hooks of the cancelled queued run ran: {}",
+        std::fs::read_to_string(&hooks).unwrap_or_default()
+    );
+}

@@ -113,15 +113,34 @@ impl Agent {
             },
         );
         drop(active);
-        let me = self.clone();
         let span = tracing::info_span!("run", job = %job, run);
         tokio::spawn(
-            async move {
-                let permit = tokio::select! {
-                    p = me.slots.clone().acquire_owned() => p.ok(),
-                    _ = cancel.cancelled() => None,
-                };
-                if let Some(a) = me
+            self.clone()
+                .queue_then_run(i, job, run, cancel)
+                .instrument(span),
+        );
+        Ok(run)
+    }
+
+    /// Waits for a slot, then runs. A run cancelled while it waits never started: it is recorded
+    /// as cancelled and none of its hooks run (an `after` or `on_error` hook must not undo or
+    /// report work that no `before` hook prepared).
+    async fn queue_then_run(
+        self: Arc<Self>,
+        i: usize,
+        job: String,
+        run: i64,
+        cancel: CancellationToken,
+    ) {
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            p = self.slots.clone().acquire_owned() => p.ok(),
+        };
+        match permit {
+            None => self.cancelled_in_queue(&job, run),
+            Some(permit) => {
+                if let Some(a) = self
                     .active
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -129,19 +148,33 @@ impl Agent {
                 {
                     a.status = "running".into();
                 }
-                me.gauges.running_runs.fetch_add(1, Ordering::Relaxed);
-                super::run::run_job(me.clone(), i, run, cancel).await;
-                me.gauges.running_runs.fetch_sub(1, Ordering::Relaxed);
+                self.gauges.running_runs.fetch_add(1, Ordering::Relaxed);
+                super::run::run_job(self.clone(), i, run, cancel).await;
+                self.gauges.running_runs.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
-                me.active
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&job);
-                me.wake.notify_one();
             }
-            .instrument(span),
+        }
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job);
+        self.wake.notify_one();
+    }
+
+    fn cancelled_in_queue(&self, job: &str, run: i64) {
+        const WHY: &str = "cancelled while queued";
+        tracing::info!("{WHY}");
+        if let Err(e) = self
+            .state
+            .finish_run(run, "cancelled", Some(WHY), Utc::now())
+        {
+            tracing::error!("recording the end of run {run}: {e}");
+        }
+        self.webhooks.emit(
+            "run.cancelled",
+            serde_json::json!({"job": job, "run": run, "status": "cancelled", "error": WHY,
+                "duration_seconds": 0.0, "log_tail": ""}),
         );
-        Ok(run)
     }
 
     fn cancel_run(&self, run: i64) -> Result<String> {
