@@ -959,3 +959,55 @@ disks = {{ disk0 = {disk} }}
         std::fs::read_to_string(&hooks).unwrap_or_default()
     );
 }
+
+/// Two agents whose configurations name the same state file (with different sockets): the
+/// second refuses to start, naming the lock, and leaves the first one's running run alone.
+#[test]
+fn agent_refuses_a_state_file_another_agent_uses() {
+    let w = World::with_repo("64KiB");
+    let flag = w.path("slow.flag");
+    std::fs::write(&flag, "").unwrap();
+    let config = slow_job_config(&w, "0 0 1 1 *", &flag, &w.path("released.txt"));
+    let mut a = Agent::start(&config, &w.path("agent.log"), &[]);
+    let run = a.json(&["agent", "run-now", "slow"])["run"]
+        .as_i64()
+        .unwrap();
+    a.wait_row("the slow run", |r| r["status"] == "running");
+
+    let second = w.path("second.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("agent.sock", "second.sock");
+    std::fs::write(&second, text).unwrap();
+    let mut b = Command::new(BIN)
+        .args(["agent", "run", "--config"])
+        .arg(&second)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = b.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = b.kill();
+            let _ = b.wait();
+            panic!("a second agent started on the same state file");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    b.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("agent.db.lock") && err.contains("another agent is using"),
+        "{err}"
+    );
+    let shown = a.json(&["runs", "show", &run.to_string()]);
+    assert_eq!(shown["status"], "running", "{shown:#}");
+    a.signal("-TERM");
+    assert!(a.wait_exit(Duration::from_secs(30)).success());
+}

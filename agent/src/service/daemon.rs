@@ -390,6 +390,8 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
         .iter()
         .map(Endpoint::load)
         .collect::<Result<Vec<_>>>()?;
+    // Held until the agent exits.
+    let _state_lock = super::state::lock_state(&c.state)?;
     let state = Arc::new(State::open(&c.state)?);
     let now = Utc::now();
     let interrupted = state.mark_interrupted(now)?;

@@ -521,6 +521,48 @@ impl State {
     }
 }
 
+/// The lock beside a state database that only one agent holds: the file name with `.lock`
+/// appended (`agent.db.lock`).
+pub fn lock_path(state: &Path) -> PathBuf {
+    let mut name = state.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    state.with_file_name(name)
+}
+
+/// Takes the exclusive lock of the state database `state` for as long as the returned file is
+/// open. Two agents on one state file would both run every job, and the second one's start would
+/// mark the first one's running runs as interrupted: the lock is taken before anything is read.
+/// The lock is released by the kernel when the process ends, however it ends; the file is closed
+/// in hooks and other children (opened close-on-exec).
+pub fn lock_state(state: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = lock_path(state);
+    let err = |detail: String| Error::State {
+        path: path.clone(),
+        detail,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| err(format!("opening the lock: {e}")))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(err(format!(
+            "another agent is using the state database {} (it holds this lock); one state \
+             file serves one agent",
+            state.display()
+        ))),
+        Err(e) => Err(err(format!("locking: {e}"))),
+    }
+}
+
 impl State {
     /// Deletes the finished runs (and their VM rows) that ended before `before`; returns how
     /// many runs went. Running and queued runs stay whatever their age.
@@ -576,6 +618,20 @@ mod tests {
             .with(|c| c.query_row("SELECT COUNT(*) FROM vm_runs", [], |r| r.get(0)))
             .unwrap();
         assert_eq!(rows, 0, "the old run's VM row went with it");
+    }
+
+    #[test]
+    fn a_second_lock_of_one_state_file_is_refused_naming_the_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state").join("agent.db");
+        let first = lock_state(&p).unwrap();
+        let e = lock_state(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("agent.db.lock") && e.contains("another agent is using"),
+            "{e}"
+        );
+        drop(first);
+        lock_state(&p).unwrap();
     }
 
     #[test]
