@@ -26,6 +26,11 @@ const P_SEGMENT: u8 = b's';
 const P_VERIFY: u8 = b'v';
 /// `d<pack id><offset u32 BE>`: a blob location verification found damaged.
 const P_DAMAGED: u8 = b'd';
+/// `x<pack id>`: a pack gone from the repository though no plan deleted it, with the blobs the
+/// index held in it (chunk id, offset, length: 40 bytes each), until a verify record names it.
+const P_LOST: u8 = b'x';
+/// Bytes of one blob in a `x` value.
+const LOST_BLOB_LEN: usize = 32 + 4 + 4;
 
 /// Where a blob is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +83,14 @@ fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
     k.push(prefix);
     k.extend_from_slice(id);
     k
+}
+
+/// A pack gone from the repository though no plan deleted it, and the blobs (chunk id, offset,
+/// length) the index held in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostPack {
+    pub pack: PackId,
+    pub blobs: Vec<(ChunkId, u32, u32)>,
 }
 
 /// Counts for `repo index` reports.
@@ -459,6 +472,88 @@ impl LocalIndex {
         self.db
             .put(key(P_SEGMENT, &id.0), [])
             .map_err(|e| self.err(e))
+    }
+
+    /// Records packs that are gone though no plan deleted them (lost: removed by hand, a failed
+    /// disk, a lifecycle rule), before [`Self::remove_packs`] forgets them: each blob the index
+    /// held there counts as damaged from now on, here at once and, once a verify record names
+    /// the pack, on every host, so no backup deduplicates against it and incrementals read its
+    /// ranges from their source again. Returns the blobs recorded per pack.
+    pub(crate) fn mark_lost(&self, lost: &HashSet<PackId>) -> Result<Vec<LostPack>> {
+        if lost.is_empty() || self.is_secondary() {
+            return Ok(Vec::new());
+        }
+        let mut blobs: HashMap<PackId, Vec<(ChunkId, u32, u32)>> = HashMap::new();
+        self.for_each_entry(P_CHUNK, |k, v| {
+            if let (Some(l), Some(id)) = (Location::decode(v), ChunkId::from_slice(k)) {
+                if lost.contains(&l.pack) {
+                    blobs.entry(l.pack).or_default().push((id, l.offset, l.len));
+                }
+            }
+        })?;
+        let mut batch = WriteBatch::default();
+        let mut out = Vec::new();
+        for pack in lost {
+            let mut b = blobs.remove(pack).unwrap_or_default();
+            b.sort_by_key(|(_, o, _)| *o);
+            let mut v = Vec::with_capacity(b.len() * LOST_BLOB_LEN);
+            for (id, offset, len) in &b {
+                v.extend_from_slice(id.as_bytes());
+                v.extend_from_slice(&offset.to_le_bytes());
+                v.extend_from_slice(&len.to_le_bytes());
+                batch.put(damaged_key(pack, *offset), []);
+            }
+            batch.put(key(P_LOST, &pack.0), v);
+            out.push(LostPack {
+                pack: *pack,
+                blobs: b,
+            });
+        }
+        self.db.write(batch).map_err(|e| self.err(e))?;
+        let mut d = self
+            .damaged
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for l in &out {
+            d.extend(l.blobs.iter().map(|(_, o, _)| (l.pack, *o)));
+        }
+        Ok(out)
+    }
+
+    /// Lost packs (see [`Self::mark_lost`]) that no verify record names yet.
+    pub(crate) fn lost_packs(&self) -> Result<Vec<LostPack>> {
+        let mut out = Vec::new();
+        self.for_each_entry(P_LOST, |k, v| {
+            let Ok(pack) = <[u8; 16]>::try_from(k) else {
+                return;
+            };
+            let blobs = v
+                .chunks_exact(LOST_BLOB_LEN)
+                .filter_map(|b| {
+                    let id = ChunkId::from_slice(&b[..32])?;
+                    let u = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+                    Some((id, u(32), u(36)))
+                })
+                .collect();
+            out.push(LostPack {
+                pack: PackId(pack),
+                blobs,
+            });
+        })?;
+        Ok(out)
+    }
+
+    /// Drops lost packs from [`Self::lost_packs`] once a verify record names them (their blobs
+    /// stay damaged).
+    pub(crate) fn forget_lost(&self, packs: &[PackId]) -> Result<()> {
+        if packs.is_empty() || self.is_secondary() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for p in packs {
+            batch.delete(key(P_LOST, &p.0));
+        }
+        self.db.write(batch).map_err(|e| self.err(e))
     }
 
     /// Forgets packs that no longer exist in the repository, and their chunks.

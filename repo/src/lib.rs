@@ -45,7 +45,7 @@ pub use boot_trace::{BootTrace, DiskTrace, MAX_TRACE_SLOTS};
 pub use config::{KdfParams, RepoConfig};
 pub use error::{Error, RemoteProblem, Result};
 pub use ids::{PackId, PointId, SegmentId};
-pub use index::{IndexStats, Location};
+pub use index::{IndexStats, Location, LostPack};
 pub use lease::{
     is_live, refresh_interval, Lease, LeaseKind, LeaseRecord, LeaseState, DEFAULT_REFRESH,
     STALE_AFTER_INTERVALS,

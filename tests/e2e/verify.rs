@@ -584,6 +584,64 @@ fn heal(p: &Place) {
     assert!(same_content(&img, &out));
 }
 
+/// A pack removed by hand (not by a prune): verify names it, and from its record every host
+/// stops deduplicating against it, so another host's next backup of the same content stores
+/// the data again and the old point is whole.
+#[test]
+fn a_lost_pack_is_recorded_and_the_next_backup_from_another_host_stores_its_data_again() {
+    Place::both("lost", lost_pack);
+}
+
+fn lost_pack(p: &Place) {
+    let (img, p1) = one_pack_point(p, 51);
+    // Another host has seen the repository (its index has the pack).
+    p.run_in("host2", &["points", "list"]);
+    let pack = only_pack(p);
+    let pack_id = pack.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::remove_file(&pack).unwrap();
+
+    let (c, v) = p.verify(&["--read-data"]);
+    assert_eq!(c, 7, "{v}");
+    let named = v["problems"].as_array().unwrap().iter().any(|q| {
+        q["object"] == format!("pack {pack_id}")
+            && q["detail"]
+                .as_str()
+                .unwrap()
+                .contains("no prune deleted it")
+    });
+    assert!(named, "the lost pack is named: {v}");
+    assert_eq!(ranges_of(&v, &p1, "d"), vec![(0, DISK)], "{v}");
+
+    let spec = format!("d={}", img.display());
+    let o = p.run_in(
+        "host2",
+        &[
+            "backup",
+            "--vm",
+            "vm1",
+            "--pack-size",
+            "1MiB",
+            "--disk",
+            &spec,
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        b["bytes_new"], DISK,
+        "nothing deduplicated against the lost pack: {b}"
+    );
+
+    let (c, v) = p.verify(&["--read-data"]);
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(state_of(&v, &p1)["state"], "verified", "{v}");
+    let out = p.path("out.raw");
+    let o = p.export(&p1, "d", &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(same_content(&img, &out));
+}
+
 fn verify_records(p: &Place) -> usize {
     files(&p.root().join("verify")).len()
 }

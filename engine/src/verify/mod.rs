@@ -307,17 +307,48 @@ pub async fn verify(
     })
     .await;
     let finished = now_secs();
-    results.sort_by(|a, b| a.pack.cmp(&b.pack));
-    history.apply(&results, finished);
 
     for pack in &vanished {
         listed_ids.remove(pack);
+    }
+    // Packs this host found gone though no prune deleted them: named in this run's record, so
+    // that every host counts their blobs damaged (no backup deduplicates against them, and
+    // incrementals read those ranges from their source again).
+    let mut lost_now = Vec::new();
+    for l in repo.lost_packs().await? {
+        if listed_ids.contains_key(&l.pack) {
+            continue; // put back since: read like any other pack
+        }
+        let damaged = l
+            .blobs
+            .iter()
+            .map(|(id, offset, len)| blockvault_repo::DamagedBlob {
+                chunk: blockvault_repo::ChunkIdHex(*id),
+                offset: *offset,
+                len: *len,
+                detail: state::LOST.into(),
+            })
+            .collect();
+        results.push(state::lost_result(l.pack, damaged));
+        lost_now.push(l.pack);
+    }
+    results.sort_by(|a, b| a.pack.cmp(&b.pack));
+    history.apply(&results, finished);
+    let mut lost: HashMap<ChunkId, PackId> = HashMap::new();
+    for (pack, blobs) in &history.lost {
+        if listed_ids.contains_key(pack) {
+            continue;
+        }
+        for b in blobs {
+            lost.insert(b.chunk.0, *pack);
+        }
     }
 
     // References and damage, from this run and from earlier records.
     let judge = Arc::new(references::Judge {
         listed: listed_ids,
         history,
+        lost,
     });
     let mut refs = references::check(&repo, &points, &judge).await?;
     report.chunks_referenced = refs.chunk_count();
@@ -347,6 +378,7 @@ pub async fn verify(
         };
         let name = repo.save_verify_record(&record).await?;
         report.record = Some(name.to_string());
+        repo.forget_lost_packs(lost_now).await?;
     }
     if let Some((name, summary)) = summary {
         let merged = summary.summary.as_ref().map_or(0, |s| s.replaces.len());

@@ -27,16 +27,22 @@ pub(super) type Damage = (String, String);
 pub(super) struct Judge {
     pub listed: HashMap<PackId, u64>,
     pub history: History,
+    /// Chunks of lost packs (gone though no prune deleted them), and the pack each was in: the
+    /// index no longer has them, and the loss is named by its pack.
+    pub lost: HashMap<ChunkId, PackId>,
 }
 
 impl Judge {
     /// Why the blob `id`, which the index has at `loc` (`None`: nowhere), cannot be read.
     pub fn damage(&self, id: &ChunkId, loc: Option<&Location>) -> Option<Damage> {
         match loc {
-            None => Some((
-                format!("chunk {id}"),
-                "referenced chunk is missing: no pack holds it".into(),
-            )),
+            None => Some(match self.lost.get(id) {
+                Some(pack) => (format!("pack {pack}"), super::state::LOST.into()),
+                None => (
+                    format!("chunk {id}"),
+                    "referenced chunk is missing: no pack holds it".into(),
+                ),
+            }),
             Some(l) if !self.listed.contains_key(&l.pack) => Some((
                 format!("pack {}", l.pack),
                 "missing from the repository".into(),

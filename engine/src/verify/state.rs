@@ -33,6 +33,8 @@ pub(crate) struct History {
     whole: HashMap<PackId, WholeRead>,
     /// (pack, offset) -> (time, damage) of the latest read of that one blob.
     partial: HashMap<(PackId, u32), (i64, Option<DamagedBlob>)>,
+    /// Packs a record named lost (gone though no prune deleted them), with the blobs they held.
+    pub lost: HashMap<PackId, Vec<DamagedBlob>>,
     /// Records that could not be read: (name, error).
     pub unreadable: Vec<(String, String)>,
     /// The readable records merged here, oldest first.
@@ -40,6 +42,24 @@ pub(crate) struct History {
     /// The newest of them, without its pack results (a summary keeps its point states).
     newest: Option<VerifyRecord>,
 }
+
+/// What a record says of a lost pack: missing, with the blobs it held, each damaged.
+pub(crate) fn lost_result(pack: PackId, damaged: Vec<DamagedBlob>) -> PackResult {
+    PackResult {
+        pack: pack.to_hex(),
+        size: 0,
+        outcome: PackOutcome::Missing,
+        detail: Some(LOST.into()),
+        table: None,
+        damaged,
+        offsets: None,
+        read: None,
+        run: None,
+    }
+}
+
+/// Why a lost pack's blobs cannot be read.
+pub(crate) const LOST: &str = "gone from the repository though no prune deleted it";
 
 fn parse_time(s: &str) -> Option<i64> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
@@ -105,7 +125,12 @@ impl History {
         for r in results {
             let Some(pack) = r.pack_id() else { continue };
             if r.outcome == PackOutcome::Missing {
-                // The listing decides whether a pack exists now; nothing to remember.
+                // A pack deleted while a run read it says nothing (the listing decides whether a
+                // pack exists now). A lost one names the blobs it held: every host keeps
+                // treating them as damaged, and summaries keep saying so.
+                if !r.damaged.is_empty() {
+                    self.lost.insert(pack, r.damaged.clone());
+                }
                 continue;
             }
             let time = r.read.as_deref().and_then(parse_time).unwrap_or(time);
@@ -178,6 +203,12 @@ impl History {
                 read: Some(super::rfc3339(w.time)),
                 run: w.run,
             });
+        }
+        for (id, damaged) in &self.lost {
+            // Listed again (put back by hand): its reads say what it holds now.
+            if !live.contains_key(id) {
+                packs.push(lost_result(*id, damaged.clone()));
+            }
         }
         let mut blob_reads: BTreeMap<(PackId, i64), (Vec<u32>, Vec<DamagedBlob>)> = BTreeMap::new();
         for ((id, offset), (t, damage)) in &self.partial {

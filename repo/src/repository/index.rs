@@ -89,9 +89,11 @@ impl Repository {
             let known = blocking(move || index.packs()).await??;
             let listed = self.list_packs().await?;
             let listed_ids: HashSet<PackId> = listed.iter().map(|(id, _)| *id).collect();
+            // A pack a plan recorded deleted may still be listed (its prune stopped between
+            // the plan and the deletion): its copies must not displace the ones the plan named.
             let missing: Vec<(PackId, u64)> = listed
                 .into_iter()
-                .filter(|(id, _)| !known.contains(id))
+                .filter(|(id, _)| !known.contains(id) && !deleted.contains(id))
                 .collect();
             let results: Vec<(PackId, Result<Vec<PackEntry>>, u64)> =
                 futures::stream::iter(missing)
@@ -116,10 +118,48 @@ impl Repository {
             }
             let gone: HashSet<PackId> = known.difference(&listed_ids).copied().collect();
             report.packs_forgotten = gone.len() as u64;
+            let lost = self.unexplained(&gone, &deleted, &condemned).await?;
             let index = self.index.clone();
-            blocking(move || index.remove_packs(&gone)).await??;
+            let gone = Arc::new(gone);
+            let g = gone.clone();
+            report.lost_packs = blocking(move || index.mark_lost(&lost)).await??;
+            for l in &report.lost_packs {
+                tracing::error!(
+                    pack = %l.pack,
+                    blobs = l.blobs.len(),
+                    "pack gone from the repository though no prune deleted it; its chunks are \
+                     treated as damaged (run verify)"
+                );
+            }
+            let index = self.index.clone();
+            blocking(move || index.remove_packs(&g)).await??;
         }
         Ok(report)
+    }
+
+    /// The packs of `gone` that no plan deleted or condemned (those a prune deletes are in a plan
+    /// before they go) and that are really absent, not just missing from a listing that lags.
+    async fn unexplained(
+        &self,
+        gone: &HashSet<PackId>,
+        deleted: &HashSet<PackId>,
+        condemned: &HashSet<PackId>,
+    ) -> Result<HashSet<PackId>> {
+        let mut out = HashSet::new();
+        for id in gone {
+            if deleted.contains(id) || condemned.contains(id) || self.is_deleted(id) {
+                continue;
+            }
+            if self
+                .storage
+                .head(&ObjectName::Pack(*id).path())
+                .await?
+                .is_none()
+            {
+                out.insert(*id);
+            }
+        }
+        Ok(out)
     }
 
     /// Puts one segment's packs into the local index. A pack a plan recorded as deleted stays
@@ -142,6 +182,19 @@ impl Repository {
             index.insert_segment(id)
         })
         .await?
+    }
+
+    /// Packs this host found gone though no plan deleted them, not yet named by a verify record
+    /// (see `LocalIndex::mark_lost`).
+    pub async fn lost_packs(&self) -> Result<Vec<crate::LostPack>> {
+        let index = self.index.clone();
+        blocking(move || index.lost_packs()).await?
+    }
+
+    /// Called once a verify record names `packs` as lost: every host learns it from the record.
+    pub async fn forget_lost_packs(&self, packs: Vec<PackId>) -> Result<()> {
+        let index = self.index.clone();
+        blocking(move || index.forget_lost(&packs)).await?
     }
 
     /// Throws the local index away and reads it back from the repository.

@@ -52,6 +52,10 @@ pub struct SyncReport {
     pub unreadable_packs: Vec<String>,
     /// Index segments that could not be read (their packs were indexed from their tables).
     pub unreadable_segments: Vec<String>,
+    /// Packs found gone though no plan deleted them (their blobs now count as damaged; logged,
+    /// and reported by verify).
+    #[serde(skip)]
+    pub lost_packs: Vec<crate::LostPack>,
 }
 
 pub struct Repository {
@@ -405,7 +409,8 @@ impl Repository {
     }
 
     /// Reads a blob and returns its plaintext. A chunk missing from the local index triggers one
-    /// full index sync (another host may have written it) before it is reported missing.
+    /// refresh of the plans and one full index sync (another host may have written it, or a
+    /// plan may name where its other copy is) before it is reported missing.
     /// A pack found missing (deleted by a prune this process has not heard of yet) also syncs
     /// once — plans, then the index — and the read is retried from the chunk's new location.
     pub async fn read_blob(&self, id: &ChunkId, kind: Option<BlobKind>) -> Result<Vec<u8>> {
@@ -430,6 +435,9 @@ impl Repository {
         let loc = match self.locate(id).await? {
             Some(l) => l,
             None => {
+                // A plan published since this process last looked may name the segment that
+                // holds the chunk's other copy (its copy here was in a pack that plan deleted).
+                self.refresh_plans().await?;
                 self.sync_index(true).await?;
                 self.locate(id)
                     .await?
