@@ -150,6 +150,8 @@ impl HttpService for PacedService {
             .to_string()
             .parse()
             .map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
+        let create_only = parts.method == http::Method::PUT
+            && parts.headers.contains_key(http::header::IF_NONE_MATCH);
         let mut request = reqwest::Request::new(parts.method, url);
         *request.headers_mut() = parts.headers;
         set_content_length(request.headers_mut(), body.content_length() as u64);
@@ -212,6 +214,9 @@ impl HttpService for PacedService {
                 )))
             }
         };
+        if create_only && response.status() == http::StatusCode::NOT_IMPLEMENTED {
+            return Err(conditional_put_unsupported());
+        }
         let response: http::Response<reqwest::Body> = response.into();
         let (parts, body) = response.into_parts();
         let body = IdleBody {
@@ -230,6 +235,20 @@ fn set_content_length(headers: &mut http::HeaderMap, len: u64) {
     if len > 0 && !headers.contains_key(http::header::CONTENT_LENGTH) {
         headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     }
+}
+
+/// A service without conditional writes answers a create-only put (`If-None-Match: *`) with 501
+/// Not Implemented. object_store retries every 5xx for minutes; as an error of kind `Unknown` it
+/// is returned at once, and its `Unsupported` source tells the repository to fall back to
+/// check-then-put (`storage::conditional_put_unsupported`).
+fn conditional_put_unsupported() -> HttpError {
+    HttpError::new(
+        HttpErrorKind::Unknown,
+        std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "the service does not implement create-only writes (If-None-Match: HTTP 501)",
+        ),
+    )
 }
 
 /// Classifies a client error the way object_store's retry logic expects.
@@ -471,6 +490,35 @@ mod tests {
             "{head}"
         );
         assert!(!head.contains("transfer-encoding"), "{head}");
+    }
+
+    /// A 501 to a create-only put comes back at once as unsupported; to other requests it stays
+    /// an answer (object_store's retries judge it).
+    #[tokio::test]
+    async fn a_create_only_put_refused_as_not_implemented_is_unsupported() {
+        let port = server(|mut s| async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        })
+        .await;
+        let put = |conditional: bool| {
+            let mut b = http::Request::builder()
+                .method("PUT")
+                .uri(format!("http://127.0.0.1:{port}/b/x"));
+            if conditional {
+                b = b.header("If-None-Match", "*");
+            }
+            b.body(HttpRequestBody::empty()).unwrap()
+        };
+        let c = client(Duration::from_secs(5));
+        let e = c.execute(put(true)).await.unwrap_err();
+        assert_eq!(e.kind(), HttpErrorKind::Unknown, "{e}");
+        let io = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("an I/O error source");
+        assert_eq!(io.kind(), std::io::ErrorKind::Unsupported);
+        assert_eq!(c.execute(put(false)).await.unwrap().status(), 501);
     }
 
     #[test]

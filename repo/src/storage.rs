@@ -272,6 +272,10 @@ impl Storage {
                         .await
                     {
                         Ok(_) => Ok(()),
+                        // Not retried: the fallback below runs instead.
+                        Err(e) if create_only && conditional_put_unsupported(&e) => {
+                            Err(self.err(name, object_store::Error::NotImplemented))
+                        }
                         // A create-only put whose earlier try reached the store (its answer
                         // lost in transit, then retried by us or by the client itself) is
                         // refused as existing: finding our own bytes there means it landed.
@@ -775,6 +779,25 @@ fn local_update(path: &Path, bytes: &[u8], expected: &[u8; 32]) -> Result<()> {
     }
 }
 
+/// True when a create-only put failed because the service does not implement conditional
+/// writes: its 501 answer (see `paced_http`), or a `NotImplemented` error code. Such a put is
+/// reported as [`object_store::Error::NotImplemented`], which is not retried and makes
+/// [`Storage::put`] fall back to check-then-put.
+fn conditional_put_unsupported(e: &object_store::Error) -> bool {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::Unsupported)
+        {
+            return true;
+        }
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    text.contains("<Code>NotImplemented</Code>")
+}
+
 /// A range read that returned fewer bytes than asked for: the object was cut off.
 pub(crate) fn truncated(name: &str, range: &Range<u64>, got: usize) -> Error {
     Error::malformed(
@@ -847,6 +870,96 @@ mod tests {
             .write_all(bytes)
             .unwrap();
         (dir, std::fs::File::open(&path).unwrap())
+    }
+
+    /// A minimal S3 service on 127.0.0.1 without conditional writes: a create-only put gets
+    /// 501, HEAD finds nothing, a plain put is stored. Each request is recorded as its method,
+    /// with `?` when it was conditional.
+    async fn service_without_conditional_puts() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).await.unwrap_or(0) == 1 {
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                let mut body = vec![0u8; len];
+                let _ = c.read_exact(&mut body).await;
+                let method = head.split(' ').next().unwrap_or_default().to_uppercase();
+                let conditional = head.contains("if-none-match:");
+                let answer = match (method.as_str(), conditional) {
+                    ("PUT", true) => "501 Not Implemented\r\nContent-Length: 0",
+                    ("PUT", false) => "200 OK\r\nETag: \"1\"\r\nContent-Length: 0",
+                    ("HEAD", _) => "404 Not Found\r\nContent-Length: 0",
+                    _ => "500 Internal Server Error\r\nContent-Length: 0",
+                };
+                log.lock()
+                    .unwrap()
+                    .push(format!("{method}{}", if conditional { "?" } else { "" }));
+                let _ = c
+                    .write_all(format!("HTTP/1.1 {answer}\r\nConnection: close\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        (port, seen)
+    }
+
+    /// Storage over the S3 client at `port`, with retries short enough that a failure shows at
+    /// once.
+    fn s3_storage(port: u16) -> Storage {
+        use object_store::aws::AmazonS3Builder;
+        let s3 = AmazonS3Builder::new()
+            .with_bucket_name("b")
+            .with_endpoint(format!("http://127.0.0.1:{port}"))
+            .with_region("us-east-1")
+            .with_access_key_id("AKIATEST")
+            .with_secret_access_key("test")
+            .with_allow_http(true)
+            .with_retry(object_store::RetryConfig {
+                backoff: object_store::BackoffConfig {
+                    init_backoff: std::time::Duration::from_millis(1),
+                    max_backoff: std::time::Duration::from_millis(1),
+                    base: 2.0,
+                },
+                max_retries: 1,
+                retry_timeout: std::time::Duration::from_secs(5),
+            })
+            .with_http_connector(crate::paced_http::PacedConnector {
+                upload: None,
+                idle: std::time::Duration::from_secs(5),
+                connect: std::time::Duration::from_secs(2),
+            })
+            .build()
+            .unwrap();
+        let mut s = Storage::from_store(Arc::new(s3), "s3://b");
+        s.retry = RetryPolicy {
+            retries: 1,
+            initial: std::time::Duration::from_millis(1),
+            max: std::time::Duration::from_millis(1),
+        };
+        s.remote_cache_size = Some(0);
+        s.bucket = Some("b".into());
+        s
+    }
+
+    #[tokio::test]
+    async fn a_service_without_conditional_writes_gets_check_then_put() {
+        let (port, seen) = service_without_conditional_puts().await;
+        let s = s3_storage(port);
+        s.put("packs/ab", Bytes::from_static(b"pack"), Write::CreateUnique)
+            .await
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["PUT?", "HEAD", "PUT"]);
     }
 
     #[test]
