@@ -332,10 +332,19 @@ fn damage_kinds(p: &Place, seed: u64) {
     assert_eq!(ranges_of(&v, &point, "d"), vec![(0, DISK)], "{v}");
     std::fs::write(&pack, &pristine).unwrap();
 
-    // 7. A flipped byte in the manifest: the point is damaged as a whole.
+    // 7. A flipped byte in the manifest: the point is damaged as a whole. Its modification time
+    // is put back, as when a disk damages a file in place: a local directory's entity tag (inode,
+    // time, size) is then unchanged, and only reading the store finds it.
     let manifest = p.root().join("points").join(&point);
     let m = std::fs::read(&manifest).unwrap();
+    let mtime = std::fs::metadata(&manifest).unwrap().modified().unwrap();
     flip(&manifest, m.len() as u64 / 2);
+    std::fs::File::options()
+        .write(true)
+        .open(&manifest)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     let (c, v) = p.verify(&[]);
     assert_eq!(c, 7, "{v}");
     assert_eq!(

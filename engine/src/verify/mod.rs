@@ -165,7 +165,7 @@ pub async fn verify(
     repo.sync_verify_records().await?;
     let sync = repo.sync_index(true).await?;
 
-    let (points, failed_manifests) = repo.list_points().await?;
+    let (points, failed_manifests) = repo.list_points_from_store().await?;
     let (unreadable_manifests, mut unchecked_manifests) = sort_failed_manifests(failed_manifests);
 
     // Records before packs: a pack a record names existed before the record was stored, so one

@@ -78,10 +78,15 @@ impl Repository {
         self.open_manifest(*id, bytes).await
     }
 
-    /// A listed manifest: from the local catalog when cached there under the same entity tag,
-    /// else from the store (and then cached).
-    async fn load_listed(&self, id: PointId, tag: Option<String>) -> Result<PointManifest> {
-        if let Some(tag) = &tag {
+    /// A listed manifest: from the local catalog when cached there under the same entity tag
+    /// (and `cached` allows it), else from the store (and then cached).
+    async fn load_listed(
+        &self,
+        id: PointId,
+        tag: Option<String>,
+        cached: bool,
+    ) -> Result<PointManifest> {
+        if let (Some(tag), true) = (&tag, cached) {
             if let Some(b) = self.catalog_get(&id, tag) {
                 if let Ok(m) = self.open_manifest(id, b).await {
                     return Ok(m);
@@ -122,6 +127,22 @@ impl Repository {
     /// catalog (only manifests not cached yet are fetched). Unreadable manifests are returned as
     /// errors beside the readable ones so one damaged point does not hide the others.
     pub async fn list_points(&self) -> Result<(Vec<PointManifest>, Vec<(PointId, Error)>)> {
+        self.list_points_with(true).await
+    }
+
+    /// [`Self::list_points`] with every manifest read from the store, for verification: an entity
+    /// tag does not change with what a disk does to a file's bytes (a local directory's tag is
+    /// its inode, time and size), so a cached copy would hide a manifest damaged in place.
+    pub async fn list_points_from_store(
+        &self,
+    ) -> Result<(Vec<PointManifest>, Vec<(PointId, Error)>)> {
+        self.list_points_with(false).await
+    }
+
+    async fn list_points_with(
+        &self,
+        cached: bool,
+    ) -> Result<(Vec<PointManifest>, Vec<(PointId, Error)>)> {
         let listed: Vec<(PointId, Option<String>)> = self
             .list_objects(ObjectKind::Point)
             .await?
@@ -133,7 +154,7 @@ impl Repository {
             .collect();
         self.catalog_prune(&listed);
         let results: Vec<(PointId, Result<PointManifest>)> = futures::stream::iter(listed)
-            .map(|(id, tag)| async move { (id, self.load_listed(id, tag).await) })
+            .map(|(id, tag)| async move { (id, self.load_listed(id, tag, cached).await) })
             .buffer_unordered(SYNC_PARALLELISM)
             .collect()
             .await;
