@@ -117,16 +117,18 @@ impl Error {
     /// data or the request itself is wrong.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Store { source, .. } => !matches!(
-                source,
-                object_store::Error::NotFound { .. }
-                    | object_store::Error::AlreadyExists { .. }
-                    | object_store::Error::Precondition { .. }
-                    | object_store::Error::NotSupported { .. }
-                    | object_store::Error::NotImplemented
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-            ),
+            Error::Store { source, .. } => {
+                !matches!(
+                    source,
+                    object_store::Error::NotFound { .. }
+                        | object_store::Error::AlreadyExists { .. }
+                        | object_store::Error::Precondition { .. }
+                        | object_store::Error::NotSupported { .. }
+                        | object_store::Error::NotImplemented
+                        | object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                ) && !http_status(source).is_some_and(refused_for_good)
+            }
             _ => false,
         }
     }
@@ -153,4 +155,27 @@ impl Error {
             }
         )
     }
+}
+
+/// A 4xx answer says the request itself is wrong, and sending it again gets the same answer;
+/// except a request timeout (408), a conflict with a write still in progress (409) and
+/// throttling (429), which pass.
+fn refused_for_good(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 408 | 409 | 429)
+}
+
+/// The HTTP status of the answer behind an object-store error, when the store's client reported
+/// one it had no variant for. object_store keeps it private (its request error shows as
+/// `Server returned non-2xx status code: 416 Range Not Satisfiable: ...`), so it is read from
+/// there; an error whose own text merely quotes such a line is not one.
+pub(crate) fn http_status(e: &object_store::Error) -> Option<u16> {
+    const SHOWN: &str = "Server returned non-2xx status code: ";
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(rest) = s.to_string().strip_prefix(SHOWN) {
+            return rest.get(..3)?.parse().ok();
+        }
+        src = s.source();
+    }
+    None
 }

@@ -214,6 +214,16 @@ impl Storage {
         Error::store(object, e)
     }
 
+    /// [`Storage::err`] for a read of `range`: a range that starts past the object's end is
+    /// refused by the service (416 Range Not Satisfiable), which is the object cut short, like a
+    /// range it fills only in part.
+    fn range_err(&self, name: &str, range: Option<&Range<u64>>, e: object_store::Error) -> Error {
+        match range {
+            Some(range) if crate::error::http_status(&e) == Some(416) => truncated(name, range, 0),
+            _ => self.err(name, e),
+        }
+    }
+
     fn count(&self, up: u64, down: u64) {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters.up.fetch_add(up, Ordering::Relaxed);
@@ -474,7 +484,7 @@ impl Storage {
                     .store
                     .get_opts(&path, opts)
                     .await
-                    .map_err(|e| self.err(name, e))?;
+                    .map_err(|e| self.range_err(name, range.as_ref(), e))?;
                 let (start, len) = (r.range.start, r.range.end - r.range.start);
                 // The stored length sizes the buffer, up to a bound: a store that claims more
                 // than it sends cannot make us reserve it.
@@ -520,7 +530,7 @@ impl Storage {
                     .store
                     .get_range(&path, range.clone())
                     .await
-                    .map_err(|e| self.err(name, e))?;
+                    .map_err(|e| self.range_err(name, Some(&range), e))?;
                 self.count(0, b.len() as u64);
                 Ok(b)
             })
@@ -872,10 +882,13 @@ mod tests {
         (dir, std::fs::File::open(&path).unwrap())
     }
 
+    /// Requests a fake service saw: each as its method, with `?` when it was conditional.
+    type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+
     /// A minimal S3 service on 127.0.0.1 without conditional writes: a create-only put gets
-    /// 501, HEAD finds nothing, a plain put is stored. Each request is recorded as its method,
-    /// with `?` when it was conditional.
-    async fn service_without_conditional_puts() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    /// 501, HEAD finds nothing, a plain put is stored, a GET is refused with `get` (the status
+    /// line and headers of the answer).
+    async fn fake_s3(get: &'static str) -> (u16, Seen) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
@@ -901,6 +914,7 @@ mod tests {
                     ("PUT", true) => "501 Not Implemented\r\nContent-Length: 0",
                     ("PUT", false) => "200 OK\r\nETag: \"1\"\r\nContent-Length: 0",
                     ("HEAD", _) => "404 Not Found\r\nContent-Length: 0",
+                    ("GET", _) => get,
                     _ => "500 Internal Server Error\r\nContent-Length: 0",
                 };
                 log.lock()
@@ -954,12 +968,61 @@ mod tests {
 
     #[tokio::test]
     async fn a_service_without_conditional_writes_gets_check_then_put() {
-        let (port, seen) = service_without_conditional_puts().await;
+        let (port, seen) = fake_s3("500 Internal Server Error\r\nContent-Length: 0").await;
         let s = s3_storage(port);
         s.put("packs/ab", Bytes::from_static(b"pack"), Write::CreateUnique)
             .await
             .unwrap();
         assert_eq!(*seen.lock().unwrap(), ["PUT?", "HEAD", "PUT"]);
+    }
+
+    /// A range starting past the object's end is refused with 416: the object is cut short, a
+    /// damaged pack, and asking again cannot help.
+    #[tokio::test]
+    async fn a_range_past_the_end_is_a_truncated_object_not_retried() {
+        let (port, seen) = fake_s3("416 Range Not Satisfiable\r\nContent-Length: 0").await;
+        let s = s3_storage(port);
+        let e = s.get_range("packs/ab", 100..200).await.unwrap_err();
+        assert!(matches!(e, Error::Malformed { .. }), "{e:?}");
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let e = s
+            .read_into("packs/ab", Some(100..200), Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Malformed { .. }), "{e:?}");
+        assert_eq!(*seen.lock().unwrap(), ["GET", "GET"], "one request each");
+    }
+
+    #[test]
+    fn a_client_error_is_not_transient_but_throttling_is() {
+        let answered = |status: &str| Error::Store {
+            object: "x".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(std::io::Error::other(format!(
+                    "Server returned non-2xx status code: {status}: <Error/>"
+                ))),
+            },
+        };
+        assert!(!answered("400 Bad Request").is_transient());
+        assert!(!answered("416 Range Not Satisfiable").is_transient());
+        for status in [
+            "408 Request Timeout",
+            "409 Conflict",
+            "429 Too Many Requests",
+        ] {
+            assert!(answered(status).is_transient(), "{status}");
+        }
+        assert!(answered("503 Slow Down").is_transient());
+        // A message that only quotes such an answer is judged as before.
+        let quoted = Error::Store {
+            object: "x".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: "refused (Server returned non-2xx status code: 412 ...)".into(),
+            },
+        };
+        assert!(quoted.is_transient());
     }
 
     #[test]
