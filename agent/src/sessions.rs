@@ -68,8 +68,35 @@ pub fn alive(pid: u32) -> bool {
 pub(crate) fn write_status(path: &Path, status: &SessionStatus) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(status).expect("a session status serializes");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    write_new(&tmp, &bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
+}
+
+/// Writes `bytes` to `tmp` as a new file. A file left there by a mount that died is removed
+/// first; whatever stands there then (a symbolic link someone planted, say) is refused, never
+/// written through.
+fn write_new(tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(tmp)?
+        .write_all(bytes)
+}
+
+/// The pid a status file is named after (`<pid>.json`).
+fn file_pid(path: &Path) -> Option<u32> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
 }
 
 /// Status of live mounts, ordered by pid, each with its status file; files of dead processes
@@ -81,12 +108,7 @@ pub fn live_sessions(dir: &Path) -> Vec<(PathBuf, SessionStatus)> {
     };
     for e in rd.flatten() {
         let path = e.path();
-        let Some(pid) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+        let Some(pid) = file_pid(&path) else {
             continue;
         };
         if !alive(pid) {
@@ -106,8 +128,18 @@ pub fn live_sessions(dir: &Path) -> Vec<(PathBuf, SessionStatus)> {
 
 /// Stops a mount session: SIGTERM to its process, then waits until it has removed its status
 /// file (the last thing a mount does, after flushing every writable disk) or is gone.
+///
+/// Only a file whose name is the pid it holds is acted on: the name is what was checked to be a
+/// live process, and a file written by anyone else who can write to the sessions directory could
+/// otherwise name any process to signal.
 pub async fn stop_session(path: &Path, status: &SessionStatus, timeout: Duration) -> Result<()> {
     let pid = status.pid;
+    if file_pid(path) != Some(pid) {
+        return Err(Error::Input(format!(
+            "mount session file {} does not belong to process {pid}; nothing was signalled",
+            path.display()
+        )));
+    }
     let Some(p) = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
@@ -133,4 +165,58 @@ pub async fn stop_session(path: &Path, status: &SessionStatus, timeout: Duration
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(pid: u32) -> SessionStatus {
+        SessionStatus {
+            session: pid.to_string(),
+            pid,
+            point: "p".into(),
+            started: "2026-01-01T00:00:00Z".into(),
+            connections: 0,
+            total_connections: 0,
+            bytes_served: 0,
+            bytes_written: 0,
+            boot_trace: "present".into(),
+            disks: Vec::new(),
+        }
+    }
+
+    /// A status file named after one live process but naming another: the other is left alone.
+    #[tokio::test]
+    async fn a_file_naming_another_process_signals_nothing() {
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join(format!("{}.json", std::process::id()));
+        let planted = status(bystander.id());
+        let r = stop_session(&path, &planted, Duration::from_millis(200)).await;
+        let still_running = bystander.try_wait().unwrap().is_none();
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
+        assert!(matches!(r, Err(Error::Input(_))), "{r:?}");
+        assert!(
+            still_running,
+            "the process named inside the file was signalled"
+        );
+    }
+
+    #[test]
+    fn a_planted_link_at_the_temporary_name_is_not_written_through() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = d.path().join("42.json");
+        std::os::unix::fs::symlink(&victim, path.with_extension("json.tmp")).unwrap();
+        write_status(&path, &status(42)).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let back: SessionStatus = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back.pid, 42);
+    }
 }
