@@ -49,16 +49,8 @@ pub fn classify(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<VerifyIncomplete>().is_some() {
             return VERIFY_INCOMPLETE;
         }
-        if let Some(e) = cause.downcast_ref::<EngineError>() {
-            match e {
-                EngineError::Source { .. } => return BAD_INPUT,
-                EngineError::NoSuchDisk { .. } => return NOT_FOUND,
-                EngineError::Lost { .. } => return TAMPERED,
-                // A transparent wrapper: the chain goes on below the repository error, so it
-                // is judged here.
-                EngineError::Repo(e) => return repo_code(e),
-                _ => {}
-            }
+        if let Some(code) = cause.downcast_ref::<EngineError>().and_then(engine_code) {
+            return code;
         }
         // A repository error on its own, or boxed.
         let repo = cause
@@ -69,6 +61,9 @@ pub fn classify(err: &anyhow::Error) -> u8 {
         }
         if let Some(e) = cause.downcast_ref::<blockvault_restore::Error>() {
             use blockvault_restore::Error as R;
+            if let Some(code) = read_failure_code(e) {
+                return code;
+            }
             return match e {
                 R::NotFound(_) | R::NoSuchPartition { .. } => NOT_FOUND,
                 R::Unsupported { .. }
@@ -85,6 +80,34 @@ pub fn classify(err: &anyhow::Error) -> u8 {
         }
     }
     FAILURE
+}
+
+/// The code of an engine error that has one of its own; `None` for the rest.
+fn engine_code(e: &EngineError) -> Option<u8> {
+    match e {
+        EngineError::Source { .. } => Some(BAD_INPUT),
+        EngineError::NoSuchDisk { .. } => Some(NOT_FOUND),
+        EngineError::Lost { .. } => Some(TAMPERED),
+        // A transparent wrapper: the chain goes on below the repository error, so it is judged
+        // here.
+        EngineError::Repo(e) => Some(repo_code(e)),
+        _ => None,
+    }
+}
+
+/// File restore reads the point's disk through `std::io`, so a repository failure under it (a
+/// tampered or missing pack) arrives as the I/O error of a failed disk read. That error's
+/// `source()` skips the error it carries, so it is taken out here and judged like the same
+/// failure of any other command.
+fn read_failure_code(e: &blockvault_restore::Error) -> Option<u8> {
+    let blockvault_restore::Error::Read { source, .. } = e else {
+        return None;
+    };
+    let inner = source.get_ref()?;
+    if let Some(e) = inner.downcast_ref::<EngineError>() {
+        return engine_code(e);
+    }
+    inner.downcast_ref::<RepoError>().map(repo_code)
 }
 
 fn repo_code(e: &RepoError) -> u8 {
@@ -138,5 +161,29 @@ mod tests {
                 .context("showing a point");
         assert_eq!(classify(&wrapped), NOT_FOUND);
         assert_eq!(classify(&anyhow::anyhow!("something else")), FAILURE);
+    }
+
+    /// `restore files` reads the disk through `std::io`: damage under it keeps its code.
+    #[test]
+    fn a_damaged_repository_under_a_file_restore_read_keeps_its_code() {
+        let read = |source: std::io::Error| {
+            anyhow::Error::from(blockvault_restore::Error::Read {
+                offset: 4096,
+                source,
+            })
+            .context("restoring /etc/hosts")
+        };
+        let tampered = EngineError::Repo(RepoError::Tampered {
+            object: "pack 1234".into(),
+            detail: "authentication failed".into(),
+        });
+        assert_eq!(classify(&read(std::io::Error::other(tampered))), TAMPERED);
+        let missing = RepoError::PackMissing {
+            pack: "5678".into(),
+        };
+        assert_eq!(classify(&read(std::io::Error::other(missing))), TAMPERED);
+        // A read that failed for another reason stays a plain failure.
+        let past_end = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end");
+        assert_eq!(classify(&read(past_end)), FAILURE);
     }
 }
