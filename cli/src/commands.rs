@@ -63,17 +63,37 @@ fn location(g: &Global) -> Result<String> {
     })
 }
 
-pub(crate) fn cache_dir(g: &Global) -> PathBuf {
-    if let Some(d) = &g.cache_dir {
-        return d.clone();
+pub(crate) fn cache_dir(g: &Global) -> Result<PathBuf> {
+    choose_cache_dir(
+        g.cache_dir.as_deref(),
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    )
+}
+
+/// `--cache-dir` (or `BLOCKVAULT_CACHE_DIR`), else `$XDG_CACHE_HOME/blockvault`, else
+/// `$HOME/.cache/blockvault`. With none of them there is no directory that is this user's own:
+/// a shared one (under /var/tmp, say) could be created first by another local user, who could
+/// then plant files and links in it, so the command refuses instead.
+fn choose_cache_dir(
+    flag: Option<&Path>,
+    xdg: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Result<PathBuf> {
+    if let Some(d) = flag {
+        return Ok(d.to_path_buf());
     }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(x).join("blockvault");
+    if let Some(x) = xdg.filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("blockvault"));
     }
-    if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(h).join(".cache").join("blockvault");
+    if let Some(h) = home.filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(h).join(".cache").join("blockvault"));
     }
-    PathBuf::from("/var/tmp/blockvault")
+    Err(anyhow!(InputError(
+        "no cache directory: neither HOME nor XDG_CACHE_HOME is set; pass --cache-dir DIR (or \
+         set BLOCKVAULT_CACHE_DIR) naming a directory only this user can write to"
+            .into()
+    )))
 }
 
 pub(crate) async fn open_repo(g: &Global) -> Result<Arc<Repository>> {
@@ -88,7 +108,7 @@ async fn open_repo_keeping_password(g: &Global) -> Result<(Arc<Repository>, pass
     Repository::read_config(&storage).await?;
     let pw = password::obtain(g.password_file.as_deref(), false)?;
     let opts = OpenOptions {
-        cache_dir: cache_dir(g),
+        cache_dir: cache_dir(g)?,
         zstd_level: compression_level(g)?,
     };
     let repo = Repository::open(storage, &pw, &opts).await?;
@@ -657,4 +677,28 @@ fn stdout_is_empty_file() -> bool {
     regular_and_empty
         && rustix::fs::fcntl_getfl(fd).is_ok_and(|f| !f.contains(rustix::fs::OFlags::APPEND))
         && rustix::fs::seek(fd, rustix::fs::SeekFrom::Current(0)).is_ok_and(|p| p == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_home_or_a_cache_flag_there_is_no_shared_fallback() {
+        let e = choose_cache_dir(None, None, Some("".into())).unwrap_err();
+        assert!(e.to_string().contains("--cache-dir"), "{e}");
+        assert_eq!(crate::exit::classify(&e), crate::exit::BAD_INPUT);
+        assert_eq!(
+            choose_cache_dir(None, None, Some("/home/u".into())).unwrap(),
+            PathBuf::from("/home/u/.cache/blockvault")
+        );
+        assert_eq!(
+            choose_cache_dir(None, Some("/x".into()), Some("/home/u".into())).unwrap(),
+            PathBuf::from("/x/blockvault")
+        );
+        assert_eq!(
+            choose_cache_dir(Some(Path::new("/c")), None, None).unwrap(),
+            PathBuf::from("/c")
+        );
+    }
 }

@@ -19,8 +19,8 @@ fn input(msg: String) -> anyhow::Error {
     anyhow!(InputError(msg))
 }
 
-fn sessions_dir(g: &Global) -> PathBuf {
-    blockvault_agent::sessions::sessions_dir(&cache_dir(g))
+fn sessions_dir(g: &Global) -> Result<PathBuf> {
+    Ok(blockvault_agent::sessions::sessions_dir(&cache_dir(g)?))
 }
 
 pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
@@ -57,7 +57,7 @@ pub async fn mount(g: &Global, a: MountArgs) -> Result<()> {
             ..ServerConfig::default()
         },
         security: security(&a)?,
-        sessions_dir: sessions_dir(g),
+        sessions_dir: sessions_dir(g)?,
     };
     // Bad requests are refused before the repository is opened (and its password asked for).
     request.check().map_err(lift)?;
@@ -130,12 +130,12 @@ fn security(a: &MountArgs) -> Result<Security> {
 }
 
 /// Status of live mounts; files of dead processes are removed.
-fn live_sessions(g: &Global) -> Vec<(PathBuf, SessionStatus)> {
-    blockvault_agent::sessions::live_sessions(&sessions_dir(g))
+fn live_sessions(g: &Global) -> Result<Vec<(PathBuf, SessionStatus)>> {
+    Ok(blockvault_agent::sessions::live_sessions(&sessions_dir(g)?))
 }
 
 pub fn sessions(g: &Global) -> Result<()> {
-    let list: Vec<SessionStatus> = live_sessions(g).into_iter().map(|(_, v)| v).collect();
+    let list: Vec<SessionStatus> = live_sessions(g)?.into_iter().map(|(_, v)| v).collect();
     if g.json {
         print_json(&serde_json::to_value(&list)?);
         return Ok(());
@@ -174,7 +174,7 @@ pub fn sessions(g: &Global) -> Result<()> {
 }
 
 pub async fn unmount(g: &Global, a: UnmountArgs) -> Result<()> {
-    let list = live_sessions(g);
+    let list = live_sessions(g)?;
     let targets: Vec<_> = if a.all {
         list
     } else {
