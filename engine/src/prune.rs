@@ -12,20 +12,25 @@
 //! 6. repacks mostly-dead packs under the same conditions: copies their live blobs, checked and
 //!    still sealed, into new packs and an index segment of their own, and condemns them;
 //! 7. merges small index segments into larger ones;
-//! 8. publishes plan n (naming the new segments), then deletes the index segments it retired:
-//!    those whose every pack is deleted and those merged.
+//! 8. publishes plan n, which names the packs it deletes and the segments every host re-reads
+//!    first (the keepers of other copies, the repack's and the merged segments);
+//! 9. only then deletes those packs, any pack an earlier plan recorded deleted that is still
+//!    there (a run stopped between its plan and its deletions), and the index segments it
+//!    retired: those whose every pack is deleted and those merged.
 //!
-//! Killed at any step, the repository stays consistent: a condemned pack is already invisible to
-//! dedup, so deleting it needs no further announcement; a repack's new packs are extra copies
-//! until a plan names them; the next prune takes over the dead claim and finishes the work.
+//! Killed at any step, the repository stays consistent: no pack is deleted before a published
+//! plan says so and names where the other copies of its live chunks are, so a host whose index
+//! still points at a deleted copy finds the other one by applying that plan; a repack's new packs
+//! are extra copies until a plan names them; the next prune takes over the dead claim and
+//! finishes the work.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use blockvault_repo::{
-    ChunkId, Condemned, LeaseKind, ObjectKind, ObjectName, PackEntry, PackId, PackRecord, Plan,
-    PointId, PointManifest, Repository, SegmentId, StorageStats,
+    ChunkId, Condemned, LeaseKind, Listed, ObjectKind, ObjectName, PackEntry, PackId, PackRecord,
+    Plan, PointId, PointManifest, Repository, SegmentId, StorageStats,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
@@ -170,6 +175,25 @@ pub async fn mark(repo: &Arc<Repository>, points: &[PointManifest]) -> Result<Ha
     Ok(live)
 }
 
+/// Splits the pack listing into the packs this run decides about and those a published plan
+/// already recorded deleted (a run stopped after publishing its plan and before deleting them).
+/// Every reader has stopped trusting the latter, so they are deleted without further ado; they
+/// must not count as copies of anything, nor be condemned again.
+fn split_leftovers(repo: &Repository, packs: Vec<Listed>) -> (Vec<Listed>, Vec<(PackId, u64)>) {
+    let mut leftover = Vec::new();
+    let kept = packs
+        .into_iter()
+        .filter(|l| match l.name {
+            ObjectName::Pack(id) if repo.is_deleted(&id) => {
+                leftover.push((id, l.size));
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    (kept, leftover)
+}
+
 /// The index segments listed: the packs each names, and its store time.
 #[derive(Default)]
 struct Segments {
@@ -206,8 +230,9 @@ fn good_copies(
 enum Keepers {
     /// The packs holding those copies.
     Packs(HashSet<PackId>),
-    /// A pack to delete is already gone (a sweep killed before its plan): what it held is
-    /// unknown, so hosts re-read every segment.
+    /// A pack to delete is already gone (removed by hand, or by a run of an earlier version,
+    /// which deleted before publishing): what it held is unknown, so hosts re-read every
+    /// segment.
     Unknown,
 }
 
@@ -470,6 +495,10 @@ async fn run(
     // Packs first, then points: a pack written after this listing is not a candidate, and a
     // point committed after the points listing is caught by the next run's re-mark.
     let packs = repo.list_objects(ObjectKind::Pack).await?;
+    for l in &packs {
+        report.packs_listed.add(l.size);
+    }
+    let (packs, leftover) = split_leftovers(repo, packs);
     let listed: HashSet<PackId> = packs
         .iter()
         .filter_map(|l| match l.name {
@@ -477,9 +506,6 @@ async fn run(
             _ => None,
         })
         .collect();
-    for l in &packs {
-        report.packs_listed.add(l.size);
-    }
     let (points, unreadable) = repo.list_points().await?;
     if let Some((id, e)) = unreadable.first() {
         return Err(Error::Invalid(format!(
@@ -570,6 +596,9 @@ async fn run(
     for c in &to_delete {
         report.deleted.add(c.size);
     }
+    for (_, size) in &leftover {
+        report.deleted.add(*size);
+    }
     for c in &recovered {
         report.recovered.add(c.size);
     }
@@ -619,7 +648,8 @@ async fn run(
 
     let keepers = keepers(&to_delete, &listed, &live_in, &holders, &already);
     let deleted_ids: Vec<PackId> = to_delete.iter().map(|c| c.pack).collect();
-    repo.delete_packs(claim, &deleted_ids).await?;
+    let mut doomed = deleted_ids.clone();
+    doomed.extend(leftover.iter().map(|(p, _)| *p));
 
     // Repack: the chunks to copy are the live ones of the chosen packs with no copy in a pack
     // that stays (not condemned, not deleted now, not condemned by this run).
@@ -692,6 +722,10 @@ async fn run(
         kept_copies_in,
     };
     let published = repo.publish_plan(claim, plan).await?;
+    // Every host that misses a pack from here on applies the plan first, re-reads the segments
+    // it names and so finds the other copies before it forgets the deleted ones.
+    blockvault_repo::test_hold("prune-after-plan").await;
+    repo.delete_packs(claim, &doomed).await?;
     for p in &repacked.packs {
         report.repacked.add(p.size);
         report.pending.add(p.size);

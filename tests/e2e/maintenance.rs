@@ -1205,13 +1205,10 @@ fn a_healed_chunk_keeps_its_good_copy_through_a_repack() {
 
 /// A chunk stored twice (a backup killed before its index segment, then the same data backed
 /// up by a host that never saw that pack). A new host's full sync reads segments first and the
-/// unlisted pack's table last, so its index points at the copy in the unlisted pack. That pack
-/// is partly dead, repacked without copying (the other copy stays) and deleted: the host must
-/// still find the other copy, which the deleting plan names for re-reading.
-#[test]
-fn a_host_indexing_the_deleted_copy_of_a_chunk_finds_the_other() {
-    let r = Repo::local();
-    let (one, two, small) = shared_halves(&r, 91);
+/// unlisted pack's table last, so its index points at the copy in the unlisted pack. Returns
+/// the point and its image once host "new" has read the point that way.
+fn chunk_stored_twice(r: &Repo) -> (String, PathBuf) {
+    let (one, two, small) = shared_halves(r, 91);
     let packs = r.dir.join("repo/packs");
     // Host "other" opens the repository (and its index) before the unlisted pack exists.
     let small_spec = format!("d0={}", small.display());
@@ -1262,23 +1259,17 @@ fn a_host_indexing_the_deleted_copy_of_a_chunk_finds_the_other() {
     let out = r.cmd_on("other", &args).output().unwrap();
     let point = id(&json_of(&args, |a| succeeded(a, out)));
     assert_eq!(files_under(&packs), 3, "the shared half is stored twice");
-    let restore_on = |host: &str| {
-        let out = r.path(&format!("{host}.raw"));
-        let to = out.to_str().unwrap();
-        let args = [
-            "restore",
-            "export",
-            "--overwrite",
-            &point,
-            "--disk",
-            "d0",
-            "--out",
-            to,
-        ];
-        succeeded(&args, r.cmd_on(host, &args).output().unwrap());
-        assert!(same_content(&two, &out), "{host} restored other bytes");
-    };
-    restore_on("new");
+    r.restores_on("new", &point, &two);
+    (point, two)
+}
+
+/// The unlisted pack of `chunk_stored_twice` is partly dead, repacked without copying (the other
+/// copy stays) and deleted: every host must still find the other copy, which the deleting plan
+/// names for re-reading.
+#[test]
+fn a_host_indexing_the_deleted_copy_of_a_chunk_finds_the_other() {
+    let r = Repo::local();
+    let (point, two) = chunk_stored_twice(&r);
     std::thread::sleep(SLACK);
     let p1 = r.json(&["prune", "--grace", "0s", "--max-unused", "0%"]);
     assert_eq!(num(&p1, &["repacked", "packs"]), 1, "{p1}");
@@ -1286,9 +1277,83 @@ fn a_host_indexing_the_deleted_copy_of_a_chunk_finds_the_other() {
     std::thread::sleep(SLACK);
     let p2 = r.json(&["prune", "--grace", "0s"]);
     assert_eq!(num(&p2, &["deleted", "packs"]), 1, "{p2}");
-    restore_on("new");
-    restore_on("other");
-    restore_on("fresh");
+    for host in ["new", "other", "fresh"] {
+        r.restores_on(host, &point, &two);
+    }
+}
+
+/// Starts a prune that stops at test hold `at` while `hold` exists; returns once it is there.
+fn prune_held(r: &Repo, at: &str, hold: &Path) -> Child {
+    std::fs::write(hold, b"").unwrap();
+    let mut child = r
+        .cmd(&["prune", "--grace", "0s", "--json"])
+        .env("BLOCKVAULT_TEST_HOLD", format!("{at}:{}", hold.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_reached(hold, &mut child);
+    child
+}
+
+/// The sweep that deletes the unlisted pack of `chunk_stored_twice` is stopped before its plan,
+/// then killed after its plan and before its deletions: every host reads the point throughout
+/// (the pack is never gone before a plan names the other copy), and the next prune deletes the
+/// pack the killed one announced.
+#[test]
+fn a_sweep_stopped_before_its_deletions_leaves_every_host_reading() {
+    let r = Repo::local();
+    let (point, two) = chunk_stored_twice(&r);
+    let packs = r.dir.join("repo/packs");
+    std::thread::sleep(SLACK);
+    let p1 = r.json(&["prune", "--grace", "0s", "--max-unused", "0%"]);
+    assert_eq!(num(&p1, &["repacked", "packs"]), 1, "{p1}");
+    std::thread::sleep(SLACK);
+    let hold = r.path("hold-prune");
+    let everyone_reads = |when: &str| {
+        for host in ["new", "other"] {
+            r.restores_on(host, &point, &two);
+        }
+        let args = ["verify", "--read-data", "--json"];
+        let v = r.cmd_on("new", &args).output().unwrap();
+        assert!(v.status.success(), "verify {when}: {}", stderr(&v));
+    };
+
+    let mut before_plan = prune_held(&r, "prune-after-repack", &hold);
+    everyone_reads("before the plan");
+    before_plan.kill().unwrap();
+    finish(before_plan);
+    assert_eq!(files_under(&packs), 3, "nothing deleted before the plan");
+    everyone_reads("after a kill before the plan");
+    // The dead prune's claim goes stale.
+    std::thread::sleep(Duration::from_millis(2000));
+
+    let mut before_deletion = prune_held(&r, "prune-after-plan", &hold);
+    before_deletion.kill().unwrap();
+    finish(before_deletion);
+    assert_eq!(files_under(&packs), 3, "the plan came first");
+    everyone_reads("after a kill between the plan and its deletions");
+    r.restores_on("fresh", &point, &two);
+    let rebuilt = r
+        .cmd_on("rebuilt", &["repo", "index", "rebuild"])
+        .output()
+        .unwrap();
+    assert!(rebuilt.status.success(), "{}", stderr(&rebuilt));
+    r.restores_on("rebuilt", &point, &two);
+
+    let p3 = r.json(&["prune", "--grace", "0s"]);
+    assert_eq!(
+        num(&p3, &["deleted", "packs"]),
+        1,
+        "the leftover pack: {p3}"
+    );
+    assert_eq!(files_under(&packs), 2, "{p3}");
+    everyone_reads("after the leftover is deleted");
+    for host in ["fresh", "rebuilt", "last"] {
+        r.restores_on(host, &point, &two);
+    }
+    let p4 = r.json(&["prune", "--grace", "0s"]);
+    assert_eq!(num(&p4, &["deleted", "packs"]), 0, "{p4}");
 }
 
 /// The local copy of a plan is a cache: one torn by a crash or a full disk is fetched again,
