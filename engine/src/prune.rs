@@ -157,22 +157,21 @@ pub async fn mark(repo: &Arc<Repository>, points: &[PointManifest]) -> Result<Ha
             }
         }
     }
-    // Pages are content-addressed and shared between points: each is read once.
-    let loaded: Vec<Vec<ChunkId>> = futures::stream::iter(pages)
+    // Pages are content-addressed and shared between points: each is read once, and merged as
+    // it arrives: a page's slots take up to 128 KiB, and an estate may have hundreds of
+    // thousands of distinct pages.
+    futures::stream::iter(pages)
         .map(|(id, slots)| {
             let repo = repo.clone();
-            async move {
-                let page = repo.load_page(&id, slots).await?;
-                Ok::<_, Error>(page.slots.into_iter().flatten().collect())
-            }
+            async move { repo.load_page(&id, slots).await }
         })
         .buffer_unordered(PARALLEL)
-        .try_collect()
-        .await?;
-    for ids in loaded {
-        live.extend(ids);
-    }
-    Ok(live)
+        .map_err(Error::from)
+        .try_fold(live, |mut live, page| async move {
+            live.extend(page.slots.into_iter().flatten());
+            Ok(live)
+        })
+        .await
 }
 
 /// Splits the pack listing into the packs this run decides about and those a published plan
@@ -303,6 +302,27 @@ async fn keepers_segments(
     Ok(segments)
 }
 
+/// Records one segment read: the packs it names, and the entries of the listed packs no
+/// segment read before gave (every copy of a pack's record is the same).
+fn absorb_segment(
+    contents: &mut HashMap<PackId, Vec<PackEntry>>,
+    by_segment: &mut Segments,
+    listed: &HashSet<PackId>,
+    sid: SegmentId,
+    modified_ms: i64,
+    records: Vec<PackRecord>,
+) {
+    by_segment.modified_ms.insert(sid, modified_ms);
+    by_segment
+        .named
+        .insert(sid, records.iter().map(|r| r.id).collect());
+    for r in records {
+        if listed.contains(&r.id) {
+            contents.entry(r.id).or_insert(r.entries);
+        }
+    }
+}
+
 /// Every listed pack's entries, from the index segments and, for packs no segment covers, from
 /// the pack's own table of contents. Authoritative (every copy of a chunk counts), unlike the
 /// local index, which keeps one location per chunk.
@@ -319,27 +339,29 @@ async fn pack_contents(
             _ => None,
         })
         .collect();
-    let read: Vec<(SegmentId, i64, Vec<PackRecord>)> = futures::stream::iter(segments)
+    // Each segment is absorbed as it arrives: only the entries of listed packs not seen yet are
+    // kept, never every segment's records at once (merged segments hold up to 262,144 entries).
+    let (mut contents, by_segment) = futures::stream::iter(segments)
         .map(|(id, modified_ms)| {
             let repo = repo.clone();
             async move { Ok::<_, Error>((id, modified_ms, repo.read_segment(&id).await?)) }
         })
         .buffer_unordered(PARALLEL)
-        .try_collect()
+        .try_fold(
+            (HashMap::new(), Segments::default()),
+            |(mut contents, mut by_segment), (sid, modified_ms, records)| async move {
+                absorb_segment(
+                    &mut contents,
+                    &mut by_segment,
+                    listed,
+                    sid,
+                    modified_ms,
+                    records,
+                );
+                Ok((contents, by_segment))
+            },
+        )
         .await?;
-    let mut contents: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
-    let mut by_segment = Segments::default();
-    for (sid, modified_ms, records) in read {
-        by_segment.modified_ms.insert(sid, modified_ms);
-        by_segment
-            .named
-            .insert(sid, records.iter().map(|r| r.id).collect());
-        for r in records {
-            if listed.contains(&r.id) {
-                contents.entry(r.id).or_insert(r.entries);
-            }
-        }
-    }
     let uncovered: Vec<PackId> = listed
         .iter()
         .filter(|p| !contents.contains_key(p))
