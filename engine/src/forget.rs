@@ -64,19 +64,24 @@ fn disk_set(p: &PointManifest) -> (String, Vec<String>) {
     (p.vm.clone(), disks)
 }
 
+/// When a point was created, as an instant: RFC 3339 texts do not sort as their times do
+/// (`05.5Z` sorts after `05.55Z`, offsets differ). An unreadable time sorts before every other.
+fn created_at(p: &PointManifest) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(&p.created, &Rfc3339).ok()
+}
+
 /// The newest point of each VM's disk set.
 pub fn newest_per_disk_set(points: &[PointManifest]) -> HashSet<PointId> {
-    let mut newest: BTreeMap<(String, Vec<String>), &PointManifest> = BTreeMap::new();
+    let mut newest: BTreeMap<(String, Vec<String>), (Option<OffsetDateTime>, PointId)> =
+        BTreeMap::new();
     for p in points {
-        let k = disk_set(p);
-        match newest.get(&k) {
-            Some(q) if (q.created.as_str(), q.id) >= (p.created.as_str(), p.id) => {}
-            _ => {
-                newest.insert(k, p);
-            }
-        }
+        let mine = (created_at(p), p.id);
+        newest
+            .entry(disk_set(p))
+            .and_modify(|q| *q = (*q).max(mine))
+            .or_insert(mine);
     }
-    newest.values().map(|p| p.id).collect()
+    newest.values().map(|(_, id)| *id).collect()
 }
 
 /// Decides without touching the repository: the pure part of `forget`.
@@ -211,4 +216,41 @@ pub async fn forget(repo: Arc<Repository>, opts: ForgetOptions) -> Result<Forget
         bytes_downloaded: after.bytes_downloaded - before.bytes_downloaded,
     };
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(vm: &str, created: &str) -> PointManifest {
+        PointManifest {
+            version: 1,
+            id: PointId::random(),
+            vm: vm.into(),
+            host: "h".into(),
+            created: created.into(),
+            tags: vec![],
+            chunk_size: 65536,
+            slots_per_page: 4096,
+            disks: vec![],
+            configs: vec![],
+            duration_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_newest_point_is_the_latest_instant_not_the_greatest_text() {
+        // As text, "05.5Z" sorts after "05.55Z", and "+02:00" hides an earlier instant.
+        let half = point("vm", "2026-03-01T10:00:05.5Z");
+        let later = point("vm", "2026-03-01T10:00:05.55Z");
+        let east = point("vm", "2026-03-01T11:00:06+02:00");
+        let newest = newest_per_disk_set(&[half.clone(), later.clone(), east]);
+        assert_eq!(newest, HashSet::from([later.id]));
+        let newest = newest_per_disk_set(&[later.clone(), half.clone()]);
+        assert_eq!(newest, HashSet::from([later.id]));
+        // Each VM's disk set on its own.
+        let other = point("other", "2020-01-01T00:00:00Z");
+        let newest = newest_per_disk_set(&[half, later.clone(), other.clone()]);
+        assert_eq!(newest, HashSet::from([later.id, other.id]));
+    }
 }
