@@ -1011,3 +1011,53 @@ fn agent_refuses_a_state_file_another_agent_uses() {
     a.signal("-TERM");
     assert!(a.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// A run cut short by `kill -9` is ended for webhook receivers at the next start (`run.failed`,
+/// status `interrupted`), and SIGHUP stops the agent as SIGTERM does (its run cancelled).
+#[test]
+fn agent_reports_interrupted_runs_at_start_and_stops_on_sighup() {
+    let w = World::with_repo("64KiB");
+    let recv = Receiver::start();
+    let secret = w.path("hook.secret");
+    std::fs::write(&secret, WEBHOOK_SECRET).unwrap();
+    let flag = w.path("slow.flag");
+    std::fs::write(&flag, "").unwrap();
+    let config = slow_job_config(&w, "0 0 1 1 *", &flag, &w.path("released.txt"));
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[[webhooks]]\nurl = \"http://127.0.0.1:{}/hook\"\nsecret_file = {}\n",
+        recv.port,
+        toml_str(&secret)
+    ));
+    std::fs::write(&config, text).unwrap();
+    let log = w.path("agent.log");
+
+    let mut a = Agent::start(&config, &log, &[]);
+    let killed = a.json(&["agent", "run-now", "slow"])["run"]
+        .as_i64()
+        .unwrap();
+    a.wait_row("the run to be killed", |r| r["status"] == "running");
+    recv.wait_for("run.started", |v| v["run"] == killed);
+    a.signal("-KILL");
+    a.wait_exit(Duration::from_secs(10));
+    drop(a);
+
+    let mut a = Agent::start(&config, &log, &[]);
+    let ended = recv.wait_for("run.failed", |v| v["run"] == killed);
+    assert_eq!(ended["status"], "interrupted", "{ended:#}");
+    assert_eq!(ended["job"], "slow");
+    assert!(ended["error"].as_str().unwrap().contains("agent stopped"));
+
+    let run = a.json(&["agent", "run-now", "slow"])["run"]
+        .as_i64()
+        .unwrap();
+    a.wait_row("the run to be stopped", |r| {
+        r["run"] == run && r["status"] == "running"
+    });
+    a.signal("-HUP");
+    let st = a.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "{st:?}: {}", a.log_text());
+    let shown = a.json(&["runs", "show", &run.to_string()]);
+    assert_eq!(shown["status"], "cancelled", "{shown:#}");
+    recv.wait_for("run.cancelled", |v| v["run"] == run);
+}

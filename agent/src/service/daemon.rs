@@ -4,8 +4,8 @@
 //! killed agent is recorded as `interrupted`, and a job whose stored next run has passed while the
 //! agent was down runs once (however many runs were missed). A job never overlaps itself: an
 //! occurrence that comes while the job is still queued or running is skipped and logged. Runs wait
-//! for one of `limits.max_concurrent_runs` slots. SIGTERM or SIGINT cancels running work, records
-//! it as cancelled, and exits.
+//! for one of `limits.max_concurrent_runs` slots. SIGTERM, SIGINT or SIGHUP cancels running work,
+//! records it as cancelled, and exits.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -264,6 +264,27 @@ fn alert_interval(hours: Option<f64>) -> Duration {
     Duration::from_secs_f64((limit / 20.0).clamp(1.0, 60.0))
 }
 
+/// Ends, for webhook receivers, the runs a killed agent left running: each was announced by
+/// `run.started` and would otherwise never end. Their `after` and release hooks are not run now:
+/// what they would undo may have changed since (docs/AGENT.md).
+fn report_interrupted(
+    webhooks: &Webhooks,
+    runs: &[super::state::InterruptedRun],
+    now: DateTime<Utc>,
+) {
+    for r in runs {
+        tracing::warn!(job = %r.job, run = r.id, "interrupted by an earlier stop of the agent");
+        let secs = super::state::parse_ts(&r.started)
+            .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        webhooks.emit(
+            "run.failed",
+            serde_json::json!({"job": r.job, "run": r.id, "status": "interrupted",
+                "error": r.error, "duration_seconds": secs, "log_tail": ""}),
+        );
+    }
+}
+
 /// Options of `agent run` that tests use.
 #[derive(Default)]
 pub struct RunOptions {
@@ -381,7 +402,7 @@ pub async fn request(socket: &Path, req: &Request) -> Result<serde_json::Value> 
     serde_json::from_str(&reply).map_err(|e| err(format!("bad reply: {e}")))
 }
 
-/// Runs the agent in the foreground until SIGTERM/SIGINT.
+/// Runs the agent in the foreground until SIGTERM, SIGINT or SIGHUP.
 pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
     let c = &loaded.config;
     let password = read_password(&c.repository.password_file)?;
@@ -395,11 +416,9 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
     let state = Arc::new(State::open(&c.state)?);
     let now = Utc::now();
     let interrupted = state.mark_interrupted(now)?;
-    if interrupted > 0 {
-        tracing::warn!("{interrupted} run(s) were interrupted by an earlier stop of the agent");
-    }
     let host = crate::vm_backup::hostname();
     let webhooks = Arc::new(Webhooks::new(endpoints, state.clone(), host.clone()));
+    report_interrupted(&webhooks, &interrupted, now);
     let gauges = Arc::new(Gauges::default());
     *gauges
         .sessions_dir
@@ -471,6 +490,10 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
         .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| Error::io("installing the SIGINT handler", e))?;
+    // The agent reads its configuration only at start; a SIGHUP (a closed terminal, a habit of
+    // "reload") stops it as SIGTERM does rather than killing it mid-run.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| Error::io("installing the SIGHUP handler", e))?;
     let mut last_alert_check = std::time::Instant::now() - Duration::from_secs(3600);
     let alert_every = alert_interval(agent.config().alerts.no_good_backup_hours);
     let mut last_history_prune = std::time::Instant::now() - Duration::from_secs(86_400);
@@ -530,6 +553,7 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
             _ = agent.wake.notified() => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => break,
         }
     }
     tracing::info!("stopping: cancelling running work");

@@ -61,6 +61,15 @@ pub struct VmRunRecord {
     pub log_tail: String,
 }
 
+/// A run found `running` at start (its agent was killed), as it was marked `interrupted`.
+#[derive(Clone, Debug)]
+pub struct InterruptedRun {
+    pub id: i64,
+    pub job: String,
+    pub started: String,
+    pub error: String,
+}
+
 /// A webhook delivery waiting to be sent.
 #[derive(Clone, Debug)]
 pub struct Delivery {
@@ -182,8 +191,8 @@ impl State {
         f(&c).map_err(|e| self.err(e))
     }
 
-    /// Marks runs a killed agent left `running` as `interrupted`; returns how many.
-    pub fn mark_interrupted(&self, now: DateTime<Utc>) -> Result<usize> {
+    /// Marks runs a killed agent left `running` as `interrupted`; returns them as marked.
+    pub fn mark_interrupted(&self, now: DateTime<Utc>) -> Result<Vec<InterruptedRun>> {
         let now = ts(now);
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
@@ -191,12 +200,22 @@ impl State {
                 "UPDATE vm_runs SET status='interrupted', ended=?1, error=COALESCE(error, 'the agent stopped during this backup') WHERE status='running'",
                 params![now],
             )?;
-            let n = tx.execute(
-                "UPDATE runs SET status='interrupted', ended=?1, error=COALESCE(error, 'the agent stopped during this run') WHERE status='running'",
-                params![now],
-            )?;
+            let runs = {
+                let mut st = tx.prepare(
+                    "UPDATE runs SET status='interrupted', ended=?1, error=COALESCE(error, 'the agent stopped during this run') WHERE status='running' RETURNING id, job, started, error",
+                )?;
+                let rows = st.query_map(params![now], |r| {
+                    Ok(InterruptedRun {
+                        id: r.get(0)?,
+                        job: r.get(1)?,
+                        started: r.get(2)?,
+                        error: r.get(3)?,
+                    })
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
             tx.commit()?;
-            Ok(n)
+            Ok(runs)
         })
     }
 
@@ -648,7 +667,11 @@ mod tests {
                 .unwrap();
         }
         let s = State::open(&p).unwrap();
-        assert_eq!(s.mark_interrupted(Utc::now()).unwrap(), 1);
+        let marked = s.mark_interrupted(Utc::now()).unwrap();
+        assert_eq!(marked.len(), 1);
+        assert_eq!(marked[0].job, "nightly");
+        assert_eq!(marked[0].error, "the agent stopped during this run");
+        assert!(s.mark_interrupted(Utc::now()).unwrap().is_empty());
         let runs = s.list_runs(None, 10).unwrap();
         assert_eq!(runs[0].status, "interrupted");
         assert_eq!(runs[0].vms[0].status, "interrupted");
