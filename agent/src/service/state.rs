@@ -472,13 +472,19 @@ impl State {
         })
     }
 
-    pub fn due_deliveries(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<Delivery>> {
+    /// The due deliveries, oldest first, at most `per_url` of each endpoint: a dead endpoint's
+    /// backlog must not fill the batch and hold back the others.
+    pub fn due_deliveries(&self, now: DateTime<Utc>, per_url: usize) -> Result<Vec<Delivery>> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, url, event, body, attempts FROM webhook_queue WHERE next_attempt <= ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, url, event, body, attempts FROM (
+                    SELECT id, url, event, body, attempts,
+                        ROW_NUMBER() OVER (PARTITION BY url ORDER BY id) AS nth
+                    FROM webhook_queue WHERE next_attempt <= ?1
+                ) WHERE nth <= ?2 ORDER BY id",
             )?;
             let v = st
-                .query_map(params![ts(now), limit as i64], |r| {
+                .query_map(params![ts(now), per_url as i64], |r| {
                     Ok(Delivery {
                         id: r.get(0)?,
                         url: r.get(1)?,
@@ -637,6 +643,35 @@ mod tests {
             .with(|c| c.query_row("SELECT COUNT(*) FROM vm_runs", [], |r| r.get(0)))
             .unwrap();
         assert_eq!(rows, 0, "the old run's VM row went with it");
+    }
+
+    #[test]
+    fn a_dead_endpoints_backlog_leaves_room_for_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        let s = State::open(&d.path().join("s.db")).unwrap();
+        let now = Utc::now();
+        for _ in 0..40 {
+            s.enqueue("http://dead.invalid/hook", "run.started", "{}", now)
+                .unwrap();
+        }
+        s.enqueue("http://live.invalid/hook", "run.failed", "{}", now)
+            .unwrap();
+        let due = s.due_deliveries(now, 32).unwrap();
+        assert!(
+            due.iter().any(|d| d.url == "http://live.invalid/hook"),
+            "{due:?}"
+        );
+        let dead: Vec<i64> = due
+            .iter()
+            .filter(|d| d.url == "http://dead.invalid/hook")
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(dead.len(), 32);
+        assert!(
+            dead.windows(2).all(|w| w[0] < w[1]),
+            "oldest first: {dead:?}"
+        );
+        assert_eq!(dead[0], 1);
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub const EVENT_HEADER: &str = "X-Blockvault-Event";
 /// Deliveries give up after this many attempts (about two days with the backoff below).
 pub const MAX_ATTEMPTS: u32 = 40;
 
+/// Due deliveries taken per endpoint in one round.
+const BATCH_PER_ENDPOINT: usize = 32;
+
 pub struct Endpoint {
     pub url: String,
     secret: zeroize::Zeroizing<Vec<u8>>,
@@ -138,7 +141,7 @@ impl Webhooks {
             }
         };
         loop {
-            let due = match self.state.due_deliveries(Utc::now(), 32) {
+            let due = match self.state.due_deliveries(Utc::now(), BATCH_PER_ENDPOINT) {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!("webhooks: {e}");
