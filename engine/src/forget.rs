@@ -84,9 +84,26 @@ pub fn newest_per_disk_set(points: &[PointManifest]) -> HashSet<PointId> {
     newest.values().map(|(_, id)| *id).collect()
 }
 
-/// Decides without touching the repository: the pure part of `forget`.
+/// The verdict on a named point whose manifest is listed but cannot be read: it is removed as
+/// it is, the only way to clear it (every prune refuses to run while it is there).
+fn unreadable_named(id: PointId, why: &str) -> ForgetDecision {
+    ForgetDecision {
+        id,
+        vm: "(unreadable)".into(),
+        created: String::new(),
+        keep: false,
+        reasons: vec![format!(
+            "named; its manifest could not be read ({why}) and is deleted as it is"
+        )],
+    }
+}
+
+/// Decides without touching the repository: the pure part of `forget`. `unreadable` holds the
+/// listed points whose manifest could not be read, with the reason: a policy leaves them alone,
+/// naming one removes it.
 pub fn decide(
     points: &[PointManifest],
+    unreadable: &[(PointId, String)],
     protected: &HashSet<PointId>,
     target: &ForgetTarget,
     now: OffsetDateTime,
@@ -96,8 +113,10 @@ pub fn decide(
     match target {
         ForgetTarget::Points(ids) => {
             let want: HashSet<PointId> = ids.iter().copied().collect();
+            let broken: BTreeMap<PointId, &str> =
+                unreadable.iter().map(|(id, e)| (*id, e.as_str())).collect();
             for id in &want {
-                if !points.iter().any(|p| p.id == *id) {
+                if !points.iter().any(|p| p.id == *id) && !broken.contains_key(id) {
                     return Err(Error::Repo(blockvault_repo::Error::PointNotFound(
                         id.to_hex(),
                     )));
@@ -109,7 +128,7 @@ pub fn decide(
                     )));
                 }
             }
-            Ok(points
+            let mut decisions: Vec<ForgetDecision> = points
                 .iter()
                 .filter(|p| want.contains(&p.id))
                 .map(|p| ForgetDecision {
@@ -119,7 +138,14 @@ pub fn decide(
                     keep: false,
                     reasons: vec!["named".into()],
                 })
-                .collect())
+                .collect();
+            decisions.extend(
+                broken
+                    .iter()
+                    .filter(|(id, _)| want.contains(id))
+                    .map(|(id, why)| unreadable_named(*id, why)),
+            );
+            Ok(decisions)
         }
         ForgetTarget::Policy { vm, policy } => {
             let chosen: Vec<&PointManifest> = points
@@ -175,9 +201,14 @@ pub fn decide(
 pub async fn forget(repo: Arc<Repository>, opts: ForgetOptions) -> Result<ForgetReport> {
     let before = repo.storage().stats();
     let (points, unreadable) = repo.list_points().await?;
+    let unreadable: Vec<(PointId, String)> = unreadable
+        .into_iter()
+        .map(|(id, e)| (id, e.to_string()))
+        .collect();
     let protected = repo.protected_points().await?;
     let decisions = decide(
         &points,
+        &unreadable,
         &protected,
         &opts.target,
         OffsetDateTime::now_utc(),
@@ -185,7 +216,12 @@ pub async fn forget(repo: Arc<Repository>, opts: ForgetOptions) -> Result<Forget
     )?;
     let mut report = ForgetReport {
         dry_run: opts.dry_run,
-        unreadable: unreadable.iter().map(|(id, _)| *id).collect(),
+        // Those named are removed below, and reported as decisions.
+        unreadable: unreadable
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !decisions.iter().any(|d| d.id == *id))
+            .collect(),
         ..Default::default()
     };
     // Boot traces are found through listed points only: a forgotten point's trace is dead
@@ -252,5 +288,67 @@ mod tests {
         let other = point("other", "2020-01-01T00:00:00Z");
         let newest = newest_per_disk_set(&[half, later.clone(), other.clone()]);
         assert_eq!(newest, HashSet::from([later.id, other.id]));
+    }
+
+    #[test]
+    fn naming_an_unreadable_point_removes_it_and_a_policy_leaves_it_alone() {
+        let ok = point("vm", "2026-03-01T10:00:00Z");
+        let (broken, unknown) = (PointId::random(), PointId::random());
+        let unreadable = vec![(broken, "authentication failed".to_string())];
+        let now = OffsetDateTime::now_utc();
+        let none = HashSet::new();
+        let named = ForgetTarget::Points(vec![broken]);
+        let d = decide(
+            &[ok.clone()],
+            &unreadable,
+            &none,
+            &named,
+            now,
+            UtcOffset::UTC,
+        )
+        .unwrap();
+        assert_eq!(d.len(), 1);
+        assert!(!d[0].keep && d[0].id == broken);
+        assert!(d[0].reasons[0].contains("could not be read (authentication failed)"));
+        // Protected, it is refused like any protected point.
+        let protected = HashSet::from([broken]);
+        assert!(decide(
+            &[ok.clone()],
+            &unreadable,
+            &protected,
+            &named,
+            now,
+            UtcOffset::UTC
+        )
+        .is_err());
+        // A point neither readable nor listed is still not found.
+        let missing = ForgetTarget::Points(vec![unknown]);
+        assert!(decide(
+            &[ok.clone()],
+            &unreadable,
+            &none,
+            &missing,
+            now,
+            UtcOffset::UTC
+        )
+        .is_err());
+        // A policy decides about readable points only.
+        let policy = ForgetTarget::Policy {
+            vm: None,
+            policy: Policy {
+                keep_last: Some(1),
+                ..Policy::default()
+            },
+        };
+        let d = decide(
+            &[ok.clone()],
+            &unreadable,
+            &none,
+            &policy,
+            now,
+            UtcOffset::UTC,
+        )
+        .unwrap();
+        assert!(d.iter().all(|d| d.id == ok.id && d.keep));
     }
 }

@@ -193,6 +193,25 @@ fn split_leftovers(repo: &Repository, packs: Vec<Listed>) -> (Vec<Listed>, Vec<(
     (kept, leftover)
 }
 
+/// The manifests that stop a prune: those listed that could not be read, except those gone
+/// since the listing. A manifest gone before it was read is no restore point any more (a forget
+/// on another host, or a backup that took its manifest back): nothing to mark. A point
+/// committed since the listing is caught by the next run's re-mark, as ever.
+fn really_unreadable(
+    unreadable: Vec<(PointId, blockvault_repo::Error)>,
+) -> Vec<(PointId, blockvault_repo::Error)> {
+    unreadable
+        .into_iter()
+        .filter(|(id, e)| {
+            let gone = matches!(e, blockvault_repo::Error::PointNotFound(_));
+            if gone {
+                tracing::debug!(point = %id, "manifest gone since the listing; not marked");
+            }
+            !gone
+        })
+        .collect()
+}
+
 /// The index segments listed: the packs each names, and its store time.
 #[derive(Default)]
 struct Segments {
@@ -529,10 +548,12 @@ async fn run(
         })
         .collect();
     let (points, unreadable) = repo.list_points().await?;
+    let unreadable = really_unreadable(unreadable);
     if let Some((id, e)) = unreadable.first() {
         return Err(Error::Invalid(format!(
             "prune stopped before deleting anything: restore point {id} cannot be read ({e}); \
-             run 'blockvault verify' and remove or repair it first"
+             run 'blockvault verify', then restore its manifest or remove it with \
+             'blockvault forget {id}'"
         )));
     }
     report.points = points.len() as u64;
@@ -760,4 +781,23 @@ async fn run(
     repo.delete_segments(claim, &retired).await?;
     report.segments_retired = retired.len() as u64;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_gone_since_the_listing_does_not_stop_a_prune() {
+        let (gone, bad) = (PointId::random(), PointId::random());
+        let left = really_unreadable(vec![
+            (gone, blockvault_repo::Error::PointNotFound(gone.to_hex())),
+            (
+                bad,
+                blockvault_repo::Error::Invalid("authentication failed".into()),
+            ),
+        ]);
+        let ids: Vec<PointId> = left.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![bad], "only the unreadable manifest stops the run");
+    }
 }

@@ -1061,3 +1061,33 @@ fn agent_reports_interrupted_runs_at_start_and_stops_on_sighup() {
     assert_eq!(shown["status"], "cancelled", "{shown:#}");
     recv.wait_for("run.cancelled", |v| v["run"] == run);
 }
+
+/// The password file is read for every run: after `repo passwd` and an update of the file, the
+/// next run opens the repository without a restart of the agent.
+#[test]
+fn agent_uses_a_changed_password_file_from_the_next_run_on() {
+    let w = World::with_repo("64KiB");
+    let (config, disk) = one_vm_job(&w, "pw", "");
+    make_image(&disk, 2 << 20, 5, 6);
+    let mut a = Agent::start(&config, &w.path("agent.log"), &[]);
+    let run_once = |a: &Agent| {
+        let run = a.json(&["agent", "run-now", "pw"])["run"].as_i64().unwrap();
+        wait_run(a, run, |s| s["status"] != "running")
+    };
+    let shown = run_once(&a);
+    assert_eq!(shown["status"], "success", "{shown:#}");
+    let newpw = w.path("newpw");
+    std::fs::write(&newpw, "a new password for the agent\n").unwrap();
+    w.ok(&[
+        "repo",
+        "passwd",
+        "--new-password-file",
+        newpw.to_str().unwrap(),
+    ]);
+    std::fs::copy(&newpw, &w.password_file).unwrap();
+    let shown = run_once(&a);
+    assert_eq!(shown["status"], "success", "{shown:#}; {}", a.log_text());
+    a.signal("-TERM");
+    assert!(a.wait_exit(Duration::from_secs(30)).success());
+    assert!(!a.log_text().contains("a new password"));
+}

@@ -1444,3 +1444,40 @@ fn an_incremental_heals_a_damaged_chunk_it_would_have_reused() {
         assert!(same_content(&img, &out), "{point}");
     }
 }
+
+/// A manifest that cannot be read stops every prune; naming it in `forget` removes it (a policy
+/// leaves it alone), and prune runs again.
+#[test]
+fn forget_removes_a_named_unreadable_manifest_and_prune_runs_again() {
+    let r = Repo::local();
+    let img = r.path("d.raw");
+    make_random_image(&img, 1 << 20, 97);
+    let broken = id(&r.backup("vm", &img, &[]));
+    make_random_image(&img, 1 << 20, 98);
+    let kept = id(&r.backup("vm", &img, &[]));
+    let manifest = r.dir.join("repo/points").join(&broken);
+    let len = std::fs::metadata(&manifest).unwrap().len() as usize;
+    std::fs::write(&manifest, vec![0x5a; len]).unwrap();
+
+    let refused = r.run(&["prune", "--grace", "0s"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains(&format!("blockvault forget {broken}")),
+        "{}",
+        stderr(&refused)
+    );
+    let policy = r.json(&["forget", "--keep-last", "1"]);
+    assert_eq!(policy["unreadable"], json!([broken]), "{policy}");
+    assert!(manifest.exists(), "a policy leaves it alone");
+
+    let named = r.json(&["forget", &broken]);
+    assert_eq!(num(&named, &["removed"]), 1, "{named}");
+    let why = named["decisions"][0]["reasons"][0].as_str().unwrap();
+    assert!(why.contains("could not be read"), "{why}");
+    assert!(!manifest.exists());
+    assert_eq!(r.points(), vec![kept.clone()]);
+    std::thread::sleep(SLACK);
+    let p = r.prune("0s");
+    assert!(num(&p, &["condemned", "packs"]) >= 1, "{p}");
+    r.restores(&kept, &img);
+}

@@ -42,7 +42,6 @@ pub struct ActiveRun {
 
 pub struct Agent {
     loaded: Loaded,
-    password: zeroize::Zeroizing<Vec<u8>>,
     pub state: Arc<State>,
     pub webhooks: Arc<Webhooks>,
     pub gauges: Arc<Gauges>,
@@ -55,8 +54,9 @@ pub struct Agent {
     powershell: Option<Arc<dyn PowerShell>>,
 }
 
-/// Reads the repository password file (trailing newline removed).
-fn read_password(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+/// Reads the repository password file (trailing newline removed). Read again for every run, so
+/// a password changed together with its file is used from the next run on, without a restart.
+pub(crate) fn read_password(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
     let mut s = std::fs::read(path)
         .map_err(|e| Error::Config(format!("repository.password_file {}: {e}", path.display())))?;
     while matches!(s.last(), Some(b'\n' | b'\r')) {
@@ -74,10 +74,6 @@ fn read_password(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
 impl Agent {
     pub fn config(&self) -> &AgentConfig {
         &self.loaded.config
-    }
-
-    pub fn password(&self) -> &[u8] {
-        &self.password
     }
 
     pub fn powershell_override(&self) -> Option<Arc<dyn PowerShell>> {
@@ -405,7 +401,8 @@ pub async fn request(socket: &Path, req: &Request) -> Result<serde_json::Value> 
 /// Runs the agent in the foreground until SIGTERM, SIGINT or SIGHUP.
 pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
     let c = &loaded.config;
-    let password = read_password(&c.repository.password_file)?;
+    // Read once at start too, so an unreadable file stops the agent rather than every run.
+    read_password(&c.repository.password_file)?;
     let endpoints = c
         .webhooks
         .iter()
@@ -439,7 +436,6 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
     let agent = Arc::new(Agent {
         slots: Arc::new(tokio::sync::Semaphore::new(c.limits.max_concurrent_runs)),
         loaded,
-        password,
         state: state.clone(),
         webhooks: webhooks.clone(),
         gauges: gauges.clone(),

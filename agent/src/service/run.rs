@@ -73,7 +73,8 @@ pub async fn open_repository(agent: &Agent) -> Result<Arc<Repository>> {
         cache_dir: cache_dir(c),
         zstd_level: c.compression_level,
     };
-    Ok(Repository::open(storage, agent.password(), &opts).await?)
+    let password = super::daemon::read_password(&c.password_file)?;
+    Ok(Repository::open(storage, &password, &opts).await?)
 }
 
 /// How a VM ended.
