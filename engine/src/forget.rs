@@ -299,7 +299,7 @@ mod tests {
         let none = HashSet::new();
         let named = ForgetTarget::Points(vec![broken]);
         let d = decide(
-            &[ok.clone()],
+            std::slice::from_ref(&ok),
             &unreadable,
             &none,
             &named,
@@ -313,7 +313,7 @@ mod tests {
         // Protected, it is refused like any protected point.
         let protected = HashSet::from([broken]);
         assert!(decide(
-            &[ok.clone()],
+            std::slice::from_ref(&ok),
             &unreadable,
             &protected,
             &named,
@@ -324,7 +324,7 @@ mod tests {
         // A point neither readable nor listed is still not found.
         let missing = ForgetTarget::Points(vec![unknown]);
         assert!(decide(
-            &[ok.clone()],
+            std::slice::from_ref(&ok),
             &unreadable,
             &none,
             &missing,
@@ -341,7 +341,7 @@ mod tests {
             },
         };
         let d = decide(
-            &[ok.clone()],
+            std::slice::from_ref(&ok),
             &unreadable,
             &none,
             &policy,
