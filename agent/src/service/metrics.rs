@@ -38,7 +38,7 @@ pub fn render(state: &State, g: &Gauges) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "# HELP blockvault_agent_runs_total Job runs by job and final status."
+        "# HELP blockvault_agent_runs_total Ended job runs by job and final status."
     );
     let _ = writeln!(o, "# TYPE blockvault_agent_runs_total counter");
     for (job, status, n) in state.run_counts().unwrap_or_default() {

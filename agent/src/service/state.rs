@@ -131,7 +131,50 @@ CREATE TABLE IF NOT EXISTS alerts (
     vm TEXT PRIMARY KEY,
     sent TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS run_totals (
+    job TEXT NOT NULL,
+    status TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, status)
+);
+CREATE TABLE IF NOT EXISTS byte_totals (
+    job TEXT NOT NULL,
+    vm TEXT NOT NULL,
+    bytes_read INTEGER NOT NULL DEFAULT 0,
+    bytes_new INTEGER NOT NULL DEFAULT 0,
+    bytes_stored INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, vm)
+);
 ";
+
+/// The schema version in `PRAGMA user_version`: 1 has the totals tables, filled from the history
+/// a version-0 database already holds.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Fills the totals of a database from before they existed with what its history holds (once).
+const SEED_TOTALS: &str = "
+INSERT OR IGNORE INTO run_totals(job, status, runs)
+    SELECT job, status, COUNT(*) FROM runs WHERE status NOT IN ('running', 'queued') GROUP BY job, status;
+INSERT OR IGNORE INTO byte_totals(job, vm, bytes_read, bytes_new, bytes_stored)
+    SELECT r.job, v.vm, SUM(v.bytes_read), SUM(v.bytes_new), SUM(v.bytes_stored)
+    FROM vm_runs v JOIN runs r ON r.id = v.run WHERE v.status = 'success' GROUP BY r.job, v.vm;
+";
+
+/// Adds one ended run to the totals the metrics count (history pruning leaves them alone).
+const COUNT_RUN: &str = "INSERT INTO run_totals(job, status, runs) VALUES (?1, ?2, 1) ON CONFLICT(job, status) DO UPDATE SET runs = runs + 1";
+
+/// Brings a database written by an older agent to [`SCHEMA_VERSION`].
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < 1 {
+        tx.execute_batch(SEED_TOTALS)?;
+    }
+    if version < SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()
+}
 
 impl State {
     /// Opens (creating) the database. The file is created owner-only: history names VMs and paths.
@@ -162,6 +205,7 @@ impl State {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -214,6 +258,9 @@ impl State {
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()?
             };
+            for r in &runs {
+                tx.execute(COUNT_RUN, params![r.job, "interrupted"])?;
+            }
             tx.commit()?;
             Ok(runs)
         })
@@ -278,11 +325,23 @@ impl State {
         now: DateTime<Utc>,
     ) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            let tx = c.unchecked_transaction()?;
+            // Counted once, when it ends: a run recorded twice is not two runs.
+            let job: Option<String> = tx
+                .query_row(
+                    "SELECT job FROM runs WHERE id=?1 AND status='running'",
+                    params![run],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            tx.execute(
                 "UPDATE runs SET status=?2, error=?3, ended=?4 WHERE id=?1",
                 params![run, status, error, ts(now)],
-            )
-            .map(|_| ())
+            )?;
+            if let Some(job) = job {
+                tx.execute(COUNT_RUN, params![job, status])?;
+            }
+            tx.commit()
         })
     }
 
@@ -298,7 +357,15 @@ impl State {
 
     pub fn update_vm(&self, r: &VmRunRecord) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            let tx = c.unchecked_transaction()?;
+            let was: Option<String> = tx
+                .query_row(
+                    "SELECT status FROM vm_runs WHERE run=?1 AND vm=?2",
+                    params![r.run, r.vm],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            tx.execute(
                 "UPDATE vm_runs SET ended=?3, status=?4, attempts=?5, point=?6, bytes_read=?7, bytes_new=?8, bytes_stored=?9, full_reason=?10, consistency=?11, error=?12, log_tail=?13 WHERE run=?1 AND vm=?2",
                 params![
                     r.run,
@@ -315,8 +382,21 @@ impl State {
                     r.error,
                     r.log_tail
                 ],
-            )
-            .map(|_| ())
+            )?;
+            // A backup's bytes are added once, when its VM row becomes a success.
+            if r.status == "success" && was.is_some_and(|w| w != "success") {
+                tx.execute(
+                    "INSERT INTO byte_totals(job, vm, bytes_read, bytes_new, bytes_stored) SELECT job, ?2, ?3, ?4, ?5 FROM runs WHERE id=?1 ON CONFLICT(job, vm) DO UPDATE SET bytes_read = bytes_read + excluded.bytes_read, bytes_new = bytes_new + excluded.bytes_new, bytes_stored = bytes_stored + excluded.bytes_stored",
+                    params![
+                        r.run,
+                        r.vm,
+                        r.bytes_read as i64,
+                        r.bytes_new as i64,
+                        r.bytes_stored as i64
+                    ],
+                )?;
+            }
+            tx.commit()
         })
     }
 
@@ -422,12 +502,12 @@ impl State {
         })
     }
 
-    /// Runs per (job, status), for the metrics.
+    /// Ended runs per (job, status) since the state database was made, for the metrics: kept
+    /// apart from the history, so pruning it never makes a counter go down.
     pub fn run_counts(&self) -> Result<Vec<(String, String, u64)>> {
         self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT job, status, COUNT(*) FROM runs GROUP BY job, status ORDER BY job, status",
-            )?;
+            let mut st =
+                c.prepare("SELECT job, status, runs FROM run_totals ORDER BY job, status")?;
             let v = st
                 .query_map([], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
@@ -437,11 +517,12 @@ impl State {
         })
     }
 
-    /// Bytes read/new/stored by successful VM backups, per (job, vm).
+    /// Bytes read/new/stored by successful VM backups, per (job, vm), since the state database
+    /// was made (kept apart from the history, like [`State::run_counts`]).
     pub fn byte_sums(&self) -> Result<Vec<(String, String, [u64; 3])>> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT r.job, v.vm, SUM(v.bytes_read), SUM(v.bytes_new), SUM(v.bytes_stored) FROM vm_runs v JOIN runs r ON r.id = v.run WHERE v.status='success' GROUP BY r.job, v.vm ORDER BY r.job, v.vm",
+                "SELECT job, vm, bytes_read, bytes_new, bytes_stored FROM byte_totals ORDER BY job, vm",
             )?;
             let v = st
                 .query_map([], |r| {
@@ -643,6 +724,94 @@ mod tests {
             .with(|c| c.query_row("SELECT COUNT(*) FROM vm_runs", [], |r| r.get(0)))
             .unwrap();
         assert_eq!(rows, 0, "the old run's VM row went with it");
+    }
+
+    fn vm_success(run: i64, job: &str, bytes: u64, at: DateTime<Utc>) -> VmRunRecord {
+        VmRunRecord {
+            run,
+            job: job.into(),
+            vm: "web".into(),
+            started: ts(at),
+            ended: Some(ts(at)),
+            status: "success".into(),
+            attempts: 1,
+            point: None,
+            bytes_read: bytes,
+            bytes_new: bytes,
+            bytes_stored: bytes,
+            full_reason: None,
+            consistency: None,
+            error: None,
+            log_tail: String::new(),
+        }
+    }
+
+    /// The metrics' counters count every run that ended and every byte backed up, and neither
+    /// goes down when the history they came from is pruned; a running run is in none of them.
+    #[test]
+    fn totals_survive_history_pruning_and_leave_running_runs_out() {
+        let d = tempfile::tempdir().unwrap();
+        let s = State::open(&d.path().join("s.db")).unwrap();
+        let now = Utc::now();
+        let old = now - chrono::Duration::days(500);
+        for at in [old, now] {
+            let r = s.start_run("nightly", "schedule", at).unwrap();
+            s.start_vm(r, "web", at).unwrap();
+            let mut rec = vm_success(r, "nightly", 100, at);
+            s.update_vm(&rec).unwrap();
+            // Recorded again (a last log line): counted once.
+            rec.log_tail = "done".into();
+            s.update_vm(&rec).unwrap();
+            s.finish_run(r, "success", None, at).unwrap();
+            s.finish_run(r, "success", None, at).unwrap();
+        }
+        s.start_run("nightly", "manual", now).unwrap();
+        let counts = || s.run_counts().unwrap();
+        let bytes = || s.byte_sums().unwrap();
+        let expected_counts = vec![("nightly".to_string(), "success".to_string(), 2)];
+        let expected_bytes = vec![("nightly".to_string(), "web".to_string(), [200; 3])];
+        assert_eq!(counts(), expected_counts);
+        assert_eq!(bytes(), expected_bytes);
+        assert_eq!(
+            s.prune_history(now - chrono::Duration::days(400)).unwrap(),
+            1
+        );
+        assert_eq!(counts(), expected_counts);
+        assert_eq!(bytes(), expected_bytes);
+    }
+
+    /// A database from before the totals existed starts them from the history it holds.
+    #[test]
+    fn totals_of_an_older_database_start_from_its_history() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.db");
+        let now = Utc::now();
+        {
+            let s = State::open(&p).unwrap();
+            let r = s.start_run("nightly", "schedule", now).unwrap();
+            s.start_vm(r, "web", now).unwrap();
+            s.update_vm(&vm_success(r, "nightly", 7, now)).unwrap();
+            s.finish_run(r, "partial", None, now).unwrap();
+            s.with(|c| {
+                c.execute_batch(
+                    "DELETE FROM run_totals; DELETE FROM byte_totals; PRAGMA user_version = 0;",
+                )
+            })
+            .unwrap();
+        }
+        let s = State::open(&p).unwrap();
+        assert_eq!(
+            s.run_counts().unwrap(),
+            [("nightly".to_string(), "partial".to_string(), 1)]
+        );
+        assert_eq!(
+            s.byte_sums().unwrap(),
+            [("nightly".to_string(), "web".to_string(), [7; 3])]
+        );
+        // Seeded once: reopening adds nothing.
+        drop(s);
+        let s = State::open(&p).unwrap();
+        assert_eq!(s.run_counts().unwrap()[0].2, 1);
     }
 
     #[test]
