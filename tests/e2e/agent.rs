@@ -1091,3 +1091,35 @@ fn agent_uses_a_changed_password_file_from_the_next_run_on() {
     assert!(a.wait_exit(Duration::from_secs(30)).success());
     assert!(!a.log_text().contains("a new password"));
 }
+
+/// Hooks do not inherit the agent's secrets (the repository password, S3 keys) from its
+/// environment; they still get the rest of it and the run's own variables.
+#[test]
+fn agent_hooks_get_no_secret_from_the_agents_environment() {
+    let w = World::with_repo("64KiB");
+    let seen = w.path("hook.env");
+    let (config, disk) = one_vm_job(
+        &w,
+        "envjob",
+        &format!("[jobs.hooks]\nbefore = \"env > {}\"\n", seen.display()),
+    );
+    make_image(&disk, 2 << 20, 9, 6);
+    let env = [
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret-Kq7-never-in-a-hook"),
+        ("AWS_SESSION_TOKEN", "aws-token-Kq7-never-in-a-hook"),
+        ("BLOCKVAULT_PASSWORD", "password-Kq7-never-in-a-hook"),
+        ("BLOCKVAULT_TEST_PLAIN", "plain-Kq7"),
+    ];
+    let mut a = Agent::start(&config, &w.path("agent.log"), &env);
+    let run = a.json(&["agent", "run-now", "envjob"])["run"]
+        .as_i64()
+        .unwrap();
+    let shown = wait_run(&a, run, |s| s["status"] != "running");
+    assert_eq!(shown["status"], "success", "{shown:#}");
+    a.signal("-TERM");
+    assert!(a.wait_exit(Duration::from_secs(30)).success());
+    let text = std::fs::read_to_string(&seen).unwrap();
+    assert!(text.contains("BLOCKVAULT_TEST_PLAIN=plain-Kq7"), "{text}");
+    assert!(text.contains("BLOCKVAULT_JOB=envjob"), "{text}");
+    assert!(!text.contains("never-in-a-hook"), "{text}");
+}

@@ -12,6 +12,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
+/// Variables of the agent's environment that hold secrets (the repository password, S3
+/// credentials). The agent's own children (hooks, PowerShell) do not get them: a hook that prints
+/// its environment would put them in the run history, and nothing a hook does needs the agent's
+/// keys; a hook that needs credentials reads its own.
+pub const SECRET_VARIABLES: &[&str] = &[
+    "BLOCKVAULT_PASSWORD",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+];
+
+/// Removes [`SECRET_VARIABLES`] from what `c` inherits.
+pub fn without_secrets(c: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    for k in SECRET_VARIABLES {
+        c.env_remove(k);
+    }
+    c
+}
+
 /// Lines kept per VM run (and job run) for `runs show`.
 pub const LOG_TAIL_LINES: usize = 40;
 
@@ -81,7 +101,8 @@ pub async fn run_hook(
 ) -> Result<()> {
     log.push(format!("{what}: running"));
     let mut c = tokio::process::Command::new("sh");
-    c.arg("-c")
+    without_secrets(&mut c)
+        .arg("-c")
         .arg(cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -131,7 +131,7 @@ pub struct RealPowerShell {
 #[async_trait]
 impl PowerShell for RealPowerShell {
     async fn run(&self, step: &Step) -> std::result::Result<serde_json::Value, String> {
-        let mut child = tokio::process::Command::new(&self.exe)
+        let mut child = super::hooks::without_secrets(&mut tokio::process::Command::new(&self.exe))
             .args(["-NoProfile", "-NonInteractive", "-Command", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
