@@ -81,6 +81,10 @@ fn history_days() -> u32 {
     400
 }
 
+/// The most days of history `limits.history_days` keeps: a hundred years, far beyond any need and
+/// far inside the dates the agent can compute (a cut-off before year -262143 cannot be).
+pub const MAX_HISTORY_DAYS: u32 = 36_500;
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -393,6 +397,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded> {
         return Err(c.plain(
             "limits.history_days",
             "must be at least 1 (the running runs and the last day are always kept)",
+        ));
+    }
+    if config.limits.history_days > MAX_HISTORY_DAYS {
+        return Err(c.plain(
+            "limits.history_days",
+            format!(
+                "{} is more than {MAX_HISTORY_DAYS} (100 years)",
+                config.limits.history_days
+            ),
         ));
     }
     if !(1..=19).contains(&config.repository.compression_level) {
@@ -764,6 +777,24 @@ mod tests {
         assert!(parse(Path::new("a.toml"), &t).is_err());
         let e = parse(Path::new("a.toml"), &t2).err().unwrap().to_string();
         assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn history_days_beyond_a_hundred_years_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let limits = |n: &str| base(d.path()) + &format!("[limits]\nhistory_days = {n}\n") + JOB;
+        let l = parse(Path::new("a.toml"), &limits("36500")).unwrap();
+        assert_eq!(l.config.limits.history_days, MAX_HISTORY_DAYS);
+        for bad in ["36501", "99999999"] {
+            let e = parse(Path::new("a.toml"), &limits(bad))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("limits.history_days") && e.contains("100 years"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -533,7 +533,11 @@ pub async fn run(loaded: Loaded, opts: RunOptions) -> Result<()> {
         }
         if last_history_prune.elapsed() >= Duration::from_secs(86_400) {
             let keep = chrono::Duration::days(i64::from(agent.config().limits.history_days));
-            match state.prune_history(Utc::now() - keep) {
+            // Checked at load (limits.history_days); a cut-off out of range keeps everything.
+            let before = Utc::now()
+                .checked_sub_signed(keep)
+                .unwrap_or(DateTime::<Utc>::MIN_UTC);
+            match state.prune_history(before) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!("deleted {n} run(s) older than the history limit"),
                 Err(e) => tracing::warn!("pruning the run history: {e}"),
