@@ -596,6 +596,18 @@ impl State {
         })
     }
 
+    /// The last error recorded for delivery `id`.
+    #[cfg(test)]
+    pub(crate) fn delivery_error(&self, id: i64) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT last_error FROM webhook_queue WHERE id=?1",
+                params![id],
+                |r| r.get(0),
+            )
+        })
+    }
+
     pub fn pending_deliveries(&self) -> Result<u64> {
         self.with(|c| {
             c.query_row("SELECT COUNT(*) FROM webhook_queue", [], |r| {

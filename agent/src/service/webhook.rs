@@ -36,7 +36,7 @@ impl Endpoint {
         let mut secret = std::fs::read(&c.secret_file).map_err(|e| {
             Error::Config(format!(
                 "webhook {}: secret_file {}: {e}",
-                c.url.get_ref(),
+                redacted(c.url.get_ref()),
                 c.secret_file.display()
             ))
         })?;
@@ -46,7 +46,7 @@ impl Endpoint {
         if secret.is_empty() {
             return Err(Error::Config(format!(
                 "webhook {}: secret_file {} is empty",
-                c.url.get_ref(),
+                redacted(c.url.get_ref()),
                 c.secret_file.display()
             )));
         }
@@ -59,6 +59,21 @@ impl Endpoint {
 
     fn wants(&self, event: &str) -> bool {
         self.events.is_empty() || self.events.iter().any(|e| e == event)
+    }
+}
+
+/// `scheme://host[:port]` of a webhook URL, for logs and errors: a URL's path, query and user
+/// part often carry an access token.
+pub fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => {
+            let host = u.host_str().unwrap_or("");
+            match u.port() {
+                Some(p) => format!("{}://{host}:{p}", u.scheme()),
+                None => format!("{}://{host}", u.scheme()),
+            }
+        }
+        Err(_) => "(an unreadable URL)".into(),
     }
 }
 
@@ -118,7 +133,10 @@ impl Webhooks {
         };
         for ep in self.endpoints.iter().filter(|e| e.wants(event)) {
             if let Err(e) = self.state.enqueue(&ep.url, event, &body, Utc::now()) {
-                tracing::error!("webhook {event} to {}: cannot queue: {e}", ep.url);
+                tracing::error!(
+                    "webhook {event} to {}: cannot queue: {e}",
+                    redacted(&ep.url)
+                );
             }
         }
         self.wake.notify_one();
@@ -197,8 +215,8 @@ impl Webhooks {
         let failure = match r {
             Ok(resp) if resp.status().is_success() => None,
             Ok(resp) => Some(format!("HTTP {}", resp.status())),
-            // reqwest's error text carries the URL only, never the body or the secret.
-            Err(e) => Some(e.to_string()),
+            // Without the URL, which may carry a token; never the body or the secret either.
+            Err(e) => Some(e.without_url().to_string()),
         };
         match failure {
             None => {
@@ -209,7 +227,7 @@ impl Webhooks {
                 tracing::error!(
                     "webhook {} to {}: giving up after {} attempts: {err}",
                     d.event,
-                    d.url,
+                    redacted(&d.url),
                     d.attempts + 1
                 );
                 let _ = self.state.delivered(d.id);
@@ -222,7 +240,7 @@ impl Webhooks {
                 tracing::warn!(
                     "webhook {} to {}: {err}; retrying in {}s",
                     d.event,
-                    d.url,
+                    redacted(&d.url),
                     wait.as_secs()
                 );
                 let next = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
@@ -236,6 +254,48 @@ impl Webhooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_in_logs_keep_only_scheme_host_and_port() {
+        assert_eq!(
+            redacted("https://user:pw@hooks.example.net/T0/B1/tok3n?key=s3cret#x"),
+            "https://hooks.example.net"
+        );
+        assert_eq!(
+            redacted("http://127.0.0.1:8080/hook?token=abc"),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(redacted("http://[::1]:9/a"), "http://[::1]:9");
+        assert_eq!(redacted("not a url /secret"), "(an unreadable URL)");
+    }
+
+    /// A failed attempt's error (logged, and kept in the queue) does not carry the URL.
+    #[tokio::test]
+    async fn a_failed_delivery_records_no_url() {
+        let d = tempfile::tempdir().unwrap();
+        let state = Arc::new(State::open(&d.path().join("s.db")).unwrap());
+        // A port nobody listens on: the connection is refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/hook?token=tok-Zq81");
+        let ep = Endpoint {
+            url: url.clone(),
+            secret: zeroize::Zeroizing::new(b"k".to_vec()),
+            events: vec![],
+        };
+        let hooks = Webhooks::new(vec![], state.clone(), "h".into());
+        state
+            .enqueue(&url, "run.started", "{}", Utc::now())
+            .unwrap();
+        let due = state.due_deliveries(Utc::now(), 1).unwrap();
+        let client = reqwest::Client::new();
+        assert!(!hooks.deliver(&client, &ep, due[0].clone()).await);
+        let err = state.delivery_error(due[0].id).unwrap().unwrap();
+        assert!(!err.is_empty() && !err.contains("tok-Zq81"), "{err}");
+    }
 
     #[test]
     fn signature_matches_rfc4231_case_2() {
