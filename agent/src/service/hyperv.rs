@@ -105,14 +105,14 @@ pub fn script(step: &Step) -> String {
             out = q(out)
         ),
         Step::ConvertToReference { vm, name } => format!(
-            "$s = Get-VMSnapshot -VMName {} -Name {}\n$sd = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSettingData -Filter (\"ConfigurationID='\" + $s.Id + \"'\")\n$svc = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSnapshotService\n$r = Invoke-CimMethod -InputObject $svc -MethodName ConvertToReferencePoint -Arguments @{{ AffectedSnapshot = $sd }}\nif ($r.ReturnValue -ne 0 -and $r.ReturnValue -ne 4096) {{ throw \"ConvertToReferencePoint returned $($r.ReturnValue)\" }}\n@{{ reference_point = [string]$r.ResultingReferencePoint }} | ConvertTo-Json -Compress",
+            "$s = Get-VMSnapshot -VMName {} -Name {}\n$sd = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSettingData -Filter (\"ConfigurationID='\" + $s.Id + \"'\")\n$svc = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSnapshotService\n$r = Invoke-CimMethod -InputObject $svc -MethodName ConvertToReferencePoint -Arguments @{{ AffectedSnapshot = $sd }}\nif ($r.ReturnValue -ne 0 -and $r.ReturnValue -ne 4096) {{ throw \"ConvertToReferencePoint returned $($r.ReturnValue)\" }}\n@{{ reference_point = [string]$r.ResultingReferencePoint.InstanceID }} | ConvertTo-Json -Compress",
             q(vm),
             q(name)
         ),
         Step::RemoveOtherReferencePoints { vm, keep } => format!(
-            "$vm = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_ComputerSystem -Filter (\"ElementName='\" + {} + \"'\")\n$svc = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemReferencePointService\nGet-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_VirtualSystemReferencePoint | Where-Object {{ $_.InstanceID -ne {} }} | ForEach-Object {{ $r = Invoke-CimMethod -InputObject $svc -MethodName DestroyReferencePoint -Arguments @{{ AffectedReferencePoint = $_ }}; if ($r.ReturnValue -ne 0 -and $r.ReturnValue -ne 4096) {{ throw \"DestroyReferencePoint returned $($r.ReturnValue)\" }} }}",
+            "$keep = {keep}\nif ([string]::IsNullOrEmpty($keep)) {{ throw 'no reference point to keep: none removed' }}\n$vm = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_ComputerSystem -Filter (\"ElementName='\" + {} + \"'\")\n$svc = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemReferencePointService\nGet-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_VirtualSystemReferencePoint | Where-Object {{ $_.InstanceID -ne $keep }} | ForEach-Object {{ $r = Invoke-CimMethod -InputObject $svc -MethodName DestroyReferencePoint -Arguments @{{ AffectedReferencePoint = $_ }}; if ($r.ReturnValue -ne 0 -and $r.ReturnValue -ne 4096) {{ throw \"DestroyReferencePoint returned $($r.ReturnValue)\" }} }}",
             q(vm),
-            q(keep)
+            keep = q(keep)
         ),
         Step::RemoveCheckpoint { vm, name } => format!(
             "Remove-VMSnapshot -VMName {} -Name {} -Confirm:$false",
@@ -425,6 +425,17 @@ impl VmSource for HypervSource {
                 return Err(e);
             }
         };
+        if reference.trim().is_empty() {
+            // "Every reference point but none" is every reference point, the new one included:
+            // nothing is removed without an id to keep.
+            cx.log
+                .push("hyperv: the conversion returned no reference point id");
+            return Err(Error::Source(format!(
+                "VM '{}': converting checkpoint {name} returned no reference point id; the VM's \
+                 other reference points were left in place",
+                cx.vm
+            )));
+        }
         self.step(
             cx,
             Step::RemoveOtherReferencePoints {
@@ -453,6 +464,8 @@ mod tests {
         calls: Mutex<Vec<Step>>,
         fail: Vec<fn(&Step) -> bool>,
         checkpoints: Mutex<Vec<String>>,
+        /// The conversion answers without a reference point id.
+        no_reference_id: bool,
     }
 
     #[async_trait]
@@ -475,7 +488,8 @@ mod tests {
                 Step::QueryChanges { .. } => serde_json::Value::Null,
                 Step::ConvertToReference { name, .. } => {
                     cps.retain(|c| c != name);
-                    serde_json::json!({"reference_point": "ref-2"})
+                    let id = if self.no_reference_id { "" } else { "ref-2" };
+                    serde_json::json!({ "reference_point": id })
                 }
                 Step::RemoveOtherReferencePoints { .. } => serde_json::Value::Null,
                 Step::RemoveCheckpoint { name, .. } => {
@@ -691,6 +705,45 @@ mod tests {
         };
         src.capture(&cx).await.unwrap();
         assert!(cx.log.text().contains("taking a full backup"));
+    }
+
+    /// A conversion that names no reference point removes none: an empty id to keep would
+    /// keep nothing.
+    #[tokio::test]
+    async fn no_reference_point_id_removes_no_reference_point() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake {
+            no_reference_id: true,
+            ..Default::default()
+        });
+        let (config, cx) = cx(d.path(), &[]);
+        let src = HypervSource {
+            config,
+            ps: fake.clone(),
+        };
+        src.capture(&cx).await.unwrap();
+        let e = src.release(&cx, Some(&report())).await.unwrap_err();
+        assert!(
+            e.to_string().contains("VM 'web'") && e.to_string().contains("no reference point"),
+            "{e}"
+        );
+        assert!(!fake
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| matches!(s, Step::RemoveOtherReferencePoints { .. })));
+        // The script refuses an empty id too, and reads the new point's InstanceID.
+        let s = script(&Step::RemoveOtherReferencePoints {
+            vm: "web".into(),
+            keep: String::new(),
+        });
+        assert!(s.contains("IsNullOrEmpty($keep)) { throw"), "{s}");
+        let s = script(&Step::ConvertToReference {
+            vm: "web".into(),
+            name: "blockvault-x".into(),
+        });
+        assert!(s.contains("$r.ResultingReferencePoint.InstanceID"), "{s}");
     }
 
     #[test]
