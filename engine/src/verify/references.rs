@@ -269,6 +269,16 @@ pub(super) async fn check(
 }
 
 /// Judges one page and its chunks. Call from a blocking thread.
+/// Whether failing to read a page says its stored bytes are bad (damage) rather than that they
+/// could not be read this time (a store or local I/O failure, a permission: not checked).
+fn is_damage(e: &blockvault_repo::Error) -> bool {
+    use blockvault_repo::Error as E;
+    matches!(
+        e,
+        E::Tampered { .. } | E::Malformed { .. } | E::ChunkMissing { .. } | E::PackMissing { .. }
+    )
+}
+
 fn summarize(
     repo: &Repository,
     judge: &Judge,
@@ -281,7 +291,7 @@ fn summarize(
     let known = judge.damage(&id, page_loc.as_ref());
     let page = match page {
         Ok(p) => p,
-        Err(e) if known.is_none() && e.is_transient() => {
+        Err(e) if known.is_none() && !is_damage(&e) => {
             summary.tally.add(0, false, None);
             let unchecked = Unchecked {
                 object: format!("chunk-map page {id}"),

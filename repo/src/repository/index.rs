@@ -110,6 +110,9 @@ impl Repository {
                             .await??;
                         report.packs_read += 1;
                     }
+                    // A store that failed after its retries says nothing about the pack: the
+                    // command fails rather than go on as if its chunks did not exist.
+                    Err(e) if e.is_transient() => return Err(e),
                     Err(e) => {
                         tracing::warn!(pack = %id, error = %e, "pack table of contents unreadable");
                         report.unreadable_packs.push(format!("pack {id}: {e}"));
