@@ -216,7 +216,12 @@ fn truncated_pack_and_deleted_pack_are_found() {
     std::fs::remove_file(&packs[0]).unwrap();
     let out = w.run(&["verify"]);
     assert_eq!(code(&out), 7, "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("missing"));
+    // Gone with no prune deleting it: a lost pack, named as such.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no prune deleted it"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // And a pack file that is gone sends the read down the general path, which finds the
     // chunk stored nowhere.
     let out = export(&w);
