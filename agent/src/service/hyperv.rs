@@ -66,61 +66,72 @@ fn q(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Selects the VM named `vm` into `$vm`, matching the name exactly (`Get-VM -Name` and
+/// `-VMName` take wildcards, so `web*` or `a[1]` would select other VMs too) and insisting on
+/// exactly one (Hyper-V allows two VMs with one name; a step must never act on the wrong one).
+/// The name only ever appears single-quoted: a double-quoted string would expand `$(...)` in it.
+fn select_vm(vm: &str) -> String {
+    format!(
+        "$vm = @(Get-VM | Where-Object {{ $_.Name -eq {n} }})\nif ($vm.Count -ne 1) {{ throw ('expected one VM named ' + {n} + ', found ' + $vm.Count) }}\n$vm = $vm[0]\n",
+        n = q(vm)
+    )
+}
+
 /// The exact PowerShell text of a step (documented in docs/AGENT.md).
 pub fn script(step: &Step) -> String {
     let head = "$ErrorActionPreference = 'Stop'\n";
+    let vm = match step {
+        Step::ListOwnCheckpoints { vm }
+        | Step::Checkpoint { vm, .. }
+        | Step::CheckpointFiles { vm, .. }
+        | Step::QueryChanges { vm, .. }
+        | Step::ConvertToReference { vm, .. }
+        | Step::RemoveOtherReferencePoints { vm, .. }
+        | Step::RemoveCheckpoint { vm, .. } => select_vm(vm),
+    };
     let body = match step {
-        Step::ListOwnCheckpoints { vm } => format!(
-            "@(Get-VMSnapshot -VMName {} | Where-Object {{ $_.Name -like {} }} | ForEach-Object {{ $_.Name }}) | ConvertTo-Json -Compress",
-            q(vm),
+        Step::ListOwnCheckpoints { .. } => format!(
+            "@(Get-VMSnapshot -VM $vm | Where-Object {{ $_.Name -like {} }} | ForEach-Object {{ $_.Name }}) | ConvertTo-Json -Compress",
             q(&format!("{CHECKPOINT_PREFIX}*"))
         ),
         Step::Checkpoint {
-            vm,
-            name,
-            production,
+            name, production, ..
         } => format!(
-            "$vm = Get-VM -Name {vm}\n$old = $vm.CheckpointType\nSet-VM -VM $vm -CheckpointType {kind}\ntry {{ Checkpoint-VM -VM $vm -SnapshotName {name} }} finally {{ Set-VM -VM $vm -CheckpointType $old }}",
-            vm = q(vm),
+            "$old = $vm.CheckpointType\nSet-VM -VM $vm -CheckpointType {kind}\ntry {{ Checkpoint-VM -VM $vm -SnapshotName {name} }} finally {{ Set-VM -VM $vm -CheckpointType $old }}",
             name = q(name),
             kind = if *production { "ProductionOnly" } else { "Standard" }
         ),
-        Step::CheckpointFiles { vm, name } => format!(
-            "$s = Get-VMSnapshot -VMName {} -Name {}\n$cfg = @(Get-ChildItem -Path (Join-Path $s.ConfigurationLocation 'Snapshots') -Filter ($s.Id.ToString() + '.*') | Where-Object {{ $_.Extension -in '.vmcx','.vmrs' }} | ForEach-Object {{ $_.FullName }})\n@{{ disks = @($s.HardDrives | ForEach-Object {{ $_.Path }}); configs = $cfg }} | ConvertTo-Json -Compress",
-            q(vm),
+        Step::CheckpointFiles { name, .. } => format!(
+            "$s = Get-VMSnapshot -VM $vm -Name {}\n$cfg = @(Get-ChildItem -Path (Join-Path $s.ConfigurationLocation 'Snapshots') -Filter ($s.Id.ToString() + '.*') | Where-Object {{ $_.Extension -in '.vmcx','.vmrs' }} | ForEach-Object {{ $_.FullName }})\n@{{ disks = @($s.HardDrives | ForEach-Object {{ $_.Path }}); configs = $cfg }} | ConvertTo-Json -Compress",
             q(name)
         ),
         Step::QueryChanges {
-            vm,
             name,
             disk_path,
             limit_id,
             out,
+            ..
         } => format!(
-            "$s = Get-VMSnapshot -VMName {vm} -Name {name}\n$ims = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_ImageManagementService\n$vhd = Get-VHD -Path {path}\n$sd = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSettingData -Filter (\"ConfigurationID='\" + $s.Id + \"'\")\n$sasd = Get-CimAssociatedInstance -InputObject $sd -ResultClassName Msvm_StorageAllocationSettingData | Where-Object {{ $_.HostResource -contains {path} }}\n$limit = {limit}\n$doc = [ordered]@{{ format = 'hyperv-rct-changes'; version = 1; vm_id = $s.VMId.ToString(); disk = [ordered]@{{ path = {path}; virtual_disk_id = $vhd.DiskIdentifier; virtual_size = $vhd.Size; logical_sector_size = $vhd.LogicalSectorSize }}; limit_id = $limit; new_rct_id = @($sasd.RcTId)[0]; full = ($null -eq $limit); queries = @() }}\nif ($null -ne $limit) {{\n  $off = 0\n  while ($off -lt $vhd.Size) {{\n    $r = Invoke-CimMethod -InputObject $ims -MethodName GetVirtualDiskChanges -Arguments @{{ Path = {path}; LimitId = $limit; TargetSnapshotId = $sd.InstanceID; ByteOffset = [uint64]$off; ByteLength = [uint64]($vhd.Size - $off) }}\n    if ($r.ReturnValue -ne 0) {{ throw \"GetVirtualDiskChanges returned $($r.ReturnValue)\" }}\n    $doc.queries += [ordered]@{{ byte_offset = $off; byte_length = $vhd.Size - $off; processed_byte_length = $r.ProcessedByteLength; changed_byte_offsets = @($r.ChangedByteOffsets); changed_byte_lengths = @($r.ChangedByteLengths) }}\n    if ($r.ProcessedByteLength -eq 0) {{ throw 'GetVirtualDiskChanges made no progress' }}\n    $off += $r.ProcessedByteLength\n  }}\n}}\n[IO.File]::WriteAllText({out}, ($doc | ConvertTo-Json -Depth 6 -Compress), (New-Object Text.UTF8Encoding $false))",
-            vm = q(vm),
+            "$s = Get-VMSnapshot -VM $vm -Name {name}\n$ims = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_ImageManagementService\n$vhd = Get-VHD -Path {path}\n$sd = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSettingData -Filter (\"ConfigurationID='\" + $s.Id + \"'\")\n$sasd = Get-CimAssociatedInstance -InputObject $sd -ResultClassName Msvm_StorageAllocationSettingData | Where-Object {{ $_.HostResource -contains {path} }}\n$limit = {limit}\n$doc = [ordered]@{{ format = 'hyperv-rct-changes'; version = 1; vm_id = $s.VMId.ToString(); disk = [ordered]@{{ path = {path}; virtual_disk_id = $vhd.DiskIdentifier; virtual_size = $vhd.Size; logical_sector_size = $vhd.LogicalSectorSize }}; limit_id = $limit; new_rct_id = @($sasd.RcTId)[0]; full = ($null -eq $limit); queries = @() }}\nif ($null -ne $limit) {{\n  $off = 0\n  while ($off -lt $vhd.Size) {{\n    $r = Invoke-CimMethod -InputObject $ims -MethodName GetVirtualDiskChanges -Arguments @{{ Path = {path}; LimitId = $limit; TargetSnapshotId = $sd.InstanceID; ByteOffset = [uint64]$off; ByteLength = [uint64]($vhd.Size - $off) }}\n    if ($r.ReturnValue -ne 0) {{ throw \"GetVirtualDiskChanges returned $($r.ReturnValue)\" }}\n    $doc.queries += [ordered]@{{ byte_offset = $off; byte_length = $vhd.Size - $off; processed_byte_length = $r.ProcessedByteLength; changed_byte_offsets = @($r.ChangedByteOffsets); changed_byte_lengths = @($r.ChangedByteLengths) }}\n    if ($r.ProcessedByteLength -eq 0) {{ throw 'GetVirtualDiskChanges made no progress' }}\n    $off += $r.ProcessedByteLength\n  }}\n}}\n[IO.File]::WriteAllText({out}, ($doc | ConvertTo-Json -Depth 6 -Compress), (New-Object Text.UTF8Encoding $false))",
             name = q(name),
             path = q(disk_path),
             limit = limit_id.as_deref().map(q).unwrap_or_else(|| "$null".into()),
             out = q(out)
         ),
-        Step::ConvertToReference { vm, name } => format!(
-            "$s = Get-VMSnapshot -VMName {} -Name {}\n$sd = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSettingData -Filter (\"ConfigurationID='\" + $s.Id + \"'\")\n$svc = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSnapshotService\n$r = Invoke-CimMethod -InputObject $svc -MethodName ConvertToReferencePoint -Arguments @{{ AffectedSnapshot = $sd }}\nif ($r.ReturnValue -ne 0 -and $r.ReturnValue -ne 4096) {{ throw \"ConvertToReferencePoint returned $($r.ReturnValue)\" }}\n@{{ reference_point = [string]$r.ResultingReferencePoint.InstanceID }} | ConvertTo-Json -Compress",
-            q(vm),
+        Step::ConvertToReference { name, .. } => format!(
+            "$s = Get-VMSnapshot -VM $vm -Name {}\n$sd = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSettingData -Filter (\"ConfigurationID='\" + $s.Id + \"'\")\n$svc = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemSnapshotService\n$r = Invoke-CimMethod -InputObject $svc -MethodName ConvertToReferencePoint -Arguments @{{ AffectedSnapshot = $sd }}\nif ($r.ReturnValue -ne 0 -and $r.ReturnValue -ne 4096) {{ throw \"ConvertToReferencePoint returned $($r.ReturnValue)\" }}\n@{{ reference_point = [string]$r.ResultingReferencePoint.InstanceID }} | ConvertTo-Json -Compress",
             q(name)
         ),
-        Step::RemoveOtherReferencePoints { vm, keep } => format!(
-            "$keep = {keep}\nif ([string]::IsNullOrEmpty($keep)) {{ throw 'no reference point to keep: none removed' }}\n$vm = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_ComputerSystem -Filter (\"ElementName='\" + {} + \"'\")\n$svc = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemReferencePointService\nGet-CimAssociatedInstance -InputObject $vm -ResultClassName Msvm_VirtualSystemReferencePoint | Where-Object {{ $_.InstanceID -ne $keep }} | ForEach-Object {{ $r = Invoke-CimMethod -InputObject $svc -MethodName DestroyReferencePoint -Arguments @{{ AffectedReferencePoint = $_ }}; if ($r.ReturnValue -ne 0 -and $r.ReturnValue -ne 4096) {{ throw \"DestroyReferencePoint returned $($r.ReturnValue)\" }} }}",
-            q(vm),
+        Step::RemoveOtherReferencePoints { keep, .. } => format!(
+            "$keep = {keep}\nif ([string]::IsNullOrEmpty($keep)) {{ throw 'no reference point to keep: none removed' }}\n$cs = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_ComputerSystem -Filter (\"Name='\" + $vm.Id.ToString() + \"'\")\n$svc = Get-CimInstance -Namespace root\\virtualization\\v2 -ClassName Msvm_VirtualSystemReferencePointService\nGet-CimAssociatedInstance -InputObject $cs -ResultClassName Msvm_VirtualSystemReferencePoint | Where-Object {{ $_.InstanceID -ne $keep }} | ForEach-Object {{ $r = Invoke-CimMethod -InputObject $svc -MethodName DestroyReferencePoint -Arguments @{{ AffectedReferencePoint = $_ }}; if ($r.ReturnValue -ne 0 -and $r.ReturnValue -ne 4096) {{ throw \"DestroyReferencePoint returned $($r.ReturnValue)\" }} }}",
             keep = q(keep)
         ),
-        Step::RemoveCheckpoint { vm, name } => format!(
-            "Remove-VMSnapshot -VMName {} -Name {} -Confirm:$false",
-            q(vm),
+        Step::RemoveCheckpoint { name, .. } => format!(
+            "Remove-VMSnapshot -VM $vm -Name {} -Confirm:$false",
             q(name)
         ),
     };
-    format!("{head}{body}\n")
+    format!("{head}{vm}{body}\n")
 }
 
 /// Runs steps with `powershell.exe -NoProfile -NonInteractive -Command -`, the script on stdin.
@@ -752,7 +763,53 @@ mod tests {
             vm: "it's".into(),
             name: "blockvault-x".into(),
         });
-        assert!(s.contains("-VMName 'it''s'"), "{s}");
+        assert!(s.contains("$_.Name -eq 'it''s' }"), "{s}");
+        // Names are matched exactly, never as wildcards, and never inside a double-quoted
+        // string, where `$(...)` would run; one VM or the step fails.
+        let steps = [
+            Step::ListOwnCheckpoints { vm: "web*".into() },
+            Step::Checkpoint {
+                vm: "web*".into(),
+                name: "blockvault-x".into(),
+                production: true,
+            },
+            Step::CheckpointFiles {
+                vm: "web*".into(),
+                name: "blockvault-x".into(),
+            },
+            Step::QueryChanges {
+                vm: "web*".into(),
+                name: "blockvault-x".into(),
+                disk_path: "D:\\a.vhdx".into(),
+                limit_id: None,
+                out: "C:\\t.json".into(),
+            },
+            Step::ConvertToReference {
+                vm: "web*".into(),
+                name: "blockvault-x".into(),
+            },
+            Step::RemoveOtherReferencePoints {
+                vm: "web*".into(),
+                keep: "rp".into(),
+            },
+            Step::RemoveCheckpoint {
+                vm: "web*".into(),
+                name: "blockvault-x".into(),
+            },
+        ];
+        for step in &steps {
+            let s = script(step);
+            assert_eq!(s.matches("'web*'").count(), 2, "{s}");
+            assert!(s.contains("Where-Object { $_.Name -eq 'web*' }"), "{s}");
+            assert!(s.contains("if ($vm.Count -ne 1) { throw"), "{s}");
+            assert!(!s.contains("-VMName") && !s.contains("Get-VM -Name"), "{s}");
+            assert!(!s.contains("ElementName"), "{s}");
+        }
+        let s = script(&Step::RemoveCheckpoint {
+            vm: "$(Remove-Item C:\\x)".into(),
+            name: "blockvault-x".into(),
+        });
+        assert!(!s.contains("\"$(Remove-Item"), "{s}");
         assert_eq!(disk_name("D:\\VMs\\a b.vhdx"), "a_b");
     }
 }
