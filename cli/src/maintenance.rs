@@ -264,7 +264,7 @@ pub async fn forget(g: &Global, a: ForgetArgs) -> Result<()> {
         ForgetOptions {
             target,
             dry_run: a.dry_run,
-            tz: time::UtcOffset::UTC,
+            tz: local_offset(),
         },
     )
     .await?;
@@ -274,6 +274,13 @@ pub async fn forget(g: &Global, a: ForgetArgs) -> Result<()> {
         print_forget(&report);
     }
     Ok(())
+}
+
+/// The machine's UTC offset now (from `TZ` or the system's zone), used for the whole run so that
+/// calendar periods are the operator's days, not UTC's (docs/OPERATIONS.md, "forget").
+fn local_offset() -> time::UtcOffset {
+    let secs = chrono::Local::now().offset().local_minus_utc();
+    time::UtcOffset::from_whole_seconds(secs).unwrap_or(time::UtcOffset::UTC)
 }
 
 fn print_forget(r: &ForgetReport) {

@@ -502,6 +502,40 @@ fn two_prunes_at_once_and_a_dead_prune_is_taken_over() {
     r.verify_read_data();
 }
 
+/// Calendar periods are the local time zone's: the same point falls on different days for a
+/// machine at UTC+14 and one at UTC-12 (POSIX `TZ` strings, so no zone database is needed).
+#[test]
+fn forget_counts_days_in_the_local_time_zone() {
+    let r = Repo::local();
+    let img = r.path("tz.raw");
+    make_random_image(&img, 1 << 20, 5);
+    r.backup("vm", &img, &[]);
+    let day_in = |tz: &str, offset_hours: i64| {
+        let mut c = r.cmd(&[
+            "forget",
+            "--vm",
+            "vm",
+            "--keep-daily",
+            "1",
+            "--dry-run",
+            "--json",
+        ]);
+        let out = c.env("TZ", tz).output().unwrap();
+        let f = serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", stderr(&out)));
+        let d = &f["decisions"][0];
+        let created = chrono::DateTime::parse_from_rfc3339(d["created"].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {d}"));
+        let local = created + chrono::Duration::hours(offset_hours);
+        let want = format!("daily {}", local.format("%Y-%m-%d"));
+        assert_eq!(d["reasons"][0], json!(want), "TZ={tz}: {f}");
+        want
+    };
+    let east = day_in("EAST-14", 14);
+    let west = day_in("WEST+12", -12);
+    assert_ne!(east, west, "26 hours apart, never the same date");
+}
+
 #[test]
 fn protected_and_newest_points_are_kept_by_policies() {
     let r = Repo::local();
