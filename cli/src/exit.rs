@@ -42,44 +42,47 @@ impl std::fmt::Display for VerifyIncomplete {
 impl std::error::Error for VerifyIncomplete {}
 
 pub fn classify(err: &anyhow::Error) -> u8 {
-    for cause in err.chain() {
-        if cause.downcast_ref::<VerifyFailed>().is_some() {
-            return VERIFY_FAILED;
-        }
-        if cause.downcast_ref::<VerifyIncomplete>().is_some() {
-            return VERIFY_INCOMPLETE;
-        }
-        if let Some(code) = cause.downcast_ref::<EngineError>().and_then(engine_code) {
-            return code;
-        }
-        // A repository error on its own, or boxed.
-        let repo = cause
-            .downcast_ref::<RepoError>()
-            .or_else(|| cause.downcast_ref::<Box<RepoError>>().map(|b| &**b));
-        if let Some(e) = repo {
-            return repo_code(e);
-        }
-        if let Some(e) = cause.downcast_ref::<blockvault_restore::Error>() {
-            use blockvault_restore::Error as R;
-            if let Some(code) = read_failure_code(e) {
-                return code;
-            }
-            return match e {
-                R::NotFound(_) | R::NoSuchPartition { .. } => NOT_FOUND,
-                R::Unsupported { .. }
-                | R::Exists { .. }
-                | R::Invalid(_)
-                | R::Limit(_)
-                | R::NotADirectory(_)
-                | R::NotAFile(_) => BAD_INPUT,
-                _ => FAILURE,
-            };
-        }
-        if cause.downcast_ref::<InputError>().is_some() {
-            return BAD_INPUT;
-        }
+    err.chain().find_map(code_of).unwrap_or(FAILURE)
+}
+
+/// The code one error of a chain gives, if it decides one.
+fn code_of(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
+    if cause.downcast_ref::<VerifyFailed>().is_some() {
+        return Some(VERIFY_FAILED);
     }
-    FAILURE
+    if cause.downcast_ref::<VerifyIncomplete>().is_some() {
+        return Some(VERIFY_INCOMPLETE);
+    }
+    if let Some(code) = cause.downcast_ref::<EngineError>().and_then(engine_code) {
+        return Some(code);
+    }
+    // A repository error on its own, or boxed.
+    let repo = cause
+        .downcast_ref::<RepoError>()
+        .or_else(|| cause.downcast_ref::<Box<RepoError>>().map(|b| &**b));
+    if let Some(e) = repo {
+        return Some(repo_code(e));
+    }
+    if let Some(e) = cause.downcast_ref::<blockvault_restore::Error>() {
+        use blockvault_restore::Error as R;
+        if let Some(code) = read_failure_code(e) {
+            return Some(code);
+        }
+        return Some(match e {
+            R::NotFound(_) | R::NoSuchPartition { .. } => NOT_FOUND,
+            R::Unsupported { .. }
+            | R::Exists { .. }
+            | R::Invalid(_)
+            | R::Limit(_)
+            | R::NotADirectory(_)
+            | R::NotAFile(_) => BAD_INPUT,
+            _ => FAILURE,
+        });
+    }
+    if cause.downcast_ref::<InputError>().is_some() {
+        return Some(BAD_INPUT);
+    }
+    None
 }
 
 /// The code of an engine error that has one of its own; `None` for the rest.
@@ -103,11 +106,10 @@ fn read_failure_code(e: &blockvault_restore::Error) -> Option<u8> {
     let blockvault_restore::Error::Read { source, .. } = e else {
         return None;
     };
-    let inner = source.get_ref()?;
-    if let Some(e) = inner.downcast_ref::<EngineError>() {
-        return engine_code(e);
-    }
-    inner.downcast_ref::<RepoError>().map(repo_code)
+    // The whole chain below it: a chunk read wraps the repository error in the engine's
+    // `Chunk` error, whose own code is none.
+    let inner: &(dyn std::error::Error + 'static) = source.get_ref()?;
+    std::iter::successors(Some(inner), |e| e.source()).find_map(code_of)
 }
 
 fn repo_code(e: &RepoError) -> u8 {
@@ -182,6 +184,18 @@ mod tests {
             pack: "5678".into(),
         };
         assert_eq!(classify(&read(std::io::Error::other(missing))), TAMPERED);
+        // What a disk read really carries: the chunk that failed, around the repository error.
+        let chunk = EngineError::Chunk {
+            disk: "d0".into(),
+            point: "93a740d1b6ed377b".into(),
+            slot: 80,
+            offset: 5 << 20,
+            source: Box::new(RepoError::Tampered {
+                object: "pack 7d4b".into(),
+                detail: "authentication failed".into(),
+            }),
+        };
+        assert_eq!(classify(&read(std::io::Error::other(chunk))), TAMPERED);
         // A read that failed for another reason stays a plain failure.
         let past_end = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end");
         assert_eq!(classify(&read(past_end)), FAILURE);

@@ -1121,3 +1121,82 @@ fn restore_vm_refuses_a_directory_another_restore_is_writing() {
     assert!(to.join("sys.raw").exists());
     assert!(!lock.exists(), "the lock file stays behind");
 }
+
+/// A file whose data sits in a tampered pack: `get` fails with exit 6 (repository damage) naming
+/// the pack, as every other command does, while files elsewhere on the disk still come out.
+#[test]
+fn a_file_whose_data_is_tampered_with_exits_6() {
+    let w = World::with_repo("64KiB");
+    let content = w.path("content");
+    std::fs::create_dir(&content).unwrap();
+    std::fs::write(content.join("big.bin"), random_bytes(61, 1 << 20)).unwrap();
+    std::fs::write(content.join("small.txt"), b"still here\n").unwrap();
+    let img = w.path("fs.img");
+    mkfs_ext4(&img, 16, &content, &["-b", "4096"]);
+    // The same disk without big.bin's data: backed up first, it puts everything but that data
+    // into packs of its own, so the second backup's new pack holds big.bin's chunks first.
+    let blocks = tool(
+        Command::new("debugfs")
+            .args(["-R", "blocks /big.bin"])
+            .arg(&img),
+    );
+    let blocks: Vec<u64> = String::from_utf8_lossy(&blocks.stdout)
+        .split_whitespace()
+        .map(|b| b.parse().unwrap())
+        .collect();
+    assert_eq!(blocks.len(), 256, "{blocks:?}");
+    let hollow = w.path("hollow.img");
+    std::fs::copy(&img, &hollow).unwrap();
+    let f = File::options().write(true).open(&hollow).unwrap();
+    for b in &blocks {
+        f.write_all_at(&[0u8; 4096], b * 4096).unwrap();
+    }
+    w.backup("vm", &[("d0", &hollow)]);
+    let before = w.packs();
+    let point = w.backup("vm", &[("d0", &img)])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let new: Vec<PathBuf> = w
+        .packs()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    // The pack's header is 24 bytes (docs/FORMAT.md); its first blob is big.bin's first chunk.
+    let mut b = std::fs::read(&new[0]).unwrap();
+    b[24 + 100] ^= 0x5a;
+    std::fs::write(&new[0], b).unwrap();
+
+    let to = w.path("out");
+    let small = w.run(&[
+        "restore",
+        "files",
+        &point,
+        "--disk",
+        "d0",
+        "get",
+        "/small.txt",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&small), 0, "{}", stderr(&small));
+    assert_eq!(
+        std::fs::read(to.join("small.txt")).unwrap(),
+        b"still here\n"
+    );
+    let big = w.run(&[
+        "restore",
+        "files",
+        &point,
+        "--disk",
+        "d0",
+        "get",
+        "/big.bin",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    let pack = new[0].file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(code(&big), 6, "{}", stderr(&big));
+    assert!(stderr(&big).contains(&pack), "{}", stderr(&big));
+}
