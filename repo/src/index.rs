@@ -437,7 +437,17 @@ impl LocalIndex {
     /// Every (chunk, location) the index holds in `pack` (a scan of the whole index: used only
     /// for packs whose own table cannot be read).
     pub(crate) fn entries_of(&self, pack: &PackId) -> Result<Vec<(ChunkId, Location)>> {
-        let mut out = Vec::new();
+        let mut all = self.entries_in(&HashSet::from([*pack]))?;
+        Ok(all.remove(pack).unwrap_or_default())
+    }
+
+    /// Every (chunk, location) the index holds in each of `packs`, in pack order, from one scan
+    /// of the whole index.
+    fn entries_in(
+        &self,
+        packs: &HashSet<PackId>,
+    ) -> Result<HashMap<PackId, Vec<(ChunkId, Location)>>> {
+        let mut out: HashMap<PackId, Vec<(ChunkId, Location)>> = HashMap::new();
         for (id, l) in self
             .overlay
             .lock()
@@ -445,18 +455,20 @@ impl LocalIndex {
             .chunks
             .iter()
         {
-            if l.pack == *pack {
-                out.push((*id, *l));
+            if packs.contains(&l.pack) {
+                out.entry(l.pack).or_default().push((*id, *l));
             }
         }
         self.for_each_entry(P_CHUNK, |k, v| {
             if let (Some(l), Some(id)) = (Location::decode(v), ChunkId::from_slice(k)) {
-                if l.pack == *pack {
-                    out.push((id, l));
+                if packs.contains(&l.pack) {
+                    out.entry(l.pack).or_default().push((id, l));
                 }
             }
         })?;
-        out.sort_by_key(|(_, l)| l.offset);
+        for v in out.values_mut() {
+            v.sort_by_key(|(_, l)| l.offset);
+        }
         Ok(out)
     }
 
@@ -483,19 +495,16 @@ impl LocalIndex {
         if lost.is_empty() || self.is_secondary() {
             return Ok(Vec::new());
         }
-        let mut blobs: HashMap<PackId, Vec<(ChunkId, u32, u32)>> = HashMap::new();
-        self.for_each_entry(P_CHUNK, |k, v| {
-            if let (Some(l), Some(id)) = (Location::decode(v), ChunkId::from_slice(k)) {
-                if lost.contains(&l.pack) {
-                    blobs.entry(l.pack).or_default().push((id, l.offset, l.len));
-                }
-            }
-        })?;
+        let mut entries = self.entries_in(lost)?;
         let mut batch = WriteBatch::default();
         let mut out = Vec::new();
         for pack in lost {
-            let mut b = blobs.remove(pack).unwrap_or_default();
-            b.sort_by_key(|(_, o, _)| *o);
+            let b: Vec<(ChunkId, u32, u32)> = entries
+                .remove(pack)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(id, l)| (id, l.offset, l.len))
+                .collect();
             let mut v = Vec::with_capacity(b.len() * LOST_BLOB_LEN);
             for (id, offset, len) in &b {
                 v.extend_from_slice(id.as_bytes());

@@ -148,18 +148,25 @@ impl Repository {
         deleted: &HashSet<PackId>,
         condemned: &HashSet<PackId>,
     ) -> Result<HashSet<PackId>> {
+        // Owned ids: a stream of borrowed ones makes the future not `Send`.
+        let suspects: Vec<PackId> = gone
+            .iter()
+            .filter(|id| !deleted.contains(*id) && !condemned.contains(*id) && !self.is_deleted(id))
+            .copied()
+            .collect();
+        let storage = &self.storage;
+        let heads: Vec<(PackId, Result<bool>)> = futures::stream::iter(suspects)
+            .map(|id| async move {
+                let head = storage.head(&ObjectName::Pack(id).path()).await;
+                (id, head.map(|h| h.is_none()))
+            })
+            .buffer_unordered(SYNC_PARALLELISM)
+            .collect()
+            .await;
         let mut out = HashSet::new();
-        for id in gone {
-            if deleted.contains(id) || condemned.contains(id) || self.is_deleted(id) {
-                continue;
-            }
-            if self
-                .storage
-                .head(&ObjectName::Pack(*id).path())
-                .await?
-                .is_none()
-            {
-                out.insert(*id);
+        for (id, absent) in heads {
+            if absent? {
+                out.insert(id);
             }
         }
         Ok(out)
