@@ -9,12 +9,17 @@
 //! layout, then one bit per chunk, replaced atomically). The record is taken before the sync, so
 //! it never names a chunk that is not durable; the next mount with the same `--hydrate-to` copies
 //! only the rest.
+//!
+//! A failed sync of the part file ends the hydration: Linux reports a failed write-back once and
+//! leaves the pages clean, so the next sync would succeed without the lost chunks on disk. From
+//! then on nothing is recorded, the copy stops and the part is never renamed or merged into;
+//! the next mount resumes from the last record, which only names chunks synced before.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::mpsc;
 
@@ -77,6 +82,57 @@ struct Plan {
 /// How often the part file is synced and the record of copied chunks rewritten.
 const JOURNAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How the part file is synced (`all`: `fsync`, else `fdatasync`); tests replace it to make a
+/// sync fail.
+type SyncFn = fn(&std::fs::File, bool) -> std::io::Result<()>;
+
+fn real_sync(f: &std::fs::File, all: bool) -> std::io::Result<()> {
+    if all {
+        f.sync_all()
+    } else {
+        f.sync_data()
+    }
+}
+
+/// The part file, synced only through `sync`, which makes a failure final (module comment).
+struct PartFile {
+    file: std::fs::File,
+    path: PathBuf,
+    sync_fn: SyncFn,
+    /// Why a sync failed, once one has.
+    lost: OnceLock<String>,
+}
+
+impl PartFile {
+    fn sync(&self, all: bool) -> Result<()> {
+        self.usable()?;
+        (self.sync_fn)(&self.file, all).map_err(|e| {
+            tracing::error!(path = %self.path.display(), error = %e, "syncing the hydration's part file failed; the hydration stops");
+            let _ = self.lost.set(e.to_string());
+            self.lost_error()
+        })
+    }
+
+    fn usable(&self) -> Result<()> {
+        match self.lost.get() {
+            None => Ok(()),
+            Some(_) => Err(self.lost_error()),
+        }
+    }
+
+    fn lost_error(&self) -> Error {
+        let why = self.lost.get().map(String::as_str).unwrap_or_default();
+        Error::Output {
+            path: self.path.clone(),
+            source: std::io::Error::other(format!(
+                "syncing the hydration's part file failed ({why}); chunks written since its last \
+                 record may not be on disk, so nothing more is recorded and the hydration stops \
+                 (the next mount resumes from the last record)"
+            )),
+        }
+    }
+}
+
 /// The record of chunks durable in a part file (`FILE.part.done`).
 struct Journal {
     path: PathBuf,
@@ -101,6 +157,10 @@ impl Journal {
             reader.size(),
             reader.layout().chunk_size()
         );
+        Self::with_header(part, header, overlay)
+    }
+
+    fn with_header(part: &Path, header: String, overlay: Option<String>) -> Self {
         Self {
             path: PathBuf::from(format!("{}.done", part.display())),
             merging: overlay.map(|o| format!("{} merging={o}\n", header.trim_end())),
@@ -211,12 +271,18 @@ pub fn start_hydration(
         .truncate(false)
         .open(&part)
         .map_err(werr(&part))?;
+    let file = PartFile {
+        file,
+        path: part.clone(),
+        sync_fn: real_sync,
+        lost: OnceLock::new(),
+    };
     // Locked before anything is changed: another mount hydrating into the same file keeps it.
-    crate::exclusive::lock(&file, &part, "another hydration into this file")?;
+    crate::exclusive::lock(&file.file, &part, "another hydration into this file")?;
     if resumed_slots.is_none() {
-        file.set_len(0).map_err(werr(&part))?;
+        file.file.set_len(0).map_err(werr(&part))?;
     }
-    file.set_len(reader.size()).map_err(werr(&part))?;
+    file.file.set_len(reader.size()).map_err(werr(&part))?;
     let file = Arc::new(file);
     let claimed = resumed_slots.unwrap_or_else(|| {
         journal.remove();
@@ -262,6 +328,8 @@ pub fn start_hydration(
             );
             set.spawn(async move {
                 while let Some((slot, demanded)) = claim(&reader, &plan, &rx).await {
+                    // After a failed sync nothing copied can be recorded: stop.
+                    file.usable()?;
                     // Demanded chunks were just read by the guest and sit in the cache; the
                     // sequential sweep bypasses it so it never evicts the guest's working set.
                     let data = if demanded {
@@ -277,7 +345,8 @@ pub fn start_hydration(
                     let (f, p) = (file.clone(), part.clone());
                     let n = data.len() as u64;
                     tokio::task::spawn_blocking(move || {
-                        f.write_all_at(&data, off)
+                        f.file
+                            .write_all_at(&data, off)
                             .map_err(|source| Error::Output { path: p, source })
                     })
                     .await
@@ -311,14 +380,14 @@ pub fn start_hydration(
                 // during the merge resumes straight into the merge with this overlay, and only
                 // with it.
                 let (j, f, c) = (journal.clone(), file.clone(), copied.clone());
-                let recorded = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let recorded = tokio::task::spawn_blocking(move || -> Result<()> {
                     let snapshot = c.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                    f.sync_data()?;
-                    j.store_merging(&snapshot)
+                    f.sync(false)?;
+                    j.store_merging(&snapshot).map_err(werr(&j.path))
                 })
                 .await
                 .map_err(Error::task)
-                .and_then(|r| r.map_err(werr(&part)));
+                .and_then(|r| r);
                 match recorded {
                     Ok(()) => match disk.switch_to_local(&part, &path).await {
                         Ok(n) => {
@@ -332,21 +401,11 @@ pub fn start_hydration(
                 }
             }
             None => {
-                let (f, part, path) = (file.clone(), part.clone(), path.clone());
-                tokio::task::spawn_blocking(move || -> Result<()> {
-                    f.sync_all().map_err(werr(&part))?;
-                    crate::exclusive::rename_no_replace(&part, &path).map_err(werr(&path))?;
-                    journal.remove();
-                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::File::open(dir)
-                            .and_then(|d| d.sync_all())
-                            .map_err(werr(dir))?;
-                    }
-                    Ok(())
-                })
-                .await
-                .map_err(Error::task)
-                .and_then(|r| r)
+                let (f, path) = (file.clone(), path.clone());
+                tokio::task::spawn_blocking(move || finish_copy(&f, &journal, &path))
+                    .await
+                    .map_err(Error::task)
+                    .and_then(|r| r)
             }
         };
         match finish {
@@ -363,10 +422,24 @@ pub fn start_hydration(
     Ok(h)
 }
 
-/// Every `JOURNAL_INTERVAL`, makes the chunks copied so far durable and records them.
+/// Renames a complete part file (every chunk copied) to `path`, once it is durable.
+fn finish_copy(part: &PartFile, journal: &Journal, path: &Path) -> Result<()> {
+    part.sync(true)?;
+    crate::exclusive::rename_no_replace(&part.path, path).map_err(werr(path))?;
+    journal.remove();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(werr(dir))?;
+    }
+    Ok(())
+}
+
+/// Every `JOURNAL_INTERVAL`, makes the chunks copied so far durable and records them; ends
+/// after a failed sync of the part file, which nothing later can make good.
 async fn record_progress(
     journal: Arc<Journal>,
-    file: Arc<std::fs::File>,
+    file: Arc<PartFile>,
     copied: Arc<Mutex<Vec<bool>>>,
 ) {
     let mut tick = tokio::time::interval(JOURNAL_INTERVAL);
@@ -376,6 +449,7 @@ async fn record_progress(
         let (j, f, c) = (journal.clone(), file.clone(), copied.clone());
         match tokio::task::spawn_blocking(move || record_once(&j, &f, &c)).await {
             Ok(Ok(())) => {}
+            Ok(Err(_)) if file.usable().is_err() => return,
             Ok(Err(e)) => tracing::debug!("hydration record {}: {e}", journal.path.display()),
             Err(_) => return,
         }
@@ -384,17 +458,13 @@ async fn record_progress(
 
 /// Takes the set of written chunks, then syncs the file, then records the set: every chunk the
 /// record names was written before the sync and is therefore durable.
-fn record_once(
-    journal: &Journal,
-    file: &std::fs::File,
-    copied: &Mutex<Vec<bool>>,
-) -> std::io::Result<()> {
+fn record_once(journal: &Journal, file: &PartFile, copied: &Mutex<Vec<bool>>) -> Result<()> {
     let snapshot = copied
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    file.sync_data()?;
-    journal.store(&snapshot)
+    file.sync(false)?;
+    journal.store(&snapshot).map_err(werr(&journal.path))
 }
 
 fn werr(p: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -427,5 +497,57 @@ async fn claim(
             }
         }
         return None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Succeeds, fails, then succeeds for good: a sync after a lost write-back, as Linux's.
+    fn second_sync_fails(f: &std::fs::File, all: bool) -> std::io::Result<()> {
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        if CALLS.fetch_add(1, Ordering::SeqCst) == 1 {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        real_sync(f, all)
+    }
+
+    #[test]
+    fn after_a_failed_sync_nothing_is_recorded_and_the_part_is_never_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let part_path = dir.path().join("disk.raw.part");
+        let part = PartFile {
+            file: std::fs::File::create(&part_path).unwrap(),
+            path: part_path.clone(),
+            sync_fn: second_sync_fails,
+            lost: OnceLock::new(),
+        };
+        let journal = Journal::with_header(&part_path, "test header\n".into(), None);
+        let copied = Mutex::new(vec![false; 8]);
+        let copy = |slot: usize| {
+            part.file
+                .write_all_at(&[slot as u8 + 1], slot as u64)
+                .unwrap();
+            copied.lock().unwrap()[slot] = true;
+        };
+        copy(0);
+        record_once(&journal, &part, &copied).unwrap();
+        assert_eq!(journal.load(8).unwrap()[..2], [true, false]);
+        copy(1);
+        let e = record_once(&journal, &part, &copied)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disk.raw.part") && e.contains("resumes"), "{e}");
+        // The next sync succeeds, but chunk 1's write-back may be what was lost.
+        copy(2);
+        assert!(record_once(&journal, &part, &copied).is_err());
+        assert_eq!(journal.load(8).unwrap()[..3], [true, false, false]);
+        copy(3);
+        let e = finish_copy(&part, &journal, &path).unwrap_err().to_string();
+        assert!(e.contains("may not be on disk"), "{e}");
+        assert!(!path.exists() && part_path.exists());
+        assert_eq!(journal.load(8).unwrap()[..4], [true, false, false, false]);
     }
 }

@@ -18,12 +18,19 @@
 //! flush snapshots the map, fsyncs the data file, then writes and fsyncs the snapshot), so after
 //! a crash the map never claims a block whose data is not durable. Writes not yet flushed may be
 //! lost, as the NBD protocol allows.
+//!
+//! A failed fsync of the data file is final: Linux reports a failed write-back once and leaves the
+//! pages clean, so a later fsync would succeed without the lost data ever reaching the disk, and
+//! a map written after it would name blocks that hold nothing. The overlay therefore refuses every
+//! later flush, write and zeroing (reads go on); the map on disk stays as the last successful
+//! flush left it. A failed write or fsync of the map file is retried at the next flush: the map is
+//! in memory and its pages are written again.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use crate::{Error, Result};
 
@@ -78,6 +85,26 @@ pub struct Overlay {
     /// Blocks written or zeroed since `track_changes` was called (for merging the overlay into a
     /// local copy while the guest keeps writing).
     tracked: Mutex<Option<BTreeSet<u64>>>,
+    /// Why an fsync of the data file failed, once one has (see the module comment).
+    data_lost: OnceLock<String>,
+    syncs: Syncs,
+}
+
+/// How the data and map files are fsynced: the real `fdatasync`, replaced only by tests that
+/// need a sync to fail.
+#[derive(Clone, Copy)]
+struct Syncs {
+    data: fn(&File) -> std::io::Result<()>,
+    map: fn(&File) -> std::io::Result<()>,
+}
+
+impl Default for Syncs {
+    fn default() -> Self {
+        Self {
+            data: File::sync_data,
+            map: File::sync_data,
+        }
+    }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -212,6 +239,8 @@ impl Overlay {
             flushing: tokio::sync::Mutex::new(()),
             dirty_data: Mutex::new(false),
             tracked: Mutex::new(None),
+            data_lost: OnceLock::new(),
+            syncs: Syncs::default(),
         })
     }
 
@@ -340,9 +369,26 @@ impl Overlay {
         .await
     }
 
+    /// Fails once an fsync of the data file has failed: nothing written since the last
+    /// successful flush can be known to be on disk, and no later flush can make it so.
+    fn usable(&self) -> Result<()> {
+        match self.data_lost.get() {
+            None => Ok(()),
+            Some(why) => Err(Error::Output {
+                path: self.data_path.clone(),
+                source: std::io::Error::other(format!(
+                    "an fsync of the overlay data file failed ({why}); writes since the last \
+                     successful flush may be lost, so the overlay takes no more writes or flushes \
+                     (reads go on; mounting it again gives what that flush made durable)"
+                )),
+            }),
+        }
+    }
+
     /// Writes whole blocks.
     pub async fn write(&self, offset: u64, data: bytes::Bytes) -> Result<()> {
         self.aligned(offset, data.len() as u64)?;
+        self.usable()?;
         let f = self.data.clone();
         let p = self.data_path.clone();
         let len = data.len() as u64;
@@ -358,6 +404,7 @@ impl Overlay {
     /// Makes whole blocks read as zeroes (also used for trim).
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
         self.aligned(offset, len)?;
+        self.usable()?;
         self.mark(offset, len, BlockState::Zero);
         Ok(())
     }
@@ -377,6 +424,7 @@ impl Overlay {
     /// Makes every write and zeroing that has returned durable, data first, then the map.
     pub async fn flush(&self) -> Result<()> {
         let _one = self.flushing.lock().await;
+        self.usable()?;
         let pages: Vec<(usize, Vec<u8>)> = {
             let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
             let dirty = std::mem::take(&mut map.dirty);
@@ -395,34 +443,40 @@ impl Overlay {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        let (data, dp) = (self.data.clone(), self.data_path.clone());
-        let (mf, mp) = (self.map_file.clone(), self.map_path.clone());
-        let res = blocking(move || {
-            if sync_data {
-                data.sync_data().map_err(io(&dp))?;
+        if sync_data {
+            let (data, sync) = (self.data.clone(), self.syncs.data);
+            let synced = tokio::task::spawn_blocking(move || sync(&data))
+                .await
+                .map_err(Error::task)?;
+            if let Err(e) = synced {
+                // Not retried: the failed write-back left its pages clean, so the next fsync
+                // would succeed over data that never reached the disk (see the module comment).
+                tracing::error!(path = %self.data_path.display(), error = %e, "overlay data fsync failed; the overlay takes no more writes");
+                let _ = self.data_lost.set(e.to_string());
+                return self.usable();
             }
+        }
+        let (mf, mp, sync_map) = (self.map_file.clone(), self.map_path.clone(), self.syncs.map);
+        let res = blocking(move || {
             if !pages.is_empty() {
                 for (p, bytes) in &pages {
                     mf.write_all_at(bytes, HEADER + (p * MAP_PAGE) as u64)
                         .map_err(io(&mp))?;
                 }
-                mf.sync_data().map_err(io(&mp))?;
+                sync_map(&mf).map_err(io(&mp))?;
             }
-            Ok(pages)
+            Ok(())
         })
         .await;
         if let Err(e) = &res {
-            tracing::warn!(error = %e, "overlay flush failed");
-            // Nothing is known durable: write the whole map at the next flush.
+            tracing::warn!(error = %e, "overlay map write failed");
+            // The data is durable; the map on disk may be torn between old and new pages, and
+            // the whole map in memory is written again at the next flush.
             let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
             let n = map.blocks.len().div_ceil(MAP_PAGE);
             map.dirty.extend(0..n);
-            *self
-                .dirty_data
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = true;
         }
-        res.map(|_| ())
+        res
     }
 
     /// From now on, remembers which blocks are written or zeroed.
@@ -513,6 +567,77 @@ mod tests {
             );
             assert_eq!(o.read_data(8192, 8192).await.unwrap(), vec![7u8; 8192]);
             assert_eq!(o.changed_bytes(), 3 * 4096);
+        });
+    }
+
+    fn eio(_: &File) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    #[test]
+    fn a_failed_data_fsync_fails_every_later_flush_write_and_zeroing() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let mut o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+            o.write(0, bytes::Bytes::from(vec![1u8; 4096]))
+                .await
+                .unwrap();
+            o.flush().await.unwrap();
+            o.write(8192, bytes::Bytes::from(vec![2u8; 4096]))
+                .await
+                .unwrap();
+            o.syncs.data = eio;
+            let e = o.flush().await.unwrap_err().to_string();
+            assert!(e.contains("sys.data") && e.contains("may be lost"), "{e}");
+            // The next fsync would succeed, as Linux's does after a lost write-back: the
+            // overlay must not take that for the data being on disk.
+            o.syncs.data = File::sync_data;
+            let e = o.flush().await.unwrap_err().to_string();
+            assert!(e.contains("sys.data") && e.contains("may be lost"), "{e}");
+            assert!(o
+                .write(16384, bytes::Bytes::from(vec![3u8; 4096]))
+                .await
+                .is_err());
+            assert!(o.zero(16384, 4096).is_err());
+            assert!(o.flush().await.is_err());
+            assert_eq!(o.read_data(0, 4096).await.unwrap(), vec![1u8; 4096]);
+            drop(o);
+            // The map on disk is the one of the last successful flush.
+            let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+            assert_eq!(
+                o.runs(0, 12288),
+                vec![
+                    (0, 4096, BlockState::Data),
+                    (4096, 8192, BlockState::Backup)
+                ]
+            );
+        });
+    }
+
+    #[test]
+    fn a_failed_map_fsync_is_retried_at_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let mut o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+            o.write(8192, bytes::Bytes::from(vec![2u8; 4096]))
+                .await
+                .unwrap();
+            o.syncs.map = eio;
+            assert!(o.flush().await.is_err());
+            o.syncs.map = File::sync_data;
+            o.flush().await.unwrap();
+            o.zero(0, 4096).unwrap();
+            o.flush().await.unwrap();
+            drop(o);
+            let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+            assert_eq!(
+                o.runs(0, 12288),
+                vec![
+                    (0, 4096, BlockState::Zero),
+                    (4096, 4096, BlockState::Backup),
+                    (8192, 4096, BlockState::Data)
+                ]
+            );
         });
     }
 
