@@ -418,6 +418,18 @@ async fn open_disk(
             Ok((Arc::new(MountedDisk::new_local(random, o, &file)?), None))
         }
         (overlay, _) => {
+            if let Some(file) = &hydrate_file {
+                let part = PathBuf::from(format!("{}.part", file.display()));
+                if same_file(&part, file) {
+                    // Stopped after linking `file` to the part file, before the merge was
+                    // recorded: the disk is still the overlay's, and nothing runs on `file`
+                    // (a merge record would have named it). The name goes; the part file keeps
+                    // the data, and the hydration resumes and merges again.
+                    std::fs::remove_file(file)
+                        .and_then(|()| sync_dir_of(file))
+                        .map_err(|e| Error::io(format!("removing {}", file.display()), e))?;
+                }
+            }
             let disk = Arc::new(MountedDisk::new(random, overlay)?);
             let hydration = match hydrate_file {
                 Some(file) => Some(start_hydration(
@@ -542,6 +554,12 @@ async fn save_boot_trace(repo: &Arc<Repository>, point: &PointManifest, disks: &
 }
 
 /// True when both names exist and are one file.
+/// Makes a removal from `path`'s directory durable.
+fn sync_dir_of(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {

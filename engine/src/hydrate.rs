@@ -224,12 +224,20 @@ impl Journal {
             bits[s / 8] |= 1 << (s % 8);
         }
         out.extend_from_slice(&bits);
-        // Synced before the rename, so after a crash the record is the old one or the new one.
+        // Synced before the rename, so after a crash the record is the old one or the new one;
+        // the directory after it, so that a merge record is durable before the merge writes the
+        // guest's blocks into the part file (lost, a crash left a part file holding them under a
+        // record that any mount resumes as a plain copy of the point).
         let tmp = PathBuf::from(format!("{}.tmp", self.path.display()));
         let mut f = std::fs::File::create(&tmp)?;
         std::io::Write::write_all(&mut f, &out)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
+        std::fs::rename(&tmp, &self.path)?;
+        let dir = match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d.to_owned(),
+            None => PathBuf::from("."),
+        };
+        std::fs::File::open(dir)?.sync_all()
     }
 
     fn remove(&self) {

@@ -286,6 +286,22 @@ impl MountedDisk {
         };
         let target = Arc::new(LocalFile::open(part)?);
         o.track_changes();
+        let res = self.merge_and_switch(o, target, part, file).await;
+        if res.is_err() {
+            // The guest stays on the overlay; nothing will take the changes it writes now.
+            o.stop_tracking_changes();
+        }
+        res
+    }
+
+    /// `switch_to_local` once the overlay tracks the guest's changes.
+    async fn merge_and_switch(
+        &self,
+        o: &Overlay,
+        target: Arc<LocalFile>,
+        part: &Path,
+        file: &Path,
+    ) -> Result<u64> {
         // What the passes copy is first made durable in the overlay's map: killed mid-merge,
         // the next mount would otherwise read a block the map never named from the backup,
         // while the part file, which the journal calls complete, already holds the guest's.
@@ -323,6 +339,7 @@ impl MountedDisk {
             LocalFile::open(&to)
         })
         .await?;
+        blockvault_repo::test_hold("hydration-linked").await;
         let recorded = o.record_merged_into(file);
         if recorded.is_err() && o.merged_into().ok().flatten().as_deref() != Some(file) {
             // Not recorded: the overlay still holds the disk. The link goes again.

@@ -11,8 +11,15 @@
 //! | 12 | 4 | block size (4096) |
 //! | 16 | 8 | disk size in bytes |
 //! | 24 | 64 | restore point id, lowercase hex, zero-padded |
-//! | 88 | 4008 | zero |
+//! | 88 | 16 | overlay id: 128 random bits |
+//! | 104 | 3992 | zero |
 //! | 4096 | one byte per block | 0 = backup, 1 = data in the overlay file, 2 = zeroes |
+//!
+//! The overlay id names this overlay, not its path, in a hydration's record of a merge begun: an
+//! overlay deleted and created again at the same path is another overlay, whose merge must not
+//! resume a part file holding the deleted one's blocks. It is drawn when the overlay is created;
+//! a map written before the field existed (all zero there) gets one when it is next opened, so
+//! no merge it began can be resumed (its record named the overlay by path) and it is copied over.
 //!
 //! Durability: the map is only ever written after the data it describes has been fsynced (a
 //! flush snapshots the map, fsyncs the data file, then writes and fsyncs the snapshot), so after
@@ -38,6 +45,9 @@ pub const OVERLAY_BLOCK: u64 = 4096;
 const MAGIC: &[u8; 8] = b"BVOVMAP1";
 const VERSION: u32 = 1;
 const HEADER: u64 = 4096;
+/// Where the overlay id is in the header, and its length.
+const ID_AT: usize = 88;
+const ID_LEN: usize = 16;
 /// The map is written back in pages of this many entries.
 const MAP_PAGE: usize = 4096;
 /// First words of `<disk>.local`, followed by the restore point id, a space and the file's path.
@@ -77,6 +87,8 @@ pub struct Overlay {
     /// `<disk>.local`: written when the overlay has been merged into a hydrated local file.
     local_path: PathBuf,
     point: String,
+    /// The overlay id (header offset 88), as lowercase hex.
+    id: String,
     size: u64,
     map: RwLock<MapState>,
     /// Serialises flushes so two snapshots never race to the map file.
@@ -105,6 +117,13 @@ impl Default for Syncs {
             map: File::sync_data,
         }
     }
+}
+
+/// 128 random bits for a new overlay id.
+fn new_id() -> std::io::Result<[u8; ID_LEN]> {
+    let mut id = [0u8; ID_LEN];
+    std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut id)?;
+    Ok(id)
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -159,8 +178,8 @@ impl Overlay {
             disk: disk.into(),
             detail: format!("overlay map {}: {detail}", map_path.display()),
         };
-        let blocks = if exists {
-            let mut header = [0u8; 88];
+        let (blocks, id) = if exists {
+            let mut header = [0u8; ID_AT + ID_LEN];
             map_file
                 .read_exact_at(&mut header, 0)
                 .map_err(|e| bad(format!("cannot read the header: {e}")))?;
@@ -180,7 +199,7 @@ impl Overlay {
                     "made for a disk of {disk_size} bytes, this disk has {size}"
                 )));
             }
-            let owner = String::from_utf8_lossy(&header[24..88])
+            let owner = String::from_utf8_lossy(&header[24..ID_AT])
                 .trim_end_matches('\0')
                 .to_owned();
             if owner != point {
@@ -198,7 +217,16 @@ impl Overlay {
             {
                 return Err(bad(format!("block {i} has invalid state {}", blocks[i])));
             }
-            blocks
+            let mut id: [u8; ID_LEN] = header[ID_AT..].try_into().unwrap_or_default();
+            if id == [0; ID_LEN] {
+                // Made before overlays had ids (module comment): one is drawn now, once.
+                id = new_id().map_err(|e| bad(format!("cannot draw an overlay id: {e}")))?;
+                map_file
+                    .write_all_at(&id, ID_AT as u64)
+                    .and_then(|()| map_file.sync_data())
+                    .map_err(|e| bad(format!("cannot write the overlay id: {e}")))?;
+            }
+            (blocks, id)
         } else {
             if point.is_empty() || point.len() > 64 || !point.is_ascii() {
                 return Err(Error::Invalid(format!(
@@ -211,6 +239,8 @@ impl Overlay {
             header[12..16].copy_from_slice(&(OVERLAY_BLOCK as u32).to_le_bytes());
             header[16..24].copy_from_slice(&size.to_le_bytes());
             header[24..24 + point.len()].copy_from_slice(point.as_bytes());
+            let id = new_id().map_err(|e| bad(format!("cannot draw an overlay id: {e}")))?;
+            header[ID_AT..ID_AT + ID_LEN].copy_from_slice(&id);
             data.set_len(0).map_err(io(&data_path))?;
             data.set_len(size).map_err(io(&data_path))?;
             data.sync_all().map_err(io(&data_path))?;
@@ -222,7 +252,7 @@ impl Overlay {
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io(dir))?;
-            vec![0u8; nblocks]
+            (vec![0u8; nblocks], id)
         };
         Ok(Self {
             data: Arc::new(data),
@@ -231,6 +261,7 @@ impl Overlay {
             map_path,
             local_path: dir.join(format!("{disk}.local")),
             point: point.to_owned(),
+            id: hex::encode(id),
             size,
             map: RwLock::new(MapState {
                 blocks,
@@ -252,14 +283,10 @@ impl Overlay {
         &self.data_path
     }
 
-    /// What names this overlay in a hydration's record of a merge begun: its data file's
-    /// absolute path.
+    /// What names this overlay in a hydration's record of a merge begun: its random id (not its
+    /// path, which a new overlay may take after this one is deleted).
     pub fn identity(&self) -> String {
-        let data = self.local_path.with_extension("data");
-        std::fs::canonicalize(&data)
-            .unwrap_or(data)
-            .display()
-            .to_string()
+        format!("overlay-{}", self.id)
     }
 
     /// The local file this overlay was merged into, if it was (`<disk>.local`, see
@@ -484,6 +511,12 @@ impl Overlay {
         *self.tracked.lock().unwrap_or_else(PoisonError::into_inner) = Some(BTreeSet::new());
     }
 
+    /// Forgets the blocks changed and stops remembering them (a merge that failed: the guest
+    /// writes on to the overlay, and the set would grow with every block it writes).
+    pub fn stop_tracking_changes(&self) {
+        *self.tracked.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
     /// The blocks changed since `track_changes` (or the last call), as `(offset, len)` runs of
     /// adjacent blocks; tracking goes on.
     pub fn take_changes(&self) -> Vec<(u64, u64)> {
@@ -522,6 +555,23 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn changes_are_tracked_in_runs_until_tracking_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+        o.zero(0, 4096).unwrap();
+        o.track_changes();
+        o.zero(8192, 8192).unwrap();
+        o.zero(16384, 4096).unwrap();
+        o.zero(65536, 4096).unwrap();
+        assert_eq!(o.take_changes(), vec![(8192, 12288), (65536, 4096)]);
+        assert!(o.take_changes().is_empty());
+        o.zero(4096, 4096).unwrap();
+        o.stop_tracking_changes();
+        o.zero(131072, 4096).unwrap();
+        assert!(o.take_changes().is_empty());
     }
 
     #[test]
@@ -639,6 +689,34 @@ mod tests {
                 ]
             );
         });
+    }
+
+    #[test]
+    fn the_identity_is_the_overlays_own_and_survives_reopen_but_not_recreation() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+        let first = o.identity();
+        drop(o);
+        let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+        assert_eq!(o.identity(), first);
+        drop(o);
+        // A map from before overlay ids: it gets one, kept from then on.
+        let map = dir.path().join("sys.map");
+        let f = OpenOptions::new().write(true).open(&map).unwrap();
+        f.write_all_at(&[0; ID_LEN], ID_AT as u64).unwrap();
+        let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+        let drawn = o.identity();
+        assert_ne!(drawn, first);
+        drop(o);
+        assert_eq!(
+            Overlay::open(dir.path(), "sys", POINT, 1 << 20)
+                .unwrap()
+                .identity(),
+            drawn
+        );
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        let o = Overlay::open(dir.path(), "sys", POINT, 1 << 20).unwrap();
+        assert!(o.identity() != first && o.identity() != drawn);
     }
 
     #[test]

@@ -704,6 +704,65 @@ fn a_mount_killed_right_after_the_merge_record_serves_the_merged_file() {
     compare(&expect, &out);
 }
 
+/// A mount killed after it linked `FILE` to the part file and before it recorded the merge: the
+/// overlay still holds the disk and nothing runs on `FILE`. Mounting again removes that name,
+/// resumes, merges and serves the file with the point and the guest's writes; it used to refuse,
+/// taking `FILE` for someone's finished copy.
+#[test]
+fn a_mount_killed_between_linking_the_file_and_recording_the_merge_finishes_next_time() {
+    let (w, img, point) = random_point(8 << 20, 69);
+    let hyd = w.path("hydrated.raw");
+    let part = w.path("hydrated.raw.part");
+    let ov = w.path("ov");
+    let m = hydrating_mount_held_at(&w, &point, &ov, &hyd, "hydration-linked");
+    guest_writes(&m.uris[0], "write -P 0x5a 1m 64k");
+    wait_for(&w.path("hold.reached"), &m);
+    assert!(hyd.exists() && part.exists(), "not linked at the hold");
+    assert!(
+        !w.path("ov/sys.local").exists(),
+        "merge recorded before the hold"
+    );
+    drop(m); // SIGKILL between the link and the merge record
+
+    let m = Mount::start(
+        &w,
+        &[
+            &point,
+            "--disk",
+            "sys",
+            "--listen",
+            "127.0.0.1:0",
+            "--writable",
+            "--overlay",
+            ov.to_str().unwrap(),
+            "--hydrate-to",
+            hyd.to_str().unwrap(),
+        ],
+        1,
+    );
+    let t = Instant::now();
+    while !(w.path("ov/sys.local").exists() && !part.exists()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the merge never finished; log:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let expect = w.path("expect.raw");
+    std::fs::copy(&img, &expect).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&expect)
+        .unwrap()
+        .write_all_at(&vec![0x5a; 64 << 10], 1 << 20)
+        .unwrap();
+    compare(&expect, &hyd);
+    let out = w.path("out.raw");
+    copy_raw(&m.uris[0], out.to_str().unwrap());
+    compare(&expect, &out);
+}
+
 #[test]
 fn a_stopped_hydration_resumes_where_it_was() {
     let (w, img, point) = random_point(16 << 20, 63);
