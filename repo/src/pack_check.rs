@@ -180,6 +180,9 @@ impl Repository {
                             .await
                             .map_err(|e| unchecked(Error::Invalid(e.to_string())))?
                             .map_err(unchecked)?;
+                        if known.is_empty() {
+                            return Err(unchecked(table_and_blobs_unknown(id, &e)));
+                        }
                         result.table = Some(e.to_string());
                         known.into_iter().map(entry_at).collect()
                     }
@@ -231,6 +234,9 @@ impl Repository {
                             })?
                             .len();
                         let known = index.entries_of(&id)?;
+                        if known.is_empty() {
+                            return Err(table_and_blobs_unknown(id, &e));
+                        }
                         (known.into_iter().map(entry_at).collect(), size, Some(e))
                     }
                 };
@@ -280,6 +286,20 @@ async fn open_for_checking(path: PathBuf) -> Result<Option<LocalPack>, Error> {
     })
     .await
     .map_err(|e| Error::Invalid(e.to_string()))?
+}
+
+/// Why a pack whose table of contents cannot be read, and of which the index knows no blob (no
+/// segment lists it), was not checked. Checked through no entries, it passed as a damaged table
+/// with "every blob is intact" though no blob was read, and was recorded as read: its turn in
+/// the rotation went by. Not checked, it is reported so and stays due.
+fn table_and_blobs_unknown(pack: PackId, table: &Error) -> Error {
+    Error::Malformed {
+        object: format!("pack {pack}"),
+        detail: format!(
+            "its table of contents cannot be read ({table}) and no index segment lists its \
+             blobs, so none of them could be checked"
+        ),
+    }
 }
 
 /// The table entry of a blob the index places at `l`.

@@ -726,6 +726,12 @@ fn verify_records_are_merged_and_nothing_they_said_is_forgotten() {
 /// Starts `verify --read-data --json` on `w`'s repository, held after its listing, before it
 /// reads, while `hold` exists; returns once it is there.
 fn verify_held_while_reading(w: &World, hold: &Path) -> std::process::Child {
+    verify_held_at(w, hold, "verify-reading")
+}
+
+/// Starts `verify --read-data --json` on `w`'s repository, held at hold point `at` while `hold`
+/// exists; returns once it is there.
+fn verify_held_at(w: &World, hold: &Path, at: &str) -> std::process::Child {
     std::fs::write(hold, b"").unwrap();
     let mut child = std::process::Command::new(BIN)
         .args(["verify", "--read-data", "--json", "--repo"])
@@ -736,10 +742,7 @@ fn verify_held_while_reading(w: &World, hold: &Path) -> std::process::Child {
         .arg(&w.password_file)
         .env_remove("BLOCKVAULT_PASSWORD")
         .env_remove("BLOCKVAULT_REPO")
-        .env(
-            "BLOCKVAULT_TEST_HOLD",
-            format!("verify-reading:{}", hold.display()),
-        )
+        .env("BLOCKVAULT_TEST_HOLD", format!("{at}:{}", hold.display()))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -927,4 +930,131 @@ fn a_scoped_run_on_a_truncated_pack_finds_only_the_blobs_past_the_cut() {
     let whole = lost(false);
     assert!(!whole.is_empty() && whole[0].0 > 0, "{whole:?}");
     assert_eq!(lost(true), whole);
+}
+
+/// Runs for some points are not numbered, so they go by when the blobs they want were last read:
+/// two runs of 50 % for one VM read different packs (the point is verified after the second), and
+/// a 30-day re-verify of that VM right after reads nothing. Judged by whole-pack reads only, each
+/// such run read the same packs as the last.
+#[test]
+fn scoped_runs_read_what_earlier_scoped_runs_did_not() {
+    let p = Place::local();
+    let img = p.path("d.raw");
+    make_random_image(&img, 4 << 20, 81);
+    let point = p.backup("vm1", "d", &img);
+    let packs = p.packs().len();
+    assert!(packs >= 4, "{packs}");
+    let half = ["--vm", "vm1", "--read-data-subset", "50%"];
+    let (c, v) = p.verify(&half);
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(v["run"], serde_json::Value::Null, "{v}");
+    let first = v["packs_read"].as_u64().unwrap();
+    assert!(first >= 2 && (first as usize) < packs, "{v}");
+    assert_eq!(state_of(&v, &point)["state"], "partly", "{v}");
+    let (c, v) = p.verify(&half);
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(state_of(&v, &point)["state"], "verified", "{v}");
+    let (c, v) = p.verify(&["--vm", "vm1", "--reverify-after", "30d"]);
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(v["packs_read"], 0, "{v}");
+}
+
+/// `--read-data` under a cap reads the packs read longest ago (or never) first, so nightly capped
+/// runs get through the whole repository, and it names the packs it left out as overdue. In id
+/// order, every run read the same packs and reported nothing left out.
+#[test]
+fn capped_read_data_runs_move_through_every_pack() {
+    let p = Place::local();
+    let img = p.path("big.raw");
+    make_random_image(&img, 6 << 20, 83);
+    let point = p.backup("vm1", "d", &img);
+    let packs = p.packs().len() as u64;
+    assert!(packs >= 6, "{packs}");
+    let capped = ["--read-data", "--max-bytes", "2MiB"];
+    let mut read = 0;
+    for run in 1.. {
+        let (c, v) = p.verify(&capped);
+        assert_eq!(c, 0, "{v}");
+        let now = v["packs_read"].as_u64().unwrap();
+        assert!(now >= 1, "{v}");
+        read += now;
+        if read < packs {
+            assert_eq!(v["overdue_packs"], packs - now, "run {run}: {v}");
+            assert_ne!(state_of(&v, &point)["state"], "verified", "{v}");
+        } else {
+            assert_eq!(state_of(&v, &point)["state"], "verified", "run {run}: {v}");
+            break;
+        }
+        assert!(run < packs, "{read} of {packs} packs read in {run} runs");
+    }
+}
+
+/// A backup from another host that finishes while verify starts (between its listing of the
+/// points and its index sync) is not damage. With the index synced first, the new point's config
+/// piece was unknown to the index, and the point was reported and recorded as damaged (exit 7).
+#[test]
+fn a_backup_finishing_while_verify_starts_is_not_damage() {
+    let p = Place::local();
+    let (_img, _point) = one_pack_point(&p, 91);
+    let Place::Local(w) = &p else { unreachable!() };
+    let hold = p.path("hold");
+    let child = verify_held_at(w, &hold, "verify-listed-points");
+    let img = p.path("e.raw");
+    make_random_image(&img, 4 * CHUNK, 92);
+    let cfg = p.path("vm2.vmcx");
+    make_random_image(&cfg, 5000, 93);
+    let disk = format!("d={}", img.display());
+    let args = [
+        "backup",
+        "--vm",
+        "vm2",
+        "--disk",
+        &disk,
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    let out = p.run_in("host2", &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    std::fs::remove_file(&hold).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(code(&out), 0, "{v}");
+    // The next run checks the new point too.
+    let (c, v) = p.verify(&["--read-data"]);
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(v["points"], 2, "{v}");
+}
+
+/// A pack whose table of contents does not open and that no index segment lists has no blob
+/// that can be checked: it is reported not checked (exit 10), not "every blob is intact", and
+/// stays due (a 30-day re-verify reads it again). The copy of a pack under another id is one:
+/// its table is sealed for the original's id.
+#[test]
+fn a_pack_with_an_unreadable_table_and_no_known_blobs_is_not_checked() {
+    let p = Place::local();
+    let (_img, _point) = one_pack_point(&p, 95);
+    let pack = only_pack(&p);
+    let name = pack.file_name().unwrap().to_str().unwrap().to_string();
+    let last = if name.ends_with('0') { "1" } else { "0" };
+    let copy_name = format!("{}{last}", &name[..name.len() - 1]);
+    std::fs::copy(&pack, pack.with_file_name(&copy_name)).unwrap();
+    for args in [&["--read-data"][..], &["--reverify-after", "30d"]] {
+        let (c, v) = p.verify(args);
+        assert_eq!(c, 10, "{args:?}: {v}");
+        let unchecked = v["unchecked"].as_array().unwrap();
+        assert!(
+            unchecked
+                .iter()
+                .any(|u| u["object"] == format!("pack {copy_name}")
+                    && u["detail"]
+                        .as_str()
+                        .unwrap()
+                        .contains("none of them could be checked")),
+            "{args:?}: {v}"
+        );
+        assert!(
+            v["problems"].as_array().unwrap().is_empty(),
+            "{args:?}: {v}"
+        );
+    }
 }

@@ -117,7 +117,8 @@ pub struct VerifyReport {
     pub bytes_stored: u64,
     pub packs_read: usize,
     pub bytes_read: u64,
-    /// Packs a rotation had to read now that `--max-bytes` left out.
+    /// Packs the selection asked for that `--max-bytes` left out (of a rotation, those whose
+    /// deadline has come); the next run takes them first.
     pub overdue_packs: usize,
     pub problems: Vec<Problem>,
     pub unchecked: Vec<Unchecked>,
@@ -163,9 +164,14 @@ pub async fn verify(
     // was taken is known to hold every condemnation the lease does not cover.
     repo.refresh_plans().await?;
     repo.sync_verify_records().await?;
-    let sync = repo.sync_index(true).await?;
-
+    // Points before the index: a backup stores its packs and its index segment before its
+    // manifest, so every chunk of a point listed here is in a segment the sync below reads. The
+    // other way round, a backup finishing in between left a point whose new chunks (its config
+    // pieces first: they are looked up before any page load re-syncs) the index did not know,
+    // and it was reported and recorded as damaged.
     let (points, failed_manifests) = repo.list_points_from_store().await?;
+    blockvault_repo::test_hold("verify-listed-points").await;
+    let sync = repo.sync_index(true).await?;
     let (unreadable_manifests, mut unchecked_manifests) = sort_failed_manifests(failed_manifests);
 
     // Records before packs: a pack a record names existed before the record was stored, so one
@@ -233,22 +239,26 @@ pub async fn verify(
     // Packs a prune condemned before the lease was taken may be deleted while this run reads:
     // no listed point needs them, so they are not read (a point that does is reported below).
     let condemned = repo.condemned_packs();
-    let mut candidates: Vec<select::PackState> = listed
+    let live = listed
         .iter()
-        .filter(|(id, _, _)| !condemned.contains(id) && !repo.is_deleted(id))
-        .map(|(id, size, t)| history.pack_state(*id, *size, *t))
-        .collect();
-    if let Some(scoped) = &scoped {
-        let chosen: Vec<&PointManifest> = scoped.iter().map(|i| &points[*i]).collect();
-        let wanted = references::wanted_blobs(&repo, &chosen).await?;
-        let grouped = blockvault_repo::by_pack(wanted);
-        candidates.retain(|p| grouped.contains_key(&p.id));
-        // A point-scoped run reads the blobs the points need, so its bytes are theirs.
-        for c in &mut candidates {
-            c.size = grouped[&c.id].iter().map(|(_, l)| l.len as u64).sum();
+        .filter(|(id, _, _)| !condemned.contains(id) && !repo.is_deleted(id));
+    let candidates: Vec<select::PackState> = match &scoped {
+        None => live
+            .map(|(id, size, t)| history.pack_state(*id, *size, *t))
+            .collect(),
+        Some(scoped) => {
+            let chosen: Vec<&PointManifest> = scoped.iter().map(|i| &points[*i]).collect();
+            let wanted = references::wanted_blobs(&repo, &chosen).await?;
+            let grouped = blockvault_repo::by_pack(wanted);
+            // A point-scoped run reads the blobs the points need, so its bytes are theirs, and
+            // a pack waits as long as the least recently read of them (select.rs).
+            let c = live
+                .filter_map(|(id, _, t)| Some(history.scoped_state(*id, *t, grouped.get(id)?)))
+                .collect();
+            only = Some(grouped);
+            c
         }
-        only = Some(grouped);
-    }
+    };
 
     let selection = match (&opts.selection, &scoped) {
         (Selection::None, Some(_)) => Selection::All,
@@ -258,15 +268,15 @@ pub async fn verify(
         // What was read, not what was typed: `--point P` alone reads all of P's blobs.
         report.selection = format!("{} of the chosen points", selection.describe());
     }
-    let run = history.next_run();
-    let chosen = select::select(&candidates, &selection, run, started, opts.max_bytes);
-    report.overdue_packs = chosen.overdue.len();
     // Only runs that read whole packs are numbered: rotation deadlines count them. A
     // point-scoped run reads single blobs and moves no pack's deadline; numbered, it would make
-    // every pack due sooner, and a "5 %" run read far more.
-    let reads_data = selection != Selection::None;
-    if reads_data && scoped.is_none() {
-        report.run = Some(run);
+    // every pack due sooner, and a "5 %" run read far more. Unnumbered, it goes by read times.
+    let run = history.next_run();
+    let numbered = scoped.is_none().then_some(run);
+    let chosen = select::select(&candidates, &selection, numbered, started, opts.max_bytes);
+    report.overdue_packs = chosen.overdue.len();
+    if selection != Selection::None {
+        report.run = numbered;
     }
 
     // Read.

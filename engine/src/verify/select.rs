@@ -16,8 +16,18 @@
 //! **Re-verify (`--reverify-after D`)**: packs never read, or last read longer than `D` ago,
 //! oldest first.
 //!
-//! `--max-bytes` caps any of them (whole packs, in the same order); what a cap leaves out of a
-//! rotation's deadline is reported as overdue.
+//! **Runs for some points (`--point`, `--vm`)** read single blobs and are not numbered, so they
+//! have no deadlines: a pack is judged by the oldest latest read (whole or of the blob alone) of
+//! the blobs it is wanted for, or its store time for a blob never read. A rotation then reads the
+//! longest-waiting packs until `P %` of the points' bytes, and a re-verify skips packs whose
+//! wanted blobs were all read within `D`. Judged by whole reads only, every such run saw the same
+//! history and read the same packs again.
+//!
+//! `--max-bytes` caps any of them (whole packs; at least one). Under a cap every selection but a
+//! rotation reads the longest-waiting packs first (last read, else stored): in id order, the cap
+//! took the same prefix every run and the other packs were never read. What a cap leaves out of
+//! what the selection asked for (of a rotation: the packs whose deadline has come) is reported as
+//! overdue.
 
 use std::collections::HashSet;
 
@@ -91,8 +101,18 @@ pub struct PackState {
     pub size: u64,
     /// Last data run that read the whole pack, else the last run finished before it was stored.
     pub base: u64,
-    /// When it was last read whole (unix seconds), if ever.
+    /// When it was last read whole (unix seconds), if ever. For a run for some points: the oldest
+    /// latest read of the blobs it is wanted for, `None` if one was never read.
     pub last_read: Option<i64>,
+    /// Since when it has waited to be read: `last_read`, else its store time (for a run for some
+    /// points, the oldest of that over its wanted blobs). Caps and unnumbered rotations take the
+    /// longest-waiting first, so new packs queue behind old ones instead of starving them.
+    pub since: i64,
+}
+
+/// Longest-waiting first; of two waiting since the same second, one with a blob never read first.
+fn waiting(p: &PackState) -> (i64, bool, PackId) {
+    (p.since, p.last_read.is_some(), p.id)
 }
 
 /// The packs chosen, in reading order.
@@ -100,15 +120,17 @@ pub struct PackState {
 pub struct Chosen {
     pub packs: Vec<PackId>,
     pub bytes: u64,
-    /// Packs a rotation had to read this run but `--max-bytes` left out.
+    /// Packs the selection asked for but `--max-bytes` left out (of a rotation, only those whose
+    /// deadline has come: the rest were only filling its share).
     pub overdue: Vec<PackId>,
 }
 
-/// Chooses the packs run number `run` reads. Pure: same inputs, same answer.
+/// Chooses the packs run number `run` reads (`None`: a run for some points, not numbered). Pure:
+/// same inputs, same answer.
 pub fn select(
     packs: &[PackState],
     selection: &Selection,
-    run: u64,
+    run: Option<u64>,
     now: i64,
     max_bytes: Option<u64>,
 ) -> Chosen {
@@ -133,11 +155,14 @@ pub fn select(
             let total: u64 = packs.iter().map(|p| p.size).sum();
             let budget = ((total as f64) * percent / 100.0).ceil() as u64;
             let mut v: Vec<&PackState> = packs.iter().collect();
-            v.sort_by_key(|p| (p.base, p.id));
+            match run {
+                Some(_) => v.sort_by_key(|p| (p.base, p.id)),
+                None => v.sort_by_key(|p| waiting(p)),
+            }
             let mut out = Vec::new();
             let mut bytes = 0u64;
             for p in v {
-                let due = p.base + n <= run;
+                let due = run.is_some_and(|run| p.base + n <= run);
                 if due || bytes < budget {
                     bytes += p.size;
                     out.push(p);
@@ -150,18 +175,25 @@ pub fn select(
         selection,
         Selection::All | Selection::Slice { .. } | Selection::Packs(_)
     ) {
-        order.sort_by_key(|p| p.id);
+        match max_bytes {
+            Some(_) => order.sort_by_key(|p| waiting(p)),
+            None => order.sort_by_key(|p| p.id),
+        }
     }
     let mut chosen = Chosen::default();
-    let rotation_n = match selection {
-        Selection::Rotation { percent } => Some(Selection::rotation_runs(*percent)),
-        _ => None,
+    // Whether the selection needs `p` this run, rather than only taking it to fill a share.
+    let required = |p: &PackState| match selection {
+        Selection::Rotation { percent } => {
+            let n = Selection::rotation_runs(*percent);
+            run.is_some_and(|run| p.base + n <= run)
+        }
+        _ => true,
     };
     for p in order {
         if max_bytes.is_some_and(|m| chosen.bytes + p.size > m && !chosen.packs.is_empty())
             || max_bytes == Some(0)
         {
-            if rotation_n.is_some_and(|n| p.base + n <= run) {
+            if required(p) {
                 chosen.overdue.push(p.id);
             }
             continue;
@@ -231,11 +263,12 @@ mod tests {
                 size: 10,
                 base: 0,
                 last_read: None,
+                since: 0,
             })
             .collect();
         let mut seen = HashSet::new();
         for n in 1..=7 {
-            let c = select(&packs, &Selection::Slice { n, t: 7 }, 1, 0, None);
+            let c = select(&packs, &Selection::Slice { n, t: 7 }, Some(1), 0, None);
             assert!(!c.packs.is_empty());
             for p in c.packs {
                 assert!(seen.insert(p), "pack in two slices");
@@ -253,32 +286,42 @@ mod tests {
                 size: 10,
                 base: 0,
                 last_read: Some(now - 10),
+                since: now - 10,
             },
             PackState {
                 id: pid(2),
                 size: 10,
                 base: 0,
                 last_read: Some(now - 100),
+                since: now - 100,
             },
             PackState {
                 id: pid(3),
                 size: 10,
                 base: 0,
                 last_read: None,
+                since: 0,
             },
             PackState {
                 id: pid(4),
                 size: 10,
                 base: 0,
                 last_read: Some(now - 50),
+                since: now - 50,
             },
         ];
-        let c = select(&packs, &Selection::ReverifyAfter { secs: 40 }, 1, now, None);
+        let c = select(
+            &packs,
+            &Selection::ReverifyAfter { secs: 40 },
+            Some(1),
+            now,
+            None,
+        );
         assert_eq!(c.packs, vec![pid(3), pid(2), pid(4)]);
         let c = select(
             &packs,
             &Selection::ReverifyAfter { secs: 40 },
-            1,
+            Some(1),
             now,
             Some(25),
         );
@@ -332,10 +375,17 @@ mod tests {
                     size: *size,
                     base: *base,
                     last_read: None,
+                    since: 0,
                 })
                 .collect();
             max_total = max_total.max(states.iter().map(|p| p.size).sum());
-            let chosen = select(&states, &Selection::Rotation { percent }, run, 0, None);
+            let chosen = select(
+                &states,
+                &Selection::Rotation { percent },
+                Some(run),
+                0,
+                None,
+            );
             prop_assert!(chosen.overdue.is_empty());
             for id in &chosen.packs {
                 bytes_read += live[id].0;
@@ -383,11 +433,18 @@ mod tests {
                 size: 100,
                 base: 0,
                 last_read: None,
+                since: 0,
             })
             .collect();
         let mut count: HashMap<PackId, u32> = HashMap::new();
         for run in 1..=20 {
-            let c = select(&packs, &Selection::Rotation { percent: 5.0 }, run, 0, None);
+            let c = select(
+                &packs,
+                &Selection::Rotation { percent: 5.0 },
+                Some(run),
+                0,
+                None,
+            );
             assert_eq!(c.bytes, 500, "run {run} reads 5 %");
             for p in &mut packs {
                 if c.packs.contains(&p.id) {
@@ -408,16 +465,90 @@ mod tests {
                 size: 100,
                 base: 0,
                 last_read: None,
+                since: 0,
             })
             .collect();
         let c = select(
             &packs,
             &Selection::Rotation { percent: 50.0 },
-            2,
+            Some(2),
             0,
             Some(300),
         );
         assert_eq!(c.packs.len(), 3);
         assert_eq!(c.overdue.len(), 7);
+    }
+
+    /// Ten packs never read, stored over ten seconds, a cap of three: each run must read packs
+    /// the earlier ones did not, and name the packs it left out.
+    fn capped_runs_move_on(selection: Selection) {
+        let mut packs: Vec<PackState> = (0..10)
+            .map(|i| PackState {
+                id: pid(i),
+                size: 100,
+                base: 0,
+                last_read: None,
+                since: 1_000 + i as i64,
+            })
+            .collect();
+        let mut read = HashSet::new();
+        for run in 1..=3u64 {
+            let now = 2_000 + run as i64;
+            let c = select(&packs, &selection, Some(run), now, Some(300));
+            assert_eq!(c.packs.len(), 3, "run {run}: {selection:?}");
+            assert_eq!(c.overdue.len(), 7, "run {run}: the packs the cap left out");
+            for id in &c.packs {
+                assert!(read.insert(*id), "run {run} read {id} again: {selection:?}");
+                assert!(!c.overdue.contains(id));
+            }
+            // What the next run's history says of the packs this one read.
+            for p in &mut packs {
+                if c.packs.contains(&p.id) {
+                    (p.base, p.last_read, p.since) = (run, Some(now), now);
+                }
+            }
+        }
+        // The one pack left is first in the fourth run, then those read longest ago.
+        let c = select(&packs, &selection, Some(4), 2_004, Some(300));
+        assert!(!read.contains(&c.packs[0]), "{c:?}");
+    }
+
+    #[test]
+    fn capped_reads_of_everything_or_a_slice_take_the_longest_unread_packs_first() {
+        capped_runs_move_on(Selection::All);
+        capped_runs_move_on(Selection::Slice { n: 1, t: 1 });
+    }
+
+    /// A run for some points is not numbered: its rotation goes by when the wanted blobs were
+    /// read, so two such runs of 50 % read different packs, and a re-verify right after reads none.
+    #[test]
+    fn unnumbered_runs_go_by_read_times() {
+        let mut packs: Vec<PackState> = (0..4)
+            .map(|i| PackState {
+                id: pid(i),
+                size: 100,
+                base: 0,
+                last_read: None,
+                since: 1_000,
+            })
+            .collect();
+        let half = Selection::Rotation { percent: 50.0 };
+        let first = select(&packs, &half, None, 2_000, None);
+        assert_eq!(first.packs.len(), 2);
+        for p in &mut packs {
+            if first.packs.contains(&p.id) {
+                (p.last_read, p.since) = (Some(2_000), 2_000);
+            }
+        }
+        let second = select(&packs, &half, None, 2_000, None);
+        assert_eq!(second.packs.len(), 2);
+        assert!(second.packs.iter().all(|p| !first.packs.contains(p)));
+        for p in &mut packs {
+            if second.packs.contains(&p.id) {
+                (p.last_read, p.since) = (Some(2_000), 2_000);
+            }
+        }
+        let again = Selection::ReverifyAfter { secs: 30 * 86_400 };
+        assert!(select(&packs, &again, None, 2_001, None).packs.is_empty());
     }
 }

@@ -264,14 +264,49 @@ impl History {
 
     pub fn pack_state(&self, id: PackId, size: u64, stored: i64) -> PackState {
         let whole = self.whole.get(&id);
+        let last_read = whole.map(|w| w.time);
         PackState {
             id,
             size,
             base: whole
                 .and_then(|w| w.run)
                 .unwrap_or_else(|| self.born_after(stored)),
-            last_read: whole.map(|w| w.time),
+            last_read,
+            since: last_read.unwrap_or(stored),
         }
+    }
+
+    /// A pack as a run for some points sees it: only `blobs` (its blobs those points need, all in
+    /// this pack) are read, so it is as old as the least recently read of them, by whole or
+    /// single-blob reads alike. Such runs record single-blob reads only: judged by whole reads,
+    /// each would see the same history as the last and read the same packs again.
+    pub fn scoped_state(
+        &self,
+        id: PackId,
+        stored: i64,
+        blobs: &[(blockvault_repo::ChunkId, Location)],
+    ) -> PackState {
+        let mut state = self.pack_state(id, 0, stored);
+        state.size = blobs.iter().map(|(_, l)| l.len as u64).sum();
+        let reads: Vec<Option<i64>> = blobs.iter().map(|(_, l)| self.read_at(l)).collect();
+        state.last_read = reads
+            .iter()
+            .copied()
+            .try_fold(i64::MAX, |oldest, t| t.map(|t| oldest.min(t)))
+            .filter(|_| !reads.is_empty());
+        state.since = reads
+            .iter()
+            .map(|t| t.unwrap_or(stored))
+            .min()
+            .unwrap_or(stored);
+        state
+    }
+
+    /// When the blob at `loc` was last read, whole or alone, whatever was found.
+    fn read_at(&self, loc: &Location) -> Option<i64> {
+        let w = self.whole.get(&loc.pack).map(|w| w.time);
+        let p = self.partial.get(&(loc.pack, loc.offset)).map(|(t, _)| *t);
+        w.max(p)
     }
 
     /// Why the blob at (pack, offset) is damaged, per the latest read of it.
