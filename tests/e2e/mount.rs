@@ -741,7 +741,8 @@ fn a_mount_killed_between_linking_the_file_and_recording_the_merge_finishes_next
         1,
     );
     let t = Instant::now();
-    while !(w.path("ov/sys.local").exists() && !part.exists()) {
+    let merged = || w.path("ov/sys.local").exists() && !part.exists();
+    while !merged() {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the merge never finished; log:\n{}",
