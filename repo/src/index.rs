@@ -16,10 +16,16 @@ use rocksdb::{BlockBasedOptions, Direction, IteratorMode, Options, WriteBatch, D
 
 use crate::{BlobKind, ChunkId, Error, PackEntry, PackId, Result, SegmentId};
 
-const SCHEMA_VERSION: &[u8] = b"1";
+/// "2" added the `b` keys: an index of schema 1 is rebuilt once, so it learns the other copies.
+const SCHEMA_VERSION: &[u8] = b"2";
 const K_REPO: &[u8] = b"meta/repo";
 const K_SCHEMA: &[u8] = b"meta/schema";
 const P_CHUNK: u8 = b'c';
+/// `b<chunk id><pack id>`: another copy of a chunk than the one its `c` key names (two hosts
+/// stored it at once, a repack copied it, a backup stored it again over a damaged copy). Kept so
+/// that when the indexed copy turns out damaged, or its pack goes, a good copy takes its place
+/// without a rebuild.
+const P_SPARE: u8 = b'b';
 const P_PACK: u8 = b'p';
 const P_SEGMENT: u8 = b's';
 /// `v<record name>`: a verify record whose damaged blobs are in the `d` keys.
@@ -107,6 +113,12 @@ struct Overlay {
     packs: HashSet<PackId>,
     segments: HashSet<SegmentId>,
     verify_records: HashSet<String>,
+}
+
+fn spare_key(id: &ChunkId, pack: &PackId) -> Vec<u8> {
+    let mut k = key(P_SPARE, id.as_bytes());
+    k.extend_from_slice(&pack.0);
+    k
 }
 
 fn damaged_key(pack: &PackId, offset: u32) -> Vec<u8> {
@@ -313,18 +325,49 @@ impl LocalIndex {
                 .insert(pack);
             return Ok(());
         }
+        let mut indexed = self.indexed_of(entries)?;
         let mut batch = WriteBatch::default();
         for e in entries {
-            if self.keeps_existing(&pack, e, stale)? {
-                continue;
+            let new = Location::of(pack, e);
+            match indexed.get(&e.id).copied() {
+                Some(old) if old.pack != pack && self.prefers(&old, &new, stale) => {
+                    batch.put(spare_key(&e.id, &pack), new.encode());
+                    continue;
+                }
+                Some(old) if old.pack != pack => {
+                    batch.put(spare_key(&e.id, &old.pack), old.encode());
+                    batch.delete(spare_key(&e.id, &pack));
+                }
+                _ => {}
             }
-            batch.put(
-                key(P_CHUNK, e.id.as_bytes()),
-                Location::of(pack, e).encode(),
-            );
+            batch.put(key(P_CHUNK, e.id.as_bytes()), new.encode());
+            indexed.insert(e.id, new);
         }
         batch.put(key(P_PACK, &pack.0), size.to_le_bytes());
         self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    /// The indexed copy of each of `entries`' chunks, in one read of the stored index.
+    fn indexed_of(&self, entries: &[PackEntry]) -> Result<HashMap<ChunkId, Location>> {
+        let keys = entries.iter().map(|e| key(P_CHUNK, e.id.as_bytes()));
+        let mut out = HashMap::new();
+        for (e, v) in entries.iter().zip(self.db.multi_get(keys)) {
+            if let Some(l) = v
+                .map_err(|e| self.err(e))?
+                .as_deref()
+                .and_then(Location::decode)
+            {
+                out.insert(e.id, l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when copy `old` should stay indexed rather than `new`: `new` is damaged or in a
+    /// condemned pack and `old` is neither. Otherwise the newest copy is indexed.
+    fn prefers(&self, old: &Location, new: &Location, stale: &HashSet<PackId>) -> bool {
+        let bad = |l: &Location| self.is_damaged(&l.pack, l.offset) || stale.contains(&l.pack);
+        bad(new) && !bad(old)
     }
 
     /// One location per chunk is kept: the newest, unless it is a copy verification found damaged
@@ -431,6 +474,56 @@ impl LocalIndex {
             batch.put(damaged_key(p, *o), []);
         }
         batch.put(key(P_VERIFY, name.as_bytes()), []);
+        self.db.write(batch).map_err(|e| self.err(e))?;
+        if damaged.is_empty() {
+            return Ok(());
+        }
+        self.prefer_good_copies()
+    }
+
+    /// Every other copy the index knows (the `b` keys) that is not damaged, by chunk.
+    fn good_spares(&self) -> Result<HashMap<ChunkId, Vec<Location>>> {
+        let mut out: HashMap<ChunkId, Vec<Location>> = HashMap::new();
+        self.for_each_entry(P_SPARE, |k, v| {
+            if let (Some(id), Some(l)) = (
+                ChunkId::from_slice(&k[..k.len().min(32)]),
+                Location::decode(v),
+            ) {
+                if !self.is_damaged(&l.pack, l.offset) {
+                    out.entry(id).or_default().push(l);
+                }
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Indexes a good copy instead of each indexed copy verification found damaged, where the
+    /// index knows one: reads and deduplication use it at once, with no backup needed to store
+    /// the chunk again. The damaged copy is kept as a spare until its pack goes.
+    fn prefer_good_copies(&self) -> Result<()> {
+        let spares = self.good_spares()?;
+        if spares.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for (id, good) in spares {
+            let Some(bad) = self.get_stored(&id)? else {
+                continue;
+            };
+            if !self.is_damaged(&bad.pack, bad.offset) {
+                continue;
+            }
+            let to = good[0];
+            tracing::warn!(
+                "chunk {}: its copy in pack {} is damaged; its copy in pack {} is read from now on",
+                id.short(),
+                bad.pack,
+                to.pack
+            );
+            batch.put(spare_key(&id, &bad.pack), bad.encode());
+            batch.delete(spare_key(&id, &to.pack));
+            batch.put(key(P_CHUNK, id.as_bytes()), to.encode());
+        }
         self.db.write(batch).map_err(|e| self.err(e))
     }
 
@@ -459,13 +552,16 @@ impl LocalIndex {
                 out.entry(l.pack).or_default().push((*id, *l));
             }
         }
-        self.for_each_entry(P_CHUNK, |k, v| {
-            if let (Some(l), Some(id)) = (Location::decode(v), ChunkId::from_slice(k)) {
-                if packs.contains(&l.pack) {
-                    out.entry(l.pack).or_default().push((id, l));
+        for prefix in [P_CHUNK, P_SPARE] {
+            self.for_each_entry(prefix, |k, v| {
+                let id = ChunkId::from_slice(&k[..k.len().min(32)]);
+                if let (Some(l), Some(id)) = (Location::decode(v), id) {
+                    if packs.contains(&l.pack) {
+                        out.entry(l.pack).or_default().push((id, l));
+                    }
                 }
-            }
-        })?;
+            })?;
+        }
         for v in out.values_mut() {
             v.sort_by_key(|(_, l)| l.offset);
         }
@@ -571,9 +667,36 @@ impl LocalIndex {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
+        // Other copies, outside the gone packs: the best takes the place of an indexed copy that
+        // goes.
+        let mut others: HashMap<ChunkId, Location> = HashMap::new();
+        self.for_each_entry(P_SPARE, |k, v| {
+            let Some(l) = Location::decode(v) else { return };
+            if gone.contains(&l.pack) {
+                batch.delete(key(P_SPARE, k));
+                return;
+            }
+            let Some(id) = ChunkId::from_slice(&k[..k.len().min(32)]) else {
+                return;
+            };
+            let damaged = |l: &Location| self.is_damaged(&l.pack, l.offset);
+            match others.get(&id) {
+                Some(o) if !damaged(o) || damaged(&l) => {}
+                _ => {
+                    others.insert(id, l);
+                }
+            }
+        })?;
         self.for_each_entry(P_CHUNK, |k, v| {
-            if Location::decode(v).is_some_and(|l| gone.contains(&l.pack)) {
-                batch.delete(key(P_CHUNK, k));
+            if !Location::decode(v).is_some_and(|l| gone.contains(&l.pack)) {
+                return;
+            }
+            match ChunkId::from_slice(k).and_then(|id| Some((id, others.get(&id)?))) {
+                Some((id, other)) => {
+                    batch.put(key(P_CHUNK, k), other.encode());
+                    batch.delete(spare_key(&id, &other.pack));
+                }
+                None => batch.delete(key(P_CHUNK, k)),
             }
         })?;
         for p in gone {
@@ -725,5 +848,84 @@ mod tests {
         let lone = ChunkId([2; 32]);
         idx.insert_pack(old, 1, &[entry(2)], &stale).unwrap();
         assert_eq!(idx.get(&lone).unwrap().unwrap().pack, old);
+    }
+
+    #[test]
+    fn a_damaged_indexed_copy_gives_way_to_another_good_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (idx, _) = LocalIndex::open(&dir.path().join("idx"), "r").unwrap();
+        let (a, b) = (PackId::random(), PackId::random());
+        let id = ChunkId([1; 32]);
+        let none = HashSet::new();
+        idx.insert_pack(a, 1, &[entry(1), entry(2)], &none).unwrap();
+        idx.insert_pack(b, 1, &[entry(1)], &none).unwrap();
+        assert_eq!(
+            idx.get(&id).unwrap().unwrap().pack,
+            b,
+            "the newest copy is read"
+        );
+        assert_eq!(
+            idx.stats().unwrap().chunks,
+            2,
+            "a spare is not a chunk of its own"
+        );
+        // Damage elsewhere changes nothing.
+        idx.insert_verify_record("r0", &[(PackId::random(), 5)])
+            .unwrap();
+        assert_eq!(idx.get(&id).unwrap().unwrap().pack, b);
+        idx.insert_verify_record("r1", &[(b, entry(1).offset)])
+            .unwrap();
+        assert_eq!(
+            idx.get(&id).unwrap().unwrap().pack,
+            a,
+            "the good copy is read"
+        );
+        // Both copies are still known: the damaged one is in its pack's entries.
+        assert_eq!(idx.entries_of(&b).unwrap().len(), 1);
+        assert_eq!(idx.entries_of(&a).unwrap().len(), 2);
+        // A third copy stored over the damaged one is read, the good spare kept; once every copy
+        // is damaged, the index still answers one (verification reads and reports it).
+        let c = PackId::random();
+        idx.insert_pack(c, 1, &[entry(1)], &none).unwrap();
+        assert_eq!(idx.get(&id).unwrap().unwrap().pack, c);
+        idx.insert_verify_record("r2", &[(a, entry(1).offset), (c, entry(1).offset)])
+            .unwrap();
+        assert!(idx.get(&id).unwrap().is_some());
+        // The schema is stamped: reopening keeps everything.
+        drop(idx);
+        let (idx, fresh) = LocalIndex::open(&dir.path().join("idx"), "r").unwrap();
+        assert!(!fresh);
+        assert_eq!(idx.entries_of(&a).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_gone_pack_gives_way_to_another_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (idx, _) = LocalIndex::open(&dir.path().join("idx"), "r").unwrap();
+        let (a, b, c) = (PackId::random(), PackId::random(), PackId::random());
+        let id = ChunkId([1; 32]);
+        let none = HashSet::new();
+        idx.insert_pack(a, 1, &[entry(1)], &none).unwrap();
+        idx.insert_pack(b, 1, &[entry(1)], &none).unwrap();
+        idx.insert_pack(c, 1, &[entry(1)], &none).unwrap();
+        idx.insert_verify_record("r", &[(a, entry(1).offset)])
+            .unwrap();
+        assert_eq!(idx.get(&id).unwrap().unwrap().pack, c);
+        // The good copy takes the place of the indexed one, not the damaged one.
+        idx.remove_packs(&[c].into()).unwrap();
+        assert_eq!(idx.get(&id).unwrap().unwrap().pack, b);
+        assert!(
+            idx.entries_of(&c).unwrap().is_empty(),
+            "no spare in a gone pack"
+        );
+        idx.remove_packs(&[b].into()).unwrap();
+        assert_eq!(
+            idx.get(&id).unwrap().unwrap().pack,
+            a,
+            "a damaged copy beats none"
+        );
+        idx.remove_packs(&[a].into()).unwrap();
+        assert!(idx.get(&id).unwrap().is_none());
+        assert!(idx.entries_of(&a).unwrap().is_empty());
     }
 }
