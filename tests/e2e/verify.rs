@@ -144,7 +144,39 @@ impl Place {
             .to_string()
     }
 
+    /// Backs up `img` as disk `disk` of `vm` from the host whose cache is `cache`; returns the
+    /// backup's JSON report.
+    fn backup_in(&self, cache: &str, vm: &str, disk: &str, img: &Path) -> serde_json::Value {
+        let spec = format!("{disk}={}", img.display());
+        let args = [
+            "backup",
+            "--vm",
+            vm,
+            "--pack-size",
+            "1MiB",
+            "--workers",
+            "1",
+            "--disk",
+            &spec,
+            "--json",
+        ];
+        let o = self.run_in(cache, &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
     fn export(&self, point: &str, disk: &str, out: &Path, extra: &[&str]) -> Output {
+        self.export_in("cache", point, disk, out, extra)
+    }
+
+    fn export_in(
+        &self,
+        cache: &str,
+        point: &str,
+        disk: &str,
+        out: &Path,
+        extra: &[&str],
+    ) -> Output {
         let mut a = vec![
             "restore",
             "export",
@@ -156,7 +188,7 @@ impl Place {
             out.to_str().unwrap(),
         ];
         a.extend_from_slice(extra);
-        self.run(&a)
+        self.run_in(cache, &a)
     }
 }
 
@@ -544,24 +576,7 @@ fn heal(p: &Place) {
 
     // The other host backs up a disk that still holds the content: only that chunk is stored
     // again (dedup treats the damaged copy as absent, learnt from the verify record).
-    let spec = format!("d={}", img.display());
-    let o = p.run_in(
-        "host2",
-        &[
-            "backup",
-            "--vm",
-            "vm1",
-            "--pack-size",
-            "1MiB",
-            "--workers",
-            "1",
-            "--disk",
-            &spec,
-            "--json",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let b: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let b = p.backup_in("host2", "vm1", "d", &img);
     assert_eq!(b["bytes_new"], CHUNK, "{b}");
     assert_eq!(b["disks"][0]["stats"]["new_chunks"], 1, "{b}");
 
@@ -576,19 +591,7 @@ fn heal(p: &Place) {
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(same_content(&img, &out));
     }
-    let o = p.run_in(
-        "host3",
-        &[
-            "restore",
-            "export",
-            "--overwrite",
-            &p3,
-            "--disk",
-            "sys",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let o = p.export_in("host3", &p3, "sys", &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(same_content(&img, &out));
 }
@@ -621,22 +624,7 @@ fn lost_pack(p: &Place) {
     assert!(named, "the lost pack is named: {v}");
     assert_eq!(ranges_of(&v, &p1, "d"), vec![(0, DISK)], "{v}");
 
-    let spec = format!("d={}", img.display());
-    let o = p.run_in(
-        "host2",
-        &[
-            "backup",
-            "--vm",
-            "vm1",
-            "--pack-size",
-            "1MiB",
-            "--disk",
-            &spec,
-            "--json",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let b: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let b = p.backup_in("host2", "vm1", "d", &img);
     assert_eq!(
         b["bytes_new"], DISK,
         "nothing deduplicated against the lost pack: {b}"
@@ -649,6 +637,74 @@ fn lost_pack(p: &Place) {
     let o = p.export(&p1, "d", &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(same_content(&img, &out));
+}
+
+/// A chunk stored twice (two hosts that had not seen each other's packs): when verification
+/// finds the indexed copy damaged, every host reads the other copy from then on, so no point
+/// loses data and no backup is needed to heal it.
+#[test]
+fn a_damaged_chunk_with_a_good_copy_in_another_pack_is_read_from_that_copy() {
+    let p = Place::local();
+    let (img, p1) = one_pack_point(&p, 61);
+    let first = only_pack(&p);
+    // Host 2 sees none of the repository's packs while it backs up the same content, as when
+    // two hosts store it at once: it stores a second copy of every chunk.
+    let (root, hidden) = (p.root(), p.path("hidden"));
+    std::fs::create_dir(&hidden).unwrap();
+    for d in ["packs", "index"] {
+        std::fs::rename(root.join(d), hidden.join(d)).unwrap();
+    }
+    let b = p.backup_in("host2", "vm2", "d", &img);
+    assert_eq!(b["bytes_new"], DISK, "{b}");
+    let p2 = b["point"].as_str().unwrap().to_string();
+    for f in files(&hidden) {
+        let to = root.join(f.strip_prefix(&hidden).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::rename(&f, &to).unwrap();
+    }
+    let packs = p.packs();
+    assert_eq!(packs.len(), 2, "{packs:?}");
+    let second = packs.into_iter().find(|q| *q != first).unwrap();
+
+    // The copy indexed (the newest) is damaged; the first pack still holds a good one.
+    p.ok(&["points", "list"]);
+    flip(&second, 24 + 4 * BLOB + 77);
+    let o = p.run(&["verify", "--json", "--read-data"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(code(&o), 7, "the damaged blob is reported: {v}");
+    let second_id = second.file_name().unwrap().to_string_lossy().into_owned();
+    let named = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|q| q["object"] == format!("pack {second_id}"));
+    assert!(named, "{v}");
+    // Judged by the copy read until now; the switch to the good copy is logged.
+    for pt in [&p1, &p2] {
+        assert_eq!(ranges_of(&v, pt, "d"), vec![(4 * CHUNK, 5 * CHUNK)], "{v}");
+    }
+    let first_id = first.file_name().unwrap().to_string_lossy().into_owned();
+    let log = stderr(&o);
+    assert!(
+        log.contains(&format!("its copy in pack {first_id} is read from now on")),
+        "{log}"
+    );
+
+    // Both points restore exactly, here and on a host that never saw either backup.
+    let out = p.path("out.raw");
+    for (cache, pt) in [("cache", &p1), ("cache", &p2), ("host3", &p1)] {
+        let o = p.export_in(cache, pt, "d", &out, &[]);
+        assert!(o.status.success(), "{cache} {pt}: {}", stderr(&o));
+        assert!(same_content(&img, &out), "{cache} {pt}");
+    }
+    // The next run finds both points whole (no point reads the damaged copy), and nothing was
+    // stored again.
+    let (c, v) = p.verify(&["--read-data"]);
+    assert_eq!(c, 0, "{v}");
+    for pt in [&p1, &p2] {
+        assert_eq!(state_of(&v, pt)["state"], "verified", "{v}");
+    }
+    assert_eq!(p.packs().len(), 2);
 }
 
 fn verify_records(p: &Place) -> usize {
