@@ -96,6 +96,19 @@ impl Mount {
         }
     }
 
+    /// Waits up to `secs` seconds for `cond`; fails saying `what` went wrong, with the log.
+    pub(crate) fn wait_until(&self, what: &str, secs: u64, cond: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !cond() {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "{what}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub(crate) fn sigterm(&mut self) -> bool {
         let st = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
@@ -470,18 +483,7 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
     let (w, img, point) = random_point(8 << 20, 61);
     let hyd = w.path("hydrated.raw");
     let overlay = w.path("ov");
-    let args = [
-        point.as_str(),
-        "--disk",
-        "sys",
-        "--listen",
-        "127.0.0.1:0",
-        "--writable",
-        "--overlay",
-        overlay.to_str().unwrap(),
-        "--hydrate-to",
-        hyd.to_str().unwrap(),
-    ];
+    let args = hydrating_args(&point, &overlay, &hyd);
     // Slowed to 2 MiB/s (4 s for the disk) so the first writes land while it runs.
     let m = Mount::start(
         &w,
@@ -537,34 +539,12 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
     assert!(w.path("ov/sys.local").exists(), "no merge record");
 
     // Later writes go to the file itself; a flushed one survives SIGKILL of the mount.
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x3e 6m 12k",
-            "-c",
-            "flush",
-            &m.uris[0],
-        ],
-    );
+    guest_writes(&m.uris[0], "write -P 0x3e 6m 12k");
     f.write_all_at(&vec![0x3e; 12 << 10], 6 << 20).unwrap();
     // A trim gives the file's space back (a guest's fstrim must not fill the host), and reads
     // as zeroes; zeroes written with NO_HOLE stay allocated.
     let before = allocated_bytes(&hyd);
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "discard 3m 1m",
-            "-c",
-            "flush",
-            &m.uris[0],
-        ],
-    );
+    guest_writes(&m.uris[0], "discard 3m 1m");
     assert!(
         allocated_bytes(&hyd) + (1 << 20) <= before,
         "trim left {} of {before} bytes allocated",
@@ -572,18 +552,7 @@ fn hydration_merges_the_overlay_and_takes_later_writes_durably() {
     );
     f.write_all_at(&vec![0; 1 << 20], 3 << 20).unwrap();
     let before = allocated_bytes(&hyd);
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -z 4m 256k",
-            "-c",
-            "flush",
-            &m.uris[0],
-        ],
-    );
+    guest_writes(&m.uris[0], "write -z 4m 256k");
     assert!(allocated_bytes(&hyd) + (256 << 10) > before);
     f.write_all_at(&vec![0; 256 << 10], 4 << 20).unwrap();
     compare(&expect, &hyd);
@@ -625,53 +594,10 @@ fn a_mount_killed_right_after_the_merge_record_serves_the_merged_file() {
     let (w, img, point) = random_point(8 << 20, 67);
     let hyd = w.path("hydrated.raw");
     let part = w.path("hydrated.raw.part");
-    let overlay = w.path("ov");
-    let hold = w.path("hold");
-    let reached = w.path("hold.reached");
-    std::fs::write(&hold, b"").unwrap();
-    let args = [
-        point.as_str(),
-        "--disk",
-        "sys",
-        "--listen",
-        "127.0.0.1:0",
-        "--writable",
-        "--overlay",
-        overlay.to_str().unwrap(),
-        "--hydrate-to",
-        hyd.to_str().unwrap(),
-    ];
-    // Slowed to 2 MiB/s (4 s for the disk) so the write lands in the overlay first.
-    let mut held = vec!["restore", "mount"];
-    held.extend_from_slice(&args);
-    held.extend_from_slice(&["--limit-download", "2MiB/s"]);
-    let mut cmd = w.cmd(&held);
-    cmd.env(
-        "BLOCKVAULT_TEST_HOLD",
-        format!("hydration-merged:{}", hold.display()),
-    );
-    let m = Mount::spawn(cmd, w.path("mount-held.log"), 1);
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5a 1m 64k",
-            "-c",
-            "flush",
-            &m.uris[0],
-        ],
-    );
-    let t = Instant::now();
-    while !reached.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the merge was never recorded; log:\n{}",
-            m.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let ov = w.path("ov");
+    let m = hydrating_mount_held_at(&w, &point, &ov, &hyd, "hydration-merged");
+    guest_writes(&m.uris[0], "write -P 0x5a 1m 64k");
+    wait_for(&w.path("hold.reached"), &m);
     assert!(w.path("ov/sys.local").exists(), "no merge record");
     assert!(
         hyd.exists() && part.exists(),
@@ -679,15 +605,8 @@ fn a_mount_killed_right_after_the_merge_record_serves_the_merged_file() {
     );
     drop(m); // SIGKILL between the merge record and the removal of the part name
 
-    let expect = w.path("expect.raw");
-    std::fs::copy(&img, &expect).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&expect)
-        .unwrap()
-        .write_all_at(&vec![0x5a; 64 << 10], 1 << 20)
-        .unwrap();
-    let m = Mount::start(&w, &args, 1);
+    let expect = image_with(&w, &img, &[(0x5a, 1 << 20)]);
+    let m = Mount::start(&w, &hydrating_args(&point, &ov, &hyd), 1);
     assert!(
         m.log().contains("serving the hydrated file"),
         "log:\n{}",
@@ -724,40 +643,11 @@ fn a_mount_killed_between_linking_the_file_and_recording_the_merge_finishes_next
     );
     drop(m); // SIGKILL between the link and the merge record
 
-    let m = Mount::start(
-        &w,
-        &[
-            &point,
-            "--disk",
-            "sys",
-            "--listen",
-            "127.0.0.1:0",
-            "--writable",
-            "--overlay",
-            ov.to_str().unwrap(),
-            "--hydrate-to",
-            hyd.to_str().unwrap(),
-        ],
-        1,
-    );
-    let t = Instant::now();
-    let merged = || w.path("ov/sys.local").exists() && !part.exists();
-    while !merged() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the merge never finished; log:\n{}",
-            m.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let expect = w.path("expect.raw");
-    std::fs::copy(&img, &expect).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&expect)
-        .unwrap()
-        .write_all_at(&vec![0x5a; 64 << 10], 1 << 20)
-        .unwrap();
+    let m = Mount::start(&w, &hydrating_args(&point, &ov, &hyd), 1);
+    m.wait_until("the merge never finished", 60, || {
+        w.path("ov/sys.local").exists() && !part.exists()
+    });
+    let expect = image_with(&w, &img, &[(0x5a, 1 << 20)]);
     compare(&expect, &hyd);
     let out = w.path("out.raw");
     copy_raw(&m.uris[0], out.to_str().unwrap());
@@ -899,12 +789,10 @@ fn mount_held_mid_merge(w: &World, point: &str, ov: &Path, hyd: &Path) -> Mount 
     m
 }
 
-fn hydrating_mount_held_at(w: &World, point: &str, ov: &Path, hyd: &Path, hook: &str) -> Mount {
-    let hold = w.path("hold");
-    std::fs::write(&hold, b"").unwrap();
-    let mut cmd = w.cmd(&[
-        "restore",
-        "mount",
+/// The arguments of a writable mount of disk `sys` of `point` with overlay `ov`, hydrating into
+/// `hyd`.
+fn hydrating_args<'a>(point: &'a str, ov: &'a Path, hyd: &'a Path) -> [&'a str; 10] {
+    [
         point,
         "--disk",
         "sys",
@@ -915,24 +803,42 @@ fn hydrating_mount_held_at(w: &World, point: &str, ov: &Path, hyd: &Path, hook: 
         ov.to_str().unwrap(),
         "--hydrate-to",
         hyd.to_str().unwrap(),
-        "--limit-download",
-        "2MiB/s",
-    ]);
+    ]
+}
+
+/// A writable mount of `point` with overlay `ov` hydrating into `hyd`, slowed to 2 MiB/s (4 s
+/// for the disk) so that a guest's write lands in the overlay first, which holds at test hook
+/// `hook` while the file `hold` exists.
+fn hydrating_mount_held_at(w: &World, point: &str, ov: &Path, hyd: &Path, hook: &str) -> Mount {
+    let hold = w.path("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let mut args = vec!["restore", "mount"];
+    args.extend_from_slice(&hydrating_args(point, ov, hyd));
+    args.extend_from_slice(&["--limit-download", "2MiB/s"]);
+    let mut cmd = w.cmd(&args);
     cmd.env("BLOCKVAULT_TEST_HOLD", format!("{hook}:{}", hold.display()));
     Mount::spawn(cmd, w.path("mount-held.log"), 1)
 }
 
 fn wait_for(path: &Path, m: &Mount) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{} never appeared; log:\n{}",
-            path.display(),
-            m.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    m.wait_until(&format!("{} never appeared", path.display()), 60, || {
+        path.exists()
+    });
+}
+
+/// A copy of `img` with 64 KiB of each `(byte, offset)` written over it: what the disk holds
+/// after those guest writes.
+fn image_with(w: &World, img: &Path, writes: &[(u8, u64)]) -> PathBuf {
+    let expect = w.path("expect.raw");
+    std::fs::copy(img, &expect).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&expect)
+        .unwrap();
+    for (byte, at) in writes {
+        f.write_all_at(&vec![*byte; 64 << 10], *at).unwrap();
     }
+    expect
 }
 
 #[test]
@@ -960,15 +866,7 @@ fn a_merge_stopped_half_way_is_never_taken_for_a_copy_of_the_point() {
         ],
         1,
     );
-    let t = Instant::now();
-    while !hyd.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "hydration never finished; log:\n{}",
-            m.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    m.wait_until("hydration never finished", 60, || hyd.exists());
     assert!(m.sigterm(), "log:\n{}", m.log());
     compare(&img, &hyd);
 }
@@ -982,30 +880,13 @@ fn a_file_that_appears_before_the_switch_leaves_the_guest_on_its_overlay() {
     // Someone else's file takes the name; the switch must fail without recording a merge.
     std::fs::write(&hyd, b"not the disk").unwrap();
     std::fs::remove_file(w.path("hold")).unwrap();
-    let t = Instant::now();
-    while !m.log().contains("hydration failed") {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the switch did not fail; log:\n{}",
-            m.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    m.wait_until("the switch did not fail", 30, || {
+        m.log().contains("hydration failed")
+    });
     assert!(!w.path("ov/sys.local").exists(), "a merge was recorded");
     assert_eq!(std::fs::read(&hyd).unwrap(), b"not the disk");
     // The guest writes on; its writes are in the overlay, and a new mount of it sees them all.
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x77 3m 64k",
-            "-c",
-            "flush",
-            &m.uris[0],
-        ],
-    );
+    guest_writes(&m.uris[0], "write -P 0x77 3m 64k");
     drop(m);
     let m = Mount::start(
         &w,
@@ -1021,14 +902,7 @@ fn a_file_that_appears_before_the_switch_leaves_the_guest_on_its_overlay() {
         ],
         1,
     );
-    let expect = w.path("expect.raw");
-    std::fs::copy(&img, &expect).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&expect)
-        .unwrap();
-    f.write_all_at(&vec![0x5a; 64 << 10], 1 << 20).unwrap();
-    f.write_all_at(&vec![0x77; 64 << 10], 3 << 20).unwrap();
+    let expect = image_with(&w, &img, &[(0x5a, 1 << 20), (0x77, 3 << 20)]);
     let out = w.path("out.raw");
     copy_raw(&m.uris[0], out.to_str().unwrap());
     compare(&expect, &out);

@@ -126,19 +126,7 @@ impl Place {
     }
 
     fn backup(&self, vm: &str, disk: &str, img: &Path) -> String {
-        let spec = format!("{disk}={}", img.display());
-        self.json(&[
-            "backup",
-            "--vm",
-            vm,
-            "--pack-size",
-            "1MiB",
-            // One worker: blobs enter the pack in disk order, so blob i is chunk i.
-            "--workers",
-            "1",
-            "--disk",
-            &spec,
-        ])["point"]
+        self.backup_in("cache", vm, disk, img)["point"]
             .as_str()
             .unwrap()
             .to_string()
@@ -154,6 +142,7 @@ impl Place {
             vm,
             "--pack-size",
             "1MiB",
+            // One worker: blobs enter the pack in disk order, so blob i is chunk i.
             "--workers",
             "1",
             "--disk",
