@@ -481,6 +481,23 @@ impl LocalIndex {
         self.prefer_good_copies()
     }
 
+    /// The other copies of chunk `id` (its `b` keys), besides the one `get` answers.
+    pub(crate) fn spares_of(&self, id: &ChunkId) -> Result<Vec<Location>> {
+        let prefix = key(P_SPARE, id.as_bytes());
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.extend(Location::decode(&v));
+        }
+        Ok(out)
+    }
+
     /// Every other copy the index knows (the `b` keys) that is not damaged, by chunk.
     fn good_spares(&self) -> Result<HashMap<ChunkId, Vec<Location>>> {
         let mut out: HashMap<ChunkId, Vec<Location>> = HashMap::new();

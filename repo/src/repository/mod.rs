@@ -370,6 +370,15 @@ impl Repository {
         Ok(self.index.get(id)?.filter(|l| !self.is_deleted(&l.pack)))
     }
 
+    /// The other copies of a blob the local index knows, besides the one [`Self::lookup_any`]
+    /// answers (the same chunk stored by two hosts at once, or again over a damaged copy); never
+    /// in a pack a maintenance plan recorded as deleted. Call from a blocking thread.
+    pub fn other_copies(&self, id: &ChunkId) -> Result<Vec<Location>> {
+        let mut v = self.index.spares_of(id)?;
+        v.retain(|l| !self.is_deleted(&l.pack));
+        Ok(v)
+    }
+
     /// Where a blob is stored, for deduplication: also never a pack the newest applied plan
     /// condemns (its chunk is stored again instead). Call from a blocking thread.
     pub fn lookup_for_dedup(&self, id: &ChunkId) -> Result<Option<Location>> {
