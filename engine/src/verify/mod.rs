@@ -343,6 +343,7 @@ pub async fn verify(
         lost_now.push(l.pack);
     }
     results.sort_by(|a, b| a.pack.cmp(&b.pack));
+    let found_now = newly_damaged(&results, &history);
     history.apply(&results, finished);
     let mut lost: HashMap<ChunkId, PackId> = HashMap::new();
     for (pack, blobs) in &history.lost {
@@ -365,6 +366,7 @@ pub async fn verify(
     report.unchecked.append(&mut refs.unchecked);
     report.unchecked.append(&mut unchecked_manifests);
     attribute(&points, &refs, &judge, &unreadable_manifests, &mut report);
+    report_unread_damage(&found_now, &mut report);
     report.point_states = point_states(&points, &refs, &judge, &unreadable_manifests);
     report.verdict = if !report.problems.is_empty() {
         Verdict::Damaged
@@ -488,6 +490,44 @@ fn each_damage(
 }
 
 /// Builds the problem list: every damaged object with the points, disks and ranges it affects.
+/// Per pack, the blobs this run found damaged that no earlier run had found damaged: (pack,
+/// count, the first one's detail).
+fn newly_damaged(results: &[PackResult], history: &History) -> Vec<(PackId, usize, String)> {
+    results
+        .iter()
+        .filter_map(|r| {
+            let pack = r.pack_id()?;
+            let new: Vec<_> = r
+                .damaged
+                .iter()
+                .filter(|d| history.damaged(&pack, d.offset).is_none())
+                .collect();
+            Some((pack, new.len(), new.first()?.detail.clone()))
+        })
+        .collect()
+}
+
+/// Damage this run found first, in packs no point's damage names: reported once, though no
+/// restore point reads those blobs (each chunk is read from another copy, or no point needs it),
+/// since a store that damages data is news. Later runs that find it again stay clean.
+fn report_unread_damage(found: &[(PackId, usize, String)], report: &mut VerifyReport) {
+    for (pack, n, detail) in found {
+        let object = format!("pack {pack}");
+        if report.problems.iter().any(|p| p.object == object) {
+            continue;
+        }
+        report.problems.push(Problem {
+            object,
+            detail: format!(
+                "{detail} ({n} blob(s) found damaged; no restore point reads them: their chunks \
+                 are read from other copies, or no point needs them)"
+            ),
+            affected_points: Vec::new(),
+            damage: Vec::new(),
+        });
+    }
+}
+
 fn attribute(
     points: &[PointManifest],
     refs: &References,

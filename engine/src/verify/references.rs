@@ -54,6 +54,21 @@ impl Judge {
         }
     }
 
+    /// Where the blob `id` is read from: the index's copy or, where a run found that one damaged,
+    /// another copy the index knows that none found damaged (the index reads that one from the
+    /// moment this run's record is absorbed, so the points that need the chunk are whole).
+    pub fn locate(&self, repo: &Repository, id: &ChunkId) -> Result<Option<Location>> {
+        let loc = repo.lookup_any(id)?;
+        match loc {
+            Some(l) if self.damage(id, Some(&l)).is_some() => Ok(repo
+                .other_copies(id)?
+                .into_iter()
+                .find(|c| self.damage(id, Some(c)).is_none())
+                .or(loc)),
+            _ => Ok(loc),
+        }
+    }
+
     /// Adds one blob to a tally.
     pub fn tally(&self, tally: &mut PointTally, id: &ChunkId, loc: Option<&Location>) {
         let damaged = self.damage(id, loc).is_some();
@@ -204,7 +219,15 @@ pub(super) async fn check(
         .iter()
         .flat_map(|p| p.configs.iter().flat_map(|c| c.blobs.iter().map(|b| b.0)))
         .collect();
-    refs.configs = locate_all(repo, config_ids).await?.into_iter().collect();
+    let (r, j) = (repo.clone(), judge.clone());
+    refs.configs = tokio::task::spawn_blocking(move || {
+        config_ids
+            .into_iter()
+            .map(|id| Ok((id, j.locate(&r, &id)?)))
+            .collect::<Result<HashMap<_, _>>>()
+    })
+    .await
+    .map_err(crate::Error::task)??;
 
     // Pages load several at once and are judged on as many threads of our own as there are
     // cores. The judging looks every chunk up in the local index, whose block reads and cache
@@ -286,7 +309,7 @@ fn summarize(
     page: blockvault_repo::Result<ChunkMapPage>,
 ) -> Result<(PageSummary, Option<Unchecked>)> {
     let mut summary = PageSummary::default();
-    let page_loc = repo.lookup_any(&id)?;
+    let page_loc = judge.locate(repo, &id)?;
     judge.tally(&mut summary.tally, &id, page_loc.as_ref());
     let known = judge.damage(&id, page_loc.as_ref());
     let page = match page {
@@ -320,7 +343,7 @@ fn summarize(
         located.sort_unstable_by_key(|(c, _)| *c);
         located.dedup_by_key(|(c, _)| *c);
         for (chunk, loc) in located.iter_mut() {
-            *loc = repo.lookup_any(chunk)?;
+            *loc = judge.locate(repo, chunk)?;
             judge.tally(&mut summary.tally, chunk, loc.as_ref());
         }
         summary.chunks = located.len() as u32;
