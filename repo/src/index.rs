@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rocksdb::{BlockBasedOptions, Direction, IteratorMode, Options, WriteBatch, DB};
 
+use crate::verify_record::DamagedAt;
 use crate::{BlobKind, ChunkId, Error, PackEntry, PackId, Result, SegmentId};
 
 /// "2" added the `b` keys: an index of schema 1 is rebuilt once, so it learns the other copies.
@@ -119,6 +120,11 @@ fn spare_key(id: &ChunkId, pack: &PackId) -> Vec<u8> {
     let mut k = key(P_SPARE, id.as_bytes());
     k.extend_from_slice(&pack.0);
     k
+}
+
+/// The chunk a `c` or `b` key (without its prefix byte) is about.
+fn chunk_of(k: &[u8]) -> Option<ChunkId> {
+    ChunkId::from_slice(k.get(..32)?)
 }
 
 fn damaged_key(pack: &PackId, offset: u32) -> Vec<u8> {
@@ -329,16 +335,13 @@ impl LocalIndex {
         let mut batch = WriteBatch::default();
         for e in entries {
             let new = Location::of(pack, e);
-            match indexed.get(&e.id).copied() {
-                Some(old) if old.pack != pack && self.prefers(&old, &new, stale) => {
+            if let Some(old) = indexed.get(&e.id).copied().filter(|o| o.pack != pack) {
+                if self.prefers(&old, &new, stale) {
                     batch.put(spare_key(&e.id, &pack), new.encode());
                     continue;
                 }
-                Some(old) if old.pack != pack => {
-                    batch.put(spare_key(&e.id, &old.pack), old.encode());
-                    batch.delete(spare_key(&e.id, &pack));
-                }
-                _ => {}
+                batch.put(spare_key(&e.id, &old.pack), old.encode());
+                batch.delete(spare_key(&e.id, &pack));
             }
             batch.put(key(P_CHUNK, e.id.as_bytes()), new.encode());
             indexed.insert(e.id, new);
@@ -364,30 +367,26 @@ impl LocalIndex {
     }
 
     /// True when copy `old` should stay indexed rather than `new`: `new` is damaged or in a
-    /// condemned pack and `old` is neither. Otherwise the newest copy is indexed.
+    /// condemned pack and `old` is neither (a rebuild must not trade a good copy for a bad one,
+    /// nor a repack's new copy for the old one it replaces, whatever order the segments are read
+    /// in). Otherwise the newest copy is indexed.
     fn prefers(&self, old: &Location, new: &Location, stale: &HashSet<PackId>) -> bool {
         let bad = |l: &Location| self.is_damaged(&l.pack, l.offset) || stale.contains(&l.pack);
         bad(new) && !bad(old)
     }
 
-    /// One location per chunk is kept: the newest, unless it is a copy verification found damaged
-    /// or a copy in a condemned pack, and the one already indexed is neither (a rebuild must not
-    /// trade a good copy for a bad one, nor a repack's new copy for the old one it replaces,
-    /// whatever order the segments are read in).
+    /// For a secondary, which keeps no other copies: whether the copy already indexed stays
+    /// (see [`Self::prefers`]).
     fn keeps_existing(
         &self,
         pack: &PackId,
         e: &PackEntry,
         stale: &HashSet<PackId>,
     ) -> Result<bool> {
-        if !self.is_damaged(pack, e.offset) && !stale.contains(pack) {
-            return Ok(false);
-        }
-        Ok(self.get(&e.id)?.is_some_and(|old| {
-            old.pack != *pack
-                && !self.is_damaged(&old.pack, old.offset)
-                && !stale.contains(&old.pack)
-        }))
+        let new = Location::of(*pack, e);
+        Ok(self
+            .get(&e.id)?
+            .is_some_and(|old| old.pack != *pack && self.prefers(&old, &new, stale)))
     }
 
     /// True when verification found any blob damaged (per the records loaded).
@@ -453,13 +452,13 @@ impl LocalIndex {
     }
 
     /// Records a verify record as absorbed, with the damaged blob locations it names.
-    pub(crate) fn insert_verify_record(&self, name: &str, damaged: &[(PackId, u32)]) -> Result<()> {
+    pub(crate) fn insert_verify_record(&self, name: &str, damaged: &[DamagedAt]) -> Result<()> {
         {
             let mut d = self
                 .damaged
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            d.extend(damaged.iter().copied());
+            d.extend(damaged.iter().map(|(_, p, o)| (*p, *o)));
         }
         if self.is_secondary() {
             self.overlay
@@ -470,15 +469,12 @@ impl LocalIndex {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        for (p, o) in damaged {
+        for (_, p, o) in damaged {
             batch.put(damaged_key(p, *o), []);
         }
         batch.put(key(P_VERIFY, name.as_bytes()), []);
         self.db.write(batch).map_err(|e| self.err(e))?;
-        if damaged.is_empty() {
-            return Ok(());
-        }
-        self.prefer_good_copies()
+        self.prefer_good_copies(damaged)
     }
 
     /// The other copies of chunk `id` (its `b` keys), besides the one `get` answers.
@@ -498,47 +494,31 @@ impl LocalIndex {
         Ok(out)
     }
 
-    /// Every other copy the index knows (the `b` keys) that is not damaged, by chunk.
-    fn good_spares(&self) -> Result<HashMap<ChunkId, Vec<Location>>> {
-        let mut out: HashMap<ChunkId, Vec<Location>> = HashMap::new();
-        self.for_each_entry(P_SPARE, |k, v| {
-            if let (Some(id), Some(l)) = (
-                ChunkId::from_slice(&k[..k.len().min(32)]),
-                Location::decode(v),
-            ) {
-                if !self.is_damaged(&l.pack, l.offset) {
-                    out.entry(id).or_default().push(l);
-                }
-            }
-        })?;
-        Ok(out)
-    }
-
-    /// Indexes a good copy instead of each indexed copy verification found damaged, where the
-    /// index knows one: reads and deduplication use it at once, with no backup needed to store
-    /// the chunk again. The damaged copy is kept as a spare until its pack goes.
-    fn prefer_good_copies(&self) -> Result<()> {
-        let spares = self.good_spares()?;
-        if spares.is_empty() {
-            return Ok(());
-        }
+    /// Where the copy read of a chunk in `damaged` is that damaged blob, indexes another copy
+    /// that is not damaged instead, if the index knows one: reads and deduplication use it at
+    /// once, with no backup needed to store the chunk again. The damaged copy is kept as an
+    /// other copy until its pack goes.
+    fn prefer_good_copies(&self, damaged: &[DamagedAt]) -> Result<()> {
         let mut batch = WriteBatch::default();
-        for (id, good) in spares {
-            let Some(bad) = self.get_stored(&id)? else {
+        for (id, pack, offset) in damaged {
+            let Some(bad) = self.get_stored(id)? else {
                 continue;
             };
-            if !self.is_damaged(&bad.pack, bad.offset) {
+            if (bad.pack, bad.offset) != (*pack, *offset) {
                 continue;
             }
-            let to = good[0];
+            let spares = self.spares_of(id)?;
+            let Some(to) = spares.iter().find(|l| !self.is_damaged(&l.pack, l.offset)) else {
+                continue;
+            };
             tracing::warn!(
                 "chunk {}: its copy in pack {} is damaged; its copy in pack {} is read from now on",
                 id.short(),
                 bad.pack,
                 to.pack
             );
-            batch.put(spare_key(&id, &bad.pack), bad.encode());
-            batch.delete(spare_key(&id, &to.pack));
+            batch.put(spare_key(id, &bad.pack), bad.encode());
+            batch.delete(spare_key(id, &to.pack));
             batch.put(key(P_CHUNK, id.as_bytes()), to.encode());
         }
         self.db.write(batch).map_err(|e| self.err(e))
@@ -571,7 +551,7 @@ impl LocalIndex {
         }
         for prefix in [P_CHUNK, P_SPARE] {
             self.for_each_entry(prefix, |k, v| {
-                let id = ChunkId::from_slice(&k[..k.len().min(32)]);
+                let id = chunk_of(k);
                 if let (Some(l), Some(id)) = (Location::decode(v), id) {
                     if packs.contains(&l.pack) {
                         out.entry(l.pack).or_default().push((id, l));
@@ -693,22 +673,17 @@ impl LocalIndex {
                 batch.delete(key(P_SPARE, k));
                 return;
             }
-            let Some(id) = ChunkId::from_slice(&k[..k.len().min(32)]) else {
-                return;
-            };
+            let Some(id) = chunk_of(k) else { return };
             let damaged = |l: &Location| self.is_damaged(&l.pack, l.offset);
-            match others.get(&id) {
-                Some(o) if !damaged(o) || damaged(&l) => {}
-                _ => {
-                    others.insert(id, l);
-                }
+            if others.get(&id).is_none_or(|o| damaged(o) && !damaged(&l)) {
+                others.insert(id, l);
             }
         })?;
         self.for_each_entry(P_CHUNK, |k, v| {
             if !Location::decode(v).is_some_and(|l| gone.contains(&l.pack)) {
                 return;
             }
-            match ChunkId::from_slice(k).and_then(|id| Some((id, others.get(&id)?))) {
+            match chunk_of(k).and_then(|id| Some((id, others.get(&id)?))) {
                 Some((id, other)) => {
                     batch.put(key(P_CHUNK, k), other.encode());
                     batch.delete(spare_key(&id, &other.pack));
@@ -887,10 +862,10 @@ mod tests {
             "a spare is not a chunk of its own"
         );
         // Damage elsewhere changes nothing.
-        idx.insert_verify_record("r0", &[(PackId::random(), 5)])
+        idx.insert_verify_record("r0", &[(id, PackId::random(), 5)])
             .unwrap();
         assert_eq!(idx.get(&id).unwrap().unwrap().pack, b);
-        idx.insert_verify_record("r1", &[(b, entry(1).offset)])
+        idx.insert_verify_record("r1", &[(id, b, entry(1).offset)])
             .unwrap();
         assert_eq!(
             idx.get(&id).unwrap().unwrap().pack,
@@ -905,7 +880,7 @@ mod tests {
         let c = PackId::random();
         idx.insert_pack(c, 1, &[entry(1)], &none).unwrap();
         assert_eq!(idx.get(&id).unwrap().unwrap().pack, c);
-        idx.insert_verify_record("r2", &[(a, entry(1).offset), (c, entry(1).offset)])
+        idx.insert_verify_record("r2", &[(id, a, entry(1).offset), (id, c, entry(1).offset)])
             .unwrap();
         assert!(idx.get(&id).unwrap().is_some());
         // The schema is stamped: reopening keeps everything.
@@ -925,7 +900,7 @@ mod tests {
         idx.insert_pack(a, 1, &[entry(1)], &none).unwrap();
         idx.insert_pack(b, 1, &[entry(1)], &none).unwrap();
         idx.insert_pack(c, 1, &[entry(1)], &none).unwrap();
-        idx.insert_verify_record("r", &[(a, entry(1).offset)])
+        idx.insert_verify_record("r", &[(id, a, entry(1).offset)])
             .unwrap();
         assert_eq!(idx.get(&id).unwrap().unwrap().pack, c);
         // The good copy takes the place of the indexed one, not the damaged one.

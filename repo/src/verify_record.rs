@@ -247,16 +247,19 @@ impl VerifyRecord {
         Ok(r)
     }
 
-    /// Damaged blob locations this record names: (pack, offset).
-    pub fn damaged_locations(&self) -> impl Iterator<Item = (PackId, u32)> + '_ {
+    /// Damaged blobs this record names: (chunk, pack, offset).
+    pub fn damaged_locations(&self) -> impl Iterator<Item = DamagedAt> + '_ {
         self.packs.iter().flat_map(|p| {
             let id = p.pack_id();
             p.damaged
                 .iter()
-                .filter_map(move |d| id.map(|id| (id, d.offset)))
+                .filter_map(move |d| id.map(|id| (d.chunk.0, id, d.offset)))
         })
     }
 }
+
+/// A damaged blob: its chunk, and the pack and offset where it lies.
+pub type DamagedAt = (crate::ChunkId, PackId, u32);
 
 /// A record's name and the time the store gives its object (unix seconds).
 #[derive(Clone, Debug)]
@@ -279,7 +282,7 @@ fn records_kept_changing() -> Error {
 
 /// What loading one unseen record gave `sync_verify_records`.
 enum Absorbed {
-    Damage(RecordName, Vec<(PackId, u32)>),
+    Damage(RecordName, Vec<DamagedAt>),
     /// Unreadable: reported by verify, tried again at the next sync.
     Unreadable,
     /// Deleted since the listing (merged into a summary).
@@ -295,7 +298,7 @@ impl Repository {
             .put(&name.path(), Bytes::from(sealed), Write::CreateUnique)
             .await?;
         let index = self.local_index();
-        let (n, locs): (RecordName, Vec<(PackId, u32)>) =
+        let (n, locs): (RecordName, Vec<DamagedAt>) =
             (name.clone(), record.damaged_locations().collect());
         tokio::task::spawn_blocking(move || index.insert_verify_record(n.as_str(), &locs))
             .await
@@ -410,7 +413,7 @@ impl Repository {
             .put(&name.path(), Bytes::from(sealed), Write::CreateUnique)
             .await?;
         let index = self.local_index();
-        let (n, locs): (RecordName, Vec<(PackId, u32)>) =
+        let (n, locs): (RecordName, Vec<DamagedAt>) =
             (name.clone(), summary.damaged_locations().collect());
         tokio::task::spawn_blocking(move || index.insert_verify_record(n.as_str(), &locs))
             .await

@@ -489,7 +489,6 @@ fn each_damage(
     }
 }
 
-/// Builds the problem list: every damaged object with the points, disks and ranges it affects.
 /// Per pack, the blobs this run found damaged that no earlier run had found damaged: (pack,
 /// count, the first one's detail).
 fn newly_damaged(results: &[PackResult], history: &History) -> Vec<(PackId, usize, String)> {
@@ -528,6 +527,7 @@ fn report_unread_damage(found: &[(PackId, usize, String)], report: &mut VerifyRe
     }
 }
 
+/// Builds the problem list: every damaged object with the points, disks and ranges it affects.
 fn attribute(
     points: &[PointManifest],
     refs: &References,
