@@ -696,6 +696,45 @@ fn a_damaged_chunk_with_a_good_copy_in_another_pack_is_read_from_that_copy() {
     assert_eq!(p.packs().len(), 2);
 }
 
+/// Blobs no restore point reads any more (their point forgotten, gc not yet run) are still
+/// read by `--read-data`: damage there is news about the store, reported once on its pack with
+/// no point affected; later runs that find it again are clean.
+#[test]
+fn damage_in_blobs_no_point_reads_is_reported_once() {
+    let p = Place::local();
+    let (_, gone) = one_pack_point(&p, 71);
+    let garbage = only_pack(&p);
+    let kept_img = p.path("kept.raw");
+    make_random_image(&kept_img, DISK, 72);
+    let kept = p.backup("vm2", "d", &kept_img);
+    p.ok(&["forget", &gone]);
+    flip(&garbage, 24 + 3 * BLOB + 40);
+
+    let (c, v) = p.verify(&["--read-data"]);
+    assert_eq!(c, 7, "{v}");
+    let id = garbage.file_name().unwrap().to_string_lossy().into_owned();
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{v}");
+    assert_eq!(problems[0]["object"], format!("pack {id}"), "{v}");
+    assert!(
+        problems[0]["affected_points"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{v}"
+    );
+    assert_eq!(state_of(&v, &kept)["state"], "verified", "{v}");
+
+    for run in 2..4 {
+        let (c, v) = p.verify(&["--read-data"]);
+        assert_eq!(c, 0, "run {run}: {v}");
+        assert!(
+            v["problems"].as_array().unwrap().is_empty(),
+            "run {run}: {v}"
+        );
+    }
+}
+
 fn verify_records(p: &Place) -> usize {
     files(&p.root().join("verify")).len()
 }
