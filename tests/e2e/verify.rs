@@ -725,9 +725,11 @@ fn damage_in_blobs_no_point_reads_is_reported_once() {
     );
     assert_eq!(state_of(&v, &kept)["state"], "verified", "{v}");
 
+    // Later runs read the damaged pack again (both packs, every run), and stay clean.
     for run in 2..4 {
         let (c, v) = p.verify(&["--read-data"]);
         assert_eq!(c, 0, "run {run}: {v}");
+        assert_eq!(v["packs_read"], 2, "run {run}: {v}");
         assert!(
             v["problems"].as_array().unwrap().is_empty(),
             "run {run}: {v}"
