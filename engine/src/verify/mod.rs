@@ -191,7 +191,11 @@ pub async fn verify(
     let mut listed_ids: HashMap<PackId, u64> = listed.iter().map(|(id, s, _)| (*id, *s)).collect();
     // Made now, from what earlier runs found; stored after this run's own record.
     let summary = match opts.record {
-        true => history.summary(&opts.host, &listed_ids),
+        true => history.summary(
+            &opts.host,
+            &listed_ids,
+            listed.iter().map(|(_, _, t)| *t).min(),
+        ),
         false => None,
     };
     let mut report = VerifyReport {

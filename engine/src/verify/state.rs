@@ -17,6 +17,10 @@ use crate::Result;
 /// holds at most about this many, and every run reads no more than that).
 pub(crate) const SUMMARIZE_AT: usize = 16;
 
+/// How long before the oldest listed pack a summary still keeps the runs made (seconds): a
+/// margin for a store clock that steps back, or a pack listed late.
+const RUNS_KEPT_BEFORE_OLDEST: i64 = 7 * 24 * 3600;
+
 #[derive(Clone, Debug)]
 struct WholeRead {
     run: Option<u64>,
@@ -168,12 +172,14 @@ impl History {
     /// A summary of the records merged here, to store under the returned name, when there are
     /// at least `SUMMARIZE_AT` of them. It keeps, for the packs in `live` (every pack listed
     /// after the records were: a pack a record names that is not listed was deleted), the
-    /// latest whole read and the blob reads made after it, the run numbers, and the newest
-    /// record's point states.
+    /// latest whole read and the blob reads made after it, the run numbers that packs stored
+    /// since `oldest_pack` (the store time of the oldest pack listed) can be born after, and the
+    /// newest record's point states.
     pub fn summary(
         &self,
         host: &str,
         live: &HashMap<PackId, u64>,
+        oldest_pack: Option<i64>,
     ) -> Option<(RecordName, VerifyRecord)> {
         if self.merged.len() < SUMMARIZE_AT {
             return None;
@@ -248,10 +254,22 @@ impl History {
             points: newest.points.clone(),
             summary: Some(RecordSummary {
                 replaces: self.merged.iter().map(|n| n.to_string()).collect(),
-                runs: self.runs.clone(),
+                runs: self.runs_since(oldest_pack).to_vec(),
             }),
         };
         Some((RecordName::beside(newest_name), record))
+    }
+
+    /// The runs a pack stored at `oldest` or later can be born after: those stored from
+    /// `RUNS_KEPT_BEFORE_OLDEST` before it on, and the last one before that, which also carries
+    /// the highest run number when no run is that recent. A summary keeps only these, so it grows
+    /// with the packs kept and not with the runs made. A pack that turns up later stored still
+    /// earlier (a skewed store clock) is taken as born before every kept run: it is read sooner,
+    /// never later, than its rotation promises.
+    fn runs_since(&self, oldest: Option<i64>) -> &[(i64, u64)] {
+        let from = oldest.map_or(i64::MAX, |t| t.saturating_sub(RUNS_KEPT_BEFORE_OLDEST));
+        let i = self.runs.partition_point(|(rt, _)| *rt < from);
+        &self.runs[i.saturating_sub(1)..]
     }
 
     /// The last run finished before a pack stored at `t` (store clock) existed.
@@ -616,7 +634,8 @@ mod tests {
             let original = History::from_records(dup(&loaded)).unwrap();
             let live: HashMap<PackId, u64> =
                 (0..PACKS).filter(|p| *p != GONE).map(|p| (pid(p), 4096)).collect();
-            let (name, summary) = original.summary("h", &live).expect("enough records");
+            let (name, summary) =
+                original.summary("h", &live, Some(1_799_999_000)).expect("enough records");
             prop_assert_eq!(summary.summary.as_ref().unwrap().replaces.len(), recs.len());
             // Of a pack that is gone only a lost-pack result (missing, naming its blobs) stays.
             prop_assert!(summary.packs.iter().all(|p| p.pack_id() != Some(pid(GONE))
@@ -642,6 +661,54 @@ mod tests {
         }
     }
 
+    /// A summary keeps only the runs that packs still stored can be born after, so a nightly
+    /// verify's summary does not grow with the runs made; every rotation it serves is unchanged.
+    #[test]
+    fn a_summary_drops_runs_older_than_every_pack() {
+        const DAY: i64 = 86_400;
+        let recs: Vec<Rec> = (0..60)
+            .map(|_| Rec {
+                gap: DAY,
+                skew: 0,
+                numbered: true,
+                reads: Vec::new(),
+            })
+            .collect();
+        let loaded = records(&recs);
+        let first = loaded[0].0.stored;
+        let original = History::from_records(dup(&loaded)).unwrap();
+        let oldest = first + 40 * DAY + 5;
+        let live: HashMap<PackId, u64> = [(pid(0), 4096)].into();
+        let (name, summary) = original.summary("h", &live, Some(oldest)).unwrap();
+        let kept = &summary.summary.as_ref().unwrap().runs;
+        // The runs from 7 days before the oldest pack on (days 34 to 59), and the one before.
+        assert_eq!(kept.len(), 27, "{kept:?}");
+        assert_eq!(kept[0], (first + 33 * DAY, 34));
+        let listing = RecordListing {
+            name,
+            stored: first + 61 * DAY,
+        };
+        let alone = History::from_records(vec![(listing, Ok(summary))]).unwrap();
+        assert_eq!(alone.next_run(), original.next_run());
+        for stored in [oldest, oldest - 7 * DAY, first + 50 * DAY, first + 70 * DAY] {
+            assert_eq!(
+                alone.pack_state(pid(0), 4096, stored).base,
+                original.pack_state(pid(0), 4096, stored).base,
+                "stored {stored}"
+            );
+        }
+        // A pack that turns up stored before them is taken as older: read sooner, never later.
+        for stored in [first - DAY, first + 5 * DAY, oldest - 9 * DAY] {
+            assert!(
+                alone.pack_state(pid(0), 4096, stored).base
+                    <= original.pack_state(pid(0), 4096, stored).base
+            );
+        }
+        // With no pack stored, the highest run number is still kept.
+        let (_, empty) = original.summary("h", &HashMap::new(), None).unwrap();
+        assert_eq!(empty.summary.unwrap().runs, vec![(first + 59 * DAY, 60)]);
+    }
+
     #[test]
     fn few_records_are_not_summarised() {
         let recs: Vec<Rec> = (0..SUMMARIZE_AT - 1)
@@ -653,6 +720,6 @@ mod tests {
             })
             .collect();
         let h = History::from_records(records(&recs)).unwrap();
-        assert!(h.summary("h", &HashMap::new()).is_none());
+        assert!(h.summary("h", &HashMap::new(), None).is_none());
     }
 }
