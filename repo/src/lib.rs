@@ -55,7 +55,7 @@ pub use manifest::{
 };
 pub use objects::{Epoch, LeaseId, Listed, ObjectKind, ObjectName};
 pub use pack::{PackBuilder, PackEntry, SealedPack};
-pub use pack_check::{by_pack, FetchedPack, Unchecked};
+pub use pack_check::{FetchedPack, Unchecked};
 pub use page::{page_slots, ChunkMapPage, SLOTS_PER_PAGE};
 pub use plan::{ClaimRecord, Condemned, Plan, PublishedPlan};
 pub use repository::{CopiedBlobs, OpenOptions, PruneClaim, Repository, SyncReport};

@@ -12,7 +12,6 @@
 //! system does not allow that, blob by blob through it, with the kernel asked to read the pack
 //! ahead (`POSIX_FADV_WILLNEED`) so that a cold disk is still read while earlier packs decode.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use crate::verify_record::{DamagedBlob, PackOutcome, PackResult};
@@ -713,17 +712,6 @@ fn carve<'a>(
         work.push((e, mine));
     }
     (work, bad)
-}
-
-/// Groups locations by pack (for point-scoped reads).
-pub fn by_pack(
-    locs: impl IntoIterator<Item = (ChunkId, Location)>,
-) -> HashMap<PackId, Vec<(ChunkId, Location)>> {
-    let mut m: HashMap<PackId, Vec<(ChunkId, Location)>> = HashMap::new();
-    for (id, l) in locs {
-        m.entry(l.pack).or_default().push((id, l));
-    }
-    m
 }
 
 #[cfg(test)]

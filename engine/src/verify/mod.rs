@@ -252,8 +252,7 @@ pub async fn verify(
             .collect(),
         Some(scoped) => {
             let chosen: Vec<&PointManifest> = scoped.iter().map(|i| &points[*i]).collect();
-            let wanted = references::wanted_blobs(&repo, &chosen).await?;
-            let grouped = blockvault_repo::by_pack(wanted);
+            let grouped = references::wanted_blobs(&repo, &chosen).await?;
             // A point-scoped run reads the blobs the points need, so its bytes are theirs, and
             // a pack waits as long as the least recently read of them (select.rs).
             let c = live

@@ -172,11 +172,15 @@ fn load_pages(
         .buffer_unordered(PAGES_IN_FLIGHT)
 }
 
-/// The blobs `points` need and where they are, for a run that reads only those.
+/// The blobs `points` need, grouped by the pack the index has them in, for a run that reads only
+/// those (a chunk the index has nowhere is left out: the reference check reports it). Pages are
+/// loaded and their chunks looked up several at once (`on_page_threads`), and each page's result
+/// is merged as it comes, so besides the result and the set of ids seen only the pages in flight
+/// are held, not every page's chunk list at once.
 pub(super) async fn wanted_blobs(
     repo: &Arc<Repository>,
     points: &[&PointManifest],
-) -> Result<HashMap<ChunkId, Location>> {
+) -> Result<HashMap<PackId, Vec<(ChunkId, Location)>>> {
     let mut ids: Vec<ChunkId> = Vec::new();
     for p in points {
         for c in &p.configs {
@@ -185,23 +189,50 @@ pub(super) async fn wanted_blobs(
     }
     let pages = distinct_pages(points.iter().copied());
     ids.extend(pages.iter().map(|(id, _)| *id));
-    let mut batches: Vec<Vec<ChunkId>> = vec![ids];
-    let mut loaded = std::pin::pin!(load_pages(repo, pages));
-    while let Some((_, page)) = loaded.next().await {
-        // A page that cannot be read is reported by the reference check after the read.
-        if let Ok(page) = page {
-            batches.push(distinct_slots(&page));
-        }
+    let mut wanted = Wanted::default();
+    wanted.add(locate_all(repo, ids).await?);
+    let mut first_error = None;
+    on_page_threads(
+        repo,
+        pages,
+        |repo, _, page| match page {
+            Ok(page) => distinct_slots(&page)
+                .into_iter()
+                .map(|id| Ok((id, repo.lookup_any(&id)?)))
+                .collect::<std::result::Result<Vec<_>, blockvault_repo::Error>>(),
+            // Reported by the reference check after the read.
+            Err(_) => Ok(Vec::new()),
+        },
+        |found| match found {
+            Ok(found) => wanted.add(found),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        },
+    )
+    .await?;
+    if let Some(e) = first_error {
+        return Err(e.into());
     }
-    let mut wanted = HashMap::new();
-    for ids in batches {
-        for (id, loc) in locate_all(repo, ids).await? {
-            if let Some(l) = loc {
-                wanted.insert(id, l);
+    Ok(wanted.by_pack)
+}
+
+/// The blobs found so far for a point-scoped run.
+#[derive(Default)]
+struct Wanted {
+    seen: HashSet<ChunkId>,
+    by_pack: HashMap<PackId, Vec<(ChunkId, Location)>>,
+}
+
+impl Wanted {
+    /// Adds the chunks not seen before that the index has somewhere.
+    fn add(&mut self, found: Vec<(ChunkId, Option<Location>)>) {
+        for (id, loc) in found {
+            if let Some(l) = loc.filter(|_| self.seen.insert(id)) {
+                self.by_pack.entry(l.pack).or_default().push((id, l));
             }
         }
     }
-    Ok(wanted)
 }
 
 /// Loads and judges every distinct page of `points` and looks up their config pieces.
@@ -229,31 +260,62 @@ pub(super) async fn check(
     .await
     .map_err(crate::Error::task)??;
 
-    // Pages load several at once and are judged on as many threads of our own as there are
-    // cores. The judging looks every chunk up in the local index, whose block reads and cache
-    // entries are allocated by the thread that looks; spread over the runtime's blocking pool
-    // (dozens of threads, each with a malloc arena of its own) they left every arena holding
-    // fragments, and the peak grew with the repository (docs/OPERATIONS.md, "Memory").
+    let judge = judge.clone();
+    let mut first_error = None;
+    on_page_threads(
+        repo,
+        distinct_pages(points),
+        move |repo, id, page| (id, summarize(repo, &judge, id, page)),
+        |(id, summary)| match summary {
+            Ok((summary, unchecked)) => {
+                refs.unchecked.extend(unchecked);
+                refs.pages.insert(id, summary);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        },
+    )
+    .await?;
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(refs)
+}
+
+/// Loads `pages` several at once and runs `work` on each, loaded or the error, on as many threads
+/// of our own as there are cores, handing each result to `each` as it comes. The work looks chunks
+/// up in the local index, whose block reads and cache entries are allocated by the thread that
+/// looks; spread over the runtime's blocking pool (dozens of threads, each with a malloc arena of
+/// its own) they left every arena holding fragments, and the peak grew with the repository
+/// (docs/OPERATIONS.md, "Memory").
+async fn on_page_threads<T, W>(
+    repo: &Arc<Repository>,
+    pages: Vec<(ChunkId, usize)>,
+    work: W,
+    mut each: impl FnMut(T),
+) -> Result<()>
+where
+    T: Send + 'static,
+    W: Fn(&Repository, ChunkId, blockvault_repo::Result<ChunkMapPage>) -> T + Send + Sync + 'static,
+{
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (page_tx, page_rx) = tokio::sync::mpsc::channel(PAGES_IN_FLIGHT);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (judger, judge_all) = (repo.clone(), judge.clone());
-    let judging = tokio::task::spawn_blocking(move || {
+    let worker_repo = repo.clone();
+    let working = tokio::task::spawn_blocking(move || {
         let pages = std::sync::Mutex::new(page_rx);
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 let (pages, done_tx) = (&pages, done_tx.clone());
-                let (repo, judge) = (&judger, &judge_all);
+                let (repo, work) = (&worker_repo, &work);
                 scope.spawn(move || loop {
                     let next = pages
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .blocking_recv();
                     let Some((id, page)) = next else { break };
-                    if done_tx
-                        .send((id, summarize(repo, judge, id, page)))
-                        .is_err()
-                    {
+                    if done_tx.send(work(repo, id, page)).is_err() {
                         break;
                     }
                 });
@@ -261,7 +323,7 @@ pub(super) async fn check(
         });
     });
     let feed = async move {
-        let mut loaded = std::pin::pin!(load_pages(repo, distinct_pages(points)));
+        let mut loaded = std::pin::pin!(load_pages(repo, pages));
         while let Some(page) = loaded.next().await {
             if page_tx.send(page).await.is_err() {
                 break;
@@ -269,26 +331,12 @@ pub(super) async fn check(
         }
     };
     let collect = async {
-        let mut first_error = None;
-        while let Some((id, summary)) = done_rx.recv().await {
-            match summary {
-                Ok((summary, unchecked)) => {
-                    refs.unchecked.extend(unchecked);
-                    refs.pages.insert(id, summary);
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
+        while let Some(done) = done_rx.recv().await {
+            each(done);
         }
-        first_error
     };
-    let ((), first_error) = tokio::join!(feed, collect);
-    judging.await.map_err(crate::Error::task)?;
-    if let Some(e) = first_error {
-        return Err(e);
-    }
-    Ok(refs)
+    tokio::join!(feed, collect);
+    working.await.map_err(crate::Error::task)
 }
 
 /// Judges one page and its chunks. Call from a blocking thread.
