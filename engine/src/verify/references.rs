@@ -138,14 +138,20 @@ async fn locate_all(
     ids: Vec<ChunkId>,
 ) -> Result<Vec<(ChunkId, Option<Location>)>> {
     let r = repo.clone();
-    tokio::task::spawn_blocking(move || {
-        ids.into_iter()
-            .map(|id| Ok((id, r.lookup_any(&id)?)))
-            .collect::<std::result::Result<Vec<_>, blockvault_repo::Error>>()
-    })
-    .await
-    .map_err(crate::Error::task)?
-    .map_err(Into::into)
+    tokio::task::spawn_blocking(move || lookup_all(&r, ids))
+        .await
+        .map_err(crate::Error::task)?
+        .map_err(Into::into)
+}
+
+/// Where the index has each of `ids`. Call from a blocking thread.
+fn lookup_all(
+    repo: &Repository,
+    ids: Vec<ChunkId>,
+) -> blockvault_repo::Result<Vec<(ChunkId, Option<Location>)>> {
+    ids.into_iter()
+        .map(|id| Ok((id, repo.lookup_any(&id)?)))
+        .collect()
 }
 
 fn distinct_slots(page: &ChunkMapPage) -> Vec<ChunkId> {
@@ -191,29 +197,17 @@ pub(super) async fn wanted_blobs(
     ids.extend(pages.iter().map(|(id, _)| *id));
     let mut wanted = Wanted::default();
     wanted.add(locate_all(repo, ids).await?);
-    let mut first_error = None;
     on_page_threads(
         repo,
         pages,
         |repo, _, page| match page {
-            Ok(page) => distinct_slots(&page)
-                .into_iter()
-                .map(|id| Ok((id, repo.lookup_any(&id)?)))
-                .collect::<std::result::Result<Vec<_>, blockvault_repo::Error>>(),
+            Ok(page) => lookup_all(repo, distinct_slots(&page)),
             // Reported by the reference check after the read.
             Err(_) => Ok(Vec::new()),
         },
-        |found| match found {
-            Ok(found) => wanted.add(found),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        },
+        |found| wanted.add(found),
     )
     .await?;
-    if let Some(e) = first_error {
-        return Err(e.into());
-    }
     Ok(wanted.by_pack)
 }
 
@@ -261,35 +255,27 @@ pub(super) async fn check(
     .map_err(crate::Error::task)??;
 
     let judge = judge.clone();
-    let mut first_error = None;
     on_page_threads(
         repo,
         distinct_pages(points),
-        move |repo, id, page| (id, summarize(repo, &judge, id, page)),
-        |(id, summary)| match summary {
-            Ok((summary, unchecked)) => {
-                refs.unchecked.extend(unchecked);
-                refs.pages.insert(id, summary);
-            }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
+        move |repo, id, page| summarize(repo, &judge, id, page).map(|done| (id, done)),
+        |(id, (summary, unchecked))| {
+            refs.unchecked.extend(unchecked);
+            refs.pages.insert(id, summary);
         },
     )
     .await?;
-    if let Some(e) = first_error {
-        return Err(e);
-    }
     Ok(refs)
 }
 
 /// Loads `pages` several at once and runs `work` on each, loaded or the error, on as many threads
-/// of our own as there are cores, handing each result to `each` as it comes. The work looks chunks
+/// of our own as there are cores, handing each result to `each` as it comes; the first error any
+/// page's work returned is returned once every page is done. The work looks chunks
 /// up in the local index, whose block reads and cache entries are allocated by the thread that
 /// looks; spread over the runtime's blocking pool (dozens of threads, each with a malloc arena of
 /// its own) they left every arena holding fragments, and the peak grew with the repository
 /// (docs/OPERATIONS.md, "Memory").
-async fn on_page_threads<T, W>(
+async fn on_page_threads<T, E, W>(
     repo: &Arc<Repository>,
     pages: Vec<(ChunkId, usize)>,
     work: W,
@@ -297,7 +283,11 @@ async fn on_page_threads<T, W>(
 ) -> Result<()>
 where
     T: Send + 'static,
-    W: Fn(&Repository, ChunkId, blockvault_repo::Result<ChunkMapPage>) -> T + Send + Sync + 'static,
+    E: Into<crate::Error> + Send + 'static,
+    W: Fn(&Repository, ChunkId, blockvault_repo::Result<ChunkMapPage>) -> std::result::Result<T, E>
+        + Send
+        + Sync
+        + 'static,
 {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (page_tx, page_rx) = tokio::sync::mpsc::channel(PAGES_IN_FLIGHT);
@@ -331,12 +321,20 @@ where
         }
     };
     let collect = async {
+        let mut first_error = None;
         while let Some(done) = done_rx.recv().await {
-            each(done);
+            match done {
+                Ok(done) => each(done),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
+        first_error
     };
-    tokio::join!(feed, collect);
-    working.await.map_err(crate::Error::task)
+    let ((), first_error) = tokio::join!(feed, collect);
+    working.await.map_err(crate::Error::task)?;
+    first_error.map_or(Ok(()), |e| Err(e.into()))
 }
 
 /// Judges one page and its chunks. Call from a blocking thread.
