@@ -406,3 +406,70 @@ fn summarize(
     })?;
     Ok((summary, None))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use blockvault_repo::{KdfParams, OpenOptions, Storage};
+
+    use super::*;
+
+    /// The error a page's work returns for page `n`.
+    fn failure(n: u8) -> blockvault_repo::Error {
+        blockvault_repo::Error::Index {
+            path: PathBuf::from("index"),
+            detail: format!("lookup for page {n} failed"),
+        }
+    }
+
+    /// Pages whose work fails do not stop the others: every page is worked on once, every
+    /// success reaches the caller, and one of the failures is returned once all are done (the
+    /// index failing to answer for some pages must fail the run, not shorten it silently).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn page_threads_work_every_page_and_return_a_failure_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open("memory://", true).unwrap();
+        Repository::init(&storage, b"pw", 64 << 10, KdfParams::with_memory(8 * 1024))
+            .await
+            .unwrap();
+        let opts = OpenOptions {
+            cache_dir: dir.path().join("cache"),
+            zstd_level: 1,
+        };
+        let repo = Repository::open(storage, b"pw", &opts).await.unwrap();
+        // Never stored: each page arrives as its load error, which the work sees.
+        let pages: Vec<(ChunkId, usize)> = (0..64u8).map(|n| (ChunkId([n; 32]), 16)).collect();
+        let worked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = worked.clone();
+        let mut passed = Vec::new();
+        let result = on_page_threads(
+            &repo,
+            pages,
+            move |_, id, page| {
+                seen.lock().unwrap().push(id.0[0]);
+                assert!(page.is_err(), "page {} was never stored", id.0[0]);
+                match id.0[0] % 10 {
+                    3 => Err(failure(id.0[0])),
+                    _ => Ok(id.0[0]),
+                }
+            },
+            |n| passed.push(n),
+        )
+        .await;
+        let mut worked = worked.lock().unwrap().clone();
+        worked.sort_unstable();
+        assert_eq!(worked, (0..64).collect::<Vec<u8>>());
+        passed.sort_unstable();
+        assert_eq!(passed, (0..64).filter(|n| n % 10 != 3).collect::<Vec<u8>>());
+        let e = result
+            .expect_err("a page's failure is returned")
+            .to_string();
+        assert!(
+            [3, 13, 23, 33, 43, 53, 63]
+                .iter()
+                .any(|n| e.contains(&format!("lookup for page {n} failed"))),
+            "{e}"
+        );
+    }
+}
