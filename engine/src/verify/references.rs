@@ -181,8 +181,8 @@ fn load_pages(
 /// The blobs `points` need, grouped by the pack the index has them in, for a run that reads only
 /// those (a chunk the index has nowhere is left out: the reference check reports it). Pages are
 /// loaded and their chunks looked up several at once (`on_page_threads`), and each page's result
-/// is merged as it comes, so besides the result and the set of ids seen only the pages in flight
-/// are held, not every page's chunk list at once.
+/// is merged as it comes, so besides the result only the pages in flight are held, not every
+/// page's chunk list at once.
 pub(super) async fn wanted_blobs(
     repo: &Arc<Repository>,
     points: &[&PointManifest],
@@ -208,24 +208,60 @@ pub(super) async fn wanted_blobs(
         |found| wanted.add(found),
     )
     .await?;
-    Ok(wanted.by_pack)
+    Ok(wanted.finish())
 }
 
-/// The blobs found so far for a point-scoped run.
+/// The blobs found so far for a point-scoped run, per pack. A chunk that several pages share is
+/// added once per page, and its repeats go when its pack's list is next compacted (sorted by
+/// offset, repeats removed), which happens whenever the list has doubled since: a set of every
+/// chunk seen, kept to add each once, took as much memory again as the lists
+/// (docs/BENCHMARKS.md, "Point-scoped verify without a set of seen chunks").
 #[derive(Default)]
 struct Wanted {
-    seen: HashSet<ChunkId>,
-    by_pack: HashMap<PackId, Vec<(ChunkId, Location)>>,
+    by_pack: HashMap<PackId, PackBlobs>,
+}
+
+#[derive(Default)]
+struct PackBlobs {
+    blobs: Vec<(ChunkId, Location)>,
+    /// The list's length after its last compaction.
+    compacted: usize,
+}
+
+impl PackBlobs {
+    /// Below this many blobs a list is left as it is until the end.
+    const COMPACT_FROM: usize = 256;
+
+    fn compact(&mut self) {
+        self.blobs.sort_unstable_by_key(|(_, l)| l.offset);
+        self.blobs.dedup_by_key(|(_, l)| l.offset);
+        self.compacted = self.blobs.len();
+    }
 }
 
 impl Wanted {
-    /// Adds the chunks not seen before that the index has somewhere.
+    /// Adds the chunks the index has somewhere.
     fn add(&mut self, found: Vec<(ChunkId, Option<Location>)>) {
         for (id, loc) in found {
-            if let Some(l) = loc.filter(|_| self.seen.insert(id)) {
-                self.by_pack.entry(l.pack).or_default().push((id, l));
+            let Some(l) = loc else { continue };
+            let pack = self.by_pack.entry(l.pack).or_default();
+            pack.blobs.push((id, l));
+            if pack.blobs.len() >= (2 * pack.compacted).max(PackBlobs::COMPACT_FROM) {
+                pack.compact();
             }
         }
+    }
+
+    /// Each pack's blobs, each once, in the order they are stored.
+    fn finish(self) -> HashMap<PackId, Vec<(ChunkId, Location)>> {
+        self.by_pack
+            .into_iter()
+            .map(|(pack, mut p)| {
+                p.compact();
+                p.blobs.shrink_to_fit();
+                (pack, p.blobs)
+            })
+            .collect()
     }
 }
 
@@ -421,6 +457,57 @@ mod tests {
             path: PathBuf::from("index"),
             detail: format!("lookup for page {n} failed"),
         }
+    }
+
+    fn chunk(tag: u8, n: u32) -> ChunkId {
+        let mut id = [tag; 32];
+        id[..4].copy_from_slice(&n.to_le_bytes());
+        ChunkId(id)
+    }
+
+    fn at(pack: u8, offset: u32) -> Location {
+        Location {
+            pack: PackId([pack; 16]),
+            offset,
+            len: 100,
+            raw_len: 200,
+            kind: blockvault_repo::BlobKind::Data,
+        }
+    }
+
+    /// Chunks that many pages share are added once per page; each pack's list stays within
+    /// twice its distinct blobs (or the size below which it is not compacted), and the result
+    /// holds each blob once, in offset order, and nothing the index had nowhere.
+    #[test]
+    fn wanted_blobs_keep_each_chunk_once_and_stay_within_twice_the_distinct() {
+        let mut wanted = Wanted::default();
+        // Pack 1 holds 300 chunks that 20 pages share; pack 2 holds 40 that each page has once.
+        let shared: Vec<(ChunkId, Location)> = (0..300u32)
+            .map(|n| (chunk(1, n), at(1, 1000 - n)))
+            .collect();
+        for page in 0..20u32 {
+            let mut found: Vec<(ChunkId, Option<Location>)> =
+                shared.iter().map(|(id, l)| (*id, Some(*l))).collect();
+            found.extend((0..2u32).map(|k| {
+                let n = page * 2 + k;
+                (chunk(2, n), Some(at(2, n * 100)))
+            }));
+            found.push((chunk(3, page), None));
+            wanted.add(found);
+            let held = wanted.by_pack[&PackId([1; 16])].blobs.len();
+            assert!(held <= 2 * 300, "page {page}: {held} held for 300 blobs");
+        }
+        let got = wanted.finish();
+        assert_eq!(got.len(), 2);
+        let mut want1 = shared.clone();
+        want1.sort_by_key(|(_, l)| l.offset);
+        assert_eq!(got[&PackId([1; 16])], want1);
+        let want2: Vec<u32> = (0..40).map(|n| n * 100).collect();
+        let got2: Vec<u32> = got[&PackId([2; 16])]
+            .iter()
+            .map(|(_, l)| l.offset)
+            .collect();
+        assert_eq!(got2, want2);
     }
 
     /// Pages whose work fails do not stop the others: every page is worked on once, every
